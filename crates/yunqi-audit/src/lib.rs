@@ -1,0 +1,70 @@
+//! The audit chain: an append-only, hash-chained record of every state change, access and
+//! denial in yunqi.
+//!
+//! [`AuditLog`] is the narrow interface the rest of yunqi uses; [`AuditChain`] is the embedded
+//! implementation (segment files in the data directory, group commit). Another implementation
+//! (a NATS JetStream stream, a PostgreSQL table) only has to keep the same guarantees: dense
+//! sequence numbers, each record holding the hash of the one before, and `append` returning only
+//! once the record is durable.
+#![deny(missing_docs)]
+
+pub mod chain;
+pub mod format;
+pub mod query;
+pub mod verify;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+pub use chain::{AuditChain, AuditStats, Receipt};
+pub use format::{AuditRecord, Hash};
+pub use query::{AuditPage, AuditQuery};
+pub use verify::{Problem, VerifyReport, verify};
+use yunqi_types::{AuditEvent, Error};
+
+/// A boxed future, for the object-safe [`AuditLog`] trait.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What yunqi needs of an audit log.
+pub trait AuditLog: Send + Sync + 'static {
+    /// Appends records, consecutive in the log; resolves to the receipt of the last when all
+    /// are durable.
+    fn append(&self, events: Vec<AuditEvent>) -> BoxFuture<'_, Result<Receipt, Error>>;
+    /// Reads a page of durable records. Blocking: call from a blocking context.
+    fn query(&self, q: &AuditQuery) -> Result<AuditPage, Error>;
+    /// The last durable record.
+    fn durable_head(&self) -> Receipt;
+    /// Counters for metrics.
+    fn stats(&self) -> &AuditStats;
+    /// Flushes and stops; later appends fail.
+    fn shutdown(&self) -> BoxFuture<'_, ()>;
+}
+
+impl AuditLog for AuditChain {
+    fn append(&self, events: Vec<AuditEvent>) -> BoxFuture<'_, Result<Receipt, Error>> {
+        Box::pin(async move {
+            if events.len() == 1 {
+                let e = events.into_iter().next().expect("one event");
+                AuditChain::append(self, e).await
+            } else {
+                self.append_many(events).await
+            }
+        })
+    }
+    fn query(&self, q: &AuditQuery) -> Result<AuditPage, Error> {
+        query::query(self.dir(), self.durable_head().seq, q)
+    }
+    fn durable_head(&self) -> Receipt {
+        AuditChain::durable_head(self)
+    }
+    fn stats(&self) -> &AuditStats {
+        AuditChain::stats(self)
+    }
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(AuditChain::shutdown(self))
+    }
+}
+
+/// A shared audit log.
+pub type SharedAuditLog = Arc<dyn AuditLog>;

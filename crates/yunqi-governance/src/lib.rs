@@ -1,0 +1,624 @@
+//! Governance: who is calling (authentication), whether they may (the policy, in [`policy`]),
+//! and the identity operations themselves, each audited.
+//!
+//! Architecture invariant: every state change goes through [`Governance`], which authorises it,
+//! writes its audit record (durable) and only then applies it to the store. A denial is audited
+//! too. No change is visible before its audit record is durable; a crash between the two leaves
+//! an audit record of a change that was never acknowledged, never the reverse.
+#![deny(missing_docs)]
+
+pub mod policy;
+pub mod tokens;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+use chrono::{DateTime, Utc};
+use yunqi_audit::{AuditPage, AuditQuery, SharedAuditLog};
+use yunqi_store::{IdentityChange, IdentitySnapshot, IdentityStore, StoredToken};
+use yunqi_types::{
+    AuditEvent, Clock, Department, Error, Name, NationalId, Outcome, Principal, Role,
+    TokenInfo, suggest,
+};
+
+pub use policy::{Action, authorize};
+pub use tokens::NewToken;
+
+/// The name under which yunqi itself appears in the audit chain (bootstrap, start, stop).
+pub const SYSTEM_PRINCIPAL: &str = "yunqi";
+/// The bootstrap principal.
+pub const ADMIN_PRINCIPAL: &str = "admin";
+
+/// Who is calling, once authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor {
+    /// The principal.
+    pub principal: Principal,
+    /// The id of the token it used.
+    pub token_id: String,
+}
+
+/// Where a call comes from, for the audit record.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallContext {
+    /// Request id (also in logs and error bodies).
+    pub request_id: String,
+}
+
+/// A new principal, as asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrincipalSpec {
+    /// Name.
+    pub name: Name,
+    /// Role.
+    pub role: Role,
+    /// Department (required for steward, analyst, officer and service; none for admin, citizen).
+    pub department: Option<Name>,
+    /// National ID number (required for citizens, refused for others).
+    pub id_number: Option<NationalId>,
+    /// Display name (defaults to the name).
+    pub display_name: Option<String>,
+    /// When the first token expires, if ever.
+    pub token_expires_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Default)]
+struct State {
+    departments: BTreeMap<Name, Department>,
+    principals: BTreeMap<Name, Principal>,
+    tokens: HashMap<String, StoredToken>,
+}
+
+impl State {
+    fn from_snapshot(s: IdentitySnapshot) -> State {
+        State {
+            departments: s.departments.into_iter().map(|d| (d.name.clone(), d)).collect(),
+            principals: s.principals.into_iter().map(|p| (p.name.clone(), p)).collect(),
+            tokens: s.tokens.into_iter().map(|t| (t.info.id.clone(), t)).collect(),
+        }
+    }
+
+    fn apply(&mut self, changes: Vec<IdentityChange>) {
+        for c in changes {
+            match c {
+                IdentityChange::CreateDepartment(d) => {
+                    self.departments.insert(d.name.clone(), d);
+                }
+                IdentityChange::CreatePrincipal(p) => {
+                    self.principals.insert(p.name.clone(), p);
+                }
+                IdentityChange::CreateToken(t) => {
+                    self.tokens.insert(t.info.id.clone(), t);
+                }
+                IdentityChange::RevokeToken { id, at } => {
+                    if let Some(t) = self.tokens.get_mut(&id) {
+                        t.info.revoked_at.get_or_insert(at);
+                    }
+                }
+            }
+        }
+    }
+
+    fn principal(&self, name: &str) -> Result<&Principal, Error> {
+        self.principals.get(name).ok_or_else(|| {
+            let e = Error::not_found("principal", name);
+            match suggest::did_you_mean(name, self.principals.keys().map(Name::as_str)) {
+                Some(s) => e.hint(format!("did you mean \"{s}\"?")),
+                None => e.hint("list principals with `yunqi principal list`"),
+            }
+        })
+    }
+
+    fn department(&self, name: &str) -> Result<&Department, Error> {
+        self.departments.get(name).ok_or_else(|| {
+            let e = Error::not_found("department", name);
+            match suggest::did_you_mean(name, self.departments.keys().map(Name::as_str)) {
+                Some(s) => e.hint(format!("did you mean \"{s}\"?")),
+                None => e.hint("list departments with `yunqi dept list`, create one with `yunqi dept create`"),
+            }
+        })
+    }
+}
+
+/// The governance service. Share it behind an `Arc`.
+pub struct Governance {
+    store: Arc<dyn IdentityStore>,
+    audit: SharedAuditLog,
+    clock: Arc<dyn Clock>,
+    state: RwLock<State>,
+    /// Serialises changes so that check-then-write is atomic.
+    write_lock: tokio::sync::Mutex<()>,
+}
+
+impl Governance {
+    /// Loads the identities from the store.
+    pub fn open(
+        store: Arc<dyn IdentityStore>,
+        audit: SharedAuditLog,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Governance, Error> {
+        let snapshot = store.load()?;
+        Ok(Governance {
+            store,
+            audit,
+            clock,
+            state: RwLock::new(State::from_snapshot(snapshot)),
+            write_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The audit log.
+    pub fn audit(&self) -> &SharedAuditLog {
+        &self.audit
+    }
+
+    /// The clock.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().expect("state lock")
+    }
+
+    /// Creates the bootstrap principal `admin` if there is none; returns its new token.
+    pub async fn bootstrap(&self) -> Result<Option<NewToken>, Error> {
+        let _guard = self.write_lock.lock().await;
+        if self.read().principals.contains_key(ADMIN_PRINCIPAL) {
+            return Ok(None);
+        }
+        let now = self.clock.now();
+        let admin = Principal {
+            name: Name::parse("principal", ADMIN_PRINCIPAL)?,
+            role: Role::Admin,
+            department: None,
+            id_number: None,
+            display_name: "Platform administrator".into(),
+            created_at: now,
+        };
+        let (token, stored) = tokens::issue(&admin.name, now, None)?;
+        let event = AuditEvent {
+            principal: SYSTEM_PRINCIPAL.into(),
+            action: "principal.create".into(),
+            object: format!("principal:{ADMIN_PRINCIPAL}"),
+            outcome: Some(Outcome::Ok),
+            detail: format!("bootstrap admin with token {}", stored.info.id),
+            ..Default::default()
+        };
+        self.commit(
+            event,
+            vec![
+                IdentityChange::CreatePrincipal(admin),
+                IdentityChange::CreateToken(stored),
+            ],
+        )
+        .await?;
+        Ok(Some(token))
+    }
+
+    /// Records a lifecycle event of yunqi itself (start, stop).
+    pub async fn record_system(&self, action: &str, detail: String) -> Result<(), Error> {
+        self.audit
+            .append(vec![AuditEvent {
+                principal: SYSTEM_PRINCIPAL.into(),
+                action: action.into(),
+                object: "yunqi".into(),
+                outcome: Some(Outcome::Ok),
+                detail,
+                ..Default::default()
+            }])
+            .await
+            .map(|_| ())
+    }
+
+    /// Finds the principal a bearer token belongs to. Does not audit: the caller audits the
+    /// denial with the request it came with ([`Governance::record_denial`]).
+    pub fn authenticate(&self, bearer: &str) -> Result<Actor, (Error, Option<Name>)> {
+        let (id, secret_hash) = tokens::parse(bearer).map_err(|e| (e, None))?;
+        let state = self.read();
+        let unknown = || {
+            Error::unauthenticated("token is not valid")
+                .detail("no active token matches the one given")
+                .hint("check the token; the admin's is in DIR/admin.token, others are printed once when created")
+        };
+        let stored = state.tokens.get(&id).ok_or_else(|| (unknown(), None))?;
+        if !tokens::hash_eq(&stored.secret_hash, &secret_hash) {
+            return Err((unknown(), None));
+        }
+        let owner = Some(stored.info.principal.clone());
+        let now = self.clock.now();
+        if let Some(at) = stored.info.revoked_at {
+            return Err((
+                Error::unauthenticated("token was revoked")
+                    .detail(format!("token {id} was revoked at {}", at.to_rfc3339()))
+                    .hint("ask for a new token (`yunqi token create PRINCIPAL`)"),
+                owner,
+            ));
+        }
+        if let Some(at) = stored.info.expires_at
+            && now >= at
+        {
+            return Err((
+                Error::unauthenticated("token has expired")
+                    .detail(format!("token {id} expired at {}", at.to_rfc3339()))
+                    .hint("ask for a new token (`yunqi token create PRINCIPAL`)"),
+                owner,
+            ));
+        }
+        let principal = state
+            .principals
+            .get(&stored.info.principal)
+            .cloned()
+            .ok_or_else(|| (Error::internal("token belongs to no principal"), None))?;
+        Ok(Actor {
+            principal,
+            token_id: id,
+        })
+    }
+
+    /// Audits a denied call: failed authentication (`principal` = who the token named, if
+    /// anyone) or any other refusal made outside governance.
+    pub async fn record_denial(
+        &self,
+        principal: Option<&Principal>,
+        action: &str,
+        object: &str,
+        error: &Error,
+        ctx: &CallContext,
+    ) -> Result<(), Error> {
+        self.audit
+            .append(vec![AuditEvent {
+                principal: principal.map(|p| p.name.to_string()).unwrap_or_default(),
+                department: principal
+                    .and_then(|p| p.department.as_ref())
+                    .map(|d| d.to_string())
+                    .unwrap_or_default(),
+                action: action.into(),
+                object: object.into(),
+                outcome: Some(Outcome::Denied),
+                detail: error.message.clone(),
+                request_id: ctx.request_id.clone(),
+                ..Default::default()
+            }])
+            .await
+            .map(|_| ())
+    }
+
+    /// A principal by name, for audit records of failed authentication.
+    pub fn principal_named(&self, name: &str) -> Option<Principal> {
+        self.read().principals.get(name).cloned()
+    }
+
+    fn event(actor: &Actor, action: &Action<'_>, outcome: Outcome, detail: String, ctx: &CallContext) -> AuditEvent {
+        AuditEvent {
+            principal: actor.principal.name.to_string(),
+            department: actor
+                .principal
+                .department
+                .as_ref()
+                .map(|d| d.to_string())
+                .unwrap_or_default(),
+            action: action.audit_action().into(),
+            object: action.audit_object(),
+            outcome: Some(outcome),
+            purpose: String::new(),
+            detail,
+            request_id: ctx.request_id.clone(),
+        }
+    }
+
+    /// Authorises, auditing a denial.
+    async fn authorize(&self, actor: &Actor, action: &Action<'_>, ctx: &CallContext) -> Result<(), Error> {
+        if let Err(e) = authorize(&actor.principal, action) {
+            let event = Self::event(actor, action, Outcome::Denied, e.message.clone(), ctx);
+            self.audit.append(vec![event]).await?;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Audits a failure after authorisation (conflict, not found) and returns it.
+    async fn fail(&self, actor: &Actor, action: &Action<'_>, e: Error, ctx: &CallContext) -> Error {
+        let event = Self::event(actor, action, Outcome::Failed, e.message.clone(), ctx);
+        match self.audit.append(vec![event]).await {
+            Ok(_) => e,
+            Err(audit_error) => audit_error,
+        }
+    }
+
+    /// Writes the audit record, then the store, then memory. Called with the write lock held.
+    async fn commit(&self, event: AuditEvent, changes: Vec<IdentityChange>) -> Result<(), Error> {
+        let failed_event = AuditEvent {
+            outcome: Some(Outcome::Failed),
+            ..event.clone()
+        };
+        self.audit.append(vec![event]).await?;
+        let store = self.store.clone();
+        let to_store = changes.clone();
+        let stored = tokio::task::spawn_blocking(move || store.apply(&to_store))
+            .await
+            .map_err(|e| Error::internal(format!("metadata store task failed: {e}")))?;
+        if let Err(e) = stored {
+            // The audit says it was done; say that it was not.
+            let _ = self
+                .audit
+                .append(vec![AuditEvent {
+                    detail: format!("metadata store write failed: {}", e.message),
+                    ..failed_event
+                }])
+                .await;
+            return Err(e);
+        }
+        self.state.write().expect("state lock").apply(changes);
+        Ok(())
+    }
+
+    /// Creates a department.
+    pub async fn create_department(
+        &self,
+        actor: &Actor,
+        name: Name,
+        title: String,
+        ctx: &CallContext,
+    ) -> Result<Department, Error> {
+        let action = Action::DepartmentCreate { name: &name };
+        self.authorize(actor, &action, ctx).await?;
+        let _guard = self.write_lock.lock().await;
+        if self.read().departments.contains_key(&name) {
+            let e = Error::already_exists("department", name.as_str())
+                .hint("pick another name, or use the existing department");
+            return Err(self.fail(actor, &action, e, ctx).await);
+        }
+        let department = Department {
+            name: name.clone(),
+            title,
+            created_at: self.clock.now(),
+        };
+        let event = Self::event(actor, &action, Outcome::Ok, String::new(), ctx);
+        self.commit(event, vec![IdentityChange::CreateDepartment(department.clone())])
+            .await?;
+        Ok(department)
+    }
+
+    /// Lists departments.
+    pub fn list_departments(&self, actor: &Actor) -> Result<Vec<Department>, Error> {
+        authorize(&actor.principal, &Action::DepartmentRead)?;
+        Ok(self.read().departments.values().cloned().collect())
+    }
+
+    /// One department.
+    pub fn get_department(&self, actor: &Actor, name: &str) -> Result<Department, Error> {
+        authorize(&actor.principal, &Action::DepartmentRead)?;
+        self.read().department(name).cloned()
+    }
+
+    /// Creates a principal and its first token.
+    pub async fn create_principal(
+        &self,
+        actor: &Actor,
+        spec: PrincipalSpec,
+        ctx: &CallContext,
+    ) -> Result<(Principal, NewToken), Error> {
+        let action = Action::PrincipalCreate {
+            name: &spec.name,
+            department: spec.department.as_ref(),
+            role: spec.role,
+        };
+        self.authorize(actor, &action, ctx).await?;
+        let _guard = self.write_lock.lock().await;
+        let now = self.clock.now();
+        let check = (|| {
+            let state = self.read();
+            if state.principals.contains_key(&spec.name) {
+                return Err(Error::already_exists("principal", spec.name.as_str())
+                    .hint("pick another name; to give an existing principal a new token use `yunqi token create`"));
+            }
+            match (spec.role.needs_department(), &spec.department) {
+                (true, None) => {
+                    return Err(Error::invalid(format!(
+                        "a principal with role \"{}\" needs a department",
+                        spec.role
+                    ))
+                    .hint("pass --dept DEPARTMENT (\"department\" in the API)"));
+                }
+                (false, Some(d)) => {
+                    return Err(Error::invalid(format!(
+                        "a principal with role \"{}\" belongs to no department",
+                        spec.role
+                    ))
+                    .detail(format!("department \"{d}\" was given"))
+                    .hint("leave out the department"));
+                }
+                (true, Some(d)) => {
+                    state.department(d.as_str())?;
+                }
+                (false, None) => {}
+            }
+            match (spec.role, &spec.id_number) {
+                (Role::Citizen, None) => {
+                    return Err(Error::invalid("a citizen needs a national ID number")
+                        .hint("pass --id-number (\"id_number\" in the API)"));
+                }
+                (Role::Citizen, Some(id)) => {
+                    if state.principals.values().any(|p| p.id_number.as_ref() == Some(id)) {
+                        return Err(Error::already_exists("citizen with national ID number", id.as_str())
+                            .hint("each citizen has one principal; give it a new token instead"));
+                    }
+                }
+                (_, Some(_)) => {
+                    return Err(Error::invalid("only citizens have a national ID number")
+                        .hint("leave out the ID number"));
+                }
+                (_, None) => {}
+            }
+            if let Some(t) = spec.token_expires_at
+                && t <= now
+            {
+                return Err(Error::invalid("token expiry is in the past")
+                    .detail(format!("it is {}, now is {}", t.to_rfc3339(), now.to_rfc3339()))
+                    .hint("give a time in the future"));
+            }
+            Ok(())
+        })();
+        if let Err(e) = check {
+            return Err(self.fail(actor, &action, e, ctx).await);
+        }
+        let principal = Principal {
+            display_name: spec.display_name.clone().unwrap_or_else(|| spec.name.to_string()),
+            name: spec.name.clone(),
+            role: spec.role,
+            department: spec.department.clone(),
+            id_number: spec.id_number.clone(),
+            created_at: now,
+        };
+        let (token, stored) = tokens::issue(&principal.name, now, spec.token_expires_at)?;
+        let event = Self::event(actor, &action, Outcome::Ok, format!("role {}, token {}", spec.role, stored.info.id), ctx);
+        self.commit(
+            event,
+            vec![
+                IdentityChange::CreatePrincipal(principal.clone()),
+                IdentityChange::CreateToken(stored),
+            ],
+        )
+        .await?;
+        Ok((principal, token))
+    }
+
+    /// Lists the principals the actor may see, optionally of one department.
+    pub fn list_principals(&self, actor: &Actor, department: Option<&str>) -> Result<Vec<Principal>, Error> {
+        let state = self.read();
+        if let Some(d) = department {
+            state.department(d)?;
+        }
+        Ok(state
+            .principals
+            .values()
+            .filter(|p| department.is_none_or(|d| p.department.as_ref().is_some_and(|pd| pd.as_str() == d)))
+            .filter(|p| authorize(&actor.principal, &Action::PrincipalRead { principal: p }).is_ok())
+            .cloned()
+            .collect())
+    }
+
+    /// One principal.
+    pub async fn get_principal(&self, actor: &Actor, name: &str, ctx: &CallContext) -> Result<Principal, Error> {
+        let principal = self.read().principal(name)?.clone();
+        self.authorize(actor, &Action::PrincipalRead { principal: &principal }, ctx)
+            .await?;
+        Ok(principal)
+    }
+
+    /// Creates a token for a principal.
+    pub async fn create_token(
+        &self,
+        actor: &Actor,
+        owner: &str,
+        expires_at: Option<DateTime<Utc>>,
+        ctx: &CallContext,
+    ) -> Result<NewToken, Error> {
+        let owner = self.read().principal(owner)?.clone();
+        let action = Action::TokenManage { owner: &owner };
+        self.authorize(actor, &action, ctx).await?;
+        let _guard = self.write_lock.lock().await;
+        let now = self.clock.now();
+        if let Some(t) = expires_at
+            && t <= now
+        {
+            let e = Error::invalid("token expiry is in the past")
+                .detail(format!("it is {}, now is {}", t.to_rfc3339(), now.to_rfc3339()))
+                .hint("give a time in the future");
+            return Err(self.fail(actor, &action, e, ctx).await);
+        }
+        let (token, stored) = tokens::issue(&owner.name, now, expires_at)?;
+        let mut event = Self::event(actor, &action, Outcome::Ok, format!("token {} created", stored.info.id), ctx);
+        event.action = "token.create".into();
+        event.object = format!("token:{}", stored.info.id);
+        self.commit(event, vec![IdentityChange::CreateToken(stored)]).await?;
+        Ok(token)
+    }
+
+    /// Lists tokens (never their secrets) of the principals the actor may manage.
+    pub fn list_tokens(&self, actor: &Actor, owner: Option<&str>) -> Result<Vec<TokenInfo>, Error> {
+        let state = self.read();
+        if let Some(o) = owner {
+            let p = state.principal(o)?;
+            authorize(&actor.principal, &Action::TokenManage { owner: p })?;
+        }
+        let mut out: Vec<TokenInfo> = state
+            .tokens
+            .values()
+            .filter(|t| owner.is_none_or(|o| t.info.principal.as_str() == o))
+            .filter(|t| {
+                state
+                    .principals
+                    .get(&t.info.principal)
+                    .is_some_and(|p| authorize(&actor.principal, &Action::TokenManage { owner: p }).is_ok())
+            })
+            .map(|t| t.info.clone())
+            .collect();
+        out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(out)
+    }
+
+    /// Revokes a token. Revoking a revoked token succeeds and changes nothing.
+    pub async fn revoke_token(&self, actor: &Actor, id: &str, ctx: &CallContext) -> Result<TokenInfo, Error> {
+        let (info, owner) = {
+            let state = self.read();
+            let t = state.tokens.get(id).ok_or_else(|| {
+                Error::not_found("token", id).hint("list tokens with `yunqi token list`")
+            })?;
+            (t.info.clone(), state.principal(t.info.principal.as_str())?.clone())
+        };
+        let action = Action::TokenManage { owner: &owner };
+        self.authorize(actor, &action, ctx).await?;
+        let _guard = self.write_lock.lock().await;
+        if info.revoked_at.is_some() {
+            return Ok(info);
+        }
+        let now = self.clock.now();
+        let mut event = Self::event(actor, &action, Outcome::Ok, format!("token {id} of principal {} revoked", owner.name), ctx);
+        event.action = "token.revoke".into();
+        event.object = format!("token:{id}");
+        self.commit(event, vec![IdentityChange::RevokeToken { id: id.to_string(), at: now }])
+            .await?;
+        Ok(TokenInfo {
+            revoked_at: Some(now),
+            ..info
+        })
+    }
+
+    /// Reads audit records. Stewards are limited to their department's records, everyone else
+    /// to their own: a query that asks for more is denied, one that asks for nothing in
+    /// particular is narrowed.
+    pub async fn query_audit(&self, actor: &Actor, mut q: AuditQuery, ctx: &CallContext) -> Result<AuditPage, Error> {
+        let p = &actor.principal;
+        if q.principal.is_none() && q.department.is_none() {
+            match p.role {
+                Role::Admin => {}
+                Role::Steward => q.department = p.department.as_ref().map(|d| d.to_string()),
+                _ => q.principal = Some(p.name.to_string()),
+            }
+        }
+        fn exact(f: &Option<String>) -> Option<&str> {
+            f.as_deref().filter(|s| !s.ends_with('*'))
+        }
+        let action = Action::AuditRead {
+            department: exact(&q.department),
+            principal: exact(&q.principal),
+        };
+        let allowed = if p.role == Role::Admin {
+            Ok(())
+        } else {
+            // A prefix filter could reach other departments' records: only exact ones pass.
+            authorize(p, &action)
+        };
+        if let Err(e) = allowed {
+            let event = Self::event(actor, &action, Outcome::Denied, e.message.clone(), ctx);
+            self.audit.append(vec![event]).await?;
+            return Err(e);
+        }
+        let audit = self.audit.clone();
+        tokio::task::spawn_blocking(move || audit.query(&q))
+            .await
+            .map_err(|e| Error::internal(format!("audit query task failed: {e}")))?
+    }
+}

@@ -1,0 +1,374 @@
+//! The metadata store: departments, principals and tokens.
+//!
+//! [`IdentityStore`] is the narrow interface; [`SqliteStore`] the embedded implementation (one
+//! SQLite file in the data directory, WAL, `synchronous = FULL`, so that a change is durable
+//! when `apply` returns). A PostgreSQL implementation only has to apply a list of changes
+//! atomically and load everything back.
+//!
+//! The store holds no policy: it is told what to write by `yunqi-governance`, which has already
+//! validated, authorised and audited the change.
+#![deny(missing_docs)]
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+use yunqi_types::{Department, Error, Name, NationalId, Principal, Role, TokenInfo};
+
+/// A token as stored: its public part and the SHA-256 of its secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredToken {
+    /// The public part.
+    pub info: TokenInfo,
+    /// SHA-256 of the secret.
+    pub secret_hash: [u8; 32],
+}
+
+/// Everything the store holds, as loaded at start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdentitySnapshot {
+    /// Departments.
+    pub departments: Vec<Department>,
+    /// Principals.
+    pub principals: Vec<Principal>,
+    /// Tokens, revoked and expired ones included.
+    pub tokens: Vec<StoredToken>,
+}
+
+/// One change; a list of them is applied atomically.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityChange {
+    /// Creates a department.
+    CreateDepartment(Department),
+    /// Creates a principal.
+    CreatePrincipal(Principal),
+    /// Creates a token.
+    CreateToken(StoredToken),
+    /// Revokes a token.
+    RevokeToken {
+        /// Token id.
+        id: String,
+        /// When.
+        at: DateTime<Utc>,
+    },
+}
+
+/// What yunqi needs of a metadata store.
+pub trait IdentityStore: Send + Sync + 'static {
+    /// Loads everything.
+    fn load(&self) -> Result<IdentitySnapshot, Error>;
+    /// Applies the changes atomically and durably, or none of them.
+    fn apply(&self, changes: &[IdentityChange]) -> Result<(), Error>;
+}
+
+/// The version of the SQLite schema this code writes.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE department (
+    name        TEXT PRIMARY KEY,
+    title       TEXT NOT NULL,
+    created_at  INTEGER NOT NULL
+) STRICT;
+CREATE TABLE principal (
+    name         TEXT PRIMARY KEY,
+    role         TEXT NOT NULL,
+    department   TEXT REFERENCES department(name),
+    id_number    TEXT UNIQUE,
+    display_name TEXT NOT NULL,
+    created_at   INTEGER NOT NULL
+) STRICT;
+CREATE TABLE token (
+    id          TEXT PRIMARY KEY,
+    principal   TEXT NOT NULL REFERENCES principal(name),
+    secret_hash BLOB NOT NULL,
+    created_at  INTEGER NOT NULL,
+    expires_at  INTEGER,
+    revoked_at  INTEGER
+) STRICT;
+";
+
+/// The embedded store: one SQLite file.
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+fn db_error(e: rusqlite::Error) -> Error {
+    Error::internal(format!("metadata store error: {e}"))
+        .hint("check the data directory's disk; `meta.db` is the metadata store")
+}
+
+fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+fn from_micros(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or_default()
+}
+
+fn corrupt(what: &str, e: Error) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        0,
+        rusqlite::types::Type::Text,
+        format!("{what}: {}", e.message).into(),
+    )
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store at `path`.
+    pub fn open(path: &Path) -> Result<SqliteStore, Error> {
+        let conn = Connection::open(path).map_err(db_error)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+        )
+        .map_err(db_error)?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(db_error)?;
+        match version {
+            0 => {
+                conn.execute_batch(&format!(
+                    "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                ))
+                .map_err(db_error)?;
+            }
+            SCHEMA_VERSION => {}
+            other => {
+                return Err(Error::internal(format!(
+                    "metadata store {} has schema version {other}",
+                    path.display()
+                ))
+                .detail(format!("this yunqi reads schema version {SCHEMA_VERSION}"))
+                .hint("run the yunqi release that wrote this data directory, or a newer one"));
+            }
+        }
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+        })
+    }
+}
+
+impl IdentityStore for SqliteStore {
+    fn load(&self) -> Result<IdentitySnapshot, Error> {
+        let conn = self.conn.lock().expect("store lock");
+        let mut snapshot = IdentitySnapshot::default();
+        let mut stmt = conn
+            .prepare("SELECT name, title, created_at FROM department ORDER BY name")
+            .map_err(db_error)?;
+        let rows = stmt
+            .query_map([], |r| {
+                let name: String = r.get(0)?;
+                Ok(Department {
+                    name: Name::parse("department", &name).map_err(|e| corrupt("department", e))?,
+                    title: r.get(1)?,
+                    created_at: from_micros(r.get(2)?),
+                })
+            })
+            .map_err(db_error)?;
+        for row in rows {
+            snapshot.departments.push(row.map_err(db_error)?);
+        }
+        let mut stmt = conn
+            .prepare(
+                "SELECT name, role, department, id_number, display_name, created_at
+                 FROM principal ORDER BY name",
+            )
+            .map_err(db_error)?;
+        let rows = stmt
+            .query_map([], |r| {
+                let name: String = r.get(0)?;
+                let role: String = r.get(1)?;
+                let department: Option<String> = r.get(2)?;
+                let id_number: Option<String> = r.get(3)?;
+                Ok(Principal {
+                    name: Name::parse("principal", &name).map_err(|e| corrupt("principal", e))?,
+                    role: role.parse::<Role>().map_err(|e| corrupt("role", e))?,
+                    department: department
+                        .map(|d| Name::parse("department", &d))
+                        .transpose()
+                        .map_err(|e| corrupt("department", e))?,
+                    id_number: id_number
+                        .map(|n| NationalId::parse(&n))
+                        .transpose()
+                        .map_err(|e| corrupt("id number", e))?,
+                    display_name: r.get(4)?,
+                    created_at: from_micros(r.get(5)?),
+                })
+            })
+            .map_err(db_error)?;
+        for row in rows {
+            snapshot.principals.push(row.map_err(db_error)?);
+        }
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, principal, secret_hash, created_at, expires_at, revoked_at
+                 FROM token ORDER BY created_at, id",
+            )
+            .map_err(db_error)?;
+        let rows = stmt
+            .query_map([], |r| {
+                let principal: String = r.get(1)?;
+                let hash: Vec<u8> = r.get(2)?;
+                Ok(StoredToken {
+                    info: TokenInfo {
+                        id: r.get(0)?,
+                        principal: Name::parse("principal", &principal)
+                            .map_err(|e| corrupt("principal", e))?,
+                        created_at: from_micros(r.get(3)?),
+                        expires_at: r.get::<_, Option<i64>>(4)?.map(from_micros),
+                        revoked_at: r.get::<_, Option<i64>>(5)?.map(from_micros),
+                    },
+                    secret_hash: hash.try_into().map_err(|_| {
+                        rusqlite::Error::FromSqlConversionFailure(
+                            2,
+                            rusqlite::types::Type::Blob,
+                            "token hash is not 32 bytes".into(),
+                        )
+                    })?,
+                })
+            })
+            .map_err(db_error)?;
+        for row in rows {
+            snapshot.tokens.push(row.map_err(db_error)?);
+        }
+        Ok(snapshot)
+    }
+
+    fn apply(&self, changes: &[IdentityChange]) -> Result<(), Error> {
+        let mut conn = self.conn.lock().expect("store lock");
+        let tx = conn.transaction().map_err(db_error)?;
+        for change in changes {
+            match change {
+                IdentityChange::CreateDepartment(d) => tx.execute(
+                    "INSERT INTO department (name, title, created_at) VALUES (?1, ?2, ?3)",
+                    params![d.name.as_str(), d.title, micros(d.created_at)],
+                ),
+                IdentityChange::CreatePrincipal(p) => tx.execute(
+                    "INSERT INTO principal (name, role, department, id_number, display_name, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        p.name.as_str(),
+                        p.role.as_str(),
+                        p.department.as_ref().map(Name::as_str),
+                        p.id_number.as_ref().map(NationalId::as_str),
+                        p.display_name,
+                        micros(p.created_at)
+                    ],
+                ),
+                IdentityChange::CreateToken(t) => tx.execute(
+                    "INSERT INTO token (id, principal, secret_hash, created_at, expires_at, revoked_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, NULL)",
+                    params![
+                        t.info.id,
+                        t.info.principal.as_str(),
+                        &t.secret_hash[..],
+                        micros(t.info.created_at),
+                        t.info.expires_at.map(micros)
+                    ],
+                ),
+                IdentityChange::RevokeToken { id, at } => {
+                    let found: Option<String> = tx
+                        .query_row("SELECT id FROM token WHERE id = ?1", [id], |r| r.get(0))
+                        .optional()
+                        .map_err(db_error)?;
+                    if found.is_none() {
+                        return Err(Error::not_found("token", id));
+                    }
+                    tx.execute(
+                        "UPDATE token SET revoked_at = coalesce(revoked_at, ?2) WHERE id = ?1",
+                        params![id, micros(*at)],
+                    )
+                }
+            }
+            .map_err(|e| match e {
+                rusqlite::Error::SqliteFailure(f, _)
+                    if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    Error::new(yunqi_types::ErrorCode::Conflict, format!("change conflicts with stored data: {e}"))
+                }
+                other => db_error(other),
+            })?;
+        }
+        tx.commit().map_err(db_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_700_000_000 + s, 0).unwrap()
+    }
+
+    #[test]
+    fn changes_survive_reopen_and_apply_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let dept = Department {
+            name: Name::parse("department", "transport").unwrap(),
+            title: "交通运输局".into(),
+            created_at: t(0),
+        };
+        let alice = Principal {
+            name: Name::parse("principal", "alice").unwrap(),
+            role: Role::Steward,
+            department: Some(dept.name.clone()),
+            id_number: None,
+            display_name: "Alice".into(),
+            created_at: t(1),
+        };
+        let token = StoredToken {
+            info: TokenInfo {
+                id: "0011223344556677".into(),
+                principal: alice.name.clone(),
+                created_at: t(2),
+                expires_at: Some(t(100)),
+                revoked_at: None,
+            },
+            secret_hash: [7; 32],
+        };
+        store
+            .apply(&[
+                IdentityChange::CreateDepartment(dept.clone()),
+                IdentityChange::CreatePrincipal(alice.clone()),
+                IdentityChange::CreateToken(token.clone()),
+            ])
+            .unwrap();
+        // A batch with a failing change writes nothing.
+        let bob = Principal {
+            name: Name::parse("principal", "bob").unwrap(),
+            ..alice.clone()
+        };
+        let err = store
+            .apply(&[
+                IdentityChange::CreatePrincipal(bob),
+                IdentityChange::CreateDepartment(dept.clone()),
+            ])
+            .unwrap_err();
+        assert_eq!(err.code, yunqi_types::ErrorCode::Conflict);
+        store
+            .apply(&[IdentityChange::RevokeToken { id: token.info.id.clone(), at: t(5) }])
+            .unwrap();
+        drop(store);
+
+        let loaded = SqliteStore::open(&path).unwrap().load().unwrap();
+        assert_eq!(loaded.departments, vec![dept]);
+        assert_eq!(loaded.principals, vec![alice]);
+        assert_eq!(loaded.tokens.len(), 1);
+        assert_eq!(loaded.tokens[0].info.revoked_at, Some(t(5)));
+        assert_eq!(loaded.tokens[0].secret_hash, [7; 32]);
+    }
+
+    #[test]
+    fn revoking_an_unknown_token_is_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("meta.db")).unwrap();
+        let err = store
+            .apply(&[IdentityChange::RevokeToken { id: "nope".into(), at: t(0) }])
+            .unwrap_err();
+        assert_eq!(err.code, yunqi_types::ErrorCode::NotFound);
+    }
+}

@@ -1,0 +1,44 @@
+//! Every limit of the platform, in one place. Names end with their unit. Exceeding a limit is a
+//! typed [`crate::ErrorCode::LimitExceeded`] error, never an out-of-memory or an endless wait.
+
+/// The named limits. `Limits::default()` holds the values a fresh install uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest HTTP request body.
+    pub request_body_bytes_max: usize,
+    /// Most records returned by one page of `GET /api/v1/audit`.
+    pub audit_page_records_max: usize,
+    /// Bound of the audit chain's append queue; callers wait (async) when it is full.
+    pub audit_queue_records_max: usize,
+    /// Most records written in one group commit.
+    pub audit_batch_records_max: usize,
+    /// Largest text field (principal, action, object, purpose, detail) of one audit record.
+    pub audit_field_bytes_max: usize,
+    /// Size at which the audit chain starts a new segment file.
+    pub audit_segment_bytes_max: u64,
+    /// Longest display name or title.
+    pub title_bytes_max: usize,
+    /// Most principals, departments or tokens returned by one list call.
+    pub list_items_max: usize,
+    /// Longest time a request may take before it is cut with 503.
+    pub request_timeout_ms: u64,
+    /// Most requests handled at once; more wait in the kernel's accept queue.
+    pub requests_in_flight_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            request_body_bytes_max: 1 << 20,
+            audit_page_records_max: 1_000,
+            audit_queue_records_max: 65_536,
+            audit_batch_records_max: 4_096,
+            audit_field_bytes_max: 4_096,
+            audit_segment_bytes_max: 128 << 20,
+            title_bytes_max: 256,
+            list_items_max: 10_000,
+            request_timeout_ms: 30_000,
+            requests_in_flight_max: 1_024,
+        }
+    }
+}
