@@ -1,1 +1,236 @@
-//! placeholder
+//! yunqi's HTTP API: `/api/v1/…` (JSON), `/healthz`, `/metrics`, and the OpenAPI document at
+//! `/api/v1/openapi.json`, generated from the handlers' annotations.
+//!
+//! API boundary: this is the only crate that knows HTTP and JSON. It parses wire types into
+//! domain values (rejecting bad input with errors that say what to do), calls governance, and
+//! maps domain errors to one status per error code.
+#![deny(missing_docs)]
+
+pub mod error;
+pub mod extract;
+pub mod handlers;
+pub mod metrics;
+pub mod wire;
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use utoipa::OpenApi;
+use yunqi_governance::Governance;
+use yunqi_types::{Error, Limits};
+
+use crate::error::{ApiError, PendingError, error_body};
+use crate::extract::RequestInfo;
+
+/// Everything a handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// Governance: authentication, policy, identity operations, audit.
+    pub gov: Arc<Governance>,
+    /// Limits.
+    pub limits: Arc<Limits>,
+    /// HTTP metrics.
+    pub metrics: Arc<metrics::Metrics>,
+    in_flight: Arc<tokio::sync::Semaphore>,
+}
+
+impl AppState {
+    /// New state.
+    pub fn new(gov: Arc<Governance>, limits: Limits) -> Self {
+        AppState {
+            in_flight: Arc::new(tokio::sync::Semaphore::new(limits.requests_in_flight_max)),
+            gov,
+            limits: Arc::new(limits),
+            metrics: Arc::new(metrics::Metrics::default()),
+        }
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "yunqi API", description = "The HTTP API of yunqi, a government cloud platform for a city. Every call but /healthz and /metrics needs `Authorization: Bearer TOKEN`. Errors are {\"error\": {\"code\", \"message\", \"detail\", \"hint\", \"request_id\"}}."),
+    paths(
+        handlers::healthz, handlers::metrics, handlers::openapi, handlers::whoami,
+        handlers::create_department, handlers::list_departments, handlers::get_department,
+        handlers::create_principal, handlers::list_principals, handlers::get_principal,
+        handlers::create_token, handlers::list_tokens, handlers::revoke_token,
+        handlers::audit,
+    ),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "identity", description = "Departments, principals and tokens"),
+        (name = "audit", description = "The audit chain"),
+        (name = "operations", description = "Health, metrics, this document"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The OpenAPI document, generated from the handlers.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    doc
+}
+
+/// The router with every route and the request middleware.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/healthz", get(handlers::healthz))
+        .route("/metrics", get(handlers::metrics))
+        .route("/api/v1/openapi.json", get(handlers::openapi))
+        .route("/api/v1/whoami", get(handlers::whoami))
+        .route(
+            "/api/v1/departments",
+            get(handlers::list_departments).post(handlers::create_department),
+        )
+        .route("/api/v1/departments/{name}", get(handlers::get_department))
+        .route(
+            "/api/v1/principals",
+            get(handlers::list_principals).post(handlers::create_principal),
+        )
+        .route("/api/v1/principals/{name}", get(handlers::get_principal))
+        .route(
+            "/api/v1/principals/{name}/tokens",
+            post(handlers::create_token),
+        )
+        .route("/api/v1/tokens", get(handlers::list_tokens))
+        .route("/api/v1/tokens/{id}/revoke", post(handlers::revoke_token))
+        .route("/api/v1/audit", get(handlers::audit))
+        .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed);
+    api.layer(DefaultBodyLimit::max(state.limits.request_body_bytes_max))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            request_middleware,
+        ))
+        .with_state(state)
+}
+
+fn new_request_id() -> String {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    hex::encode(b)
+}
+
+/// Per request: an id, the in-flight limit, the time limit, error bodies, metrics and one log
+/// line.
+async fn request_middleware(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let info = RequestInfo {
+        id: new_request_id(),
+        principal: Arc::new(OnceLock::new()),
+    };
+    req.extensions_mut().insert(info.clone());
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+
+    let mut response = match state.in_flight.clone().try_acquire_owned() {
+        Err(_) => ApiError::from(
+            Error::unavailable("too many requests in flight")
+                .detail(format!(
+                    "the limit requests_in_flight_max is {}",
+                    state.limits.requests_in_flight_max
+                ))
+                .hint("retry after a short wait"),
+        )
+        .into_response(),
+        Ok(_permit) => {
+            let timeout = Duration::from_millis(state.limits.request_timeout_ms);
+            match tokio::time::timeout(timeout, next.run(req)).await {
+                Ok(r) => r,
+                Err(_) => ApiError::from(
+                    Error::unavailable("request took too long")
+                        .detail(format!(
+                            "the limit request_timeout_ms is {}",
+                            state.limits.request_timeout_ms
+                        ))
+                        .hint("retry; if it keeps happening, narrow the request"),
+                )
+                .into_response(),
+            }
+        }
+    };
+
+    let error_code = match response.extensions_mut().remove::<PendingError>() {
+        Some(PendingError(error)) => {
+            let status = response.status();
+            let headers = std::mem::take(response.headers_mut());
+            let mut rendered = (status, axum::Json(error_body(&error, &info.id))).into_response();
+            for (k, v) in headers.iter() {
+                if k != axum::http::header::CONTENT_LENGTH && k != axum::http::header::CONTENT_TYPE
+                {
+                    rendered.headers_mut().insert(k.clone(), v.clone());
+                }
+            }
+            if status == StatusCode::INTERNAL_SERVER_ERROR {
+                tracing::error!(request_id = %info.id, error = %error.message, detail = ?error.detail, "internal error");
+            }
+            response = rendered;
+            Some(error.code.as_str())
+        }
+        None => None,
+    };
+    if let Ok(v) = HeaderValue::from_str(&info.id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed();
+    state.metrics.record(
+        method.as_str(),
+        &route,
+        status,
+        elapsed.as_secs_f64(),
+        error_code,
+    );
+    tracing::info!(
+        target: "yunqi::http",
+        request_id = %info.id,
+        method = %method,
+        path = %path,
+        status,
+        latency_ms = elapsed.as_secs_f64() * 1e3,
+        principal = info.principal.get().map(String::as_str).unwrap_or(""),
+        error = error_code.unwrap_or(""),
+        "request"
+    );
+    response
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves; in-flight requests finish first.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router.into_make_service())
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -162,8 +162,8 @@ fn create_segment(dir: &Path, first_seq: u64) -> Result<File, Error> {
 type SegmentScan = (u64, Option<(u64, Hash, i64)>, usize, Option<FrameError>);
 
 fn scan_segment(path: &Path, buf: &[u8]) -> Result<SegmentScan, Error> {
-    let first =
-        format::parse_segment_header(buf).map_err(|e| damaged(path, format!("{}: {e}", path.display())))?;
+    let first = format::parse_segment_header(buf)
+        .map_err(|e| damaged(path, format!("{}: {e}", path.display())))?;
     let mut offset = format::SEGMENT_HEADER_BYTES;
     let mut last: Option<(u64, Hash, i64)> = None;
     let mut error = None;
@@ -181,10 +181,17 @@ fn scan_segment(path: &Path, buf: &[u8]) -> Result<SegmentScan, Error> {
                 if let Some((_, prev_hash, _)) = last
                     && format::body_prev(frame.body) != prev_hash
                 {
-                    return Err(damaged(path, format!("record {seq} does not link to record {}", seq - 1)));
+                    return Err(damaged(
+                        path,
+                        format!("record {seq} does not link to record {}", seq - 1),
+                    ));
                 }
                 let time_us = i64::from_le_bytes(frame.body[9..17].try_into().expect("8 bytes"));
-                last = Some((seq, frame.stored_hash.try_into().expect("32 bytes"), time_us));
+                last = Some((
+                    seq,
+                    frame.stored_hash.try_into().expect("32 bytes"),
+                    time_us,
+                ));
                 offset = frame.end;
             }
             Err(e) => {
@@ -226,7 +233,10 @@ fn recover(dir: &Path) -> Result<Tail, Error> {
         let prev_buf = fs::read(prev_path)?;
         let (_, prev_last, _, prev_error) = scan_segment(prev_path, &prev_buf)?;
         if let Some(e) = prev_error {
-            return Err(damaged(dir, format!("{}: {e:?} inside a closed segment", prev_path.display())));
+            return Err(damaged(
+                dir,
+                format!("{}: {e:?} inside a closed segment", prev_path.display()),
+            ));
         }
         last = prev_last;
     }
@@ -238,7 +248,10 @@ fn recover(dir: &Path) -> Result<Tail, Error> {
         if head_seq > last_seq {
             return Err(damaged(
                 dir,
-                format!("record {} is unreadable ({e:?}) but was acknowledged", last_seq + 1),
+                format!(
+                    "record {} is unreadable ({e:?}) but was acknowledged",
+                    last_seq + 1
+                ),
             ));
         }
         tracing::warn!(
@@ -266,7 +279,10 @@ fn recover(dir: &Path) -> Result<Tail, Error> {
             ));
         }
     }
-    let file = OpenOptions::new().read(true).append(true).open(&last_path)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .open(&last_path)?;
     Ok(Tail {
         file,
         segment_bytes: valid_end as u64,
@@ -443,7 +459,9 @@ impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Msg>, sync_tx: std_mpsc::SyncSender<SyncJob>) {
         let mut shutdown = None;
         while shutdown.is_none() {
-            let Some(first) = rx.blocking_recv() else { break };
+            let Some(first) = rx.blocking_recv() else {
+                break;
+            };
             let mut batch = Vec::new();
             let mut records = 0;
             let mut next = Some(first);
@@ -494,7 +512,10 @@ impl Writer {
             }
             return shutdown.map(|s| SyncJob {
                 file: self.file.clone(),
-                last: Receipt { seq: self.next_seq - 1, hash: self.last_hash },
+                last: Receipt {
+                    seq: self.next_seq - 1,
+                    hash: self.last_hash,
+                },
                 replies: Vec::new(),
                 shutdown: Some(s),
             });
@@ -572,8 +593,9 @@ impl Writer {
     fn fail(&self, batch: Vec<(Events, Reply)>, e: &Error) {
         self.shared.failed.store(true, Ordering::Release);
         for (_, reply) in batch {
-            let _ = reply.send(Err(Error::unavailable("the audit chain cannot be written")
-                .detail(e.message.clone())));
+            let _ = reply
+                .send(Err(Error::unavailable("the audit chain cannot be written")
+                    .detail(e.message.clone())));
         }
     }
 }
@@ -618,10 +640,15 @@ fn run_syncer(shared: Arc<Shared>, head_file: File, rx: std_mpsc::Receiver<SyncJ
         match result {
             Ok(()) => {
                 shared.stats.group_commits.fetch_add(1, Ordering::Relaxed);
-                shared.stats.sync_micros_total.fetch_add(sync_micros, Ordering::Relaxed);
+                shared
+                    .stats
+                    .sync_micros_total
+                    .fetch_add(sync_micros, Ordering::Relaxed);
                 if last.seq > shared.durable_seq.load(Ordering::Acquire) {
                     // The head may only name durable records: written after the fsync above.
-                    if let Err(e) = head_file.write_all_at(&format::encode_head(last.seq, &last.hash), 0) {
+                    if let Err(e) =
+                        head_file.write_all_at(&format::encode_head(last.seq, &last.hash), 0)
+                    {
                         tracing::error!(error = %e, "writing the audit head failed");
                     }
                     head_dirty = true;

@@ -246,7 +246,9 @@ pub fn decode_record(frame: &Frame<'_>) -> Result<AuditRecord, String> {
         }
         let n = u16::from_le_bytes([b[pos], b[pos + 1]]) as usize;
         pos += 2;
-        let bytes = b.get(pos..pos + n).ok_or("record field overruns the body")?;
+        let bytes = b
+            .get(pos..pos + n)
+            .ok_or("record field overruns the body")?;
         *f = std::str::from_utf8(bytes)
             .map_err(|_| "record field is not UTF-8")?
             .to_string();
@@ -255,7 +257,15 @@ pub fn decode_record(frame: &Frame<'_>) -> Result<AuditRecord, String> {
     if pos != b.len() {
         return Err("record has trailing bytes".into());
     }
-    let [principal, department, action, object, purpose, detail, request_id] = fields;
+    let [
+        principal,
+        department,
+        action,
+        object,
+        purpose,
+        detail,
+        request_id,
+    ] = fields;
     Ok(AuditRecord {
         seq,
         time: chrono::DateTime::from_timestamp_micros(time_us).ok_or("time out of range")?,

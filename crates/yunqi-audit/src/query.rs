@@ -77,7 +77,9 @@ pub fn query(dir: &Path, durable_seq: u64, q: &AuditQuery) -> Result<AuditPage, 
     let mut scanned_to_end = true;
     if !q.descending {
         let start = q.after.unwrap_or(0) + 1;
-        let first_index = segments.partition_point(|(first, _)| *first <= start).saturating_sub(1);
+        let first_index = segments
+            .partition_point(|(first, _)| *first <= start)
+            .saturating_sub(1);
         'segments: for (_, path) in &segments[first_index..] {
             let buf = std::fs::read(path)?;
             for frame in frames(&buf) {
@@ -102,7 +104,10 @@ pub fn query(dir: &Path, durable_seq: u64, q: &AuditQuery) -> Result<AuditPage, 
             }
         }
     } else {
-        let end = q.before.unwrap_or(u64::MAX).min(durable_seq.saturating_add(1));
+        let end = q
+            .before
+            .unwrap_or(u64::MAX)
+            .min(durable_seq.saturating_add(1));
         'segments: for (first, path) in segments.iter().rev() {
             if *first >= end {
                 continue;

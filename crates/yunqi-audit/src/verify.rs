@@ -66,8 +66,10 @@ struct FrameRef {
 /// Verifies the chain in `dir` using `threads` threads for hashing.
 pub fn verify(dir: &Path, threads: usize) -> Result<VerifyReport, Error> {
     if !dir.is_dir() {
-        return Err(Error::not_found("audit directory", &dir.display().to_string())
-            .hint("pass the data directory of a yunqi server with --data DIR"));
+        return Err(
+            Error::not_found("audit directory", &dir.display().to_string())
+                .hint("pass the data directory of a yunqi server with --data DIR"),
+        );
     }
     let head = read_head(dir);
     let segments = list_segments(dir)?;
@@ -171,8 +173,12 @@ pub fn verify(dir: &Path, threads: usize) -> Result<VerifyReport, Error> {
             let expected = last_seq + 1;
             if let Some(kind) = bad.get(&i) {
                 let reason = match kind {
-                    BadFrame::Checksum => format!("record {expected} is damaged: its checksum does not match its bytes"),
-                    BadFrame::Hash => format!("record {expected} was altered: its contents do not match its hash"),
+                    BadFrame::Checksum => format!(
+                        "record {expected} is damaged: its checksum does not match its bytes"
+                    ),
+                    BadFrame::Hash => {
+                        format!("record {expected} was altered: its contents do not match its hash")
+                    }
                 };
                 report.problem = Some(problem(expected, f.offset, reason));
                 break;
@@ -263,7 +269,9 @@ pub fn verify(dir: &Path, threads: usize) -> Result<VerifyReport, Error> {
                     seq: Some(head_seq),
                     segment: None,
                     offset: None,
-                    reason: format!("record {head_seq} does not match the hash recorded in the head"),
+                    reason: format!(
+                        "record {head_seq} does not match the hash recorded in the head"
+                    ),
                 });
             }
             _ => {}
@@ -289,7 +297,8 @@ fn first_bad_frames(
         for i in range {
             let f = &frames[i];
             let covered = &buf[f.body.start..f.total_end];
-            let crc = u32::from_le_bytes(buf[f.offset + 4..f.offset + 8].try_into().expect("4 bytes"));
+            let crc =
+                u32::from_le_bytes(buf[f.offset + 4..f.offset + 8].try_into().expect("4 bytes"));
             if crc32c::crc32c(covered) != crc {
                 return Some((i, BadFrame::Checksum));
             }

@@ -12,10 +12,22 @@ use yunqi_types::{AuditEvent, Limits, Outcome, SystemClock};
 fn event(i: usize) -> AuditEvent {
     AuditEvent {
         principal: format!("p{}", i % 7),
-        department: if i % 2 == 0 { "transport".into() } else { "traffic".into() },
-        action: if i % 3 == 0 { "token.create".into() } else { "department.create".into() },
+        department: if i % 2 == 0 {
+            "transport".into()
+        } else {
+            "traffic".into()
+        },
+        action: if i % 3 == 0 {
+            "token.create".into()
+        } else {
+            "department.create".into()
+        },
         object: format!("department:d{i}"),
-        outcome: Some(if i % 5 == 0 { Outcome::Denied } else { Outcome::Ok }),
+        outcome: Some(if i % 5 == 0 {
+            Outcome::Denied
+        } else {
+            Outcome::Ok
+        }),
         purpose: String::new(),
         detail: format!("record number {i} 审计"),
         request_id: format!("req-{i}"),
@@ -103,7 +115,12 @@ fn a_flipped_byte_anywhere_in_a_record_names_that_record() {
             buf[pos] ^= 0x40;
             std::fs::write(&seg, &buf).unwrap();
             let (seq, reason) = problem_seq(dir.path());
-            assert_eq!(seq, Some(k as u64 + 1), "flip at byte {pos} of record {}: {reason}", k + 1);
+            assert_eq!(
+                seq,
+                Some(k as u64 + 1),
+                "flip at byte {pos} of record {}: {reason}",
+                k + 1
+            );
         }
     }
     std::fs::write(&seg, &clean).unwrap();
@@ -214,7 +231,10 @@ fn a_torn_unacknowledged_tail_is_cut_on_open() {
     assert_eq!(chain.append_blocking(event(11)).unwrap().seq, 11);
     chain.shutdown_blocking();
     let report = verify(dir.path(), 2).unwrap();
-    assert!(report.ok() && !report.torn_tail && report.records == 11, "{report:?}");
+    assert!(
+        report.ok() && !report.torn_tail && report.records == 11,
+        "{report:?}"
+    );
 }
 
 #[test]
@@ -261,10 +281,16 @@ async fn concurrent_appends_get_dense_unique_sequence_numbers() {
     }
     all.sort();
     assert_eq!(all, (1..=3200).collect::<Vec<u64>>());
-    let many = chain.append_many((0..10).map(event).collect()).await.unwrap();
+    let many = chain
+        .append_many((0..10).map(event).collect())
+        .await
+        .unwrap();
     assert_eq!(many.seq, 3210);
     chain.shutdown().await;
-    assert!(chain.append(event(1)).await.is_err(), "appends after shutdown fail");
+    assert!(
+        chain.append(event(1)).await.is_err(),
+        "appends after shutdown fail"
+    );
     let report = verify(dir.path(), 2).unwrap();
     assert!(report.ok() && report.records == 3210, "{report:?}");
 }
@@ -281,7 +307,12 @@ fn queries_filter_and_paginate_both_ways() {
     let mut seen = Vec::new();
     let mut after = None;
     loop {
-        let page = q(AuditQuery { department: Some("transport".into()), after, limit: 7, ..Default::default() });
+        let page = q(AuditQuery {
+            department: Some("transport".into()),
+            after,
+            limit: 7,
+            ..Default::default()
+        });
         seen.extend(page.records.iter().map(|r| r.seq));
         match page.next {
             Some(n) => after = Some(n),
@@ -300,12 +331,36 @@ fn queries_filter_and_paginate_both_ways() {
     let seqs: Vec<u64> = page.records.iter().map(|r| r.seq).collect();
     assert_eq!(seqs, vec![100, 15, 10]);
     assert_eq!(page.next, None);
-    let page = q(AuditQuery { before: Some(4), descending: true, limit: 2, ..Default::default() });
-    assert_eq!(page.records.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![3, 2]);
+    let page = q(AuditQuery {
+        before: Some(4),
+        descending: true,
+        limit: 2,
+        ..Default::default()
+    });
+    assert_eq!(
+        page.records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        vec![3, 2]
+    );
     assert_eq!(page.next, Some(2));
-    let r = &q(AuditQuery { after: Some(41), limit: 1, ..Default::default() }).records[0];
-    assert_eq!((r.seq, r.principal.as_str(), r.detail.as_str()), (42, "p0", "record number 42 审计"));
+    let r = &q(AuditQuery {
+        after: Some(41),
+        limit: 1,
+        ..Default::default()
+    })
+    .records[0];
+    assert_eq!(
+        (r.seq, r.principal.as_str(), r.detail.as_str()),
+        (42, "p0", "record number 42 审计")
+    );
     // Only durable records are returned.
-    let page = yunqi_audit::query::query(dir.path(), 10, &AuditQuery { limit: 1000, ..Default::default() }).unwrap();
+    let page = yunqi_audit::query::query(
+        dir.path(),
+        10,
+        &AuditQuery {
+            limit: 1000,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(page.records.len(), 10);
 }

@@ -17,8 +17,8 @@ use chrono::{DateTime, Utc};
 use yunqi_audit::{AuditPage, AuditQuery, SharedAuditLog};
 use yunqi_store::{IdentityChange, IdentitySnapshot, IdentityStore, StoredToken};
 use yunqi_types::{
-    AuditEvent, Clock, Department, Error, Name, NationalId, Outcome, Principal, Role,
-    TokenInfo, suggest,
+    AuditEvent, Clock, Department, Error, Name, NationalId, Outcome, Principal, Role, TokenInfo,
+    suggest,
 };
 
 pub use policy::{Action, authorize};
@@ -72,9 +72,21 @@ struct State {
 impl State {
     fn from_snapshot(s: IdentitySnapshot) -> State {
         State {
-            departments: s.departments.into_iter().map(|d| (d.name.clone(), d)).collect(),
-            principals: s.principals.into_iter().map(|p| (p.name.clone(), p)).collect(),
-            tokens: s.tokens.into_iter().map(|t| (t.info.id.clone(), t)).collect(),
+            departments: s
+                .departments
+                .into_iter()
+                .map(|d| (d.name.clone(), d))
+                .collect(),
+            principals: s
+                .principals
+                .into_iter()
+                .map(|p| (p.name.clone(), p))
+                .collect(),
+            tokens: s
+                .tokens
+                .into_iter()
+                .map(|t| (t.info.id.clone(), t))
+                .collect(),
         }
     }
 
@@ -114,7 +126,9 @@ impl State {
             let e = Error::not_found("department", name);
             match suggest::did_you_mean(name, self.departments.keys().map(Name::as_str)) {
                 Some(s) => e.hint(format!("did you mean \"{s}\"?")),
-                None => e.hint("list departments with `yunqi dept list`, create one with `yunqi dept create`"),
+                None => e.hint(
+                    "list departments with `yunqi dept list`, create one with `yunqi dept create`",
+                ),
             }
         })
     }
@@ -289,7 +303,13 @@ impl Governance {
         self.read().principals.get(name).cloned()
     }
 
-    fn event(actor: &Actor, action: &Action<'_>, outcome: Outcome, detail: String, ctx: &CallContext) -> AuditEvent {
+    fn event(
+        actor: &Actor,
+        action: &Action<'_>,
+        outcome: Outcome,
+        detail: String,
+        ctx: &CallContext,
+    ) -> AuditEvent {
         AuditEvent {
             principal: actor.principal.name.to_string(),
             department: actor
@@ -308,7 +328,12 @@ impl Governance {
     }
 
     /// Authorises, auditing a denial.
-    async fn authorize(&self, actor: &Actor, action: &Action<'_>, ctx: &CallContext) -> Result<(), Error> {
+    async fn authorize(
+        &self,
+        actor: &Actor,
+        action: &Action<'_>,
+        ctx: &CallContext,
+    ) -> Result<(), Error> {
         if let Err(e) = authorize(&actor.principal, action) {
             let event = Self::event(actor, action, Outcome::Denied, e.message.clone(), ctx);
             self.audit.append(vec![event]).await?;
@@ -375,8 +400,11 @@ impl Governance {
             created_at: self.clock.now(),
         };
         let event = Self::event(actor, &action, Outcome::Ok, String::new(), ctx);
-        self.commit(event, vec![IdentityChange::CreateDepartment(department.clone())])
-            .await?;
+        self.commit(
+            event,
+            vec![IdentityChange::CreateDepartment(department.clone())],
+        )
+        .await?;
         Ok(department)
     }
 
@@ -440,9 +468,16 @@ impl Governance {
                         .hint("pass --id-number (\"id_number\" in the API)"));
                 }
                 (Role::Citizen, Some(id)) => {
-                    if state.principals.values().any(|p| p.id_number.as_ref() == Some(id)) {
-                        return Err(Error::already_exists("citizen with national ID number", id.as_str())
-                            .hint("each citizen has one principal; give it a new token instead"));
+                    if state
+                        .principals
+                        .values()
+                        .any(|p| p.id_number.as_ref() == Some(id))
+                    {
+                        return Err(Error::already_exists(
+                            "citizen with national ID number",
+                            id.as_str(),
+                        )
+                        .hint("each citizen has one principal; give it a new token instead"));
                     }
                 }
                 (_, Some(_)) => {
@@ -455,7 +490,11 @@ impl Governance {
                 && t <= now
             {
                 return Err(Error::invalid("token expiry is in the past")
-                    .detail(format!("it is {}, now is {}", t.to_rfc3339(), now.to_rfc3339()))
+                    .detail(format!(
+                        "it is {}, now is {}",
+                        t.to_rfc3339(),
+                        now.to_rfc3339()
+                    ))
                     .hint("give a time in the future"));
             }
             Ok(())
@@ -464,7 +503,10 @@ impl Governance {
             return Err(self.fail(actor, &action, e, ctx).await);
         }
         let principal = Principal {
-            display_name: spec.display_name.clone().unwrap_or_else(|| spec.name.to_string()),
+            display_name: spec
+                .display_name
+                .clone()
+                .unwrap_or_else(|| spec.name.to_string()),
             name: spec.name.clone(),
             role: spec.role,
             department: spec.department.clone(),
@@ -472,7 +514,13 @@ impl Governance {
             created_at: now,
         };
         let (token, stored) = tokens::issue(&principal.name, now, spec.token_expires_at)?;
-        let event = Self::event(actor, &action, Outcome::Ok, format!("role {}, token {}", spec.role, stored.info.id), ctx);
+        let event = Self::event(
+            actor,
+            &action,
+            Outcome::Ok,
+            format!("role {}, token {}", spec.role, stored.info.id),
+            ctx,
+        );
         self.commit(
             event,
             vec![
@@ -485,7 +533,11 @@ impl Governance {
     }
 
     /// Lists the principals the actor may see, optionally of one department.
-    pub fn list_principals(&self, actor: &Actor, department: Option<&str>) -> Result<Vec<Principal>, Error> {
+    pub fn list_principals(
+        &self,
+        actor: &Actor,
+        department: Option<&str>,
+    ) -> Result<Vec<Principal>, Error> {
         let state = self.read();
         if let Some(d) = department {
             state.department(d)?;
@@ -493,17 +545,32 @@ impl Governance {
         Ok(state
             .principals
             .values()
-            .filter(|p| department.is_none_or(|d| p.department.as_ref().is_some_and(|pd| pd.as_str() == d)))
-            .filter(|p| authorize(&actor.principal, &Action::PrincipalRead { principal: p }).is_ok())
+            .filter(|p| {
+                department.is_none_or(|d| p.department.as_ref().is_some_and(|pd| pd.as_str() == d))
+            })
+            .filter(|p| {
+                authorize(&actor.principal, &Action::PrincipalRead { principal: p }).is_ok()
+            })
             .cloned()
             .collect())
     }
 
     /// One principal.
-    pub async fn get_principal(&self, actor: &Actor, name: &str, ctx: &CallContext) -> Result<Principal, Error> {
+    pub async fn get_principal(
+        &self,
+        actor: &Actor,
+        name: &str,
+        ctx: &CallContext,
+    ) -> Result<Principal, Error> {
         let principal = self.read().principal(name)?.clone();
-        self.authorize(actor, &Action::PrincipalRead { principal: &principal }, ctx)
-            .await?;
+        self.authorize(
+            actor,
+            &Action::PrincipalRead {
+                principal: &principal,
+            },
+            ctx,
+        )
+        .await?;
         Ok(principal)
     }
 
@@ -524,15 +591,26 @@ impl Governance {
             && t <= now
         {
             let e = Error::invalid("token expiry is in the past")
-                .detail(format!("it is {}, now is {}", t.to_rfc3339(), now.to_rfc3339()))
+                .detail(format!(
+                    "it is {}, now is {}",
+                    t.to_rfc3339(),
+                    now.to_rfc3339()
+                ))
                 .hint("give a time in the future");
             return Err(self.fail(actor, &action, e, ctx).await);
         }
         let (token, stored) = tokens::issue(&owner.name, now, expires_at)?;
-        let mut event = Self::event(actor, &action, Outcome::Ok, format!("token {} created", stored.info.id), ctx);
+        let mut event = Self::event(
+            actor,
+            &action,
+            Outcome::Ok,
+            format!("token {} created", stored.info.id),
+            ctx,
+        );
         event.action = "token.create".into();
         event.object = format!("token:{}", stored.info.id);
-        self.commit(event, vec![IdentityChange::CreateToken(stored)]).await?;
+        self.commit(event, vec![IdentityChange::CreateToken(stored)])
+            .await?;
         Ok(token)
     }
 
@@ -548,10 +626,9 @@ impl Governance {
             .values()
             .filter(|t| owner.is_none_or(|o| t.info.principal.as_str() == o))
             .filter(|t| {
-                state
-                    .principals
-                    .get(&t.info.principal)
-                    .is_some_and(|p| authorize(&actor.principal, &Action::TokenManage { owner: p }).is_ok())
+                state.principals.get(&t.info.principal).is_some_and(|p| {
+                    authorize(&actor.principal, &Action::TokenManage { owner: p }).is_ok()
+                })
             })
             .map(|t| t.info.clone())
             .collect();
@@ -560,13 +637,21 @@ impl Governance {
     }
 
     /// Revokes a token. Revoking a revoked token succeeds and changes nothing.
-    pub async fn revoke_token(&self, actor: &Actor, id: &str, ctx: &CallContext) -> Result<TokenInfo, Error> {
+    pub async fn revoke_token(
+        &self,
+        actor: &Actor,
+        id: &str,
+        ctx: &CallContext,
+    ) -> Result<TokenInfo, Error> {
         let (info, owner) = {
             let state = self.read();
             let t = state.tokens.get(id).ok_or_else(|| {
                 Error::not_found("token", id).hint("list tokens with `yunqi token list`")
             })?;
-            (t.info.clone(), state.principal(t.info.principal.as_str())?.clone())
+            (
+                t.info.clone(),
+                state.principal(t.info.principal.as_str())?.clone(),
+            )
         };
         let action = Action::TokenManage { owner: &owner };
         self.authorize(actor, &action, ctx).await?;
@@ -575,11 +660,23 @@ impl Governance {
             return Ok(info);
         }
         let now = self.clock.now();
-        let mut event = Self::event(actor, &action, Outcome::Ok, format!("token {id} of principal {} revoked", owner.name), ctx);
+        let mut event = Self::event(
+            actor,
+            &action,
+            Outcome::Ok,
+            format!("token {id} of principal {} revoked", owner.name),
+            ctx,
+        );
         event.action = "token.revoke".into();
         event.object = format!("token:{id}");
-        self.commit(event, vec![IdentityChange::RevokeToken { id: id.to_string(), at: now }])
-            .await?;
+        self.commit(
+            event,
+            vec![IdentityChange::RevokeToken {
+                id: id.to_string(),
+                at: now,
+            }],
+        )
+        .await?;
         Ok(TokenInfo {
             revoked_at: Some(now),
             ..info
@@ -589,7 +686,12 @@ impl Governance {
     /// Reads audit records. Stewards are limited to their department's records, everyone else
     /// to their own: a query that asks for more is denied, one that asks for nothing in
     /// particular is narrowed.
-    pub async fn query_audit(&self, actor: &Actor, mut q: AuditQuery, ctx: &CallContext) -> Result<AuditPage, Error> {
+    pub async fn query_audit(
+        &self,
+        actor: &Actor,
+        mut q: AuditQuery,
+        ctx: &CallContext,
+    ) -> Result<AuditPage, Error> {
         let p = &actor.principal;
         if q.principal.is_none() && q.department.is_none() {
             match p.role {

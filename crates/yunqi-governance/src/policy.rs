@@ -71,7 +71,10 @@ impl Action<'_> {
 
 fn describe(actor: &Principal) -> String {
     match &actor.department {
-        Some(d) => format!("principal \"{}\" ({} of department \"{d}\")", actor.name, actor.role),
+        Some(d) => format!(
+            "principal \"{}\" ({} of department \"{d}\")",
+            actor.name, actor.role
+        ),
         None => format!("principal \"{}\" ({})", actor.name, actor.role),
     }
 }
@@ -82,17 +85,32 @@ pub fn authorize(actor: &Principal, action: &Action<'_>) -> Result<(), Error> {
     let allowed = match (actor.role, action) {
         (Role::Admin, _) => true,
         (_, Action::DepartmentRead) => true,
-        (Role::Steward, Action::PrincipalCreate { department, role, .. }) => {
+        (
+            Role::Steward,
+            Action::PrincipalCreate {
+                department, role, ..
+            },
+        ) => {
             same_department(*department)
-                && matches!(role, Role::Steward | Role::Analyst | Role::Officer | Role::Service)
+                && matches!(
+                    role,
+                    Role::Steward | Role::Analyst | Role::Officer | Role::Service
+                )
         }
-        (_, Action::PrincipalRead { principal }) | (_, Action::TokenManage { owner: principal }) => {
+        (_, Action::PrincipalRead { principal })
+        | (_, Action::TokenManage { owner: principal }) => {
             principal.name == actor.name
                 || (actor.role == Role::Steward
                     && principal.role != Role::Admin
                     && same_department(principal.department.as_ref()))
         }
-        (Role::Steward, Action::AuditRead { department, principal }) => {
+        (
+            Role::Steward,
+            Action::AuditRead {
+                department,
+                principal,
+            },
+        ) => {
             department.is_some_and(|d| Some(d) == actor.department.as_ref().map(Name::as_str))
                 || *principal == Some(actor.name.as_str())
         }
@@ -107,11 +125,21 @@ pub fn authorize(actor: &Principal, action: &Action<'_>) -> Result<(), Error> {
             "permission denied to create departments".to_string(),
             "ask a platform admin".to_string(),
         ),
-        Action::PrincipalCreate { department: Some(d), role, .. } => (
-            format!("permission denied to create a principal with role \"{role}\" in department \"{d}\""),
+        Action::PrincipalCreate {
+            department: Some(d),
+            role,
+            ..
+        } => (
+            format!(
+                "permission denied to create a principal with role \"{role}\" in department \"{d}\""
+            ),
             format!("ask a platform admin or a steward of department \"{d}\""),
         ),
-        Action::PrincipalCreate { department: None, role, .. } => (
+        Action::PrincipalCreate {
+            department: None,
+            role,
+            ..
+        } => (
             format!("permission denied to create a principal with role \"{role}\""),
             "ask a platform admin".to_string(),
         ),
@@ -131,7 +159,11 @@ pub fn authorize(actor: &Principal, action: &Action<'_>) -> Result<(), Error> {
         Action::DepartmentRead => unreachable_read(),
     };
     Err(Error::denied(message)
-        .detail(format!("{} is not allowed to {}", describe(actor), action.audit_action()))
+        .detail(format!(
+            "{} is not allowed to {}",
+            describe(actor),
+            action.audit_action()
+        ))
         .hint(hint))
 }
 
@@ -170,12 +202,50 @@ mod tests {
         let transport = n("transport");
         let traffic = n("traffic");
         let new = n("newbie");
-        assert!(authorize(&steward, &Action::PrincipalCreate { name: &new, department: Some(&transport), role: Role::Analyst }).is_ok());
-        let e = authorize(&steward, &Action::PrincipalCreate { name: &new, department: Some(&traffic), role: Role::Analyst }).unwrap_err();
+        assert!(
+            authorize(
+                &steward,
+                &Action::PrincipalCreate {
+                    name: &new,
+                    department: Some(&transport),
+                    role: Role::Analyst
+                }
+            )
+            .is_ok()
+        );
+        let e = authorize(
+            &steward,
+            &Action::PrincipalCreate {
+                name: &new,
+                department: Some(&traffic),
+                role: Role::Analyst,
+            },
+        )
+        .unwrap_err();
         assert_eq!(e.code, yunqi_types::ErrorCode::PermissionDenied);
         assert!(e.hint.unwrap().contains("traffic"));
-        assert!(authorize(&steward, &Action::PrincipalCreate { name: &new, department: Some(&transport), role: Role::Admin }).is_err());
-        assert!(authorize(&steward, &Action::PrincipalCreate { name: &new, department: None, role: Role::Citizen }).is_err());
+        assert!(
+            authorize(
+                &steward,
+                &Action::PrincipalCreate {
+                    name: &new,
+                    department: Some(&transport),
+                    role: Role::Admin
+                }
+            )
+            .is_err()
+        );
+        assert!(
+            authorize(
+                &steward,
+                &Action::PrincipalCreate {
+                    name: &new,
+                    department: None,
+                    role: Role::Citizen
+                }
+            )
+            .is_err()
+        );
         assert!(authorize(&steward, &Action::DepartmentCreate { name: &traffic }).is_err());
         let colleague = principal("ann", Role::Analyst, Some("transport"));
         let stranger = principal("tom", Role::Analyst, Some("traffic"));
@@ -189,12 +259,40 @@ mod tests {
         let other = principal("bob", Role::Analyst, Some("transport"));
         assert!(authorize(&analyst, &Action::TokenManage { owner: &analyst }).is_ok());
         assert!(authorize(&analyst, &Action::TokenManage { owner: &other }).is_err());
-        assert!(authorize(&analyst, &Action::AuditRead { department: None, principal: Some("ann") }).is_ok());
-        assert!(authorize(&analyst, &Action::AuditRead { department: Some("transport"), principal: None }).is_err());
+        assert!(
+            authorize(
+                &analyst,
+                &Action::AuditRead {
+                    department: None,
+                    principal: Some("ann")
+                }
+            )
+            .is_ok()
+        );
+        assert!(
+            authorize(
+                &analyst,
+                &Action::AuditRead {
+                    department: Some("transport"),
+                    principal: None
+                }
+            )
+            .is_err()
+        );
         assert!(authorize(&analyst, &Action::DepartmentRead).is_ok());
         let citizen = principal("c1", Role::Citizen, None);
         let name = n("x");
-        assert!(authorize(&citizen, &Action::PrincipalCreate { name: &name, department: None, role: Role::Citizen }).is_err());
+        assert!(
+            authorize(
+                &citizen,
+                &Action::PrincipalCreate {
+                    name: &name,
+                    department: None,
+                    role: Role::Citizen
+                }
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -202,6 +300,15 @@ mod tests {
         let admin = principal("admin", Role::Admin, None);
         let t = n("traffic");
         assert!(authorize(&admin, &Action::DepartmentCreate { name: &t }).is_ok());
-        assert!(authorize(&admin, &Action::AuditRead { department: None, principal: None }).is_ok());
+        assert!(
+            authorize(
+                &admin,
+                &Action::AuditRead {
+                    department: None,
+                    principal: None
+                }
+            )
+            .is_ok()
+        );
     }
 }

@@ -26,8 +26,9 @@ pub struct NewToken {
 
 fn random_hex(bytes: usize) -> Result<String, Error> {
     let mut buf = vec![0u8; bytes];
-    getrandom::fill(&mut buf)
-        .map_err(|e| Error::internal(format!("the operating system's random source failed: {e}")))?;
+    getrandom::fill(&mut buf).map_err(|e| {
+        Error::internal(format!("the operating system's random source failed: {e}"))
+    })?;
     Ok(hex::encode(buf))
 }
 
@@ -71,7 +72,11 @@ pub fn parse(token: &str) -> Result<(String, [u8; 32]), Error> {
     };
     let rest = token.trim().strip_prefix(PREFIX).ok_or_else(malformed)?;
     let (id, secret) = rest.split_once('_').ok_or_else(malformed)?;
-    let is_hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+    let is_hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    };
     if !is_hex(id, ID_HEX) || !is_hex(secret, SECRET_HEX) {
         return Err(malformed());
     }
@@ -102,7 +107,13 @@ mod tests {
 
     #[test]
     fn malformed_tokens_are_refused() {
-        for bad in ["", "yqt_", "abc", "yqt_0123456789abcdef_xyz", &format!("yqt_0123456789ABCDEF_{}", "a".repeat(64))] {
+        for bad in [
+            "",
+            "yqt_",
+            "abc",
+            "yqt_0123456789abcdef_xyz",
+            &format!("yqt_0123456789ABCDEF_{}", "a".repeat(64)),
+        ] {
             let e = parse(bad).unwrap_err();
             assert_eq!(e.message, "token is malformed");
         }

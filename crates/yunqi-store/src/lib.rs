@@ -350,7 +350,10 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.code, yunqi_types::ErrorCode::Conflict);
         store
-            .apply(&[IdentityChange::RevokeToken { id: token.info.id.clone(), at: t(5) }])
+            .apply(&[IdentityChange::RevokeToken {
+                id: token.info.id.clone(),
+                at: t(5),
+            }])
             .unwrap();
         drop(store);
 
@@ -367,7 +370,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("meta.db")).unwrap();
         let err = store
-            .apply(&[IdentityChange::RevokeToken { id: "nope".into(), at: t(0) }])
+            .apply(&[IdentityChange::RevokeToken {
+                id: "nope".into(),
+                at: t(0),
+            }])
             .unwrap_err();
         assert_eq!(err.code, yunqi_types::ErrorCode::NotFound);
     }

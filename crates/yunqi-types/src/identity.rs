@@ -165,7 +165,9 @@ impl NationalId {
         }
         let birth = &upper[6..14];
         if NaiveDate::parse_from_str(birth, "%Y%m%d").is_err() {
-            return Err(bad(&format!("characters 7-14 ({birth}) are not a valid birth date")));
+            return Err(bad(&format!(
+                "characters 7-14 ({birth}) are not a valid birth date"
+            )));
         }
         let expected = Self::check_char(&bytes[..17]);
         if bytes[17] as char != expected {

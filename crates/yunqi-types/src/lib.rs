@@ -8,6 +8,7 @@ pub mod clock;
 pub mod error;
 pub mod identity;
 pub mod limits;
+pub mod mask;
 pub mod name;
 pub mod suggest;
 

@@ -13,8 +13,26 @@ pub const NAME_BYTES_MAX: usize = 63;
 
 /// Words that cannot be names because SQL or yunqi gives them a meaning.
 const RESERVED: &[&str] = &[
-    "all", "and", "as", "by", "from", "group", "information_schema", "join", "not", "null", "or",
-    "order", "pg_catalog", "public", "select", "system", "table", "union", "where", "yunqi",
+    "all",
+    "and",
+    "as",
+    "by",
+    "from",
+    "group",
+    "information_schema",
+    "join",
+    "not",
+    "null",
+    "or",
+    "order",
+    "pg_catalog",
+    "public",
+    "select",
+    "system",
+    "table",
+    "union",
+    "where",
+    "yunqi",
 ];
 
 /// A validated lowercase identifier.
@@ -28,14 +46,19 @@ impl Name {
         let problem = if raw.is_empty() {
             Some("it is empty".to_string())
         } else if raw.len() > NAME_BYTES_MAX {
-            Some(format!("it is {} bytes long, the most is {NAME_BYTES_MAX}", raw.len()))
+            Some(format!(
+                "it is {} bytes long, the most is {NAME_BYTES_MAX}",
+                raw.len()
+            ))
         } else if !raw.as_bytes()[0].is_ascii_lowercase() {
             Some("it must start with a lowercase letter a-z".to_string())
         } else if let Some(c) = raw
             .chars()
             .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_'))
         {
-            Some(format!("it contains {c:?}; only a-z, 0-9 and _ are allowed"))
+            Some(format!(
+                "it contains {c:?}; only a-z, 0-9 and _ are allowed"
+            ))
         } else if RESERVED.contains(&raw) {
             Some("it is a reserved word".to_string())
         } else {
@@ -116,7 +139,10 @@ mod tests {
     fn invalid_names_say_why_and_suggest() {
         let e = Name::parse("department", "Traffic-Police").unwrap_err();
         assert_eq!(e.message, "invalid department name \"Traffic-Police\"");
-        assert_eq!(e.hint.as_deref(), Some("use a name such as \"traffic_police\""));
+        assert_eq!(
+            e.hint.as_deref(),
+            Some("use a name such as \"traffic_police\"")
+        );
         for bad in ["", "1abc", "a b", "交通", "select", &"x".repeat(64), "_x"] {
             assert!(Name::parse("department", bad).is_err(), "{bad:?} accepted");
         }

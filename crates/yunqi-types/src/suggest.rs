@@ -18,7 +18,10 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
 
 /// The closest candidate within a distance of a third of the name's length (at least 1, at
 /// most 3), if any.
-pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+pub fn did_you_mean<'a>(
+    name: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<String> {
     let budget = (name.chars().count() / 3).clamp(1, 3);
     candidates
         .into_iter()

@@ -1,1 +1,167 @@
-fn main() {}
+//! The `yunqi` binary: the server (`yunqi serve`), the offline tools (`yunqi audit verify`,
+//! `yunqi bench`) and the client commands that talk to a running server over HTTP
+//! (`YUNQI_URL`, `YUNQI_TOKEN`). Every command that prints a result accepts `--json`.
+
+mod bench;
+mod client;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Default HTTP address: the API, the console and metrics.
+pub const DEFAULT_HTTP: &str = "127.0.0.1:7700";
+/// Default PostgreSQL wire protocol address (not 5432, which a real PostgreSQL may use).
+pub const DEFAULT_PG: &str = "127.0.0.1:7432";
+/// Default data directory.
+pub const DEFAULT_DATA: &str = "./yunqi-data";
+
+#[derive(Parser)]
+#[command(name = "yunqi", version, about = "yunqi: a government cloud platform for a city, in one binary", long_about = None)]
+struct Cli {
+    /// Print one JSON document instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// URL of a running yunqi server (client commands).
+    #[arg(
+        long,
+        global = true,
+        env = "YUNQI_URL",
+        default_value = "http://127.0.0.1:7700"
+    )]
+    url: String,
+    /// Bearer token (client commands).
+    #[arg(long, global = true, env = "YUNQI_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server on a data directory (everything embedded).
+    Serve(serve::ServeArgs),
+    /// Departments (委办局): the tenants.
+    #[command(subcommand, name = "dept")]
+    Dept(client::DeptCommand),
+    /// Principals: people, citizens and service accounts.
+    #[command(subcommand)]
+    Principal(client::PrincipalCommand),
+    /// Bearer tokens.
+    #[command(subcommand)]
+    Token(client::TokenCommand),
+    /// The audit chain.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Who the token belongs to.
+    Whoami,
+    /// Benchmarks; figures go to BENCHMARKS.md.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the whole chain offline and name the first bad record (exit 1 if any).
+    Verify {
+        /// Data directory.
+        #[arg(long, default_value = DEFAULT_DATA)]
+        data: PathBuf,
+        /// Hashing threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Read records from a running server.
+    List(client::AuditListArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json = cli.json;
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Audit(AuditCommand::Verify { data, threads }) => verify(&data, threads, json),
+        Command::Bench(cmd) => bench::run(cmd, json),
+        other => {
+            let api = client::Api::new(&cli.url, cli.token.as_deref());
+            match other {
+                Command::Dept(c) => client::dept(&api, c, json),
+                Command::Principal(c) => client::principal(&api, c, json),
+                Command::Token(c) => client::token(&api, c, json),
+                Command::Audit(AuditCommand::List(a)) => client::audit_list(&api, a, json),
+                Command::Whoami => client::whoami(&api, json),
+                _ => unreachable!("handled above"),
+            }
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"error": {"code": "client", "message": format!("{e:#}")}})
+                );
+            } else {
+                eprintln!("error: {e:#}");
+            }
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn verify(data: &std::path::Path, threads: Option<usize>, json: bool) -> anyhow::Result<ExitCode> {
+    let dir = data.join("audit");
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let started = std::time::Instant::now();
+    let report = yunqi_audit::verify(&dir, threads).map_err(|e| {
+        anyhow::anyhow!(
+            "{}{}",
+            e.message,
+            e.hint.map(|h| format!("\nhint: {h}")).unwrap_or_default()
+        )
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    if json {
+        let mut v = serde_json::to_value(&report)?;
+        v["ok"] = report.ok().into();
+        v["seconds"] = seconds.into();
+        println!("{v}");
+    } else {
+        match &report.problem {
+            None => println!(
+                "audit chain OK: {} records in {} segments ({:.1} MB) verified in {:.3} s ({:.0} records/s); last record {} hash {}",
+                report.records,
+                report.segments,
+                report.bytes as f64 / 1e6,
+                seconds,
+                report.records as f64 / seconds.max(1e-9),
+                report.last_seq,
+                report.last_hash
+            ),
+            Some(p) => {
+                println!("audit chain DAMAGED: {}", p.reason);
+                if let Some(seq) = p.seq {
+                    println!("first bad record: {seq}");
+                }
+                if let (Some(seg), Some(off)) = (&p.segment, p.offset) {
+                    println!("at: {} byte {off}", seg.display());
+                }
+                println!("records verified before it: {}", report.records);
+            }
+        }
+        if report.torn_tail {
+            println!(
+                "note: the last segment ends in a torn, unacknowledged write (a crash); the next start cuts it off"
+            );
+        }
+    }
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

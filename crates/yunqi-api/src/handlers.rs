@@ -1,0 +1,346 @@
+//! The route handlers: parse wire types into domain values (validation at the edge), call
+//! governance, map the result back to wire types.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use yunqi_audit::AuditQuery;
+use yunqi_governance::PrincipalSpec;
+use yunqi_types::{Error, Name, NationalId, Outcome, Role};
+
+use crate::AppState;
+use crate::error::ApiError;
+use crate::extract::{Authed, Json, Query};
+use crate::wire::*;
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn title(raw: Option<String>, fallback: &str, max: usize) -> Result<String, Error> {
+    let t = raw.unwrap_or_else(|| fallback.to_string());
+    if t.len() > max {
+        return Err(Error::invalid("title is too long")
+            .detail(format!("it is {} bytes, the most is {max}", t.len()))
+            .hint("shorten it"));
+    }
+    if t.chars().any(char::is_control) {
+        return Err(Error::invalid("title contains control characters").hint("remove them"));
+    }
+    Ok(t)
+}
+
+/// Liveness and the audit position.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, body = Health)))]
+pub async fn healthz(State(state): State<AppState>) -> axum::Json<Health> {
+    axum::Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        audit_seq: state.gov.audit().durable_head().seq,
+    })
+}
+
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let audit = state.gov.audit();
+    let body = state
+        .metrics
+        .render(audit.stats(), audit.durable_head().seq);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        body,
+    )
+}
+
+/// The OpenAPI document of this API.
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "operations", security(("bearer" = [])),
+    responses((status = 200, description = "OpenAPI 3.1 document"), (status = 401, body = ErrorBody)))]
+pub async fn openapi(_auth: Authed) -> impl IntoResponse {
+    axum::Json(crate::openapi_document())
+}
+
+/// Who the token belongs to.
+#[utoipa::path(get, path = "/api/v1/whoami", tag = "identity", security(("bearer" = [])),
+    responses((status = 200, body = WhoAmI), (status = 401, body = ErrorBody)))]
+pub async fn whoami(auth: Authed) -> axum::Json<WhoAmI> {
+    axum::Json(WhoAmI {
+        principal: PrincipalView::of(auth.actor.principal.clone(), &auth.actor.principal),
+        token_id: auth.actor.token_id,
+    })
+}
+
+/// Creates a department (admin).
+#[utoipa::path(post, path = "/api/v1/departments", tag = "identity", security(("bearer" = [])),
+    request_body = CreateDepartment,
+    responses((status = 201, body = DepartmentView), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn create_department(
+    State(state): State<AppState>,
+    auth: Authed,
+    Json(req): Json<CreateDepartment>,
+) -> ApiResult<(StatusCode, axum::Json<DepartmentView>)> {
+    let name = Name::parse("department", &req.name)?;
+    let title = title(req.title, name.as_str(), state.limits.title_bytes_max)?;
+    let d = state
+        .gov
+        .create_department(&auth.actor, name, title, &auth.ctx())
+        .await?;
+    Ok((StatusCode::CREATED, axum::Json(d.into())))
+}
+
+/// Lists departments.
+#[utoipa::path(get, path = "/api/v1/departments", tag = "identity", security(("bearer" = [])),
+    responses((status = 200, body = DepartmentList), (status = 401, body = ErrorBody)))]
+pub async fn list_departments(
+    State(state): State<AppState>,
+    auth: Authed,
+) -> ApiResult<axum::Json<DepartmentList>> {
+    let departments = state.gov.list_departments(&auth.actor)?;
+    Ok(axum::Json(DepartmentList {
+        departments: departments.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// One department.
+#[utoipa::path(get, path = "/api/v1/departments/{name}", tag = "identity", security(("bearer" = [])),
+    params(("name" = String, Path, description = "department name")),
+    responses((status = 200, body = DepartmentView), (status = 404, body = ErrorBody)))]
+pub async fn get_department(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path(name): Path<String>,
+) -> ApiResult<axum::Json<DepartmentView>> {
+    Ok(axum::Json(
+        state.gov.get_department(&auth.actor, &name)?.into(),
+    ))
+}
+
+/// Creates a principal and returns its first token (shown once).
+#[utoipa::path(post, path = "/api/v1/principals", tag = "identity", security(("bearer" = [])),
+    request_body = CreatePrincipal,
+    responses((status = 201, body = PrincipalCreated), (status = 400, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn create_principal(
+    State(state): State<AppState>,
+    auth: Authed,
+    Json(req): Json<CreatePrincipal>,
+) -> ApiResult<(StatusCode, axum::Json<PrincipalCreated>)> {
+    let name = Name::parse("principal", &req.name)?;
+    let role: Role = req.role.parse()?;
+    let department = req
+        .department
+        .as_deref()
+        .map(|d| Name::parse("department", d))
+        .transpose()?;
+    let id_number = req
+        .id_number
+        .as_deref()
+        .map(NationalId::parse)
+        .transpose()?;
+    let display_name = match req.display_name {
+        Some(d) => Some(title(Some(d), "", state.limits.title_bytes_max)?),
+        None => None,
+    };
+    let spec = PrincipalSpec {
+        name,
+        role,
+        department,
+        id_number,
+        display_name,
+        token_expires_at: req.token_expires_at,
+    };
+    let (principal, token) = state
+        .gov
+        .create_principal(&auth.actor, spec, &auth.ctx())
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(PrincipalCreated {
+            principal: PrincipalView::of(principal, &auth.actor.principal),
+            token: token.into(),
+        }),
+    ))
+}
+
+/// Lists the principals the caller may see.
+#[utoipa::path(get, path = "/api/v1/principals", tag = "identity", security(("bearer" = [])),
+    params(PrincipalFilter),
+    responses((status = 200, body = PrincipalList), (status = 401, body = ErrorBody)))]
+pub async fn list_principals(
+    State(state): State<AppState>,
+    auth: Authed,
+    Query(filter): Query<PrincipalFilter>,
+) -> ApiResult<axum::Json<PrincipalList>> {
+    let list = state
+        .gov
+        .list_principals(&auth.actor, filter.department.as_deref())?;
+    Ok(axum::Json(PrincipalList {
+        principals: list
+            .into_iter()
+            .take(state.limits.list_items_max)
+            .map(|p| PrincipalView::of(p, &auth.actor.principal))
+            .collect(),
+    }))
+}
+
+/// One principal.
+#[utoipa::path(get, path = "/api/v1/principals/{name}", tag = "identity", security(("bearer" = [])),
+    params(("name" = String, Path, description = "principal name")),
+    responses((status = 200, body = PrincipalView), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn get_principal(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path(name): Path<String>,
+) -> ApiResult<axum::Json<PrincipalView>> {
+    let p = state
+        .gov
+        .get_principal(&auth.actor, &name, &auth.ctx())
+        .await?;
+    Ok(axum::Json(PrincipalView::of(p, &auth.actor.principal)))
+}
+
+/// Creates a token for a principal (shown once).
+#[utoipa::path(post, path = "/api/v1/principals/{name}/tokens", tag = "identity", security(("bearer" = [])),
+    params(("name" = String, Path, description = "principal name")),
+    request_body = CreateToken,
+    responses((status = 201, body = TokenCreated), (status = 400, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn create_token(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path(name): Path<String>,
+    Json(req): Json<CreateToken>,
+) -> ApiResult<(StatusCode, axum::Json<TokenCreated>)> {
+    let token = state
+        .gov
+        .create_token(&auth.actor, &name, req.expires_at, &auth.ctx())
+        .await?;
+    Ok((StatusCode::CREATED, axum::Json(token.into())))
+}
+
+/// Lists tokens (without secrets) the caller may manage.
+#[utoipa::path(get, path = "/api/v1/tokens", tag = "identity", security(("bearer" = [])),
+    params(TokenFilter),
+    responses((status = 200, body = TokenList), (status = 403, body = ErrorBody)))]
+pub async fn list_tokens(
+    State(state): State<AppState>,
+    auth: Authed,
+    Query(filter): Query<TokenFilter>,
+) -> ApiResult<axum::Json<TokenList>> {
+    let now = state.gov.now();
+    let tokens = state
+        .gov
+        .list_tokens(&auth.actor, filter.principal.as_deref())?;
+    Ok(axum::Json(TokenList {
+        tokens: tokens
+            .into_iter()
+            .take(state.limits.list_items_max)
+            .map(|t| TokenView::of(t, now))
+            .collect(),
+    }))
+}
+
+/// Revokes a token. Idempotent.
+#[utoipa::path(post, path = "/api/v1/tokens/{id}/revoke", tag = "identity", security(("bearer" = [])),
+    params(("id" = String, Path, description = "token id")),
+    responses((status = 200, body = TokenView), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn revoke_token(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<TokenView>> {
+    let info = state
+        .gov
+        .revoke_token(&auth.actor, &id, &auth.ctx())
+        .await?;
+    Ok(axum::Json(TokenView::of(info, state.gov.now())))
+}
+
+/// Reads the audit chain. Admins read everything, stewards their department's records,
+/// everyone else their own.
+#[utoipa::path(get, path = "/api/v1/audit", tag = "audit", security(("bearer" = [])),
+    params(AuditFilter),
+    responses((status = 200, body = AuditPageView), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
+pub async fn audit(
+    State(state): State<AppState>,
+    auth: Authed,
+    Query(f): Query<AuditFilter>,
+) -> ApiResult<axum::Json<AuditPageView>> {
+    let max = state.limits.audit_page_records_max;
+    let limit = f.limit.unwrap_or(100);
+    if limit == 0 || limit > max {
+        return Err(Error::limit(
+            "audit_page_records_max",
+            max as u64,
+            format!("limit {limit} is out of range"),
+        )
+        .hint(format!(
+            "ask for 1 to {max} records and follow `next` for more"
+        ))
+        .into());
+    }
+    let outcome = match f.outcome.as_deref() {
+        None => None,
+        Some("ok") => Some(Outcome::Ok),
+        Some("denied") => Some(Outcome::Denied),
+        Some("failed") => Some(Outcome::Failed),
+        Some(other) => {
+            return Err(Error::invalid(format!("invalid outcome \"{other}\""))
+                .hint("use ok, denied or failed")
+                .into());
+        }
+    };
+    let descending = match f.order.as_deref() {
+        None | Some("asc") => false,
+        Some("desc") => true,
+        Some(other) => {
+            return Err(Error::invalid(format!("invalid order \"{other}\""))
+                .hint("use asc or desc")
+                .into());
+        }
+    };
+    let q = AuditQuery {
+        principal: f.principal,
+        department: f.department,
+        action: f.action,
+        object: f.object,
+        outcome,
+        since: f.since,
+        until: f.until,
+        after: f.after,
+        before: f.before,
+        descending,
+        limit,
+    };
+    let page = state.gov.query_audit(&auth.actor, q, &auth.ctx()).await?;
+    Ok(axum::Json(AuditPageView {
+        records: page.records.into_iter().map(Into::into).collect(),
+        next: page.next,
+    }))
+}
+
+/// Unknown paths.
+pub async fn not_found(uri: axum::http::Uri) -> ApiError {
+    Error::new(
+        yunqi_types::ErrorCode::NotFound,
+        format!("path \"{}\" does not exist", uri.path()),
+    )
+    .hint("the API is under /api/v1/; its paths are listed in /api/v1/openapi.json")
+    .into()
+}
+
+/// Known paths with an unsupported method.
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::with_status(
+        Error::invalid(format!(
+            "method {method} is not allowed on \"{}\"",
+            uri.path()
+        ))
+        .hint("see /api/v1/openapi.json for the methods of each path"),
+        StatusCode::METHOD_NOT_ALLOWED,
+    )
+}

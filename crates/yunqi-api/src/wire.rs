@@ -1,0 +1,337 @@
+//! Wire types: the JSON the HTTP API reads and writes. Separate from the domain types so that
+//! the API can stay stable while the domain changes. Request types reject unknown fields.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use yunqi_types::{Department, Principal, TokenInfo, mask};
+
+/// `POST /api/v1/departments`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDepartment {
+    /// Lowercase identifier, the SQL schema name: `transport`.
+    pub name: String,
+    /// Human title: `交通运输局 Transport Bureau`.
+    #[serde(default)]
+    pub title: Option<String>,
+}
+
+/// A department.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DepartmentView {
+    /// Name.
+    pub name: String,
+    /// Title.
+    pub title: String,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<Department> for DepartmentView {
+    fn from(d: Department) -> Self {
+        DepartmentView {
+            name: d.name.to_string(),
+            title: d.title,
+            created_at: d.created_at,
+        }
+    }
+}
+
+/// A list of departments.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DepartmentList {
+    /// The departments, by name.
+    pub departments: Vec<DepartmentView>,
+}
+
+/// `POST /api/v1/principals`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreatePrincipal {
+    /// Lowercase identifier; the user name over the PostgreSQL wire protocol.
+    pub name: String,
+    /// One of admin, steward, analyst, officer, service, citizen.
+    pub role: String,
+    /// Department; required for steward, analyst, officer, service.
+    #[serde(default)]
+    pub department: Option<String>,
+    /// National ID number; required for citizens.
+    #[serde(default)]
+    pub id_number: Option<String>,
+    /// Display name.
+    #[serde(default)]
+    pub display_name: Option<String>,
+    /// When the first token expires (RFC 3339); never if absent.
+    #[serde(default)]
+    pub token_expires_at: Option<DateTime<Utc>>,
+}
+
+/// A principal. The national ID number is masked unless the viewer is the principal itself.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PrincipalView {
+    /// Name.
+    pub name: String,
+    /// Role.
+    pub role: String,
+    /// Department.
+    pub department: Option<String>,
+    /// National ID number (citizens), masked for everyone but the citizen.
+    pub id_number: Option<String>,
+    /// Display name.
+    pub display_name: String,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+}
+
+impl PrincipalView {
+    /// The view of `p` as `viewer` may see it.
+    pub fn of(p: Principal, viewer: &Principal) -> Self {
+        let own = p.name == viewer.name;
+        PrincipalView {
+            id_number: p.id_number.map(|id| {
+                if own {
+                    id.to_string()
+                } else {
+                    mask::national_id(id.as_str())
+                }
+            }),
+            name: p.name.to_string(),
+            role: p.role.to_string(),
+            department: p.department.map(|d| d.to_string()),
+            display_name: p.display_name,
+            created_at: p.created_at,
+        }
+    }
+}
+
+/// A list of principals.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PrincipalList {
+    /// The principals the caller may see, by name.
+    pub principals: Vec<PrincipalView>,
+}
+
+/// A token just created. `token` is shown this once and never again.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenCreated {
+    /// Public id (for `yunqi token revoke ID`).
+    pub id: String,
+    /// The bearer token.
+    pub token: String,
+    /// Its principal.
+    pub principal: String,
+    /// Expiry, if any.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl From<yunqi_governance::NewToken> for TokenCreated {
+    fn from(t: yunqi_governance::NewToken) -> Self {
+        TokenCreated {
+            id: t.id,
+            token: t.token,
+            principal: t.principal.to_string(),
+            expires_at: t.expires_at,
+        }
+    }
+}
+
+/// A principal just created, with its first token.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PrincipalCreated {
+    /// The principal.
+    pub principal: PrincipalView,
+    /// Its first token.
+    pub token: TokenCreated,
+}
+
+/// `POST /api/v1/principals/{name}/tokens`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    /// When the token expires (RFC 3339); never if absent.
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// A token, without its secret.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenView {
+    /// Public id.
+    pub id: String,
+    /// Principal.
+    pub principal: String,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Expiry.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Revocation time.
+    pub revoked_at: Option<DateTime<Utc>>,
+    /// Whether it authenticates now.
+    pub active: bool,
+}
+
+impl TokenView {
+    /// The view of a token at `now`.
+    pub fn of(t: TokenInfo, now: DateTime<Utc>) -> Self {
+        TokenView {
+            active: t.is_active(now),
+            id: t.id,
+            principal: t.principal.to_string(),
+            created_at: t.created_at,
+            expires_at: t.expires_at,
+            revoked_at: t.revoked_at,
+        }
+    }
+}
+
+/// A list of tokens.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenList {
+    /// Tokens the caller may manage, oldest first.
+    pub tokens: Vec<TokenView>,
+}
+
+/// `GET /api/v1/principals` filters.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PrincipalFilter {
+    /// Only principals of this department.
+    pub department: Option<String>,
+}
+
+/// `GET /api/v1/tokens` filters.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct TokenFilter {
+    /// Only tokens of this principal.
+    pub principal: Option<String>,
+}
+
+/// `GET /api/v1/audit` filters. Text filters match exactly, or by prefix when they end in `*`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct AuditFilter {
+    /// Acting principal.
+    pub principal: Option<String>,
+    /// Acting principal's department.
+    pub department: Option<String>,
+    /// Action (`token.revoke`, `principal.*`).
+    pub action: Option<String>,
+    /// Object (`department:transport`, `token:*`).
+    pub object: Option<String>,
+    /// ok, denied or failed.
+    pub outcome: Option<String>,
+    /// Records at or after this time (RFC 3339).
+    pub since: Option<DateTime<Utc>>,
+    /// Records before this time (RFC 3339).
+    pub until: Option<DateTime<Utc>>,
+    /// Cursor for ascending pages: records after this sequence number.
+    pub after: Option<u64>,
+    /// Cursor for descending pages: records before this sequence number.
+    pub before: Option<u64>,
+    /// `asc` (default) or `desc` (newest first).
+    pub order: Option<String>,
+    /// Records per page, at most 1000 (default 100).
+    pub limit: Option<usize>,
+}
+
+/// One audit record.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditRecordView {
+    /// Sequence number, dense from 1.
+    pub seq: u64,
+    /// Time.
+    pub time: DateTime<Utc>,
+    /// Acting principal ("" if none was established).
+    pub principal: String,
+    /// Its department.
+    pub department: String,
+    /// Action.
+    pub action: String,
+    /// Object.
+    pub object: String,
+    /// ok, denied or failed.
+    pub outcome: String,
+    /// Purpose of the access.
+    pub purpose: String,
+    /// Explanation.
+    pub detail: String,
+    /// Request id.
+    pub request_id: String,
+    /// Hash of the previous record (hex).
+    pub prev_hash: String,
+    /// Hash of this record (hex).
+    pub hash: String,
+}
+
+impl From<yunqi_audit::AuditRecord> for AuditRecordView {
+    fn from(r: yunqi_audit::AuditRecord) -> Self {
+        AuditRecordView {
+            seq: r.seq,
+            time: r.time,
+            principal: r.principal,
+            department: r.department,
+            action: r.action,
+            object: r.object,
+            outcome: r.outcome.as_str().to_string(),
+            purpose: r.purpose,
+            detail: r.detail,
+            request_id: r.request_id,
+            prev_hash: hex::encode(r.prev_hash),
+            hash: hex::encode(r.hash),
+        }
+    }
+}
+
+/// A page of audit records.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditPageView {
+    /// Records.
+    pub records: Vec<AuditRecordView>,
+    /// Cursor for the next page (`after` ascending, `before` descending), null at the end.
+    pub next: Option<u64>,
+}
+
+/// Who is calling.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WhoAmI {
+    /// The principal.
+    pub principal: PrincipalView,
+    /// The token used.
+    pub token_id: String,
+}
+
+/// `GET /healthz`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// `ok`.
+    pub status: String,
+    /// yunqi version.
+    pub version: String,
+    /// Sequence number of the last durable audit record.
+    pub audit_seq: u64,
+}
+
+/// The body of every error response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// An error.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable code: invalid_input, unauthenticated, permission_denied, not_found,
+    /// already_exists, conflict, limit_exceeded, unavailable, internal.
+    pub code: String,
+    /// Lowercase primary message naming the object.
+    pub message: String,
+    /// Explanation.
+    pub detail: Option<String>,
+    /// What to do.
+    pub hint: Option<String>,
+    /// The request id, also in the `x-request-id` header and the server log.
+    pub request_id: String,
+}

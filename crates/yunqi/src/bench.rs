@@ -1,0 +1,260 @@
+//! `yunqi bench`: benchmarks that compare yunqi with a baseline in the same run, and report
+//! medians. Results go to BENCHMARKS.md with the command that produced them.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Subcommand;
+use serde_json::json;
+use sha2::Digest;
+use yunqi_audit::AuditChain;
+use yunqi_types::{AuditEvent, Limits, Outcome, SystemClock};
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Durable audit appends per second with concurrent writers, and `audit verify` records
+    /// per second, against the fsync limit and a one-record-per-fsync baseline.
+    Audit {
+        /// Concurrent writers.
+        #[arg(long, default_value_t = 64)]
+        writers: usize,
+        /// Seconds per append run.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Runs of each measurement (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Records in the chain that is verified.
+        #[arg(long, default_value_t = 5_000_000)]
+        verify_records: u64,
+        /// Directory to write in (default: a temporary directory); it should be on the disk
+        /// the data directory will use.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn sample_event(i: u64) -> AuditEvent {
+    AuditEvent {
+        principal: format!("analyst{}", i % 97),
+        department: "traffic_police".into(),
+        action: "dataset.query".into(),
+        object: format!("dataset:transport.vehicles#{}", i % 1000),
+        outcome: Some(Outcome::Ok),
+        purpose: "urgent entry permit decision".into(),
+        detail: "columns plate,owner_id masked".into(),
+        request_id: format!("{i:016x}"),
+    }
+}
+
+/// Median latency of write(4 KiB) + fdatasync on `dir`: the physical limit of one commit.
+fn fsync_latency(dir: &Path) -> anyhow::Result<Duration> {
+    let path = dir.join("fsync-probe");
+    let mut f = OpenOptions::new().create(true).append(true).open(&path)?;
+    let block = [0x5au8; 4096];
+    let mut samples = Vec::new();
+    for _ in 0..300 {
+        f.write_all(&block)?;
+        let t = Instant::now();
+        f.sync_data()?;
+        samples.push(t.elapsed().as_secs_f64());
+    }
+    std::fs::remove_file(&path)?;
+    Ok(Duration::from_secs_f64(median(samples)))
+}
+
+/// Appends from `writers` concurrent tasks for `seconds`; returns (appends/s, group commits).
+async fn append_run(dir: &Path, writers: usize, seconds: f64) -> anyhow::Result<(f64, u64)> {
+    let chain = Arc::new(
+        AuditChain::open(dir, Arc::new(SystemClock), &Limits::default())
+            .map_err(|e| anyhow::anyhow!(e.message))?,
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let commits_before = chain.stats().group_commits.load(Ordering::Relaxed);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let (chain, stop, count) = (chain.clone(), stop.clone(), count.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = w as u64 * 1_000_000_000;
+            while !stop.load(Ordering::Relaxed) {
+                chain.append(sample_event(i)).await.expect("append");
+                count.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let commits = chain.stats().group_commits.load(Ordering::Relaxed) - commits_before;
+    chain.shutdown().await;
+    Ok((count.load(Ordering::Relaxed) as f64 / elapsed, commits))
+}
+
+pub fn run(cmd: BenchCommand, json_out: bool) -> anyhow::Result<ExitCode> {
+    let BenchCommand::Audit {
+        writers,
+        seconds,
+        runs,
+        verify_records,
+        dir,
+    } = cmd;
+    let tmp;
+    let base = match dir {
+        Some(d) => {
+            std::fs::create_dir_all(&d)?;
+            d
+        }
+        None => {
+            tmp = tempfile::Builder::new().prefix("yunqi-bench-").tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let runs = runs.max(1);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let say = |s: String| {
+        if !json_out {
+            eprintln!("{s}");
+        }
+    };
+
+    let latency = fsync_latency(&base)?;
+    let fsync_bound = 1.0 / latency.as_secs_f64();
+    say(format!(
+        "fdatasync median latency: {:.0} µs → at most {fsync_bound:.0} commits/s",
+        latency.as_secs_f64() * 1e6
+    ));
+
+    let mut single = Vec::new();
+    let mut many = Vec::new();
+    let mut batch = Vec::new();
+    for r in 0..runs {
+        let d = base.join(format!("single-{r}"));
+        let (rate, _) = runtime.block_on(append_run(&d, 1, seconds.min(2.0)))?;
+        say(format!("run {}: 1 writer: {rate:.0} appends/s", r + 1));
+        single.push(rate);
+        std::fs::remove_dir_all(&d)?;
+        let d = base.join(format!("many-{r}"));
+        let (rate, commits) = runtime.block_on(append_run(&d, writers, seconds))?;
+        let per_commit = rate * seconds / commits.max(1) as f64;
+        say(format!(
+            "run {}: {writers} writers: {rate:.0} appends/s, {per_commit:.1} records per group commit",
+            r + 1
+        ));
+        many.push(rate);
+        batch.push(per_commit);
+        std::fs::remove_dir_all(&d)?;
+    }
+
+    // Verification: build a chain of verify_records quickly (batches), then verify it.
+    let vdir = base.join("verify");
+    runtime.block_on(async {
+        let chain = AuditChain::open(&vdir, Arc::new(SystemClock), &Limits::default())
+            .map_err(|e| anyhow::anyhow!(e.message))?;
+        let mut i = 0u64;
+        while i < verify_records {
+            let n = (verify_records - i).min(4096);
+            chain
+                .append_many((i..i + n).map(sample_event).collect())
+                .await
+                .map_err(|e| anyhow::anyhow!(e.message))?;
+            i += n;
+        }
+        chain.shutdown().await;
+        anyhow::Ok(())
+    })?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut verify_rates = Vec::new();
+    let mut hash_rates = Vec::new();
+    let mut bytes = 0u64;
+    for r in 0..runs {
+        let t = Instant::now();
+        let report =
+            yunqi_audit::verify(&vdir.clone(), threads).map_err(|e| anyhow::anyhow!(e.message))?;
+        let secs = t.elapsed().as_secs_f64();
+        anyhow::ensure!(
+            report.ok() && report.records == verify_records,
+            "verification failed: {report:?}"
+        );
+        bytes = report.bytes;
+        verify_rates.push(report.records as f64 / secs);
+        // Baseline: one thread doing nothing but SHA-256 over the same segment bytes.
+        let t = Instant::now();
+        for (_, path) in
+            yunqi_audit::chain::list_segments(&vdir).map_err(|e| anyhow::anyhow!(e.message))?
+        {
+            let buf = std::fs::read(&path)?;
+            let mut h = sha2::Sha256::new();
+            h.update(&buf);
+            std::hint::black_box(h.finalize());
+        }
+        let hash_secs = t.elapsed().as_secs_f64();
+        hash_rates.push(bytes as f64 / hash_secs);
+        say(format!(
+            "run {}: verify {} records in {secs:.3} s = {:.0} records/s; SHA-256 alone, 1 thread: {:.0} MB/s",
+            r + 1,
+            report.records,
+            report.records as f64 / secs,
+            bytes as f64 / hash_secs / 1e6
+        ));
+    }
+    std::fs::remove_dir_all(&vdir)?;
+
+    let (single, many, batch) = (median(single), median(many), median(batch));
+    let verify_rate = median(verify_rates);
+    let hash_rate = median(hash_rates);
+    let verify_bytes_rate = verify_rate * bytes as f64 / verify_records as f64;
+    let result = json!({
+        "benchmark": "audit",
+        "writers": writers,
+        "seconds_per_run": seconds,
+        "runs": runs,
+        "fsync_median_us": latency.as_secs_f64() * 1e6,
+        "fsync_bound_commits_per_s": fsync_bound,
+        "appends_per_s_1_writer": single,
+        "appends_per_s": many,
+        "records_per_group_commit": batch,
+        "ratio_vs_1_writer": many / single,
+        "ratio_vs_fsync_bound": many / fsync_bound,
+        "verify_records": verify_records,
+        "verify_bytes": bytes,
+        "verify_records_per_s": verify_rate,
+        "verify_mb_per_s": verify_bytes_rate / 1e6,
+        "sha256_1_thread_mb_per_s": hash_rate / 1e6,
+        "verify_ratio_vs_sha256_1_thread": verify_bytes_rate / hash_rate,
+        "threads": threads,
+    });
+    if json_out {
+        println!("{result}");
+    } else {
+        println!(
+            "audit appends, {writers} writers: {many:.0}/s median of {runs} ({:.1}× one writer at {single:.0}/s; {:.1}× the one-commit-per-fsync bound {fsync_bound:.0}/s; {batch:.1} records per group commit)",
+            many / single,
+            many / fsync_bound
+        );
+        println!(
+            "audit verify: {verify_rate:.0} records/s median of {runs} ({:.0} MB/s on {threads} threads; {:.2}× SHA-256 alone on one thread at {:.0} MB/s)",
+            verify_bytes_rate / 1e6,
+            verify_bytes_rate / hash_rate,
+            hash_rate / 1e6
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,466 @@
+//! Client commands: talk to a running server over its HTTP API, print text or `--json`.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+/// An HTTP client for the API.
+pub struct Api {
+    agent: ureq::Agent,
+    base: String,
+    token: Option<String>,
+}
+
+/// What the server said: a body, or an error body with its status.
+pub enum Reply {
+    Ok(Value),
+    Error(u16, Value),
+}
+
+impl Api {
+    pub fn new(url: &str, token: Option<&str>) -> Api {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(60)))
+            .build()
+            .into();
+        Api {
+            agent,
+            base: url.trim_end_matches('/').to_string(),
+            token: token.map(|t| t.trim().to_string()),
+        }
+    }
+
+    fn auth(&self) -> anyhow::Result<String> {
+        match &self.token {
+            Some(t) if !t.is_empty() => Ok(format!("Bearer {t}")),
+            _ => bail!(
+                "no token given\nhint: set YUNQI_TOKEN (the admin's is in DATA/admin.token: export YUNQI_TOKEN=$(cat yunqi-data/admin.token)) or pass --token"
+            ),
+        }
+    }
+
+    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Reply> {
+        let url = format!("{}{path}", self.base);
+        let auth = self.auth()?;
+        let result = match (method, body) {
+            ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call(),
+            ("POST", Some(b)) => self
+                .agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .send_json(&b),
+            ("POST", None) => self
+                .agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .send_empty(),
+            _ => bail!("unsupported method {method}"),
+        };
+        let mut response = result.with_context(|| {
+            format!("cannot reach yunqi at {}\nhint: is `yunqi serve` running? set YUNQI_URL to its address", self.base)
+        })?;
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok(if (200..300).contains(&status) {
+            Reply::Ok(value)
+        } else {
+            Reply::Error(status, value)
+        })
+    }
+}
+
+/// Prints a reply: `ok` renders a success in text mode. Returns the exit code.
+fn finish(reply: Reply, json: bool, ok: impl FnOnce(&Value)) -> anyhow::Result<ExitCode> {
+    match reply {
+        Reply::Ok(v) => {
+            if json {
+                println!("{v}");
+            } else {
+                ok(&v);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Reply::Error(status, v) => {
+            if json {
+                println!("{v}");
+            } else {
+                let e = &v["error"];
+                match e["message"].as_str() {
+                    Some(m) => {
+                        eprintln!("error: {m}");
+                        if let Some(d) = e["detail"].as_str() {
+                            eprintln!("detail: {d}");
+                        }
+                        if let Some(h) = e["hint"].as_str() {
+                            eprintln!("hint: {h}");
+                        }
+                    }
+                    None => eprintln!("error: HTTP {status}: {v}"),
+                }
+            }
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or("")
+}
+
+fn enc(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'*' | b':') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Parses `--expires`: a duration like `30d`, `12h`, `90m`, or an RFC 3339 time or a date.
+pub fn parse_expiry(raw: &str) -> anyhow::Result<String> {
+    let now = chrono::Utc::now();
+    let unit_seconds = match raw.chars().last() {
+        Some('d') => Some(86_400),
+        Some('h') => Some(3_600),
+        Some('m') => Some(60),
+        Some('s') => Some(1),
+        _ => None,
+    };
+    if let Some(unit) = unit_seconds
+        && let Ok(n) = raw[..raw.len() - 1].parse::<i64>()
+    {
+        return Ok((now + chrono::Duration::seconds(n * unit)).to_rfc3339());
+    }
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(raw) {
+        return Ok(t.to_rfc3339());
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(raw, "%Y-%m-%d") {
+        return Ok(d
+            .and_hms_opt(0, 0, 0)
+            .expect("midnight")
+            .and_utc()
+            .to_rfc3339());
+    }
+    bail!(
+        "invalid expiry {raw:?}\nhint: use a duration (30d, 12h, 90m) or a date (2027-01-31) or an RFC 3339 time"
+    )
+}
+
+#[derive(Subcommand)]
+pub enum DeptCommand {
+    /// Create a department (admin).
+    Create {
+        /// Name: a lowercase identifier, the SQL schema name.
+        name: String,
+        /// Human title.
+        #[arg(long)]
+        title: Option<String>,
+    },
+    /// List departments.
+    List,
+    /// Show one department.
+    Show { name: String },
+}
+
+pub fn dept(api: &Api, cmd: DeptCommand, json: bool) -> anyhow::Result<ExitCode> {
+    match cmd {
+        DeptCommand::Create { name, title } => {
+            let r = api.call(
+                "POST",
+                "/api/v1/departments",
+                Some(json!({"name": name, "title": title})),
+            )?;
+            finish(r, json, |v| {
+                println!("created department {} ({})", s(&v["name"]), s(&v["title"]))
+            })
+        }
+        DeptCommand::List => {
+            let r = api.call("GET", "/api/v1/departments", None)?;
+            finish(r, json, |v| {
+                println!("{:<24} {:<40} created", "name", "title");
+                for d in v["departments"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<24} {:<40} {}",
+                        s(&d["name"]),
+                        s(&d["title"]),
+                        s(&d["created_at"])
+                    );
+                }
+            })
+        }
+        DeptCommand::Show { name } => {
+            let r = api.call("GET", &format!("/api/v1/departments/{}", enc(&name)), None)?;
+            finish(r, json, |v| {
+                println!("{}", serde_json::to_string_pretty(v).unwrap_or_default())
+            })
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum PrincipalCommand {
+    /// Create a principal; prints its token once.
+    Create {
+        /// Name: a lowercase identifier; the user name over the PostgreSQL wire protocol.
+        name: String,
+        /// Role: admin, steward, analyst, officer, service or citizen.
+        #[arg(long)]
+        role: String,
+        /// Department (steward, analyst, officer, service).
+        #[arg(long)]
+        dept: Option<String>,
+        /// National ID number (citizens).
+        #[arg(long)]
+        id_number: Option<String>,
+        /// Display name.
+        #[arg(long)]
+        display_name: Option<String>,
+        /// When the token expires: 30d, 12h, a date or an RFC 3339 time.
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// List the principals you may see.
+    List {
+        /// Only this department.
+        #[arg(long)]
+        dept: Option<String>,
+    },
+    /// Show one principal.
+    Show { name: String },
+}
+
+pub fn principal(api: &Api, cmd: PrincipalCommand, json: bool) -> anyhow::Result<ExitCode> {
+    match cmd {
+        PrincipalCommand::Create {
+            name,
+            role,
+            dept,
+            id_number,
+            display_name,
+            expires,
+        } => {
+            let expires = expires.as_deref().map(parse_expiry).transpose()?;
+            let body = json!({
+                "name": name, "role": role, "department": dept, "id_number": id_number,
+                "display_name": display_name, "token_expires_at": expires,
+            });
+            let r = api.call("POST", "/api/v1/principals", Some(body))?;
+            finish(r, json, |v| {
+                let p = &v["principal"];
+                let t = &v["token"];
+                println!(
+                    "created principal {} ({}{})",
+                    s(&p["name"]),
+                    s(&p["role"]),
+                    p["department"]
+                        .as_str()
+                        .map(|d| format!(" of {d}"))
+                        .unwrap_or_default()
+                );
+                println!("token id: {}", s(&t["id"]));
+                println!("token:    {}", s(&t["token"]));
+                println!("(the token is shown only now; store it safely)");
+            })
+        }
+        PrincipalCommand::List { dept } => {
+            let path = match dept {
+                Some(d) => format!("/api/v1/principals?department={}", enc(&d)),
+                None => "/api/v1/principals".into(),
+            };
+            let r = api.call("GET", &path, None)?;
+            finish(r, json, |v| {
+                println!(
+                    "{:<24} {:<10} {:<20} display name",
+                    "name", "role", "department"
+                );
+                for p in v["principals"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<24} {:<10} {:<20} {}",
+                        s(&p["name"]),
+                        s(&p["role"]),
+                        p["department"].as_str().unwrap_or("-"),
+                        s(&p["display_name"])
+                    );
+                }
+            })
+        }
+        PrincipalCommand::Show { name } => {
+            let r = api.call("GET", &format!("/api/v1/principals/{}", enc(&name)), None)?;
+            finish(r, json, |v| {
+                println!("{}", serde_json::to_string_pretty(v).unwrap_or_default())
+            })
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Create a token for a principal; prints it once.
+    Create {
+        /// The principal.
+        principal: String,
+        /// When it expires: 30d, 12h, a date or an RFC 3339 time.
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// List tokens (never their secrets).
+    List {
+        /// Only this principal's.
+        #[arg(long)]
+        principal: Option<String>,
+    },
+    /// Revoke a token by id. Idempotent.
+    Revoke { id: String },
+}
+
+pub fn token(api: &Api, cmd: TokenCommand, json: bool) -> anyhow::Result<ExitCode> {
+    match cmd {
+        TokenCommand::Create { principal, expires } => {
+            let expires = expires.as_deref().map(parse_expiry).transpose()?;
+            let r = api.call(
+                "POST",
+                &format!("/api/v1/principals/{}/tokens", enc(&principal)),
+                Some(json!({"expires_at": expires})),
+            )?;
+            finish(r, json, |v| {
+                println!("token id: {}", s(&v["id"]));
+                println!("token:    {}", s(&v["token"]));
+                println!("(the token is shown only now; store it safely)");
+            })
+        }
+        TokenCommand::List { principal } => {
+            let path = match principal {
+                Some(p) => format!("/api/v1/tokens?principal={}", enc(&p)),
+                None => "/api/v1/tokens".into(),
+            };
+            let r = api.call("GET", &path, None)?;
+            finish(r, json, |v| {
+                println!(
+                    "{:<18} {:<24} {:<8} {:<27} expires",
+                    "id", "principal", "active", "created"
+                );
+                for t in v["tokens"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<18} {:<24} {:<8} {:<27} {}",
+                        s(&t["id"]),
+                        s(&t["principal"]),
+                        t["active"].as_bool().unwrap_or(false),
+                        s(&t["created_at"]),
+                        t["expires_at"].as_str().unwrap_or("never")
+                    );
+                }
+            })
+        }
+        TokenCommand::Revoke { id } => {
+            let r = api.call("POST", &format!("/api/v1/tokens/{}/revoke", enc(&id)), None)?;
+            finish(r, json, |v| {
+                println!(
+                    "revoked token {} of {} at {}",
+                    s(&v["id"]),
+                    s(&v["principal"]),
+                    s(&v["revoked_at"])
+                )
+            })
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct AuditListArgs {
+    /// Acting principal (exact, or prefix ending in *).
+    #[arg(long)]
+    principal: Option<String>,
+    /// Acting department.
+    #[arg(long)]
+    dept: Option<String>,
+    /// Action, e.g. token.revoke or principal.*.
+    #[arg(long)]
+    action: Option<String>,
+    /// Object, e.g. department:transport or token:*.
+    #[arg(long)]
+    object: Option<String>,
+    /// ok, denied or failed.
+    #[arg(long)]
+    outcome: Option<String>,
+    /// From this time (RFC 3339).
+    #[arg(long)]
+    since: Option<String>,
+    /// Before this time (RFC 3339).
+    #[arg(long)]
+    until: Option<String>,
+    /// Newest first.
+    #[arg(long)]
+    desc: bool,
+    /// Records per page.
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+    /// Cursor: after (ascending) or before (descending) this sequence number.
+    #[arg(long)]
+    cursor: Option<u64>,
+}
+
+pub fn audit_list(api: &Api, a: AuditListArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let mut q = vec![format!("limit={}", a.limit)];
+    for (k, v) in [
+        ("principal", &a.principal),
+        ("department", &a.dept),
+        ("action", &a.action),
+        ("object", &a.object),
+        ("outcome", &a.outcome),
+        ("since", &a.since),
+        ("until", &a.until),
+    ] {
+        if let Some(v) = v {
+            q.push(format!("{k}={}", enc(v)));
+        }
+    }
+    if a.desc {
+        q.push("order=desc".into());
+    }
+    if let Some(c) = a.cursor {
+        q.push(format!("{}={c}", if a.desc { "before" } else { "after" }));
+    }
+    let r = api.call("GET", &format!("/api/v1/audit?{}", q.join("&")), None)?;
+    finish(r, json, |v| {
+        for r in v["records"].as_array().into_iter().flatten() {
+            println!(
+                "{:>8} {} {:<16} {:<12} {:<18} {:<32} {:<7} {}",
+                r["seq"],
+                s(&r["time"]),
+                s(&r["principal"]),
+                s(&r["department"]),
+                s(&r["action"]),
+                s(&r["object"]),
+                s(&r["outcome"]),
+                s(&r["detail"])
+            );
+        }
+        if let Some(n) = v["next"].as_u64() {
+            println!("more: --cursor {n}");
+        }
+    })
+}
+
+pub fn whoami(api: &Api, json: bool) -> anyhow::Result<ExitCode> {
+    let r = api.call("GET", "/api/v1/whoami", None)?;
+    finish(r, json, |v| {
+        let p = &v["principal"];
+        println!(
+            "{} ({}{}), token {}",
+            s(&p["name"]),
+            s(&p["role"]),
+            p["department"]
+                .as_str()
+                .map(|d| format!(" of {d}"))
+                .unwrap_or_default(),
+            s(&v["token_id"])
+        );
+    })
+}

@@ -1,0 +1,229 @@
+//! `yunqi serve`: opens (or creates) the data directory, takes its lock, bootstraps the admin,
+//! and serves the HTTP API until SIGINT or SIGTERM, then drains requests and flushes the audit
+//! chain.
+//!
+//! Data directory layout: `yunqi.lock` (held while serving), `admin.token` (mode 0600),
+//! `meta.db` (metadata store), `audit/` (the audit chain), `endpoints.json` (where the running
+//! server listens; removed at shutdown).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use yunqi_audit::AuditChain;
+use yunqi_governance::Governance;
+use yunqi_store::SqliteStore;
+use yunqi_types::{Clock, Limits, SystemClock};
+
+use crate::{DEFAULT_DATA, DEFAULT_HTTP, DEFAULT_PG};
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Data directory (created on first start).
+    #[arg(long, default_value = DEFAULT_DATA)]
+    data: PathBuf,
+    /// HTTP address (API, console, metrics). Port 0 picks a free port.
+    #[arg(long, default_value = DEFAULT_HTTP)]
+    http: String,
+    /// PostgreSQL wire protocol address. Port 0 picks a free port.
+    #[arg(long, default_value = DEFAULT_PG)]
+    pg: String,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text")]
+    log_format: String,
+}
+
+/// Holds the data directory's lock for as long as it lives.
+struct DataDirLock {
+    _file: File,
+}
+
+fn lock_data_dir(dir: &Path) -> anyhow::Result<DataDirLock> {
+    let path = dir.join("yunqi.lock");
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = fs::read_to_string(&path).unwrap_or_default();
+            bail!(
+                "data directory {} is in use by another yunqi server{}\nhint: stop that server first, or start this one with another --data DIR",
+                dir.display(),
+                holder
+                    .trim()
+                    .strip_prefix("pid ")
+                    .map(|p| format!(" (pid {p})"))
+                    .unwrap_or_default()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+        }
+    }
+    file.set_len(0)?;
+    write!(file, "pid {}", std::process::id())?;
+    file.sync_all()?;
+    Ok(DataDirLock { _file: file })
+}
+
+/// Writes `contents` to `path` atomically (temporary file, fsync, rename, fsync directory),
+/// with `mode`.
+pub fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
+    let dir = path.parent().context("path has no parent")?;
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+    ));
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(&tmp, path)?;
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+fn init_logging(format: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        "json" => builder.json().init(),
+        "text" => builder.init(),
+        other => {
+            bail!("unknown log format {other:?}\nhint: use --log-format text or --log-format json")
+        }
+    }
+    Ok(())
+}
+
+async fn bind(addr: &str, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on {addr} for {what}\nhint: is another server using it? pick another address with --{}", if what == "HTTP" { "http" } else { "pg" })
+    })
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down: finishing requests in flight, flushing the audit chain");
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    init_logging(&args.log_format)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("yunqi")
+        .build()?;
+    runtime.block_on(serve(args))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let data = args.data.clone();
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&data)
+        .with_context(|| format!("cannot create data directory {}", data.display()))?;
+    let _lock = lock_data_dir(&data)?;
+    let limits = Limits::default();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+
+    let audit = Arc::new(
+        AuditChain::open(&data.join("audit"), clock.clone(), &limits).map_err(|e| {
+            anyhow::anyhow!(
+                "{}{}{}",
+                e.message,
+                e.detail
+                    .map(|d| format!("\ndetail: {d}"))
+                    .unwrap_or_default(),
+                e.hint.map(|h| format!("\nhint: {h}")).unwrap_or_default()
+            )
+        })?,
+    );
+    let store = Arc::new(
+        SqliteStore::open(&data.join("meta.db")).map_err(|e| anyhow::anyhow!("{}", e.message))?,
+    );
+    let gov = Arc::new(
+        Governance::open(store, audit.clone(), clock)
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?,
+    );
+
+    let token_path = data.join("admin.token");
+    if let Some(token) = gov
+        .bootstrap()
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?
+    {
+        write_atomically(&token_path, format!("{}\n", token.token).as_bytes(), 0o600)?;
+        tracing::info!(path = %token_path.display(), "created the bootstrap principal \"admin\"");
+    }
+
+    let http = bind(&args.http, "HTTP").await?;
+    let http_addr = http.local_addr()?;
+    let _ = &args.pg; // The PostgreSQL endpoint arrives with governed SQL.
+    let endpoints = serde_json::json!({
+        "http": format!("http://{http_addr}"),
+        "pid": std::process::id(),
+    });
+    write_atomically(
+        &data.join("endpoints.json"),
+        endpoints.to_string().as_bytes(),
+        0o644,
+    )?;
+    gov.record_system(
+        "yunqi.start",
+        format!("version {}, http {http_addr}", env!("CARGO_PKG_VERSION")),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+
+    println!(
+        "yunqi {} serving data directory {}",
+        env!("CARGO_PKG_VERSION"),
+        data.display()
+    );
+    println!("  API         http://{http_addr}/api/v1/  (OpenAPI: /api/v1/openapi.json)");
+    println!("  health      http://{http_addr}/healthz   metrics: http://{http_addr}/metrics");
+    println!("  admin token {}", token_path.display());
+    println!(
+        "  try: export YUNQI_URL=http://{http_addr} YUNQI_TOKEN=$(cat {})",
+        token_path.display()
+    );
+    println!("ready");
+    let _ = std::io::stdout().flush();
+
+    let state = yunqi_api::AppState::new(gov.clone(), limits);
+    yunqi_api::serve(http, yunqi_api::router(state), shutdown_signal()).await?;
+
+    let _ = gov
+        .record_system("yunqi.stop", "graceful shutdown".into())
+        .await;
+    audit.shutdown().await;
+    let _ = fs::remove_file(data.join("endpoints.json"));
+    tracing::info!(audit_seq = audit.durable_head().seq, "stopped");
+    Ok(())
+}

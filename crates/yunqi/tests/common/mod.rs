@@ -1,0 +1,230 @@
+//! Starts the real `yunqi` binary on ephemeral ports and talks to it over real HTTP.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_yunqi");
+
+pub struct Server {
+    pub child: Child,
+    pub url: String,
+    pub data: PathBuf,
+    pub admin_token: String,
+    agent: ureq::Agent,
+}
+
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into()
+}
+
+impl Server {
+    /// Starts a server on `data` and waits until it is ready.
+    pub fn start(data: &Path) -> Server {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--data"])
+            .arg(data)
+            .args(["--http", "127.0.0.1:0", "--pg", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start yunqi");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut url = None;
+        for line in lines.by_ref() {
+            let line = line.expect("read stdout");
+            if let Some(rest) = line.trim().strip_prefix("API") {
+                url = rest
+                    .split_whitespace()
+                    .next()
+                    .map(|u| u.trim_end_matches("/api/v1/").to_string());
+            }
+            if line == "ready" || Instant::now() > deadline {
+                break;
+            }
+        }
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let url = match url {
+            Some(u) => u,
+            None => {
+                let out = child.wait_with_output().expect("wait");
+                panic!(
+                    "yunqi did not start: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        };
+        let admin_token = std::fs::read_to_string(data.join("admin.token"))
+            .expect("admin.token")
+            .trim()
+            .to_string();
+        Server {
+            child,
+            url,
+            data: data.to_path_buf(),
+            admin_token,
+            agent: agent(),
+        }
+    }
+
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, Value) {
+        call(&self.agent, &self.url, method, path, token, body)
+    }
+
+    pub fn admin(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        self.call(method, path, Some(&self.admin_token.clone()), body)
+    }
+
+    /// Creates a principal as admin; returns its token.
+    pub fn principal(&self, name: &str, role: &str, dept: Option<&str>) -> String {
+        let body = serde_json::json!({"name": name, "role": role, "department": dept}).to_string();
+        let (status, v) = self.admin("POST", "/api/v1/principals", Some(&body));
+        assert_eq!(status, 201, "{v}");
+        v["token"]["token"].as_str().unwrap().to_string()
+    }
+
+    pub fn dept(&self, name: &str) {
+        let (status, v) = self.admin(
+            "POST",
+            "/api/v1/departments",
+            Some(&format!(r#"{{"name":"{name}"}}"#)),
+        );
+        assert_eq!(status, 201, "{v}");
+    }
+
+    /// All audit records (admin view), ascending.
+    pub fn audit_all(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let (status, v) = self.admin(
+                "GET",
+                &format!("/api/v1/audit?limit=1000&after={after}"),
+                None,
+            );
+            assert_eq!(status, 200, "{v}");
+            out.extend(v["records"].as_array().unwrap().iter().cloned());
+            match v["next"].as_u64() {
+                Some(n) => after = n,
+                None => return out,
+            }
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait; returns the exit status code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        self.child.wait().expect("wait").code()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn call(
+    agent: &ureq::Agent,
+    base: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, Value) {
+    try_call(agent, base, method, path, token, body).expect("HTTP call")
+}
+
+/// Like [`call`], but `None` when the server cannot be reached.
+pub fn try_call(
+    agent: &ureq::Agent,
+    base: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> Option<(u16, Value)> {
+    let url = format!("{base}{path}");
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let result = match method {
+        "GET" => {
+            let mut r = agent.get(&url);
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            r.call()
+        }
+        "DELETE" => {
+            let mut r = agent.delete(&url);
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            r.call()
+        }
+        "POST" => {
+            let mut r = agent.post(&url).header("Content-Type", "application/json");
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            match body {
+                Some(b) => r.send(b),
+                None => r.send_empty(),
+            }
+        }
+        other => panic!("method {other}"),
+    };
+    let mut response = result.ok()?;
+    let status = response.status().as_u16();
+    let text = response
+        .body_mut()
+        .with_config()
+        .limit(64 << 20)
+        .read_to_string()
+        .ok()?;
+    Some((
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    ))
+}
+
+/// Runs the CLI with the server's URL and a token; returns (exit code, stdout, stderr).
+pub fn cli(server: &Server, token: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("YUNQI_URL", &server.url)
+        .env("YUNQI_TOKEN", token)
+        .output()
+        .expect("run yunqi");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
