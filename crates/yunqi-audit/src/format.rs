@@ -8,7 +8,10 @@
 //! number `u64`, `u32` zero, CRC-32C of the preceding 28 bytes. All integers little-endian.
 //!
 //! Then frames, one per record: body length `u32`, CRC-32C of body and hash `u32`, the body, and
-//! the record's hash (32 bytes, SHA-256 of the body). The body: format version `u8`, sequence
+//! the record's hash (32 bytes, SHA-256 of the body). A segment is grown ahead of its frames in
+//! zero-filled steps, so that an fsync overwrites allocated blocks instead of journaling a new
+//! file size; a body length of 0 marks the end of the frames, and only zeros may follow it.
+//! A closed segment is trimmed to its last frame. The body: format version `u8`, sequence
 //! number `u64`, time in microseconds since the Unix epoch `i64`, outcome `u8`, the previous
 //! record's hash (32 bytes; zeros for record 1), then principal, department, action, object,
 //! purpose, detail and request id, each a `u16` length and UTF-8 bytes.
@@ -177,8 +180,10 @@ pub struct Frame<'a> {
 }
 
 /// Why a frame could not be read at an offset.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrameError {
+    /// The length field is 0: the end of the frames (preallocated space follows).
+    End,
     /// Fewer bytes remain than the frame needs: a torn write at the tail, or a cut.
     Truncated,
     /// The length field is impossible.
@@ -194,6 +199,9 @@ pub fn read_frame(buf: &[u8], offset: usize) -> Result<Frame<'_>, FrameError> {
         return Err(FrameError::Truncated);
     }
     let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+    if len == 0 {
+        return Err(FrameError::End);
+    }
     if !(BODY_FIXED_BYTES + 14..=BODY_BYTES_MAX).contains(&len) {
         return Err(FrameError::BadLength);
     }
@@ -212,6 +220,11 @@ pub fn read_frame(buf: &[u8], offset: usize) -> Result<Frame<'_>, FrameError> {
         offset,
         end: offset + total,
     })
+}
+
+/// Whether every byte is zero (preallocated, never written).
+pub fn all_zero(bytes: &[u8]) -> bool {
+    bytes.iter().all(|b| *b == 0)
 }
 
 /// The sequence number of a body (the body is at least `BODY_FIXED_BYTES` long).

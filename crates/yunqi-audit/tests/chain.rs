@@ -12,18 +12,18 @@ use yunqi_types::{AuditEvent, Limits, Outcome, SystemClock};
 fn event(i: usize) -> AuditEvent {
     AuditEvent {
         principal: format!("p{}", i % 7),
-        department: if i % 2 == 0 {
+        department: if i.is_multiple_of(2) {
             "transport".into()
         } else {
             "traffic".into()
         },
-        action: if i % 3 == 0 {
+        action: if i.is_multiple_of(3) {
             "token.create".into()
         } else {
             "department.create".into()
         },
         object: format!("department:d{i}"),
-        outcome: Some(if i % 5 == 0 {
+        outcome: Some(if i.is_multiple_of(5) {
             Outcome::Denied
         } else {
             Outcome::Ok
@@ -61,9 +61,14 @@ fn frames(buf: &[u8]) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
     let mut offset = format::SEGMENT_HEADER_BYTES;
     while offset < buf.len() {
-        let f = read_frame(buf, offset).unwrap();
-        out.push((f.offset, f.end));
-        offset = f.end;
+        match read_frame(buf, offset) {
+            Ok(f) => {
+                out.push((f.offset, f.end));
+                offset = f.end;
+            }
+            Err(format::FrameError::End) => break,
+            Err(e) => panic!("{e:?} at {offset}"),
+        }
     }
     out
 }
@@ -99,7 +104,12 @@ fn appends_survive_reopen_and_continue_the_chain() {
 
 #[test]
 fn a_flipped_byte_anywhere_in_a_record_names_that_record() {
-    let dir = chain_with(20, &Limits::default());
+    // A small preallocation: the file is rewritten for every flipped byte.
+    let limits = Limits {
+        audit_preallocate_bytes: 8 << 10,
+        ..Limits::default()
+    };
+    let dir = chain_with(20, &limits);
     let seg = only_segment(dir.path());
     let clean = std::fs::read(&seg).unwrap();
     let frames = frames(&clean);
@@ -221,9 +231,10 @@ fn a_torn_unacknowledged_tail_is_cut_on_open() {
     let seg = only_segment(dir.path());
     let mut buf = std::fs::read(&seg).unwrap();
     let last = *frames(&buf).last().unwrap();
-    // Half of a record that was never acknowledged (the head says 10).
+    // Half of a record that was never acknowledged (the head says 10), written over the
+    // preallocated zeros after the last record, as a crash mid-write leaves it.
     let half: Vec<u8> = buf[last.0..last.0 + (last.1 - last.0) / 2].to_vec();
-    buf.extend_from_slice(&half);
+    buf[last.1..last.1 + half.len()].copy_from_slice(&half);
     std::fs::write(&seg, &buf).unwrap();
     let report = verify(dir.path(), 2).unwrap();
     assert!(report.ok() && report.torn_tail, "{report:?}");
@@ -363,4 +374,34 @@ fn queries_filter_and_paginate_both_ways() {
     )
     .unwrap();
     assert_eq!(page.records.len(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_segments_are_walked_in_two_halves_and_still_name_the_first_bad_record() {
+    // Over 8 MiB in one segment: verification walks it from both ends of its middle.
+    let dir = tempfile::tempdir().unwrap();
+    let chain = open(dir.path(), &Limits::default());
+    for batch in 0..12 {
+        chain
+            .append_many((0..4096).map(|i| event(batch * 4096 + i)).collect())
+            .await
+            .unwrap();
+    }
+    chain.shutdown().await;
+    let report = verify(dir.path(), 2).unwrap();
+    assert!(report.ok() && report.records == 12 * 4096, "{report:?}");
+    let seg = only_segment(dir.path());
+    let mut buf = std::fs::read(&seg).unwrap();
+    assert!(buf.len() > 8 << 20);
+    let f = frames(&buf);
+    for k in [100usize, f.len() / 2 + 1, f.len() - 10] {
+        let (start, end) = f[k];
+        buf[(start + end) / 2] ^= 1;
+        std::fs::write(&seg, &buf).unwrap();
+        let (seq, reason) = problem_seq(dir.path());
+        assert_eq!(seq, Some(k as u64 + 1), "{reason}");
+        buf[(start + end) / 2] ^= 1;
+    }
+    std::fs::write(&seg, &buf).unwrap();
+    assert!(verify(dir.path(), 2).unwrap().ok());
 }

@@ -16,6 +16,8 @@ pub struct Limits {
     pub audit_field_bytes_max: usize,
     /// Size at which the audit chain starts a new segment file.
     pub audit_segment_bytes_max: u64,
+    /// How far ahead of its last record an audit segment is grown with zeros.
+    pub audit_preallocate_bytes: u64,
     /// Longest display name or title.
     pub title_bytes_max: usize,
     /// Most principals, departments or tokens returned by one list call.
@@ -35,6 +37,7 @@ impl Default for Limits {
             audit_batch_records_max: 4_096,
             audit_field_bytes_max: 4_096,
             audit_segment_bytes_max: 128 << 20,
+            audit_preallocate_bytes: 4 << 20,
             title_bytes_max: 256,
             list_items_max: 10_000,
             request_timeout_ms: 30_000,

@@ -73,8 +73,9 @@ fn fsync_latency(dir: &Path) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(median(samples)))
 }
 
-/// Appends from `writers` concurrent tasks for `seconds`; returns (appends/s, group commits).
-async fn append_run(dir: &Path, writers: usize, seconds: f64) -> anyhow::Result<(f64, u64)> {
+/// Appends from `writers` concurrent tasks for `seconds`; returns (appends/s, group commits,
+/// mean fdatasync time in µs).
+async fn append_run(dir: &Path, writers: usize, seconds: f64) -> anyhow::Result<(f64, u64, f64)> {
     let chain = Arc::new(
         AuditChain::open(dir, Arc::new(SystemClock), &Limits::default())
             .map_err(|e| anyhow::anyhow!(e.message))?,
@@ -102,8 +103,14 @@ async fn append_run(dir: &Path, writers: usize, seconds: f64) -> anyhow::Result<
     }
     let elapsed = started.elapsed().as_secs_f64();
     let commits = chain.stats().group_commits.load(Ordering::Relaxed) - commits_before;
+    let sync_us =
+        chain.stats().sync_micros_total.load(Ordering::Relaxed) as f64 / commits.max(1) as f64;
     chain.shutdown().await;
-    Ok((count.load(Ordering::Relaxed) as f64 / elapsed, commits))
+    Ok((
+        count.load(Ordering::Relaxed) as f64 / elapsed,
+        commits,
+        sync_us,
+    ))
 }
 
 pub fn run(cmd: BenchCommand, json_out: bool) -> anyhow::Result<ExitCode> {
@@ -147,15 +154,15 @@ pub fn run(cmd: BenchCommand, json_out: bool) -> anyhow::Result<ExitCode> {
     let mut batch = Vec::new();
     for r in 0..runs {
         let d = base.join(format!("single-{r}"));
-        let (rate, _) = runtime.block_on(append_run(&d, 1, seconds.min(2.0)))?;
+        let (rate, _, _) = runtime.block_on(append_run(&d, 1, seconds.min(2.0)))?;
         say(format!("run {}: 1 writer: {rate:.0} appends/s", r + 1));
         single.push(rate);
         std::fs::remove_dir_all(&d)?;
         let d = base.join(format!("many-{r}"));
-        let (rate, commits) = runtime.block_on(append_run(&d, writers, seconds))?;
+        let (rate, commits, sync_us) = runtime.block_on(append_run(&d, writers, seconds))?;
         let per_commit = rate * seconds / commits.max(1) as f64;
         say(format!(
-            "run {}: {writers} writers: {rate:.0} appends/s, {per_commit:.1} records per group commit",
+            "run {}: {writers} writers: {rate:.0} appends/s, {per_commit:.1} records per group commit, {sync_us:.0} µs per fdatasync",
             r + 1
         ));
         many.push(rate);
@@ -165,6 +172,9 @@ pub fn run(cmd: BenchCommand, json_out: bool) -> anyhow::Result<ExitCode> {
 
     // Verification: build a chain of verify_records quickly (batches), then verify it.
     let vdir = base.join("verify");
+    if vdir.exists() {
+        std::fs::remove_dir_all(&vdir)?;
+    }
     runtime.block_on(async {
         let chain = AuditChain::open(&vdir, Arc::new(SystemClock), &Limits::default())
             .map_err(|e| anyhow::anyhow!(e.message))?;
