@@ -323,6 +323,35 @@ pub async fn audit(
     }))
 }
 
+/// Runs one SQL query over the tables the caller may see. Audited.
+#[utoipa::path(post, path = "/api/v1/sql", tag = "sql", security(("bearer" = [])),
+    request_body = SqlRequest,
+    responses((status = 200, body = SqlResult), (status = 400, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn sql(
+    State(state): State<AppState>,
+    auth: Authed,
+    Json(req): Json<SqlRequest>,
+) -> ApiResult<axum::Json<SqlResult>> {
+    let result = state.sql.query(&auth.actor, &req.sql, &auth.ctx()).await?;
+    let rows = yunqi_sql::convert::rows_to_json(&result.batches)
+        .map_err(|e| Error::internal(format!("cannot render the result: {e}")))?;
+    Ok(axum::Json(SqlResult {
+        columns: result
+            .schema
+            .fields()
+            .iter()
+            .map(|f| SqlColumn {
+                name: f.name().clone(),
+                data_type: f.data_type().to_string(),
+            })
+            .collect(),
+        row_count: rows.len(),
+        rows,
+        truncated: result.truncated,
+    }))
+}
+
 /// Unknown paths.
 pub async fn not_found(uri: axum::http::Uri) -> ApiError {
     Error::new(

@@ -35,6 +35,8 @@ pub struct AppState {
     pub gov: Arc<Governance>,
     /// Limits.
     pub limits: Arc<Limits>,
+    /// The governed SQL engine.
+    pub sql: Arc<yunqi_sql::SqlEngine>,
     /// HTTP metrics.
     pub metrics: Arc<metrics::Metrics>,
     in_flight: Arc<tokio::sync::Semaphore>,
@@ -42,8 +44,9 @@ pub struct AppState {
 
 impl AppState {
     /// New state.
-    pub fn new(gov: Arc<Governance>, limits: Limits) -> Self {
+    pub fn new(gov: Arc<Governance>, sql: Arc<yunqi_sql::SqlEngine>, limits: Limits) -> Self {
         AppState {
+            sql,
             in_flight: Arc::new(tokio::sync::Semaphore::new(limits.requests_in_flight_max)),
             gov,
             limits: Arc::new(limits),
@@ -60,12 +63,13 @@ impl AppState {
         handlers::create_department, handlers::list_departments, handlers::get_department,
         handlers::create_principal, handlers::list_principals, handlers::get_principal,
         handlers::create_token, handlers::list_tokens, handlers::revoke_token,
-        handlers::audit,
+        handlers::audit, handlers::sql,
     ),
     modifiers(&BearerAuth),
     tags(
         (name = "identity", description = "Departments, principals and tokens"),
         (name = "audit", description = "The audit chain"),
+        (name = "sql", description = "Governed SQL over what the caller may see"),
         (name = "operations", description = "Health, metrics, this document"),
     )
 )]
@@ -115,6 +119,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/tokens", get(handlers::list_tokens))
         .route("/api/v1/tokens/{id}/revoke", post(handlers::revoke_token))
         .route("/api/v1/audit", get(handlers::audit))
+        .route("/api/v1/sql", post(handlers::sql))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed);
     api.layer(DefaultBodyLimit::max(state.limits.request_body_bytes_max))

@@ -335,3 +335,35 @@ pub struct ErrorDetail {
     /// The request id, also in the `x-request-id` header and the server log.
     pub request_id: String,
 }
+
+/// `POST /api/v1/sql`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SqlRequest {
+    /// One query, e.g. `SELECT name, title FROM system.departments`.
+    pub sql: String,
+}
+
+/// A result column.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SqlColumn {
+    /// Name.
+    pub name: String,
+    /// Type (Arrow's name for it: Utf8, Int64, Timestamp(µs, "UTC"), …).
+    #[serde(rename = "type")]
+    pub data_type: String,
+}
+
+/// A query's result.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SqlResult {
+    /// Columns, in order.
+    pub columns: Vec<SqlColumn>,
+    /// Rows: one array per row, one value per column (numbers, booleans, strings, null).
+    #[schema(value_type = Vec<Vec<Object>>)]
+    pub rows: Vec<serde_json::Value>,
+    /// Number of rows returned.
+    pub row_count: usize,
+    /// Whether rows past `sql_result_rows_max` were left out.
+    pub truncated: bool,
+}

@@ -298,6 +298,37 @@ impl Governance {
             .map(|_| ())
     }
 
+    /// Audits an access made by `actor` outside governance's own operations (a SQL query, a
+    /// login over the PostgreSQL protocol). Returns only once the record is durable.
+    pub async fn record_access(
+        &self,
+        actor: &Actor,
+        action: &str,
+        object: &str,
+        outcome: Outcome,
+        detail: String,
+        ctx: &CallContext,
+    ) -> Result<(), Error> {
+        let p = &actor.principal;
+        self.audit
+            .append(vec![AuditEvent {
+                principal: p.name.to_string(),
+                department: p
+                    .department
+                    .as_ref()
+                    .map(|d| d.to_string())
+                    .unwrap_or_default(),
+                action: action.into(),
+                object: object.into(),
+                outcome: Some(outcome),
+                purpose: String::new(),
+                detail,
+                request_id: ctx.request_id.clone(),
+            }])
+            .await
+            .map(|_| ())
+    }
+
     /// A principal by name, for audit records of failed authentication.
     pub fn principal_named(&self, name: &str) -> Option<Principal> {
         self.read().principals.get(name).cloned()

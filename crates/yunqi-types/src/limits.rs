@@ -22,6 +22,16 @@ pub struct Limits {
     pub title_bytes_max: usize,
     /// Most principals, departments or tokens returned by one list call.
     pub list_items_max: usize,
+    /// Most rows a SQL query returns over HTTP (the PostgreSQL protocol streams).
+    pub sql_result_rows_max: usize,
+    /// Longest a SQL query may run.
+    pub query_timeout_ms: u64,
+    /// Memory one SQL query may use for sorting, grouping and joining.
+    pub query_memory_bytes_max: usize,
+    /// Longest SQL text.
+    pub sql_text_bytes_max: usize,
+    /// Most PostgreSQL protocol connections at once.
+    pub pg_connections_max: usize,
     /// Longest time a request may take before it is cut with 503.
     pub request_timeout_ms: u64,
     /// Most requests handled at once; more wait in the kernel's accept queue.
@@ -40,6 +50,11 @@ impl Default for Limits {
             audit_preallocate_bytes: 4 << 20,
             title_bytes_max: 256,
             list_items_max: 10_000,
+            sql_result_rows_max: 100_000,
+            query_timeout_ms: 30_000,
+            query_memory_bytes_max: 512 << 20,
+            sql_text_bytes_max: 256 << 10,
+            pg_connections_max: 256,
             request_timeout_ms: 30_000,
             requests_in_flight_max: 1_024,
         }

@@ -184,9 +184,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let http = bind(&args.http, "HTTP").await?;
     let http_addr = http.local_addr()?;
-    let _ = &args.pg; // The PostgreSQL endpoint arrives with governed SQL.
+    let pg = bind(&args.pg, "PostgreSQL").await?;
+    let pg_addr = pg.local_addr()?;
     let endpoints = serde_json::json!({
         "http": format!("http://{http_addr}"),
+        "pg": pg_addr.to_string(),
         "pid": std::process::id(),
     });
     write_atomically(
@@ -208,6 +210,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     println!("  API         http://{http_addr}/api/v1/  (OpenAPI: /api/v1/openapi.json)");
     println!("  health      http://{http_addr}/healthz   metrics: http://{http_addr}/metrics");
+    println!(
+        "  PostgreSQL  psql \"postgresql://admin@{}:{}/yunqi\"  (password: a principal's token)",
+        pg_addr.ip(),
+        pg_addr.port()
+    );
     println!("  admin token {}", token_path.display());
     println!(
         "  try: export YUNQI_URL=http://{http_addr} YUNQI_TOKEN=$(cat {})",
@@ -216,8 +223,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     println!("ready");
     let _ = std::io::stdout().flush();
 
-    let state = yunqi_api::AppState::new(gov.clone(), limits);
-    yunqi_api::serve(http, yunqi_api::router(state), shutdown_signal()).await?;
+    let engine = Arc::new(yunqi_sql::SqlEngine::new(gov.clone(), limits.clone()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let pg_task = tokio::spawn(yunqi_pg::serve(
+        pg,
+        yunqi_pg::PgServer::new(gov.clone(), engine.clone()),
+        stopped(stop_rx.clone()),
+    ));
+    let state = yunqi_api::AppState::new(gov.clone(), engine, limits);
+    yunqi_api::serve(http, yunqi_api::router(state), stopped(stop_rx)).await?;
+    let _ = pg_task.await;
 
     let _ = gov
         .record_system("yunqi.stop", "graceful shutdown".into())

@@ -3,14 +3,17 @@
 
 use std::collections::HashMap;
 
-/// Layer of each workspace crate: types → storage → engines → api → binary.
+/// Layer of each workspace crate: types → storage → governance → engines → front ends →
+/// binary.
 const LAYERS: &[(&str, u8)] = &[
     ("yunqi-types", 0),
     ("yunqi-audit", 1),
     ("yunqi-store", 1),
     ("yunqi-governance", 2),
-    ("yunqi-api", 3),
-    ("yunqi", 4),
+    ("yunqi-sql", 3),
+    ("yunqi-api", 4),
+    ("yunqi-pg", 4),
+    ("yunqi", 5),
 ];
 
 #[test]

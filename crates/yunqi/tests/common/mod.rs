@@ -13,6 +13,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_yunqi");
 pub struct Server {
     pub child: Child,
     pub url: String,
+    /// `host:port` of the PostgreSQL endpoint.
+    pub pg: String,
     pub data: PathBuf,
     pub admin_token: String,
     agent: ureq::Agent,
@@ -70,9 +72,15 @@ impl Server {
             .expect("admin.token")
             .trim()
             .to_string();
+        let endpoints: Value = serde_json::from_str(
+            &std::fs::read_to_string(data.join("endpoints.json")).expect("endpoints.json"),
+        )
+        .unwrap();
+        let pg = endpoints["pg"].as_str().expect("pg endpoint").to_string();
         Server {
             child,
             url,
+            pg,
             data: data.to_path_buf(),
             admin_token,
             agent: agent(),

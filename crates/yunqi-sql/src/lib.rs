@@ -1,0 +1,449 @@
+//! The SQL engine: Apache DataFusion, in a session built for one principal that holds only the
+//! tables that principal may see, with only the rows it may see.
+//!
+//! Architecture invariant: a query can reach only what is registered in its session, and the
+//! session is built from governance's answers for the calling principal. There is no shared
+//! catalog a query could escape to. `information_schema` therefore lists only visible tables.
+//!
+//! Every query is audited (action `sql.query`, object the tables it read) before its result is
+//! returned; a refused or failed query is audited with its outcome. Queries are read-only:
+//! DDL, DML and session statements are refused by DataFusion's `SQLOptions`.
+//!
+//! Tables today: `system.departments`, `system.principals` (ID numbers masked but for the
+//! principal itself), `system.tokens` (never secrets). Datasets of departments join them as
+//! `department.dataset` schemas.
+#![deny(missing_docs)]
+
+pub mod convert;
+mod system;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::common::{DataFusionError, ParamValues, ScalarValue};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::logical_expr::{Cast, Expr, LogicalPlan, TryCast};
+use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
+use datafusion::sql::parser::Statement as DfStatement;
+use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+use yunqi_governance::{Actor, CallContext, Governance};
+use yunqi_types::{Error, ErrorCode, Limits, Outcome, suggest};
+
+/// The catalog every session uses; SQL names are `schema.table` inside it.
+pub const CATALOG: &str = "yunqi";
+
+/// A planned statement, ready to run (possibly after binding parameters).
+#[derive(Debug, Clone)]
+pub struct Planned {
+    /// The SQL text.
+    pub sql: String,
+    /// The plan, built in the principal's session.
+    pub plan: LogicalPlan,
+    /// Tables the plan reads, `schema.table`.
+    pub tables: Vec<String>,
+}
+
+impl Planned {
+    /// The result's schema.
+    pub fn schema(&self) -> SchemaRef {
+        Arc::new(self.plan.schema().as_arrow().clone())
+    }
+
+    /// Types of the placeholders `$1`, `$2`, … in order; `None` where DataFusion cannot infer one.
+    pub fn parameter_types(&self) -> Result<Vec<Option<DataType>>, Error> {
+        let types = self
+            .plan
+            .get_parameter_types()
+            .map_err(|e| map_error(e, &[]))?;
+        let index = |name: &str, len: usize| {
+            name.strip_prefix('$')
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|i| (1..=len).contains(i))
+        };
+        let mut out = vec![None; types.len()];
+        for (name, t) in types {
+            if let Some(i) = index(&name, out.len()) {
+                out[i - 1] = t;
+            }
+        }
+        // `$1::BIGINT`: DataFusion leaves the placeholder untyped; the cast says what it is.
+        let _ =
+            self.plan.apply_with_subqueries(|node| {
+                node.apply_expressions(|expr| {
+                    expr.apply(|e| {
+                        if let Expr::Cast(Cast { expr, field })
+                        | Expr::TryCast(TryCast { expr, field }) = e
+                            && let Expr::Placeholder(p) = expr.as_ref()
+                            && let Some(i) = index(&p.id, out.len())
+                            && out[i - 1].is_none()
+                        {
+                            out[i - 1] = Some(field.data_type().clone());
+                        }
+                        Ok(TreeNodeRecursion::Continue)
+                    })
+                })
+            });
+        Ok(out)
+    }
+}
+
+/// What a statement is, before planning: most are queries; a few session statements that
+/// PostgreSQL clients send on their own are accepted and change nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StatementKind {
+    /// A query, to plan and run.
+    Query(String),
+    /// `SET …`, `RESET …`, `DISCARD …`: acknowledged with this tag, no effect.
+    Session(&'static str),
+    /// `BEGIN` / `START TRANSACTION`: read-only queries need no transaction; acknowledged.
+    Begin,
+    /// `COMMIT`, `ROLLBACK`, `END`: acknowledged.
+    End(&'static str),
+}
+
+/// A query's result.
+#[derive(Debug, Clone)]
+pub struct QueryResult {
+    /// Column names and types.
+    pub schema: SchemaRef,
+    /// The rows.
+    pub batches: Vec<RecordBatch>,
+    /// Whether rows past `sql_result_rows_max` were left out.
+    pub truncated: bool,
+}
+
+/// The engine. Cheap to share behind an `Arc`.
+pub struct SqlEngine {
+    gov: Arc<Governance>,
+    limits: Limits,
+}
+
+impl SqlEngine {
+    /// An engine over what governance knows.
+    pub fn new(gov: Arc<Governance>, limits: Limits) -> Self {
+        SqlEngine { gov, limits }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Splits SQL text into statements and sorts them.
+    pub fn split(&self, sql: &str) -> Result<Vec<StatementKind>, Error> {
+        if sql.len() > self.limits.sql_text_bytes_max {
+            return Err(Error::limit(
+                "sql_text_bytes_max",
+                self.limits.sql_text_bytes_max as u64,
+                "SQL text is too long",
+            )
+            .hint("send a shorter statement"));
+        }
+        let statements =
+            datafusion::sql::parser::DFParser::parse_sql_with_dialect(sql, &PostgreSqlDialect {})
+                .map_err(|e| syntax_error(&e.to_string()))?;
+        Ok(statements
+            .into_iter()
+            .map(|s| {
+                use datafusion::sql::sqlparser::ast::Statement as S;
+                match &s {
+                    DfStatement::Statement(inner) => match inner.as_ref() {
+                        S::Set(_) => StatementKind::Session("SET"),
+                        S::Discard { .. } => StatementKind::Session("DISCARD ALL"),
+                        S::StartTransaction { .. } => StatementKind::Begin,
+                        S::Commit { .. } => StatementKind::End("COMMIT"),
+                        S::Rollback { .. } => StatementKind::End("ROLLBACK"),
+                        _ => StatementKind::Query(s.to_string()),
+                    },
+                    _ => StatementKind::Query(s.to_string()),
+                }
+            })
+            .collect())
+    }
+
+    /// A session holding what `actor` may see.
+    fn session(&self, actor: &Actor) -> Result<SessionContext, Error> {
+        let config = SessionConfig::new()
+            .with_default_catalog_and_schema(CATALOG, "system")
+            .with_information_schema(true);
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_limit(self.limits.query_memory_bytes_max, 1.0)
+            .build_arc()
+            .map_err(|e| Error::internal(format!("cannot set up the query runtime: {e}")))?;
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        system::register(&ctx, &self.gov, actor)?;
+        Ok(ctx)
+    }
+
+    /// Plans one query for `actor`. Refused and invalid queries are audited.
+    pub async fn plan(
+        &self,
+        actor: &Actor,
+        sql: &str,
+        call: &CallContext,
+    ) -> Result<Planned, Error> {
+        let result = self.plan_inner(actor, sql).await;
+        if let Err(e) = &result {
+            self.audit(actor, sql, &[], outcome_of(e), &e.message, call)
+                .await?;
+        }
+        result
+    }
+
+    async fn plan_inner(&self, actor: &Actor, sql: &str) -> Result<Planned, Error> {
+        let ctx = self.session(actor)?;
+        let visible = visible_tables(&ctx);
+        let state = ctx.state();
+        let statement = state
+            .sql_to_statement(sql, &datafusion::config::Dialect::PostgreSQL)
+            .map_err(|e| map_error(e, &visible))?;
+        let plan = state
+            .statement_to_plan(statement)
+            .await
+            .map_err(|e| map_error(e, &visible))?;
+        SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false)
+            .verify_plan(&plan)
+            .map_err(|e| {
+                Error::new(ErrorCode::PermissionDenied, "only queries may run here")
+                    .detail(e.strip_backtrace().to_string())
+                    .hint("yunqi SQL reads data; it does not create, change or drop tables")
+            })?;
+        let mut tables = Vec::new();
+        let _ = plan.apply(|node| {
+            if let LogicalPlan::TableScan(scan) = node {
+                tables.push(scan.table_name.to_string());
+            }
+            Ok(TreeNodeRecursion::Continue)
+        });
+        tables.sort();
+        tables.dedup();
+        Ok(Planned {
+            sql: sql.to_string(),
+            plan,
+            tables,
+        })
+    }
+
+    /// Runs a planned query with parameter values, audits it, and returns at most `rows_max`
+    /// rows (`None`: all).
+    pub async fn execute(
+        &self,
+        actor: &Actor,
+        planned: &Planned,
+        params: Vec<ScalarValue>,
+        rows_max: Option<usize>,
+        call: &CallContext,
+    ) -> Result<QueryResult, Error> {
+        let result = self.execute_inner(actor, planned, params, rows_max).await;
+        let (outcome, detail) = match &result {
+            Ok(r) => (
+                Outcome::Ok,
+                format!(
+                    "{} rows{}",
+                    r.batches.iter().map(RecordBatch::num_rows).sum::<usize>(),
+                    if r.truncated { ", truncated" } else { "" }
+                ),
+            ),
+            Err(e) => (outcome_of(e), e.message.clone()),
+        };
+        self.audit(actor, &planned.sql, &planned.tables, outcome, &detail, call)
+            .await?;
+        result
+    }
+
+    async fn execute_inner(
+        &self,
+        actor: &Actor,
+        planned: &Planned,
+        params: Vec<ScalarValue>,
+        rows_max: Option<usize>,
+    ) -> Result<QueryResult, Error> {
+        let ctx = self.session(actor)?;
+        let mut plan = planned.plan.clone();
+        if !params.is_empty() {
+            plan = plan
+                .with_param_values(ParamValues::List(
+                    params.into_iter().map(Into::into).collect(),
+                ))
+                .map_err(|e| map_error(e, &[]))?;
+        }
+        let schema = planned.schema();
+        let timeout = Duration::from_millis(self.limits.query_timeout_ms);
+        let run = async {
+            let df = ctx.execute_logical_plan(plan).await?;
+            df.collect().await
+        };
+        let batches = match tokio::time::timeout(timeout, run).await {
+            Ok(r) => r.map_err(|e| map_error(e, &[]))?,
+            Err(_) => {
+                return Err(Error::limit(
+                    "query_timeout_ms",
+                    self.limits.query_timeout_ms,
+                    "query took too long",
+                )
+                .hint("narrow the query with WHERE or LIMIT"));
+            }
+        };
+        let (batches, truncated) = match rows_max {
+            Some(max) => truncate(batches, max),
+            None => (batches, false),
+        };
+        Ok(QueryResult {
+            schema,
+            batches,
+            truncated,
+        })
+    }
+
+    /// Plans and runs one SQL text of one query, for the HTTP API.
+    pub async fn query(
+        &self,
+        actor: &Actor,
+        sql: &str,
+        call: &CallContext,
+    ) -> Result<QueryResult, Error> {
+        let statements = self.split(sql)?;
+        let query = match statements.as_slice() {
+            [StatementKind::Query(q)] => q.clone(),
+            [] => {
+                return Err(Error::invalid("the SQL text is empty")
+                    .hint("send a query, e.g. SELECT * FROM system.departments"));
+            }
+            [_] => {
+                return Err(Error::invalid("only queries may run over HTTP")
+                    .hint("send a SELECT; session statements (SET, BEGIN) have no effect here"));
+            }
+            _ => {
+                return Err(Error::invalid(format!(
+                    "the SQL text holds {} statements",
+                    statements.len()
+                ))
+                .hint("send one query per request"));
+            }
+        };
+        let planned = self.plan(actor, &query, call).await?;
+        self.execute(
+            actor,
+            &planned,
+            Vec::new(),
+            Some(self.limits.sql_result_rows_max),
+            call,
+        )
+        .await
+    }
+
+    async fn audit(
+        &self,
+        actor: &Actor,
+        sql: &str,
+        tables: &[String],
+        outcome: Outcome,
+        detail: &str,
+        call: &CallContext,
+    ) -> Result<(), Error> {
+        let object = if tables.is_empty() {
+            "sql".to_string()
+        } else {
+            format!("table:{}", tables.join(","))
+        };
+        let mut text: String = sql.chars().take(512).collect();
+        if text.len() < sql.len() {
+            text.push('…');
+        }
+        self.gov
+            .record_access(
+                actor,
+                "sql.query",
+                &object,
+                outcome,
+                format!("{detail}: {text}"),
+                call,
+            )
+            .await
+    }
+}
+
+fn outcome_of(e: &Error) -> Outcome {
+    match e.code {
+        ErrorCode::PermissionDenied | ErrorCode::Unauthenticated => Outcome::Denied,
+        _ => Outcome::Failed,
+    }
+}
+
+fn truncate(batches: Vec<RecordBatch>, max: usize) -> (Vec<RecordBatch>, bool) {
+    let mut out = Vec::new();
+    let mut left = max;
+    let mut truncated = false;
+    for b in batches {
+        if left == 0 {
+            truncated |= b.num_rows() > 0;
+            continue;
+        }
+        if b.num_rows() > left {
+            out.push(b.slice(0, left));
+            left = 0;
+            truncated = true;
+        } else {
+            left -= b.num_rows();
+            out.push(b);
+        }
+    }
+    (out, truncated)
+}
+
+/// `schema.table` of every table registered in a session.
+fn visible_tables(ctx: &SessionContext) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(catalog) = ctx.catalog(CATALOG) {
+        for schema in catalog.schema_names() {
+            if schema == "information_schema" {
+                continue;
+            }
+            if let Some(s) = catalog.schema(&schema) {
+                out.extend(s.table_names().into_iter().map(|t| format!("{schema}.{t}")));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn syntax_error(message: &str) -> Error {
+    Error::invalid(format!("syntax error: {}", message.trim_start_matches("sql parser error: ")))
+        .hint("yunqi speaks PostgreSQL-flavoured SQL (Apache DataFusion); check the statement near the position given")
+}
+
+/// Turns a DataFusion error into an error people can act on.
+pub fn map_error(e: DataFusionError, visible: &[String]) -> Error {
+    let root = e.find_root().strip_backtrace();
+    match e.find_root() {
+        DataFusionError::SQL(..) => syntax_error(&root),
+        DataFusionError::ResourcesExhausted(_) => {
+            Error::new(ErrorCode::LimitExceeded, "query needs more memory than it may use")
+                .detail(root)
+                .hint("aggregate or filter more, or ask for fewer columns; the limit is query_memory_bytes_max")
+        }
+        DataFusionError::Plan(msg) if msg.starts_with("table '") && msg.ends_with("' not found") => {
+            let full = &msg["table '".len()..msg.len() - "' not found".len()];
+            let name = full.strip_prefix("yunqi.").unwrap_or(full);
+            let e = Error::not_found("table", name);
+            match suggest::did_you_mean(name, visible.iter().map(String::as_str)) {
+                Some(s) => e.hint(format!("did you mean \"{s}\"?")),
+                None => e.hint("tables you may read: SELECT table_schema, table_name FROM information_schema.tables"),
+            }
+        }
+        DataFusionError::Plan(_) | DataFusionError::SchemaError(..) | DataFusionError::Execution(_) | DataFusionError::ArrowError(..) => {
+            Error::invalid(root).hint("check the names and types in the query")
+        }
+        DataFusionError::NotImplemented(_) => {
+            Error::invalid(format!("not supported: {root}")).hint("rewrite the query without this construct")
+        }
+        _ => Error::internal(format!("query failed: {root}")),
+    }
+}

@@ -1,0 +1,155 @@
+//! The `system` schema: departments, principals and tokens, as the calling principal may see
+//! them (the same answers as the HTTP API, from the same governance calls).
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    ArrayRef, BooleanArray, RecordBatch, StringArray, TimestampMicrosecondArray,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use datafusion::catalog::MemTable;
+use datafusion::prelude::SessionContext;
+use yunqi_governance::{Actor, Governance};
+use yunqi_types::{Error, mask};
+
+fn text(name: &str, nullable: bool) -> Field {
+    Field::new(name, DataType::Utf8, nullable)
+}
+
+fn time(name: &str, nullable: bool) -> Field {
+    Field::new(
+        name,
+        DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+        nullable,
+    )
+}
+
+fn table(
+    ctx: &SessionContext,
+    name: &str,
+    fields: Vec<Field>,
+    columns: Vec<ArrayRef>,
+) -> Result<(), Error> {
+    let schema = Arc::new(Schema::new(fields));
+    let batch = RecordBatch::try_new(schema.clone(), columns)
+        .map_err(|e| Error::internal(format!("cannot build system.{name}: {e}")))?;
+    let mem = MemTable::try_new(schema, vec![vec![batch]])
+        .map_err(|e| Error::internal(format!("cannot build system.{name}: {e}")))?;
+    ctx.register_table(format!("system.{name}"), Arc::new(mem))
+        .map_err(|e| Error::internal(format!("cannot register system.{name}: {e}")))?;
+    Ok(())
+}
+
+fn times(values: impl Iterator<Item = Option<i64>>) -> ArrayRef {
+    Arc::new(TimestampMicrosecondArray::from(values.collect::<Vec<_>>()).with_timezone("UTC"))
+}
+
+/// Registers the `system` tables for `actor`.
+pub fn register(ctx: &SessionContext, gov: &Governance, actor: &Actor) -> Result<(), Error> {
+    let departments = gov.list_departments(actor)?;
+    table(
+        ctx,
+        "departments",
+        vec![
+            text("name", false),
+            text("title", false),
+            time("created_at", false),
+        ],
+        vec![
+            Arc::new(StringArray::from_iter_values(
+                departments.iter().map(|d| d.name.as_str()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                departments.iter().map(|d| d.title.as_str()),
+            )),
+            times(
+                departments
+                    .iter()
+                    .map(|d| Some(d.created_at.timestamp_micros())),
+            ),
+        ],
+    )?;
+
+    let principals = gov.list_principals(actor, None)?;
+    let me = &actor.principal.name;
+    table(
+        ctx,
+        "principals",
+        vec![
+            text("name", false),
+            text("role", false),
+            text("department", true),
+            text("id_number", true),
+            text("display_name", false),
+            time("created_at", false),
+        ],
+        vec![
+            Arc::new(StringArray::from_iter_values(
+                principals.iter().map(|p| p.name.as_str()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                principals.iter().map(|p| p.role.as_str()),
+            )),
+            Arc::new(StringArray::from_iter(
+                principals
+                    .iter()
+                    .map(|p| p.department.as_ref().map(|d| d.as_str())),
+            )),
+            Arc::new(StringArray::from_iter(principals.iter().map(|p| {
+                p.id_number.as_ref().map(|id| {
+                    if &p.name == me {
+                        id.to_string()
+                    } else {
+                        mask::national_id(id.as_str())
+                    }
+                })
+            }))),
+            Arc::new(StringArray::from_iter_values(
+                principals.iter().map(|p| p.display_name.as_str()),
+            )),
+            times(
+                principals
+                    .iter()
+                    .map(|p| Some(p.created_at.timestamp_micros())),
+            ),
+        ],
+    )?;
+
+    let tokens = gov.list_tokens(actor, None)?;
+    let now = gov.now();
+    table(
+        ctx,
+        "tokens",
+        vec![
+            text("id", false),
+            text("principal", false),
+            time("created_at", false),
+            time("expires_at", true),
+            time("revoked_at", true),
+            Field::new("active", DataType::Boolean, false),
+        ],
+        vec![
+            Arc::new(StringArray::from_iter_values(
+                tokens.iter().map(|t| t.id.as_str()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                tokens.iter().map(|t| t.principal.as_str()),
+            )),
+            times(tokens.iter().map(|t| Some(t.created_at.timestamp_micros()))),
+            times(
+                tokens
+                    .iter()
+                    .map(|t| t.expires_at.map(|x| x.timestamp_micros())),
+            ),
+            times(
+                tokens
+                    .iter()
+                    .map(|t| t.revoked_at.map(|x| x.timestamp_micros())),
+            ),
+            Arc::new(BooleanArray::from(
+                tokens.iter().map(|t| t.is_active(now)).collect::<Vec<_>>(),
+            )),
+        ],
+    )?;
+    Ok(())
+}
