@@ -405,3 +405,30 @@ async fn large_segments_are_walked_in_two_halves_and_still_name_the_first_bad_re
     std::fs::write(&seg, &buf).unwrap();
     assert!(verify(dir.path(), 2).unwrap().ok());
 }
+
+#[test]
+fn fields_over_the_limit_are_cut_at_a_character_boundary() {
+    let limits = Limits {
+        audit_field_bytes_max: 10,
+        ..Limits::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let chain = open(dir.path(), &limits);
+    let mut e = event(1);
+    e.detail = "审计审计审计".into(); // 18 bytes: cut to 9 (three characters), not 10
+    e.object = "x".repeat(100);
+    chain.append_blocking(e).unwrap();
+    chain.shutdown_blocking();
+    let page = yunqi_audit::query::query(
+        dir.path(),
+        1,
+        &AuditQuery {
+            limit: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(page.records[0].detail, "审计审");
+    assert_eq!(page.records[0].object, "x".repeat(10));
+    assert!(verify(dir.path(), 1).unwrap().ok());
+}

@@ -70,10 +70,9 @@ impl Planned {
             }
         }
         // `$1::BIGINT`: DataFusion leaves the placeholder untyped; the cast says what it is.
-        let _ =
-            self.plan.apply_with_subqueries(|node| {
-                node.apply_expressions(|expr| {
-                    expr.apply(|e| {
+        let _ = self.plan.apply_with_subqueries(|node| {
+            node.apply_expressions(|expr| {
+                expr.apply(|e| {
                         if let Expr::Cast(Cast { expr, field })
                         | Expr::TryCast(TryCast { expr, field }) = e
                             && let Expr::Placeholder(p) = expr.as_ref()
@@ -84,8 +83,8 @@ impl Planned {
                         }
                         Ok(TreeNodeRecursion::Continue)
                     })
-                })
-            });
+            })
+        });
         Ok(out)
     }
 }
