@@ -4,6 +4,7 @@
 #![deny(missing_docs)]
 
 pub mod audit;
+pub mod classify;
 pub mod clock;
 pub mod error;
 pub mod identity;
@@ -13,6 +14,7 @@ pub mod name;
 pub mod suggest;
 
 pub use audit::{AuditEvent, Outcome};
+pub use classify::{ColumnClass, Detected};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, ErrorCode, Result};
 pub use identity::{Department, NationalId, Principal, Role, TokenInfo};

@@ -11,6 +11,71 @@ pub fn national_id(value: &str) -> String {
     format!("{head}{}{tail}", "*".repeat(chars.len() - 10))
 }
 
+/// Keeps `head` characters and `tail` characters, stars in between.
+fn keep(value: &str, head: usize, tail: usize) -> String {
+    let chars: Vec<char> = value.chars().collect();
+    if chars.len() <= head + tail {
+        return "*".repeat(chars.len());
+    }
+    let mut out: String = chars[..head].iter().collect();
+    out.push_str(&"*".repeat(chars.len() - head - tail));
+    out.extend(&chars[chars.len() - tail..]);
+    out
+}
+
+/// A mobile number with the middle four digits hidden: `138****5678`.
+pub fn mobile(value: &str) -> String {
+    keep(value, 3, 4)
+}
+
+/// A plate with the middle hidden: `浙A***45`.
+pub fn plate(value: &str) -> String {
+    keep(value, 2, 2)
+}
+
+/// A bank card with all but the first six and last four digits hidden.
+pub fn bank_card(value: &str) -> String {
+    keep(value, 6, 4)
+}
+
+/// An e-mail address with the local part hidden but its first character: `w***@example.com`.
+pub fn email(value: &str) -> String {
+    match value.split_once('@') {
+        Some((local, domain)) => format!("{}***@{domain}", local.chars().next().unwrap_or('*')),
+        None => "***".into(),
+    }
+}
+
+/// A person's name with all but the family name hidden: `张*`, `欧阳**`.
+pub fn person_name(value: &str) -> String {
+    let chars: Vec<char> = value.chars().collect();
+    match chars.len() {
+        0 => String::new(),
+        1 => "*".into(),
+        2 | 3 => format!("{}{}", chars[0], "*".repeat(chars.len() - 1)),
+        n => format!("{}{}{}", chars[0], chars[1], "*".repeat(n - 2)),
+    }
+}
+
+/// Any other value: fully hidden, keeping only its length class.
+pub fn other(value: &str) -> String {
+    "*".repeat(value.chars().count().clamp(1, 8))
+}
+
+/// The mask for a value of a detected kind.
+pub fn by_kind(kind: Option<crate::Detected>, value: &str) -> String {
+    use crate::Detected as D;
+    match kind {
+        Some(D::IdNumber) => national_id(value),
+        Some(D::Mobile) => mobile(value),
+        Some(D::Plate) => plate(value),
+        Some(D::BankCard) => bank_card(value),
+        Some(D::Email) => email(value),
+        Some(D::PersonName) => person_name(value),
+        Some(D::CreditCode) | None => other(value),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -20,5 +85,15 @@ mod tests {
             "110105********002X"
         );
         assert_eq!(super::national_id("123"), "***");
+    }
+
+    #[test]
+    fn masks_of_each_kind() {
+        assert_eq!(super::mobile("13812345678"), "138****5678");
+        assert_eq!(super::plate("浙A12345"), "浙A***45");
+        assert_eq!(super::bank_card("6222021234567890123"), "622202*********0123");
+        assert_eq!(super::email("wang@hz.gov.cn"), "w***@hz.gov.cn");
+        assert_eq!(super::person_name("张三"), "张*");
+        assert_eq!(super::person_name("欧阳娜娜"), "欧阳**");
     }
 }

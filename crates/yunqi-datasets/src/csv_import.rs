@@ -1,0 +1,397 @@
+//! CSV to Arrow with validation. Every row either goes whole into the batch or is rejected
+//! with its line number, column and reason; nothing is dropped silently.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use datafusion::arrow::array::{
+    ArrayRef, BooleanBuilder, Date32Builder, Float64Builder, Int64Builder, RecordBatch,
+    StringBuilder, TimestampMicrosecondBuilder,
+};
+use yunqi_types::{Error, classify};
+
+use crate::schema::{Column, ColumnType, column_name};
+
+/// Rows sampled per column to suggest its class.
+pub const SAMPLE_ROWS: usize = 1000;
+
+/// A rejected row.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Reject {
+    /// Line of the file where the row starts (1-based).
+    pub line: u64,
+    /// The column at fault, if one is.
+    pub column: Option<String>,
+    /// Why.
+    pub reason: String,
+    /// The row as it was (truncated to 1 KiB).
+    pub raw: String,
+}
+
+/// What parsing produced.
+#[derive(Debug)]
+pub struct Parsed {
+    /// The good rows.
+    pub batch: RecordBatch,
+    /// The rejected rows.
+    pub rejects: Vec<Reject>,
+    /// Up to [`SAMPLE_ROWS`] non-empty values per column, for classification.
+    pub samples: Vec<Vec<String>>,
+    /// Whether the first row was a header.
+    pub header: bool,
+    /// The delimiter used.
+    pub delimiter: u8,
+}
+
+/// Decodes file bytes: UTF-8 (a BOM is skipped), else GB18030 (a superset of GBK and GB2312).
+pub fn decode(bytes: &[u8]) -> Result<(Cow<'_, str>, &'static str), Error> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    if let Ok(s) = std::str::from_utf8(bytes) {
+        return Ok((Cow::Borrowed(s), "UTF-8"));
+    }
+    let (text, _, had_errors) = encoding_rs::GB18030.decode(bytes);
+    if had_errors {
+        let bad = std::str::from_utf8(bytes).unwrap_err().valid_up_to();
+        let line = bytes[..bad].iter().filter(|b| **b == b'\n').count() + 1;
+        return Err(Error::invalid("file is neither UTF-8 nor GBK/GB18030 text")
+            .detail(format!("the first byte that is not UTF-8 is on line {line}, and GB18030 cannot read the file either"))
+            .hint("save the file as UTF-8 (or GBK) text"));
+    }
+    Ok((text, "GB18030"))
+}
+
+/// Picks the delimiter (`,` tab `;` `|`) that splits the first lines into the same number of
+/// fields, most fields first.
+pub fn detect_delimiter(text: &str) -> u8 {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).take(20).collect();
+    let mut best = (b',', 0usize);
+    for d in [b',', b'\t', b';', b'|'] {
+        let counts: Vec<usize> = lines.iter().map(|l| l.bytes().filter(|b| *b == d).count()).collect();
+        if let Some(&first) = counts.first()
+            && first > 0
+            && counts.iter().all(|c| *c == first)
+            && first > best.1
+        {
+            best = (d, first);
+        }
+    }
+    best.0
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Cell<'a> {
+    Null,
+    Text(&'a str),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Date(i32),
+    Timestamp(i64),
+}
+
+fn parse_date(s: &str) -> Option<NaiveDate> {
+    NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .or_else(|_| NaiveDate::parse_from_str(s, "%Y/%m/%d"))
+        .ok()
+}
+
+fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Some(t.with_timezone(&Utc));
+    }
+    ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y/%m/%d %H:%M:%S"]
+        .iter()
+        .find_map(|f| NaiveDateTime::parse_from_str(s, f).ok())
+        .map(|t| t.and_utc())
+}
+
+fn parse_bool(s: &str) -> Option<bool> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "t" | "yes" | "y" | "1" | "是" => Some(true),
+        "false" | "f" | "no" | "n" | "0" | "否" => Some(false),
+        _ => None,
+    }
+}
+
+const EPOCH: NaiveDate = NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid date");
+
+fn parse_cell<'a>(raw: &'a str, t: ColumnType) -> Result<Cell<'a>, String> {
+    let v = raw.trim();
+    if v.is_empty() {
+        return Ok(Cell::Null);
+    }
+    match t {
+        ColumnType::Text => Ok(Cell::Text(raw)),
+        ColumnType::Int => v.parse::<i64>().map(Cell::Int).map_err(|_| format!("\"{}\" is not an integer", short(v))),
+        ColumnType::Float => v.parse::<f64>().map(Cell::Float).map_err(|_| format!("\"{}\" is not a number", short(v))),
+        ColumnType::Bool => parse_bool(v).map(Cell::Bool).ok_or_else(|| format!("\"{}\" is not true or false", short(v))),
+        ColumnType::Date => parse_date(v)
+            .map(|d| Cell::Date((d - EPOCH).num_days() as i32))
+            .ok_or_else(|| format!("\"{}\" is not a date (YYYY-MM-DD)", short(v))),
+        ColumnType::Timestamp => parse_timestamp(v)
+            .map(|t| Cell::Timestamp(t.timestamp_micros()))
+            .ok_or_else(|| format!("\"{}\" is not a time (RFC 3339, e.g. 2026-11-26T08:00:00+08:00)", short(v))),
+    }
+}
+
+fn short(s: &str) -> String {
+    let mut out: String = s.chars().take(40).collect();
+    if out.len() < s.len() {
+        out.push('…');
+    }
+    out
+}
+
+/// The narrowest type all sampled values fit.
+fn infer_type<'a>(values: impl Iterator<Item = &'a str> + Clone) -> ColumnType {
+    let non_empty = values.filter(|v| !v.trim().is_empty());
+    if non_empty.clone().next().is_none() {
+        return ColumnType::Text;
+    }
+    for t in [ColumnType::Int, ColumnType::Float, ColumnType::Bool, ColumnType::Date, ColumnType::Timestamp] {
+        // Leading zeros (ID numbers, codes) stay text.
+        if t == ColumnType::Int && non_empty.clone().any(|v| v.trim().len() > 1 && v.trim().starts_with('0')) {
+            continue;
+        }
+        if t == ColumnType::Int && non_empty.clone().any(|v| v.trim().len() > 15) {
+            continue;
+        }
+        if non_empty.clone().all(|v| parse_cell(v, t).is_ok()) {
+            return t;
+        }
+    }
+    ColumnType::Text
+}
+
+fn reader(text: &str, delimiter: u8) -> csv::Reader<&[u8]> {
+    csv::ReaderBuilder::new()
+        .delimiter(delimiter)
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(text.as_bytes())
+}
+
+/// Columns for a file that creates a dataset: names from the header, types from the first
+/// rows, classes from the detectors.
+pub fn infer_columns(text: &str, delimiter: u8) -> Result<Vec<Column>, Error> {
+    let mut rows = reader(text, delimiter).into_records();
+    let header = match rows.next() {
+        Some(Ok(h)) => h,
+        Some(Err(e)) => return Err(Error::invalid(format!("the header cannot be read: {e}"))),
+        None => return Err(Error::invalid("the file is empty").hint("send a CSV file with a header row")),
+    };
+    let sample: Vec<csv::StringRecord> = rows.take(SAMPLE_ROWS).filter_map(Result::ok).collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut columns = Vec::new();
+    for (i, h) in header.iter().enumerate() {
+        let (name, label) = column_name(h, i);
+        if !seen.insert(name.clone()) {
+            return Err(Error::invalid(format!("column \"{name}\" appears twice in the header"))
+                .hint("give every column a different name"));
+        }
+        let values = sample.iter().filter_map(|r| r.get(i));
+        let suggestion = classify::suggest(h, values.clone());
+        // Phone, card and ID numbers are identifiers, not quantities: they stay text.
+        let column_type = match suggestion.detected {
+            Some(_) => ColumnType::Text,
+            None => infer_type(values),
+        };
+        columns.push(Column {
+            name,
+            label,
+            column_type,
+            class: suggestion.class,
+            class_declared: false,
+            detected: suggestion.detected,
+        });
+    }
+    Ok(columns)
+}
+
+enum Builder {
+    Text(StringBuilder),
+    Int(Int64Builder),
+    Float(Float64Builder),
+    Bool(BooleanBuilder),
+    Date(Date32Builder),
+    Timestamp(TimestampMicrosecondBuilder),
+}
+
+impl Builder {
+    fn new(t: ColumnType) -> Builder {
+        match t {
+            ColumnType::Text => Builder::Text(StringBuilder::new()),
+            ColumnType::Int => Builder::Int(Int64Builder::new()),
+            ColumnType::Float => Builder::Float(Float64Builder::new()),
+            ColumnType::Bool => Builder::Bool(BooleanBuilder::new()),
+            ColumnType::Date => Builder::Date(Date32Builder::new()),
+            ColumnType::Timestamp => Builder::Timestamp(TimestampMicrosecondBuilder::new().with_timezone("UTC")),
+        }
+    }
+
+    fn append(&mut self, cell: Cell<'_>) {
+        match (self, cell) {
+            (Builder::Text(b), Cell::Text(v)) => b.append_value(v),
+            (Builder::Int(b), Cell::Int(v)) => b.append_value(v),
+            (Builder::Float(b), Cell::Float(v)) => b.append_value(v),
+            (Builder::Bool(b), Cell::Bool(v)) => b.append_value(v),
+            (Builder::Date(b), Cell::Date(v)) => b.append_value(v),
+            (Builder::Timestamp(b), Cell::Timestamp(v)) => b.append_value(v),
+            (Builder::Text(b), _) => b.append_null(),
+            (Builder::Int(b), _) => b.append_null(),
+            (Builder::Float(b), _) => b.append_null(),
+            (Builder::Bool(b), _) => b.append_null(),
+            (Builder::Date(b), _) => b.append_null(),
+            (Builder::Timestamp(b), _) => b.append_null(),
+        }
+    }
+
+    fn finish(self) -> ArrayRef {
+        match self {
+            Builder::Text(mut b) => Arc::new(b.finish()),
+            Builder::Int(mut b) => Arc::new(b.finish()),
+            Builder::Float(mut b) => Arc::new(b.finish()),
+            Builder::Bool(mut b) => Arc::new(b.finish()),
+            Builder::Date(mut b) => Arc::new(b.finish()),
+            Builder::Timestamp(mut b) => Arc::new(b.finish()),
+        }
+    }
+}
+
+/// Parses `text` into rows of `columns`. A first row naming the columns (by name or label, in
+/// any order) is a header and maps fields to columns; otherwise fields are positional.
+pub fn parse(text: &str, delimiter: u8, columns: &[Column], header: Option<bool>) -> Result<Parsed, Error> {
+    let mut records = reader(text, delimiter).into_records().peekable();
+    // Field i of each row goes to column mapping[i].
+    let mut mapping: Vec<usize> = (0..columns.len()).collect();
+    let first_is_header = match records.peek() {
+        Some(Ok(first)) => {
+            let names: Vec<Option<usize>> = first
+                .iter()
+                .map(|f| {
+                    let f = f.trim();
+                    columns.iter().position(|c| c.name == f || c.label.as_deref() == Some(f))
+                })
+                .collect();
+            let looks_like_header = names.iter().all(Option::is_some) && names.len() == columns.len();
+            match header {
+                Some(false) => false,
+                Some(true) | None if looks_like_header => {
+                    mapping = names.into_iter().map(|n| n.expect("all named")).collect();
+                    true
+                }
+                Some(true) => {
+                    let missing: Vec<&str> = columns
+                        .iter()
+                        .filter(|c| !first.iter().any(|f| f.trim() == c.name || Some(f.trim()) == c.label.as_deref()))
+                        .map(|c| c.name.as_str())
+                        .collect();
+                    return Err(Error::invalid("the header does not match the dataset's columns")
+                        .detail(format!("missing or misnamed: {}", missing.join(", ")))
+                        .hint("name each column of the dataset once in the header, or import without --header"));
+                }
+                None => false,
+            }
+        }
+        _ => false,
+    };
+    if first_is_header {
+        records.next();
+    }
+    let mut builders: Vec<Builder> = columns.iter().map(|c| Builder::new(c.column_type)).collect();
+    let mut samples: Vec<Vec<String>> = vec![Vec::new(); columns.len()];
+    let mut rejects = Vec::new();
+    let mut cells: Vec<Cell<'_>> = Vec::with_capacity(columns.len());
+    let mut rows = 0usize;
+    let mut owned: Vec<csv::StringRecord> = Vec::new();
+    for record in records {
+        match record {
+            Ok(r) => owned.push(r),
+            Err(e) => {
+                let line = e.position().map_or(0, |p| p.line());
+                rejects.push(Reject { line, column: None, reason: format!("cannot be read: {e}"), raw: String::new() });
+            }
+        }
+    }
+    'rows: for record in &owned {
+        let line = record.position().map_or(0, |p| p.line());
+        let raw = || {
+            let joined = record.iter().collect::<Vec<_>>().join(std::str::from_utf8(&[delimiter]).unwrap_or(","));
+            short_bytes(&joined, 1024)
+        };
+        if record.len() == 1 && record.get(0).is_some_and(|f| f.trim().is_empty()) {
+            continue;
+        }
+        if record.len() != columns.len() {
+            rejects.push(Reject {
+                line,
+                column: None,
+                reason: format!("expected {} fields, found {}", columns.len(), record.len()),
+                raw: raw(),
+            });
+            continue;
+        }
+        cells.clear();
+        cells.resize(columns.len(), Cell::Null);
+        for (i, field) in record.iter().enumerate() {
+            let c = mapping[i];
+            match parse_cell(field, columns[c].column_type) {
+                Ok(cell) => cells[c] = cell,
+                Err(reason) => {
+                    rejects.push(Reject { line, column: Some(columns[c].name.clone()), reason, raw: raw() });
+                    continue 'rows;
+                }
+            }
+        }
+        for (c, cell) in cells.iter().enumerate() {
+            builders[c].append(*cell);
+        }
+        for (i, field) in record.iter().enumerate() {
+            let s = &mut samples[mapping[i]];
+            if s.len() < SAMPLE_ROWS && !field.trim().is_empty() {
+                s.push(field.to_string());
+            }
+        }
+        rows += 1;
+    }
+    let schema = Arc::new(datafusion::arrow::datatypes::Schema::new(
+        columns
+            .iter()
+            .map(|c| datafusion::arrow::datatypes::Field::new(&c.name, c.column_type.arrow(), true))
+            .collect::<Vec<_>>(),
+    ));
+    let arrays: Vec<ArrayRef> = builders.into_iter().map(Builder::finish).collect();
+    let batch = RecordBatch::try_new(schema, arrays).map_err(|e| Error::internal(format!("cannot assemble rows: {e}")))?;
+    debug_assert_eq!(batch.num_rows(), rows);
+    Ok(Parsed { batch, rejects, samples, header: first_is_header, delimiter })
+}
+
+fn short_bytes(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+/// Raises the classes of undeclared columns to what the new values suggest (never lowers one:
+/// a column that once held ID numbers stays sensitive).
+pub fn update_classes(columns: &mut [Column], samples: &[Vec<String>]) {
+    for (c, sample) in columns.iter_mut().zip(samples) {
+        if c.class_declared {
+            continue;
+        }
+        let header = c.label.clone().unwrap_or_else(|| c.name.clone());
+        let s = classify::suggest(&header, sample.iter().map(String::as_str));
+        if s.class > c.class {
+            c.class = s.class;
+            c.detected = s.detected;
+        } else if s.class == c.class && c.detected.is_none() {
+            c.detected = s.detected;
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! Dataset storage: each dataset is a directory `DIR/datasets/<department>/<name>/` holding its
+//! `manifest.json` and its Parquet files under `data/`.
+//!
+//! Architecture invariant: a version is visible whole or not at all. An import writes its
+//! Parquet file (fsynced) first, then a new manifest to a temporary file (fsynced), then renames
+//! it over `manifest.json` and fsyncs the directory. A crash before the rename leaves the
+//! previous version intact and an unreferenced file, which the next open removes.
+//!
+//! Imports into one store are serialised; reads never wait for them (they read the manifest
+//! they got). The store decides nothing about who may do what: governance does.
+#![deny(missing_docs)]
+
+pub mod csv_import;
+pub mod schema;
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use datafusion::arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+use yunqi_types::{ColumnClass, Error, Name, suggest};
+
+pub use csv_import::Reject;
+pub use schema::{Column, ColumnType, Manifest, Version};
+
+/// How an import combines with what is there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// The new rows are added to the current version's.
+    Append,
+    /// The new rows replace the current version's.
+    Replace,
+}
+
+/// How to read an import.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImportOptions {
+    /// Append or replace.
+    pub mode: Mode,
+    /// Import the good rows and keep the bad ones in the rejects (otherwise refuse the file).
+    pub lenient: bool,
+    /// Field delimiter; detected when `None`.
+    pub delimiter: Option<u8>,
+    /// Whether the first row is a header; detected when `None`.
+    pub header: Option<bool>,
+}
+
+/// What an import did.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ImportReport {
+    /// `department.name`.
+    pub dataset: String,
+    /// The version it made.
+    pub version: u64,
+    /// Rows imported.
+    pub rows_imported: u64,
+    /// Rows rejected (lenient imports).
+    pub rows_rejected: u64,
+    /// Rows in the new version.
+    pub rows_total: u64,
+    /// The first rejected rows.
+    pub rejects: Vec<Reject>,
+    /// Text encoding read.
+    pub encoding: String,
+    /// Delimiter used.
+    pub delimiter: String,
+    /// Whether the first row was a header.
+    pub header: bool,
+    /// The columns after the import, with their classes.
+    pub columns: Vec<Column>,
+}
+
+/// A new dataset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatasetSpec {
+    /// Owning department.
+    pub department: Name,
+    /// Name.
+    pub name: Name,
+    /// Description.
+    pub description: String,
+    /// Declared columns; empty to take them from the first import.
+    pub columns: Vec<Column>,
+}
+
+/// Rejected rows shown in an error or a report.
+pub const REJECTS_SHOWN: usize = 10;
+
+/// The embedded dataset store.
+pub struct DatasetStore {
+    root: PathBuf,
+    import_bytes_max: usize,
+    imports: Mutex<()>,
+}
+
+fn io(e: std::io::Error, what: &str) -> Error {
+    Error::internal(format!("dataset storage: {what}: {e}")).hint("check the data directory's disk")
+}
+
+fn sync_dir(dir: &Path) -> Result<(), Error> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io(e, "sync directory"))
+}
+
+fn random_suffix() -> String {
+    let mut b = [0u8; 6];
+    let _ = getrandom::fill(&mut b);
+    hex::encode(b)
+}
+
+impl DatasetStore {
+    /// Opens the store under `root` (created if missing) and removes files no manifest names
+    /// (left by imports a crash interrupted).
+    pub fn open(root: &Path, import_bytes_max: usize) -> Result<Arc<DatasetStore>, Error> {
+        fs::create_dir_all(root).map_err(|e| io(e, "create datasets directory"))?;
+        let store = DatasetStore { root: root.to_path_buf(), import_bytes_max, imports: Mutex::new(()) };
+        for m in store.list()? {
+            let dir = store.dir(&m.department, &m.name);
+            let named: HashSet<String> = m
+                .versions
+                .iter()
+                .flat_map(|v| v.files.iter().cloned().chain(v.rejects_file.clone()))
+                .collect();
+            if let Ok(entries) = fs::read_dir(dir.join("data")) {
+                for e in entries.flatten() {
+                    let rel = format!("data/{}", e.file_name().to_string_lossy());
+                    if !named.contains(&rel) {
+                        let _ = fs::remove_file(e.path());
+                    }
+                }
+            }
+        }
+        Ok(Arc::new(store))
+    }
+
+    fn dir(&self, department: &str, name: &str) -> PathBuf {
+        self.root.join(department).join(name)
+    }
+
+    /// Absolute paths of a version's data files (the current version when `None`).
+    pub fn files(&self, m: &Manifest, version: Option<u64>) -> Result<Vec<PathBuf>, Error> {
+        let v = match version {
+            Some(n) => Some(m.version(n)?),
+            None => m.current(),
+        };
+        let dir = self.dir(&m.department, &m.name);
+        Ok(v.map(|v| v.files.iter().map(|f| dir.join(f)).collect()).unwrap_or_default())
+    }
+
+    /// Creates an empty dataset.
+    pub fn create(&self, spec: DatasetSpec, now: DateTime<Utc>) -> Result<Manifest, Error> {
+        let _guard = self.imports.lock().expect("imports lock");
+        let dir = self.dir(spec.department.as_str(), spec.name.as_str());
+        if dir.join("manifest.json").exists() {
+            return Err(Error::already_exists("dataset", &format!("{}.{}", spec.department, spec.name))
+                .hint("import into it, or pick another name"));
+        }
+        let mut seen = HashSet::new();
+        for c in &spec.columns {
+            Name::parse("column", &c.name)?;
+            if !seen.insert(c.name.clone()) {
+                return Err(Error::invalid(format!("column \"{}\" is declared twice", c.name)).hint("give every column a different name"));
+            }
+        }
+        fs::create_dir_all(dir.join("data")).map_err(|e| io(e, "create dataset directory"))?;
+        let m = Manifest {
+            format: schema::MANIFEST_FORMAT,
+            department: spec.department.to_string(),
+            name: spec.name.to_string(),
+            description: spec.description,
+            columns: spec.columns,
+            versions: Vec::new(),
+            created_at: now,
+        };
+        self.write_manifest(&m)?;
+        Ok(m)
+    }
+
+    /// The manifest of a dataset.
+    pub fn get(&self, department: &str, name: &str) -> Result<Manifest, Error> {
+        let path = self.dir(department, name).join("manifest.json");
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let e = Error::not_found("dataset", &format!("{department}.{name}"));
+                let names: Vec<String> = self.list().unwrap_or_default().iter().map(Manifest::sql_name).collect();
+                return Err(match suggest::did_you_mean(&format!("{department}.{name}"), names.iter().map(String::as_str)) {
+                    Some(s) => e.hint(format!("did you mean \"{s}\"?")),
+                    None => e.hint("list datasets with `yunqi dataset list`"),
+                });
+            }
+            Err(e) => return Err(io(e, "read manifest")),
+        };
+        let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
+            Error::internal(format!("manifest of {department}.{name} cannot be read: {e}"))
+        })?;
+        if m.format != schema::MANIFEST_FORMAT {
+            return Err(Error::internal(format!("manifest of {department}.{name} has format {}", m.format))
+                .hint("run the yunqi release that wrote it, or a newer one"));
+        }
+        Ok(m)
+    }
+
+    /// Every dataset, by `department.name`.
+    pub fn list(&self) -> Result<Vec<Manifest>, Error> {
+        let mut out = Vec::new();
+        let Ok(departments) = fs::read_dir(&self.root) else { return Ok(out) };
+        for d in departments.flatten() {
+            let Ok(datasets) = fs::read_dir(d.path()) else { continue };
+            for ds in datasets.flatten() {
+                if ds.path().join("manifest.json").exists() {
+                    out.push(self.get(&d.file_name().to_string_lossy(), &ds.file_name().to_string_lossy())?);
+                }
+            }
+        }
+        out.sort_by_key(Manifest::sql_name);
+        Ok(out)
+    }
+
+    fn write_manifest(&self, m: &Manifest) -> Result<(), Error> {
+        let dir = self.dir(&m.department, &m.name);
+        let tmp = dir.join(".manifest.json.tmp");
+        let bytes = serde_json::to_vec_pretty(m).map_err(|e| Error::internal(format!("manifest: {e}")))?;
+        let mut f = OpenOptions::new().create(true).truncate(true).write(true).open(&tmp).map_err(|e| io(e, "write manifest"))?;
+        f.write_all(&bytes).and_then(|_| f.sync_all()).map_err(|e| io(e, "write manifest"))?;
+        fs::rename(&tmp, dir.join("manifest.json")).map_err(|e| io(e, "publish manifest"))?;
+        sync_dir(&dir)
+    }
+
+    fn write_parquet(&self, path: &Path, batch: &RecordBatch) -> Result<u64, Error> {
+        let file = File::create(path).map_err(|e| io(e, "create data file"))?;
+        let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
+        let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(props))
+            .map_err(|e| Error::internal(format!("cannot write Parquet: {e}")))?;
+        writer.write(batch).map_err(|e| Error::internal(format!("cannot write Parquet: {e}")))?;
+        let file = writer.into_inner().map_err(|e| Error::internal(format!("cannot write Parquet: {e}")))?;
+        file.sync_all().map_err(|e| io(e, "sync data file"))?;
+        Ok(file.metadata().map(|m| m.len()).unwrap_or(0))
+    }
+
+    /// Imports CSV bytes into a dataset as a new version. Strict imports refuse the whole file
+    /// if any row is bad, naming the first bad rows; lenient ones keep the bad rows, with line
+    /// and reason, in the version's rejects.
+    pub fn import_csv(
+        &self,
+        department: &str,
+        name: &str,
+        bytes: &[u8],
+        options: ImportOptions,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<ImportReport, Error> {
+        if bytes.len() > self.import_bytes_max {
+            return Err(Error::limit("import_bytes_max", self.import_bytes_max as u64, "file is too large to import at once")
+                .hint("split the file and import the parts with --mode append"));
+        }
+        let _guard = self.imports.lock().expect("imports lock");
+        let mut m = self.get(department, name)?;
+        let (text, encoding) = csv_import::decode(bytes)?;
+        let delimiter = options.delimiter.unwrap_or_else(|| csv_import::detect_delimiter(&text));
+        let mut header = options.header;
+        if m.columns.is_empty() {
+            m.columns = csv_import::infer_columns(&text, delimiter)?;
+            header = Some(true);
+        }
+        let parsed = csv_import::parse(&text, delimiter, &m.columns, header)?;
+        if !options.lenient && !parsed.rejects.is_empty() {
+            let shown: Vec<String> = parsed
+                .rejects
+                .iter()
+                .take(REJECTS_SHOWN)
+                .map(|r| match &r.column {
+                    Some(c) => format!("line {}, column {c}: {}", r.line, r.reason),
+                    None => format!("line {}: {}", r.line, r.reason),
+                })
+                .collect();
+            return Err(Error::invalid(format!(
+                "import into dataset \"{}\" refused: {} of {} rows are invalid",
+                m.sql_name(),
+                parsed.rejects.len(),
+                parsed.rejects.len() + parsed.batch.num_rows()
+            ))
+            .detail(shown.join("; "))
+            .hint("fix those rows, or import with --lenient to take the good rows and keep the bad ones in the rejects"));
+        }
+        let previous = m.current().cloned();
+        let number = previous.as_ref().map_or(0, |v| v.version) + 1;
+        let dir = self.dir(&m.department, &m.name);
+        let mut files = match (options.mode, &previous) {
+            (Mode::Append, Some(p)) => p.files.clone(),
+            _ => Vec::new(),
+        };
+        let mut rows_total = match (options.mode, &previous) {
+            (Mode::Append, Some(p)) => p.rows,
+            _ => 0,
+        };
+        let mut bytes_total = match (options.mode, &previous) {
+            (Mode::Append, Some(p)) => p.bytes,
+            _ => 0,
+        };
+        let imported = parsed.batch.num_rows() as u64;
+        if imported > 0 {
+            let rel = format!("data/v{number:06}-{}.parquet", random_suffix());
+            bytes_total += self.write_parquet(&dir.join(&rel), &parsed.batch)?;
+            files.push(rel);
+            rows_total += imported;
+        }
+        let rejects_file = if parsed.rejects.is_empty() {
+            None
+        } else {
+            let rel = format!("data/v{number:06}-rejects-{}.parquet", random_suffix());
+            self.write_parquet(&dir.join(&rel), &rejects_batch(&parsed.rejects)?)?;
+            Some(rel)
+        };
+        csv_import::update_classes(&mut m.columns, &parsed.samples);
+        m.versions.push(Version {
+            version: number,
+            created_at: now,
+            created_by: by.to_string(),
+            mode: match options.mode {
+                Mode::Append => "append".into(),
+                Mode::Replace => "replace".into(),
+            },
+            files,
+            rows: rows_total,
+            bytes: bytes_total,
+            rejected: parsed.rejects.len() as u64,
+            rejects_file,
+        });
+        self.write_manifest(&m)?;
+        Ok(ImportReport {
+            dataset: m.sql_name(),
+            version: number,
+            rows_imported: imported,
+            rows_rejected: parsed.rejects.len() as u64,
+            rows_total,
+            rejects: parsed.rejects.into_iter().take(REJECTS_SHOWN).collect(),
+            encoding: encoding.to_string(),
+            delimiter: (parsed.delimiter as char).to_string(),
+            header: parsed.header,
+            columns: m.columns,
+        })
+    }
+
+    /// Sets a column's class, as a steward declares it.
+    pub fn set_class(&self, department: &str, name: &str, column: &str, class: ColumnClass) -> Result<Manifest, Error> {
+        let _guard = self.imports.lock().expect("imports lock");
+        let mut m = self.get(department, name)?;
+        let sql_name = m.sql_name();
+        let names: Vec<String> = m.columns.iter().map(|c| c.name.clone()).collect();
+        let c = m.columns.iter_mut().find(|c| c.name == column).ok_or_else(|| {
+            let e = Error::not_found("column", &format!("{sql_name}.{column}"));
+            match suggest::did_you_mean(column, names.iter().map(String::as_str)) {
+                Some(s) => e.hint(format!("did you mean \"{s}\"?")),
+                None => e.hint(format!("columns: {}", names.join(", "))),
+            }
+        })?;
+        c.class = class;
+        c.class_declared = true;
+        self.write_manifest(&m)?;
+        Ok(m)
+    }
+}
+
+fn rejects_batch(rejects: &[Reject]) -> Result<RecordBatch, Error> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("line", DataType::Int64, false),
+        Field::new("column", DataType::Utf8, true),
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("raw", DataType::Utf8, false),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from_iter_values(rejects.iter().map(|r| r.line as i64))),
+        Arc::new(StringArray::from_iter(rejects.iter().map(|r| r.column.as_deref()))),
+        Arc::new(StringArray::from_iter_values(rejects.iter().map(|r| r.reason.as_str()))),
+        Arc::new(StringArray::from_iter_values(rejects.iter().map(|r| r.raw.as_str()))),
+    ];
+    RecordBatch::try_new(schema, columns).map_err(|e| Error::internal(format!("rejects: {e}")))
+}

@@ -1,0 +1,198 @@
+//! Dataset schemas and the manifest: the persisted description of a dataset and its versions
+//! (format version 1, JSON, replaced atomically).
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use yunqi_types::{ColumnClass, Detected, Error, Name};
+
+/// Version of the manifest format.
+pub const MANIFEST_FORMAT: u32 = 1;
+
+/// A column's type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ColumnType {
+    /// UTF-8 text.
+    Text,
+    /// 64-bit integer.
+    Int,
+    /// 64-bit float.
+    Float,
+    /// true / false.
+    Bool,
+    /// A calendar date, `YYYY-MM-DD`.
+    Date,
+    /// A point in time (UTC, microseconds), RFC 3339.
+    Timestamp,
+}
+
+impl ColumnType {
+    /// The Arrow type.
+    pub fn arrow(self) -> DataType {
+        match self {
+            ColumnType::Text => DataType::Utf8,
+            ColumnType::Int => DataType::Int64,
+            ColumnType::Float => DataType::Float64,
+            ColumnType::Bool => DataType::Boolean,
+            ColumnType::Date => DataType::Date32,
+            ColumnType::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+        }
+    }
+
+    /// Parses a type name (`text`, `int`, `float`, `bool`, `date`, `timestamp` and the common
+    /// SQL spellings).
+    pub fn parse(raw: &str) -> Result<ColumnType, Error> {
+        Ok(match raw.trim().to_ascii_lowercase().as_str() {
+            "text" | "string" | "varchar" | "utf8" => ColumnType::Text,
+            "int" | "integer" | "bigint" | "int64" => ColumnType::Int,
+            "float" | "double" | "real" | "float64" | "numeric" | "decimal" => ColumnType::Float,
+            "bool" | "boolean" => ColumnType::Bool,
+            "date" => ColumnType::Date,
+            "timestamp" | "timestamptz" | "datetime" => ColumnType::Timestamp,
+            other => {
+                return Err(Error::invalid(format!("invalid column type \"{other}\""))
+                    .hint("use text, int, float, bool, date or timestamp"));
+            }
+        })
+    }
+}
+
+/// A column.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Column {
+    /// SQL name, a lowercase identifier.
+    pub name: String,
+    /// The header it came from, when that was not a valid name (e.g. `姓名`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// Type.
+    #[serde(rename = "type")]
+    pub column_type: ColumnType,
+    /// Class.
+    pub class: ColumnClass,
+    /// Whether a steward set the class (imports never change it then).
+    #[serde(default)]
+    pub class_declared: bool,
+    /// What the detectors recognised, which also picks the mask.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detected: Option<Detected>,
+}
+
+/// One version of a dataset: the complete list of its files.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Version {
+    /// Number, from 1.
+    pub version: u64,
+    /// When it was made.
+    pub created_at: DateTime<Utc>,
+    /// Who made it.
+    pub created_by: String,
+    /// `replace` or `append`.
+    pub mode: String,
+    /// Data files, relative to the dataset directory.
+    pub files: Vec<String>,
+    /// Rows in this version.
+    pub rows: u64,
+    /// Bytes of its data files.
+    pub bytes: u64,
+    /// Rows the import that made it rejected (lenient imports).
+    pub rejected: u64,
+    /// File of the rejected rows, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejects_file: Option<String>,
+}
+
+/// Everything known about a dataset.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    /// Format version.
+    pub format: u32,
+    /// Owning department.
+    pub department: String,
+    /// Name within it.
+    pub name: String,
+    /// Description (searchable).
+    #[serde(default)]
+    pub description: String,
+    /// Columns.
+    pub columns: Vec<Column>,
+    /// Versions, oldest first; version 0 (empty) is implied.
+    pub versions: Vec<Version>,
+    /// When the dataset was created.
+    pub created_at: DateTime<Utc>,
+}
+
+impl Manifest {
+    /// `department.name`.
+    pub fn sql_name(&self) -> String {
+        format!("{}.{}", self.department, self.name)
+    }
+
+    /// The current version, if any data was imported.
+    pub fn current(&self) -> Option<&Version> {
+        self.versions.last()
+    }
+
+    /// A version by number.
+    pub fn version(&self, n: u64) -> Result<&Version, Error> {
+        self.versions.iter().find(|v| v.version == n).ok_or_else(|| {
+            Error::not_found("version", &format!("{} of dataset {}", n, self.sql_name())).hint(format!(
+                "versions are 1 to {}",
+                self.versions.last().map_or(0, |v| v.version)
+            ))
+        })
+    }
+
+    /// The Arrow schema.
+    pub fn arrow_schema(&self) -> SchemaRef {
+        Arc::new(Schema::new(
+            self.columns
+                .iter()
+                .map(|c| Field::new(&c.name, c.column_type.arrow(), true))
+                .collect::<Vec<_>>(),
+        ))
+    }
+
+    /// The column named `name` (or labelled so).
+    pub fn column(&self, name: &str) -> Option<&Column> {
+        self.columns
+            .iter()
+            .find(|c| c.name == name || c.label.as_deref() == Some(name))
+    }
+}
+
+/// A column name from a header: the header if it is a valid name, a name made from it if
+/// one can be, else `c<position>` with the header kept as the label.
+pub fn column_name(header: &str, position: usize) -> (String, Option<String>) {
+    let trimmed = header.trim();
+    if let Ok(n) = Name::parse("column", trimmed) {
+        return (n.to_string(), None);
+    }
+    let made: String = trimmed
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .collect::<String>()
+        .split('_')
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join("_");
+    match Name::parse("column", &made) {
+        Ok(n) if trimmed.is_ascii() => (n.to_string(), None),
+        _ => (format!("c{}", position + 1), Some(trimmed.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn column_names_from_headers() {
+        assert_eq!(column_name("plate", 0), ("plate".into(), None));
+        assert_eq!(column_name("Owner Name", 1), ("owner_name".into(), None));
+        assert_eq!(column_name("姓名", 2), ("c3".into(), Some("姓名".into())));
+        assert_eq!(column_name("1st", 3), ("c4".into(), Some("1st".into())));
+    }
+}
