@@ -92,6 +92,26 @@ fn json_rejection(r: JsonRejection) -> ApiError {
     }
 }
 
+/// A raw request body (an uploaded file), within the route's body limit.
+pub struct RawBody(pub axum::body::Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::body::Bytes::from_request(req, state).await {
+            Ok(b) => Ok(RawBody(b)),
+            Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::with_status(
+                Error::new(yunqi_types::ErrorCode::LimitExceeded, "file is too large to import at once")
+                    .detail(r.body_text())
+                    .hint("split the file and import the parts with mode=append; the limit is import_bytes_max"),
+                StatusCode::PAYLOAD_TOO_LARGE,
+            )),
+            Err(r) => Err(Error::invalid("request body cannot be read").detail(r.body_text()).into()),
+        }
+    }
+}
+
 /// Query-string parameters.
 pub struct Query<T>(pub T);
 

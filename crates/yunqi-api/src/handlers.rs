@@ -10,7 +10,7 @@ use yunqi_types::{Error, Name, NationalId, Outcome, Role};
 
 use crate::AppState;
 use crate::error::ApiError;
-use crate::extract::{Authed, Json, Query};
+use crate::extract::{Authed, Json, Query, RawBody};
 use crate::wire::*;
 
 type ApiResult<T> = Result<T, ApiError>;
@@ -350,6 +350,150 @@ pub async fn sql(
         rows,
         truncated: result.truncated,
     }))
+}
+
+/// Creates a dataset (stewards of its department).
+#[utoipa::path(post, path = "/api/v1/datasets", tag = "datasets", security(("bearer" = [])),
+    request_body = CreateDataset,
+    responses((status = 201, body = DatasetView), (status = 400, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn create_dataset(
+    State(state): State<AppState>,
+    auth: Authed,
+    Json(req): Json<CreateDataset>,
+) -> ApiResult<(StatusCode, axum::Json<DatasetView>)> {
+    let department = Name::parse("department", &req.department)?;
+    let name = Name::parse("dataset", &req.name)?;
+    let description = title(req.description, "", 4096)?;
+    let mut columns = Vec::new();
+    for c in req.columns {
+        let declared = c.class.is_some();
+        columns.push(yunqi_datasets::Column {
+            name: Name::parse("column", &c.name)?.to_string(),
+            label: None,
+            column_type: yunqi_datasets::ColumnType::parse(&c.column_type)?,
+            class: c
+                .class
+                .as_deref()
+                .map(str::parse)
+                .transpose()?
+                .unwrap_or(yunqi_types::ColumnClass::Internal),
+            class_declared: declared,
+            detected: None,
+        });
+    }
+    let spec = yunqi_datasets::DatasetSpec {
+        department,
+        name,
+        description,
+        columns,
+    };
+    let m = state
+        .gov
+        .create_dataset(&auth.actor, spec, &auth.ctx())
+        .await?;
+    Ok((StatusCode::CREATED, axum::Json(m.into())))
+}
+
+/// The catalog: every dataset's schema, classes and versions (not its data).
+#[utoipa::path(get, path = "/api/v1/datasets", tag = "datasets", security(("bearer" = [])),
+    responses((status = 200, body = DatasetList), (status = 403, body = ErrorBody)))]
+pub async fn list_datasets(
+    State(state): State<AppState>,
+    auth: Authed,
+) -> ApiResult<axum::Json<DatasetList>> {
+    let list = state.gov.catalog(&auth.actor)?;
+    Ok(axum::Json(DatasetList {
+        datasets: list.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// One dataset.
+#[utoipa::path(get, path = "/api/v1/datasets/{department}/{name}", tag = "datasets", security(("bearer" = [])),
+    params(("department" = String, Path), ("name" = String, Path)),
+    responses((status = 200, body = DatasetView), (status = 404, body = ErrorBody)))]
+pub async fn get_dataset(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path((department, name)): Path<(String, String)>,
+) -> ApiResult<axum::Json<DatasetView>> {
+    Ok(axum::Json(
+        state
+            .gov
+            .catalog_entry(&auth.actor, &department, &name)?
+            .into(),
+    ))
+}
+
+/// Imports a CSV file (UTF-8 or GBK) as a new version. The body is the file.
+#[utoipa::path(post, path = "/api/v1/datasets/{department}/{name}/import", tag = "datasets", security(("bearer" = [])),
+    params(("department" = String, Path), ("name" = String, Path), ImportParams),
+    request_body(content = String, content_type = "text/csv"),
+    responses((status = 200, description = "the import report"), (status = 400, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody)))]
+pub async fn import_dataset(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path((department, name)): Path<(String, String)>,
+    Query(p): Query<ImportParams>,
+    RawBody(body): RawBody,
+) -> ApiResult<axum::Json<yunqi_datasets::ImportReport>> {
+    let mode = match p.mode.as_deref() {
+        None | Some("append") => yunqi_datasets::Mode::Append,
+        Some("replace") => yunqi_datasets::Mode::Replace,
+        Some(other) => {
+            return Err(Error::invalid(format!("invalid mode \"{other}\""))
+                .hint("use append or replace")
+                .into());
+        }
+    };
+    let delimiter = match p.delimiter.as_deref() {
+        None => None,
+        Some("tab") | Some("\t") => Some(b'\t'),
+        Some(d) if d.len() == 1 && ",;|".contains(d) => Some(d.as_bytes()[0]),
+        Some(other) => {
+            return Err(Error::invalid(format!("invalid delimiter \"{other}\""))
+                .hint("use , ; | or tab")
+                .into());
+        }
+    };
+    let options = yunqi_datasets::ImportOptions {
+        mode,
+        lenient: p.lenient.unwrap_or(false),
+        delimiter,
+        header: p.header,
+    };
+    let report = state
+        .gov
+        .import_dataset(
+            &auth.actor,
+            &department,
+            &name,
+            body.to_vec(),
+            options,
+            &auth.ctx(),
+        )
+        .await?;
+    Ok(axum::Json(report))
+}
+
+/// Declares a column's class; imports never change a declared class.
+#[utoipa::path(post, path = "/api/v1/datasets/{department}/{name}/columns/{column}/class", tag = "datasets", security(("bearer" = [])),
+    params(("department" = String, Path), ("name" = String, Path), ("column" = String, Path)),
+    request_body = SetClass,
+    responses((status = 200, body = DatasetView), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn set_class(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path((department, name, column)): Path<(String, String, String)>,
+    Json(req): Json<SetClass>,
+) -> ApiResult<axum::Json<DatasetView>> {
+    let class: yunqi_types::ColumnClass = req.class.parse()?;
+    let m = state
+        .gov
+        .classify_column(&auth.actor, &department, &name, &column, class, &auth.ctx())
+        .await?;
+    Ok(axum::Json(m.into()))
 }
 
 /// Unknown paths.

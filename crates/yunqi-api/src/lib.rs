@@ -64,12 +64,15 @@ impl AppState {
         handlers::create_principal, handlers::list_principals, handlers::get_principal,
         handlers::create_token, handlers::list_tokens, handlers::revoke_token,
         handlers::audit, handlers::sql,
+        handlers::create_dataset, handlers::list_datasets, handlers::get_dataset,
+        handlers::import_dataset, handlers::set_class,
     ),
     modifiers(&BearerAuth),
     tags(
         (name = "identity", description = "Departments, principals and tokens"),
         (name = "audit", description = "The audit chain"),
         (name = "sql", description = "Governed SQL over what the caller may see"),
+        (name = "datasets", description = "Datasets, imports and the catalog"),
         (name = "operations", description = "Health, metrics, this document"),
     )
 )]
@@ -120,6 +123,23 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/tokens/{id}/revoke", post(handlers::revoke_token))
         .route("/api/v1/audit", get(handlers::audit))
         .route("/api/v1/sql", post(handlers::sql))
+        .route(
+            "/api/v1/datasets",
+            get(handlers::list_datasets).post(handlers::create_dataset),
+        )
+        .route(
+            "/api/v1/datasets/{department}/{name}",
+            get(handlers::get_dataset),
+        )
+        .route(
+            "/api/v1/datasets/{department}/{name}/import",
+            post(handlers::import_dataset)
+                .layer(DefaultBodyLimit::max(state.limits.import_bytes_max)),
+        )
+        .route(
+            "/api/v1/datasets/{department}/{name}/columns/{column}/class",
+            post(handlers::set_class),
+        )
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed);
     api.layer(DefaultBodyLimit::max(state.limits.request_body_bytes_max))

@@ -367,3 +367,103 @@ pub struct SqlResult {
     /// Whether rows past `sql_result_rows_max` were left out.
     pub truncated: bool,
 }
+
+/// A declared column of `POST /api/v1/datasets`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnSpec {
+    /// Lowercase identifier.
+    pub name: String,
+    /// text, int, float, bool, date or timestamp.
+    #[serde(rename = "type")]
+    pub column_type: String,
+    /// public, internal, personal or sensitive; suggested at import when absent.
+    #[serde(default)]
+    pub class: Option<String>,
+}
+
+/// `POST /api/v1/datasets`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDataset {
+    /// Owning department.
+    pub department: String,
+    /// Name, a lowercase identifier; the SQL name is `department.name`.
+    pub name: String,
+    /// What it holds (searchable).
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Columns; taken from the first import when absent.
+    #[serde(default)]
+    pub columns: Vec<ColumnSpec>,
+}
+
+/// `POST /api/v1/datasets/{department}/{name}/import` parameters. The body is the file.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ImportParams {
+    /// `append` (default) or `replace`.
+    pub mode: Option<String>,
+    /// Import the good rows and keep the bad ones in the rejects, instead of refusing the file.
+    pub lenient: Option<bool>,
+    /// `,` `;` `|` or `tab`; detected when absent.
+    pub delimiter: Option<String>,
+    /// Whether the first row is a header; detected when absent.
+    pub header: Option<bool>,
+}
+
+/// `POST /api/v1/datasets/{department}/{name}/columns/{column}/class`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetClass {
+    /// public, internal, personal or sensitive.
+    pub class: String,
+}
+
+/// A dataset: its schema with classes and its versions.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DatasetView {
+    /// `department.name`.
+    pub sql_name: String,
+    /// Department.
+    pub department: String,
+    /// Name.
+    pub name: String,
+    /// Description.
+    pub description: String,
+    /// Columns with types and classes.
+    #[schema(value_type = Vec<Object>)]
+    pub columns: Vec<yunqi_datasets::Column>,
+    /// Rows in the current version.
+    pub rows: u64,
+    /// Bytes of the current version.
+    pub bytes: u64,
+    /// Versions, oldest first.
+    #[schema(value_type = Vec<Object>)]
+    pub versions: Vec<yunqi_datasets::Version>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<yunqi_datasets::Manifest> for DatasetView {
+    fn from(m: yunqi_datasets::Manifest) -> Self {
+        DatasetView {
+            sql_name: m.sql_name(),
+            rows: m.current().map_or(0, |v| v.rows),
+            bytes: m.current().map_or(0, |v| v.bytes),
+            department: m.department,
+            name: m.name,
+            description: m.description,
+            columns: m.columns,
+            versions: m.versions,
+            created_at: m.created_at,
+        }
+    }
+}
+
+/// The catalog.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DatasetList {
+    /// Datasets, by SQL name.
+    pub datasets: Vec<DatasetView>,
+}

@@ -64,10 +64,17 @@ pub fn decode(bytes: &[u8]) -> Result<(Cow<'_, str>, &'static str), Error> {
 /// Picks the delimiter (`,` tab `;` `|`) that splits the first lines into the same number of
 /// fields, most fields first.
 pub fn detect_delimiter(text: &str) -> u8 {
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).take(20).collect();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(20)
+        .collect();
     let mut best = (b',', 0usize);
     for d in [b',', b'\t', b';', b'|'] {
-        let counts: Vec<usize> = lines.iter().map(|l| l.bytes().filter(|b| *b == d).count()).collect();
+        let counts: Vec<usize> = lines
+            .iter()
+            .map(|l| l.bytes().filter(|b| *b == d).count())
+            .collect();
         if let Some(&first) = counts.first()
             && first > 0
             && counts.iter().all(|c| *c == first)
@@ -100,10 +107,14 @@ fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Some(t.with_timezone(&Utc));
     }
-    ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y/%m/%d %H:%M:%S"]
-        .iter()
-        .find_map(|f| NaiveDateTime::parse_from_str(s, f).ok())
-        .map(|t| t.and_utc())
+    [
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y/%m/%d %H:%M:%S",
+    ]
+    .iter()
+    .find_map(|f| NaiveDateTime::parse_from_str(s, f).ok())
+    .map(|t| t.and_utc())
 }
 
 fn parse_bool(s: &str) -> Option<bool> {
@@ -123,15 +134,28 @@ fn parse_cell<'a>(raw: &'a str, t: ColumnType) -> Result<Cell<'a>, String> {
     }
     match t {
         ColumnType::Text => Ok(Cell::Text(raw)),
-        ColumnType::Int => v.parse::<i64>().map(Cell::Int).map_err(|_| format!("\"{}\" is not an integer", short(v))),
-        ColumnType::Float => v.parse::<f64>().map(Cell::Float).map_err(|_| format!("\"{}\" is not a number", short(v))),
-        ColumnType::Bool => parse_bool(v).map(Cell::Bool).ok_or_else(|| format!("\"{}\" is not true or false", short(v))),
+        ColumnType::Int => v
+            .parse::<i64>()
+            .map(Cell::Int)
+            .map_err(|_| format!("\"{}\" is not an integer", short(v))),
+        ColumnType::Float => v
+            .parse::<f64>()
+            .map(Cell::Float)
+            .map_err(|_| format!("\"{}\" is not a number", short(v))),
+        ColumnType::Bool => parse_bool(v)
+            .map(Cell::Bool)
+            .ok_or_else(|| format!("\"{}\" is not true or false", short(v))),
         ColumnType::Date => parse_date(v)
             .map(|d| Cell::Date((d - EPOCH).num_days() as i32))
             .ok_or_else(|| format!("\"{}\" is not a date (YYYY-MM-DD)", short(v))),
         ColumnType::Timestamp => parse_timestamp(v)
             .map(|t| Cell::Timestamp(t.timestamp_micros()))
-            .ok_or_else(|| format!("\"{}\" is not a time (RFC 3339, e.g. 2026-11-26T08:00:00+08:00)", short(v))),
+            .ok_or_else(|| {
+                format!(
+                    "\"{}\" is not a time (RFC 3339, e.g. 2026-11-26T08:00:00+08:00)",
+                    short(v)
+                )
+            }),
     }
 }
 
@@ -149,9 +173,19 @@ fn infer_type<'a>(values: impl Iterator<Item = &'a str> + Clone) -> ColumnType {
     if non_empty.clone().next().is_none() {
         return ColumnType::Text;
     }
-    for t in [ColumnType::Int, ColumnType::Float, ColumnType::Bool, ColumnType::Date, ColumnType::Timestamp] {
+    for t in [
+        ColumnType::Int,
+        ColumnType::Float,
+        ColumnType::Bool,
+        ColumnType::Date,
+        ColumnType::Timestamp,
+    ] {
         // Leading zeros (ID numbers, codes) stay text.
-        if t == ColumnType::Int && non_empty.clone().any(|v| v.trim().len() > 1 && v.trim().starts_with('0')) {
+        if t == ColumnType::Int
+            && non_empty
+                .clone()
+                .any(|v| v.trim().len() > 1 && v.trim().starts_with('0'))
+        {
             continue;
         }
         if t == ColumnType::Int && non_empty.clone().any(|v| v.trim().len() > 15) {
@@ -179,7 +213,11 @@ pub fn infer_columns(text: &str, delimiter: u8) -> Result<Vec<Column>, Error> {
     let header = match rows.next() {
         Some(Ok(h)) => h,
         Some(Err(e)) => return Err(Error::invalid(format!("the header cannot be read: {e}"))),
-        None => return Err(Error::invalid("the file is empty").hint("send a CSV file with a header row")),
+        None => {
+            return Err(
+                Error::invalid("the file is empty").hint("send a CSV file with a header row")
+            );
+        }
     };
     let sample: Vec<csv::StringRecord> = rows.take(SAMPLE_ROWS).filter_map(Result::ok).collect();
     let mut seen = std::collections::HashSet::new();
@@ -187,8 +225,10 @@ pub fn infer_columns(text: &str, delimiter: u8) -> Result<Vec<Column>, Error> {
     for (i, h) in header.iter().enumerate() {
         let (name, label) = column_name(h, i);
         if !seen.insert(name.clone()) {
-            return Err(Error::invalid(format!("column \"{name}\" appears twice in the header"))
-                .hint("give every column a different name"));
+            return Err(
+                Error::invalid(format!("column \"{name}\" appears twice in the header"))
+                    .hint("give every column a different name"),
+            );
         }
         let values = sample.iter().filter_map(|r| r.get(i));
         let suggestion = classify::suggest(h, values.clone());
@@ -226,7 +266,9 @@ impl Builder {
             ColumnType::Float => Builder::Float(Float64Builder::new()),
             ColumnType::Bool => Builder::Bool(BooleanBuilder::new()),
             ColumnType::Date => Builder::Date(Date32Builder::new()),
-            ColumnType::Timestamp => Builder::Timestamp(TimestampMicrosecondBuilder::new().with_timezone("UTC")),
+            ColumnType::Timestamp => {
+                Builder::Timestamp(TimestampMicrosecondBuilder::new().with_timezone("UTC"))
+            }
         }
     }
 
@@ -261,7 +303,12 @@ impl Builder {
 
 /// Parses `text` into rows of `columns`. A first row naming the columns (by name or label, in
 /// any order) is a header and maps fields to columns; otherwise fields are positional.
-pub fn parse(text: &str, delimiter: u8, columns: &[Column], header: Option<bool>) -> Result<Parsed, Error> {
+pub fn parse(
+    text: &str,
+    delimiter: u8,
+    columns: &[Column],
+    header: Option<bool>,
+) -> Result<Parsed, Error> {
     let mut records = reader(text, delimiter).into_records().peekable();
     // Field i of each row goes to column mapping[i].
     let mut mapping: Vec<usize> = (0..columns.len()).collect();
@@ -271,10 +318,13 @@ pub fn parse(text: &str, delimiter: u8, columns: &[Column], header: Option<bool>
                 .iter()
                 .map(|f| {
                     let f = f.trim();
-                    columns.iter().position(|c| c.name == f || c.label.as_deref() == Some(f))
+                    columns
+                        .iter()
+                        .position(|c| c.name == f || c.label.as_deref() == Some(f))
                 })
                 .collect();
-            let looks_like_header = names.iter().all(Option::is_some) && names.len() == columns.len();
+            let looks_like_header =
+                names.iter().all(Option::is_some) && names.len() == columns.len();
             match header {
                 Some(false) => false,
                 Some(true) | None if looks_like_header => {
@@ -284,7 +334,11 @@ pub fn parse(text: &str, delimiter: u8, columns: &[Column], header: Option<bool>
                 Some(true) => {
                     let missing: Vec<&str> = columns
                         .iter()
-                        .filter(|c| !first.iter().any(|f| f.trim() == c.name || Some(f.trim()) == c.label.as_deref()))
+                        .filter(|c| {
+                            !first
+                                .iter()
+                                .any(|f| f.trim() == c.name || Some(f.trim()) == c.label.as_deref())
+                        })
                         .map(|c| c.name.as_str())
                         .collect();
                     return Err(Error::invalid("the header does not match the dataset's columns")
@@ -299,7 +353,10 @@ pub fn parse(text: &str, delimiter: u8, columns: &[Column], header: Option<bool>
     if first_is_header {
         records.next();
     }
-    let mut builders: Vec<Builder> = columns.iter().map(|c| Builder::new(c.column_type)).collect();
+    let mut builders: Vec<Builder> = columns
+        .iter()
+        .map(|c| Builder::new(c.column_type))
+        .collect();
     let mut samples: Vec<Vec<String>> = vec![Vec::new(); columns.len()];
     let mut rejects = Vec::new();
     let mut cells: Vec<Cell<'_>> = Vec::with_capacity(columns.len());
@@ -310,14 +367,22 @@ pub fn parse(text: &str, delimiter: u8, columns: &[Column], header: Option<bool>
             Ok(r) => owned.push(r),
             Err(e) => {
                 let line = e.position().map_or(0, |p| p.line());
-                rejects.push(Reject { line, column: None, reason: format!("cannot be read: {e}"), raw: String::new() });
+                rejects.push(Reject {
+                    line,
+                    column: None,
+                    reason: format!("cannot be read: {e}"),
+                    raw: String::new(),
+                });
             }
         }
     }
     'rows: for record in &owned {
         let line = record.position().map_or(0, |p| p.line());
         let raw = || {
-            let joined = record.iter().collect::<Vec<_>>().join(std::str::from_utf8(&[delimiter]).unwrap_or(","));
+            let joined = record
+                .iter()
+                .collect::<Vec<_>>()
+                .join(std::str::from_utf8(&[delimiter]).unwrap_or(","));
             short_bytes(&joined, 1024)
         };
         if record.len() == 1 && record.get(0).is_some_and(|f| f.trim().is_empty()) {
@@ -339,7 +404,12 @@ pub fn parse(text: &str, delimiter: u8, columns: &[Column], header: Option<bool>
             match parse_cell(field, columns[c].column_type) {
                 Ok(cell) => cells[c] = cell,
                 Err(reason) => {
-                    rejects.push(Reject { line, column: Some(columns[c].name.clone()), reason, raw: raw() });
+                    rejects.push(Reject {
+                        line,
+                        column: Some(columns[c].name.clone()),
+                        reason,
+                        raw: raw(),
+                    });
                     continue 'rows;
                 }
             }
@@ -362,9 +432,16 @@ pub fn parse(text: &str, delimiter: u8, columns: &[Column], header: Option<bool>
             .collect::<Vec<_>>(),
     ));
     let arrays: Vec<ArrayRef> = builders.into_iter().map(Builder::finish).collect();
-    let batch = RecordBatch::try_new(schema, arrays).map_err(|e| Error::internal(format!("cannot assemble rows: {e}")))?;
+    let batch = RecordBatch::try_new(schema, arrays)
+        .map_err(|e| Error::internal(format!("cannot assemble rows: {e}")))?;
     debug_assert_eq!(batch.num_rows(), rows);
-    Ok(Parsed { batch, rejects, samples, header: first_is_header, delimiter })
+    Ok(Parsed {
+        batch,
+        rejects,
+        samples,
+        header: first_is_header,
+        delimiter,
+    })
 }
 
 fn short_bytes(s: &str, max: usize) -> String {

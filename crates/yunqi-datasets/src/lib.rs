@@ -78,6 +78,16 @@ pub struct ImportReport {
     pub columns: Vec<Column>,
 }
 
+/// A version written but not yet visible.
+#[derive(Debug)]
+pub struct Staged {
+    /// The manifest that publishing makes current.
+    pub manifest: Manifest,
+    /// What the import did.
+    pub report: ImportReport,
+    written: Vec<PathBuf>,
+}
+
 /// A new dataset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DatasetSpec {
@@ -106,7 +116,9 @@ fn io(e: std::io::Error, what: &str) -> Error {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), Error> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io(e, "sync directory"))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io(e, "sync directory"))
 }
 
 fn random_suffix() -> String {
@@ -120,7 +132,11 @@ impl DatasetStore {
     /// (left by imports a crash interrupted).
     pub fn open(root: &Path, import_bytes_max: usize) -> Result<Arc<DatasetStore>, Error> {
         fs::create_dir_all(root).map_err(|e| io(e, "create datasets directory"))?;
-        let store = DatasetStore { root: root.to_path_buf(), import_bytes_max, imports: Mutex::new(()) };
+        let store = DatasetStore {
+            root: root.to_path_buf(),
+            import_bytes_max,
+            imports: Mutex::new(()),
+        };
         for m in store.list()? {
             let dir = store.dir(&m.department, &m.name);
             let named: HashSet<String> = m
@@ -151,7 +167,8 @@ impl DatasetStore {
             None => m.current(),
         };
         let dir = self.dir(&m.department, &m.name);
-        Ok(v.map(|v| v.files.iter().map(|f| dir.join(f)).collect()).unwrap_or_default())
+        Ok(v.map(|v| v.files.iter().map(|f| dir.join(f)).collect())
+            .unwrap_or_default())
     }
 
     /// Creates an empty dataset.
@@ -159,14 +176,20 @@ impl DatasetStore {
         let _guard = self.imports.lock().expect("imports lock");
         let dir = self.dir(spec.department.as_str(), spec.name.as_str());
         if dir.join("manifest.json").exists() {
-            return Err(Error::already_exists("dataset", &format!("{}.{}", spec.department, spec.name))
-                .hint("import into it, or pick another name"));
+            return Err(Error::already_exists(
+                "dataset",
+                &format!("{}.{}", spec.department, spec.name),
+            )
+            .hint("import into it, or pick another name"));
         }
         let mut seen = HashSet::new();
         for c in &spec.columns {
             Name::parse("column", &c.name)?;
             if !seen.insert(c.name.clone()) {
-                return Err(Error::invalid(format!("column \"{}\" is declared twice", c.name)).hint("give every column a different name"));
+                return Err(
+                    Error::invalid(format!("column \"{}\" is declared twice", c.name))
+                        .hint("give every column a different name"),
+                );
             }
         }
         fs::create_dir_all(dir.join("data")).map_err(|e| io(e, "create dataset directory"))?;
@@ -190,20 +213,35 @@ impl DatasetStore {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let e = Error::not_found("dataset", &format!("{department}.{name}"));
-                let names: Vec<String> = self.list().unwrap_or_default().iter().map(Manifest::sql_name).collect();
-                return Err(match suggest::did_you_mean(&format!("{department}.{name}"), names.iter().map(String::as_str)) {
-                    Some(s) => e.hint(format!("did you mean \"{s}\"?")),
-                    None => e.hint("list datasets with `yunqi dataset list`"),
-                });
+                let names: Vec<String> = self
+                    .list()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(Manifest::sql_name)
+                    .collect();
+                return Err(
+                    match suggest::did_you_mean(
+                        &format!("{department}.{name}"),
+                        names.iter().map(String::as_str),
+                    ) {
+                        Some(s) => e.hint(format!("did you mean \"{s}\"?")),
+                        None => e.hint("list datasets with `yunqi dataset list`"),
+                    },
+                );
             }
             Err(e) => return Err(io(e, "read manifest")),
         };
         let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
-            Error::internal(format!("manifest of {department}.{name} cannot be read: {e}"))
+            Error::internal(format!(
+                "manifest of {department}.{name} cannot be read: {e}"
+            ))
         })?;
         if m.format != schema::MANIFEST_FORMAT {
-            return Err(Error::internal(format!("manifest of {department}.{name} has format {}", m.format))
-                .hint("run the yunqi release that wrote it, or a newer one"));
+            return Err(Error::internal(format!(
+                "manifest of {department}.{name} has format {}",
+                m.format
+            ))
+            .hint("run the yunqi release that wrote it, or a newer one"));
         }
         Ok(m)
     }
@@ -211,12 +249,19 @@ impl DatasetStore {
     /// Every dataset, by `department.name`.
     pub fn list(&self) -> Result<Vec<Manifest>, Error> {
         let mut out = Vec::new();
-        let Ok(departments) = fs::read_dir(&self.root) else { return Ok(out) };
+        let Ok(departments) = fs::read_dir(&self.root) else {
+            return Ok(out);
+        };
         for d in departments.flatten() {
-            let Ok(datasets) = fs::read_dir(d.path()) else { continue };
+            let Ok(datasets) = fs::read_dir(d.path()) else {
+                continue;
+            };
             for ds in datasets.flatten() {
                 if ds.path().join("manifest.json").exists() {
-                    out.push(self.get(&d.file_name().to_string_lossy(), &ds.file_name().to_string_lossy())?);
+                    out.push(self.get(
+                        &d.file_name().to_string_lossy(),
+                        &ds.file_name().to_string_lossy(),
+                    )?);
                 }
             }
         }
@@ -227,27 +272,40 @@ impl DatasetStore {
     fn write_manifest(&self, m: &Manifest) -> Result<(), Error> {
         let dir = self.dir(&m.department, &m.name);
         let tmp = dir.join(".manifest.json.tmp");
-        let bytes = serde_json::to_vec_pretty(m).map_err(|e| Error::internal(format!("manifest: {e}")))?;
-        let mut f = OpenOptions::new().create(true).truncate(true).write(true).open(&tmp).map_err(|e| io(e, "write manifest"))?;
-        f.write_all(&bytes).and_then(|_| f.sync_all()).map_err(|e| io(e, "write manifest"))?;
+        let bytes =
+            serde_json::to_vec_pretty(m).map_err(|e| Error::internal(format!("manifest: {e}")))?;
+        let mut f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&tmp)
+            .map_err(|e| io(e, "write manifest"))?;
+        f.write_all(&bytes)
+            .and_then(|_| f.sync_all())
+            .map_err(|e| io(e, "write manifest"))?;
         fs::rename(&tmp, dir.join("manifest.json")).map_err(|e| io(e, "publish manifest"))?;
         sync_dir(&dir)
     }
 
     fn write_parquet(&self, path: &Path, batch: &RecordBatch) -> Result<u64, Error> {
         let file = File::create(path).map_err(|e| io(e, "create data file"))?;
-        let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
+        let props = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .build();
         let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(props))
             .map_err(|e| Error::internal(format!("cannot write Parquet: {e}")))?;
-        writer.write(batch).map_err(|e| Error::internal(format!("cannot write Parquet: {e}")))?;
-        let file = writer.into_inner().map_err(|e| Error::internal(format!("cannot write Parquet: {e}")))?;
+        writer
+            .write(batch)
+            .map_err(|e| Error::internal(format!("cannot write Parquet: {e}")))?;
+        let file = writer
+            .into_inner()
+            .map_err(|e| Error::internal(format!("cannot write Parquet: {e}")))?;
         file.sync_all().map_err(|e| io(e, "sync data file"))?;
         Ok(file.metadata().map(|m| m.len()).unwrap_or(0))
     }
 
-    /// Imports CSV bytes into a dataset as a new version. Strict imports refuse the whole file
-    /// if any row is bad, naming the first bad rows; lenient ones keep the bad rows, with line
-    /// and reason, in the version's rejects.
+    /// Imports CSV bytes into a dataset as a new version: [`DatasetStore::prepare_import`],
+    /// then [`DatasetStore::publish`].
     pub fn import_csv(
         &self,
         department: &str,
@@ -257,14 +315,37 @@ impl DatasetStore {
         by: &str,
         now: DateTime<Utc>,
     ) -> Result<ImportReport, Error> {
+        let staged = self.prepare_import(department, name, bytes, options, by, now)?;
+        self.publish(&staged)?;
+        Ok(staged.report)
+    }
+
+    /// Reads CSV bytes and writes their rows as Parquet files of the next version, which no
+    /// reader sees until [`DatasetStore::publish`]. Strict imports refuse the whole file if any
+    /// row is bad, naming the first bad rows; lenient ones keep the bad rows, with line and
+    /// reason, in the version's rejects. The caller serialises imports into one dataset.
+    pub fn prepare_import(
+        &self,
+        department: &str,
+        name: &str,
+        bytes: &[u8],
+        options: ImportOptions,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Staged, Error> {
         if bytes.len() > self.import_bytes_max {
-            return Err(Error::limit("import_bytes_max", self.import_bytes_max as u64, "file is too large to import at once")
-                .hint("split the file and import the parts with --mode append"));
+            return Err(Error::limit(
+                "import_bytes_max",
+                self.import_bytes_max as u64,
+                "file is too large to import at once",
+            )
+            .hint("split the file and import the parts with --mode append"));
         }
-        let _guard = self.imports.lock().expect("imports lock");
         let mut m = self.get(department, name)?;
         let (text, encoding) = csv_import::decode(bytes)?;
-        let delimiter = options.delimiter.unwrap_or_else(|| csv_import::detect_delimiter(&text));
+        let delimiter = options
+            .delimiter
+            .unwrap_or_else(|| csv_import::detect_delimiter(&text));
         let mut header = options.header;
         if m.columns.is_empty() {
             m.columns = csv_import::infer_columns(&text, delimiter)?;
@@ -306,8 +387,10 @@ impl DatasetStore {
             _ => 0,
         };
         let imported = parsed.batch.num_rows() as u64;
+        let mut written = Vec::new();
         if imported > 0 {
             let rel = format!("data/v{number:06}-{}.parquet", random_suffix());
+            written.push(dir.join(&rel));
             bytes_total += self.write_parquet(&dir.join(&rel), &parsed.batch)?;
             files.push(rel);
             rows_total += imported;
@@ -316,6 +399,7 @@ impl DatasetStore {
             None
         } else {
             let rel = format!("data/v{number:06}-rejects-{}.parquet", random_suffix());
+            written.push(dir.join(&rel));
             self.write_parquet(&dir.join(&rel), &rejects_batch(&parsed.rejects)?)?;
             Some(rel)
         };
@@ -334,8 +418,7 @@ impl DatasetStore {
             rejected: parsed.rejects.len() as u64,
             rejects_file,
         });
-        self.write_manifest(&m)?;
-        Ok(ImportReport {
+        let report = ImportReport {
             dataset: m.sql_name(),
             version: number,
             rows_imported: imported,
@@ -345,23 +428,51 @@ impl DatasetStore {
             encoding: encoding.to_string(),
             delimiter: (parsed.delimiter as char).to_string(),
             header: parsed.header,
-            columns: m.columns,
+            columns: m.columns.clone(),
+        };
+        Ok(Staged {
+            manifest: m,
+            report,
+            written,
         })
     }
 
+    /// Makes a prepared version visible, atomically.
+    pub fn publish(&self, staged: &Staged) -> Result<(), Error> {
+        let _guard = self.imports.lock().expect("imports lock");
+        self.write_manifest(&staged.manifest)
+    }
+
+    /// Removes the files of a prepared version that will not be published.
+    pub fn discard(&self, staged: Staged) {
+        for f in staged.written {
+            let _ = fs::remove_file(f);
+        }
+    }
+
     /// Sets a column's class, as a steward declares it.
-    pub fn set_class(&self, department: &str, name: &str, column: &str, class: ColumnClass) -> Result<Manifest, Error> {
+    pub fn set_class(
+        &self,
+        department: &str,
+        name: &str,
+        column: &str,
+        class: ColumnClass,
+    ) -> Result<Manifest, Error> {
         let _guard = self.imports.lock().expect("imports lock");
         let mut m = self.get(department, name)?;
         let sql_name = m.sql_name();
         let names: Vec<String> = m.columns.iter().map(|c| c.name.clone()).collect();
-        let c = m.columns.iter_mut().find(|c| c.name == column).ok_or_else(|| {
-            let e = Error::not_found("column", &format!("{sql_name}.{column}"));
-            match suggest::did_you_mean(column, names.iter().map(String::as_str)) {
-                Some(s) => e.hint(format!("did you mean \"{s}\"?")),
-                None => e.hint(format!("columns: {}", names.join(", "))),
-            }
-        })?;
+        let c = m
+            .columns
+            .iter_mut()
+            .find(|c| c.name == column)
+            .ok_or_else(|| {
+                let e = Error::not_found("column", &format!("{sql_name}.{column}"));
+                match suggest::did_you_mean(column, names.iter().map(String::as_str)) {
+                    Some(s) => e.hint(format!("did you mean \"{s}\"?")),
+                    None => e.hint(format!("columns: {}", names.join(", "))),
+                }
+            })?;
         c.class = class;
         c.class_declared = true;
         self.write_manifest(&m)?;
@@ -377,10 +488,18 @@ fn rejects_batch(rejects: &[Reject]) -> Result<RecordBatch, Error> {
         Field::new("raw", DataType::Utf8, false),
     ]));
     let columns: Vec<ArrayRef> = vec![
-        Arc::new(Int64Array::from_iter_values(rejects.iter().map(|r| r.line as i64))),
-        Arc::new(StringArray::from_iter(rejects.iter().map(|r| r.column.as_deref()))),
-        Arc::new(StringArray::from_iter_values(rejects.iter().map(|r| r.reason.as_str()))),
-        Arc::new(StringArray::from_iter_values(rejects.iter().map(|r| r.raw.as_str()))),
+        Arc::new(Int64Array::from_iter_values(
+            rejects.iter().map(|r| r.line as i64),
+        )),
+        Arc::new(StringArray::from_iter(
+            rejects.iter().map(|r| r.column.as_deref()),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            rejects.iter().map(|r| r.reason.as_str()),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            rejects.iter().map(|r| r.raw.as_str()),
+        )),
     ];
     RecordBatch::try_new(schema, columns).map_err(|e| Error::internal(format!("rejects: {e}")))
 }

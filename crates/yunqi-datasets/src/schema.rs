@@ -137,12 +137,17 @@ impl Manifest {
 
     /// A version by number.
     pub fn version(&self, n: u64) -> Result<&Version, Error> {
-        self.versions.iter().find(|v| v.version == n).ok_or_else(|| {
-            Error::not_found("version", &format!("{} of dataset {}", n, self.sql_name())).hint(format!(
-                "versions are 1 to {}",
-                self.versions.last().map_or(0, |v| v.version)
-            ))
-        })
+        self.versions
+            .iter()
+            .find(|v| v.version == n)
+            .ok_or_else(|| {
+                Error::not_found("version", &format!("{} of dataset {}", n, self.sql_name())).hint(
+                    format!(
+                        "versions are 1 to {}",
+                        self.versions.last().map_or(0, |v| v.version)
+                    ),
+                )
+            })
     }
 
     /// The Arrow schema.
@@ -172,7 +177,13 @@ pub fn column_name(header: &str, position: usize) -> (String, Option<String>) {
     }
     let made: String = trimmed
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
         .collect::<String>()
         .split('_')
         .filter(|p| !p.is_empty())

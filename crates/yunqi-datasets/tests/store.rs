@@ -13,6 +13,15 @@ const VEHICLES: &str = "plate,owner_id,姓名,mobile,seats,registered\n\
 沪B54321,11010519491231002X,李四,13912345678,7,2019-05-06\n\
 浙AD1234,11010519491231002X,王五,15012345678,5,2021-11-30\n";
 
+/// name, label, type, class, detected
+type ColumnRow<'a> = (
+    &'a str,
+    Option<&'a str>,
+    ColumnType,
+    ColumnClass,
+    Option<Detected>,
+);
+
 fn store() -> (tempfile::TempDir, Arc<DatasetStore>) {
     let dir = tempfile::tempdir().unwrap();
     let store = DatasetStore::open(&dir.path().join("datasets"), 64 << 20).unwrap();
@@ -29,7 +38,12 @@ fn spec(name: &str, columns: Vec<Column>) -> DatasetSpec {
 }
 
 fn strict(mode: Mode) -> ImportOptions {
-    ImportOptions { mode, lenient: false, delimiter: None, header: None }
+    ImportOptions {
+        mode,
+        lenient: false,
+        delimiter: None,
+        header: None,
+    }
 }
 
 fn rows_in(store: &DatasetStore, dataset: &str) -> usize {
@@ -39,36 +53,96 @@ fn rows_in(store: &DatasetStore, dataset: &str) -> usize {
         .unwrap()
         .iter()
         .map(|p| {
-            let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(p).unwrap()).unwrap().build().unwrap();
+            let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(p).unwrap())
+                .unwrap()
+                .build()
+                .unwrap();
             reader.map(|b| b.unwrap().num_rows()).sum::<usize>()
         })
         .sum()
 }
 
 fn declared(name: &str, t: ColumnType) -> Column {
-    Column { name: name.into(), label: None, column_type: t, class: ColumnClass::Internal, class_declared: false, detected: None }
+    Column {
+        name: name.into(),
+        label: None,
+        column_type: t,
+        class: ColumnClass::Internal,
+        class_declared: false,
+        detected: None,
+    }
 }
 
 #[test]
 fn the_first_import_infers_types_and_classes() {
     let (_d, store) = store();
     store.create(spec("vehicles", vec![]), Utc::now()).unwrap();
-    let report = store.import_csv("transport", "vehicles", VEHICLES.as_bytes(), strict(Mode::Append), "li_wei", Utc::now()).unwrap();
-    assert_eq!((report.version, report.rows_imported, report.rows_rejected), (1, 3, 0));
-    let got: Vec<(&str, Option<&str>, ColumnType, ColumnClass, Option<Detected>)> = report
+    let report = store
+        .import_csv(
+            "transport",
+            "vehicles",
+            VEHICLES.as_bytes(),
+            strict(Mode::Append),
+            "li_wei",
+            Utc::now(),
+        )
+        .unwrap();
+    assert_eq!(
+        (report.version, report.rows_imported, report.rows_rejected),
+        (1, 3, 0)
+    );
+    let got: Vec<ColumnRow<'_>> = report
         .columns
         .iter()
-        .map(|c| (c.name.as_str(), c.label.as_deref(), c.column_type, c.class, c.detected))
+        .map(|c| {
+            (
+                c.name.as_str(),
+                c.label.as_deref(),
+                c.column_type,
+                c.class,
+                c.detected,
+            )
+        })
         .collect();
     assert_eq!(
         got,
         vec![
-            ("plate", None, ColumnType::Text, ColumnClass::Personal, Some(Detected::Plate)),
-            ("owner_id", None, ColumnType::Text, ColumnClass::Sensitive, Some(Detected::IdNumber)),
-            ("c3", Some("姓名"), ColumnType::Text, ColumnClass::Personal, Some(Detected::PersonName)),
-            ("mobile", None, ColumnType::Text, ColumnClass::Personal, Some(Detected::Mobile)),
+            (
+                "plate",
+                None,
+                ColumnType::Text,
+                ColumnClass::Personal,
+                Some(Detected::Plate)
+            ),
+            (
+                "owner_id",
+                None,
+                ColumnType::Text,
+                ColumnClass::Sensitive,
+                Some(Detected::IdNumber)
+            ),
+            (
+                "c3",
+                Some("姓名"),
+                ColumnType::Text,
+                ColumnClass::Personal,
+                Some(Detected::PersonName)
+            ),
+            (
+                "mobile",
+                None,
+                ColumnType::Text,
+                ColumnClass::Personal,
+                Some(Detected::Mobile)
+            ),
             ("seats", None, ColumnType::Int, ColumnClass::Internal, None),
-            ("registered", None, ColumnType::Date, ColumnClass::Internal, None),
+            (
+                "registered",
+                None,
+                ColumnType::Date,
+                ColumnClass::Internal,
+                None
+            ),
         ]
     );
     assert_eq!(rows_in(&store, "vehicles"), 3);
@@ -81,14 +155,42 @@ fn the_first_import_infers_types_and_classes() {
 fn a_strict_import_with_bad_rows_changes_nothing_and_names_them() {
     let (_d, store) = store();
     store.create(spec("vehicles", vec![]), Utc::now()).unwrap();
-    store.import_csv("transport", "vehicles", VEHICLES.as_bytes(), strict(Mode::Append), "x", Utc::now()).unwrap();
+    store
+        .import_csv(
+            "transport",
+            "vehicles",
+            VEHICLES.as_bytes(),
+            strict(Mode::Append),
+            "x",
+            Utc::now(),
+        )
+        .unwrap();
     let bad = "plate,owner_id,姓名,mobile,seats,registered\n浙A11111,11010519491231002X,赵六,13812345678,five,2020-01-02\n浙A22222,only,three\n浙A33333,11010519491231002X,孙七,13812345678,4,2020-13-45\n";
-    let e = store.import_csv("transport", "vehicles", bad.as_bytes(), strict(Mode::Append), "x", Utc::now()).unwrap_err();
+    let e = store
+        .import_csv(
+            "transport",
+            "vehicles",
+            bad.as_bytes(),
+            strict(Mode::Append),
+            "x",
+            Utc::now(),
+        )
+        .unwrap_err();
     assert_eq!(e.code, ErrorCode::InvalidInput);
-    assert!(e.message.contains("3 of 3 rows are invalid"), "{}", e.message);
+    assert!(
+        e.message.contains("3 of 3 rows are invalid"),
+        "{}",
+        e.message
+    );
     let detail = e.detail.unwrap();
-    assert!(detail.contains("line 2, column seats: \"five\" is not an integer"), "{detail}");
-    assert!(detail.contains("line 3: expected 6 fields, found 3"), "{detail}");
+    assert!(
+        detail.contains("line 2, column seats: \"five\" is not an integer"),
+        "{detail}"
+    );
+    assert!(
+        detail.contains("line 3: expected 6 fields, found 3"),
+        "{detail}"
+    );
     assert!(detail.contains("line 4, column registered"), "{detail}");
     assert!(e.hint.unwrap().contains("--lenient"));
     let m = store.get("transport", "vehicles").unwrap();
@@ -100,60 +202,158 @@ fn a_strict_import_with_bad_rows_changes_nothing_and_names_them() {
 fn a_lenient_import_keeps_good_rows_and_every_bad_one_in_the_rejects() {
     let (_d, store) = store();
     store.create(spec("vehicles", vec![]), Utc::now()).unwrap();
-    store.import_csv("transport", "vehicles", VEHICLES.as_bytes(), strict(Mode::Append), "x", Utc::now()).unwrap();
+    store
+        .import_csv(
+            "transport",
+            "vehicles",
+            VEHICLES.as_bytes(),
+            strict(Mode::Append),
+            "x",
+            Utc::now(),
+        )
+        .unwrap();
     let mixed = "浙A11111,11010519491231002X,赵六,13812345678,five,2020-01-02\n浙A44444,11010519491231002X,周八,13812345678,2,2022-02-02\n";
     let r = store
-        .import_csv("transport", "vehicles", mixed.as_bytes(), ImportOptions { lenient: true, ..strict(Mode::Append) }, "x", Utc::now())
+        .import_csv(
+            "transport",
+            "vehicles",
+            mixed.as_bytes(),
+            ImportOptions {
+                lenient: true,
+                ..strict(Mode::Append)
+            },
+            "x",
+            Utc::now(),
+        )
         .unwrap();
-    assert_eq!((r.version, r.rows_imported, r.rows_rejected, r.rows_total), (2, 1, 1, 4));
+    assert_eq!(
+        (r.version, r.rows_imported, r.rows_rejected, r.rows_total),
+        (2, 1, 1, 4)
+    );
     assert!(!r.header, "no header: fields are positional");
     assert_eq!(r.rejects[0].line, 1);
     assert_eq!(r.rejects[0].column.as_deref(), Some("seats"));
     let m = store.get("transport", "vehicles").unwrap();
     let rejects = m.versions[1].rejects_file.clone().expect("rejects kept");
-    let path = _d.path().join("datasets").join(&m.department).join(&m.name).join(rejects);
-    let batches: Vec<_> = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(path).unwrap())
-        .unwrap()
-        .build()
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let path = _d
+        .path()
+        .join("datasets")
+        .join(&m.department)
+        .join(&m.name)
+        .join(rejects);
+    let batches: Vec<_> =
+        ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(path).unwrap())
+            .unwrap()
+            .build()
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
     let batch = &batches[0];
     assert_eq!(batch.num_rows(), 1);
     let reason = batch.column_by_name("reason").unwrap();
-    let reason = reason.as_any().downcast_ref::<datafusion::arrow::array::StringArray>().unwrap();
+    let reason = reason
+        .as_any()
+        .downcast_ref::<datafusion::arrow::array::StringArray>()
+        .unwrap();
     assert_eq!(reason.value(0), "\"five\" is not an integer");
     assert_eq!(rows_in(&store, "vehicles"), 4);
     // Replacing leaves only the new rows, older versions stay readable.
-    store.import_csv("transport", "vehicles", VEHICLES.as_bytes(), strict(Mode::Replace), "x", Utc::now()).unwrap();
+    store
+        .import_csv(
+            "transport",
+            "vehicles",
+            VEHICLES.as_bytes(),
+            strict(Mode::Replace),
+            "x",
+            Utc::now(),
+        )
+        .unwrap();
     assert_eq!(rows_in(&store, "vehicles"), 3);
     let m = store.get("transport", "vehicles").unwrap();
-    assert_eq!(m.versions.iter().map(|v| v.rows).collect::<Vec<_>>(), vec![3, 4, 3]);
+    assert_eq!(
+        m.versions.iter().map(|v| v.rows).collect::<Vec<_>>(),
+        vec![3, 4, 3]
+    );
     assert_eq!(store.files(&m, Some(2)).unwrap().len(), 2);
-    assert_eq!(store.files(&m, Some(9)).unwrap_err().code, ErrorCode::NotFound);
+    assert_eq!(
+        store.files(&m, Some(9)).unwrap_err().code,
+        ErrorCode::NotFound
+    );
 }
 
 #[test]
 fn gbk_files_tabs_and_headers_in_another_order_are_read() {
     let (_d, store) = store();
     store
-        .create(spec("permits", vec![declared("plate", ColumnType::Text), declared("days", ColumnType::Int), declared("ok", ColumnType::Bool)]), Utc::now())
+        .create(
+            spec(
+                "permits",
+                vec![
+                    declared("plate", ColumnType::Text),
+                    declared("days", ColumnType::Int),
+                    declared("ok", ColumnType::Bool),
+                ],
+            ),
+            Utc::now(),
+        )
         .unwrap();
     let text = "ok\tplate\tdays\n是\t浙A12345\t3\n否\t沪B54321\t12\n";
     let (gbk, _, unmappable) = encoding_rs::GBK.encode(text);
     assert!(!unmappable);
-    assert!(std::str::from_utf8(&gbk).is_err(), "the test file really is GBK");
+    assert!(
+        std::str::from_utf8(&gbk).is_err(),
+        "the test file really is GBK"
+    );
     let r = store
-        .import_csv("transport", "permits", &gbk, strict(Mode::Append), "x", Utc::now())
+        .import_csv(
+            "transport",
+            "permits",
+            &gbk,
+            strict(Mode::Append),
+            "x",
+            Utc::now(),
+        )
         .unwrap_or_else(|e| panic!("{}: {:?}", e.message, e.detail));
-    assert_eq!((r.rows_imported, r.encoding.as_str(), r.delimiter.as_str(), r.header), (2, "GB18030", "\t", true));
-    assert_eq!(r.columns.iter().find(|c| c.name == "plate").unwrap().class, ColumnClass::Personal);
+    assert_eq!(
+        (
+            r.rows_imported,
+            r.encoding.as_str(),
+            r.delimiter.as_str(),
+            r.header
+        ),
+        (2, "GB18030", "\t", true)
+    );
+    assert_eq!(
+        r.columns.iter().find(|c| c.name == "plate").unwrap().class,
+        ColumnClass::Personal
+    );
     let semi = "\u{feff}plate;days;ok\n浙A99999;1;true\n";
-    let r = store.import_csv("transport", "permits", semi.as_bytes(), strict(Mode::Append), "x", Utc::now()).unwrap();
-    assert_eq!((r.rows_total, r.delimiter.as_str(), r.encoding.as_str()), (3, ";", "UTF-8"));
+    let r = store
+        .import_csv(
+            "transport",
+            "permits",
+            semi.as_bytes(),
+            strict(Mode::Append),
+            "x",
+            Utc::now(),
+        )
+        .unwrap();
+    assert_eq!(
+        (r.rows_total, r.delimiter.as_str(), r.encoding.as_str()),
+        (3, ";", "UTF-8")
+    );
     // A two-byte GBK character cut in half at the end: readable as neither encoding.
     let garbage = b"plate;days;ok\n\xd5\xe3A1;1;true\n\xd5";
-    let e = store.import_csv("transport", "permits", garbage, strict(Mode::Append), "x", Utc::now()).unwrap_err();
+    let e = store
+        .import_csv(
+            "transport",
+            "permits",
+            garbage,
+            strict(Mode::Append),
+            "x",
+            Utc::now(),
+        )
+        .unwrap_err();
     assert!(e.message.contains("neither UTF-8 nor GBK"), "{}", e.message);
 }
 
@@ -161,14 +361,47 @@ fn gbk_files_tabs_and_headers_in_another_order_are_read() {
 fn declared_classes_stay_and_orphans_from_a_crash_are_removed() {
     let (dir, store) = store();
     store.create(spec("vehicles", vec![]), Utc::now()).unwrap();
-    store.import_csv("transport", "vehicles", VEHICLES.as_bytes(), strict(Mode::Append), "x", Utc::now()).unwrap();
-    store.set_class("transport", "vehicles", "plate", ColumnClass::Public).unwrap();
-    store.import_csv("transport", "vehicles", VEHICLES.as_bytes(), strict(Mode::Append), "x", Utc::now()).unwrap();
+    store
+        .import_csv(
+            "transport",
+            "vehicles",
+            VEHICLES.as_bytes(),
+            strict(Mode::Append),
+            "x",
+            Utc::now(),
+        )
+        .unwrap();
+    store
+        .set_class("transport", "vehicles", "plate", ColumnClass::Public)
+        .unwrap();
+    store
+        .import_csv(
+            "transport",
+            "vehicles",
+            VEHICLES.as_bytes(),
+            strict(Mode::Append),
+            "x",
+            Utc::now(),
+        )
+        .unwrap();
     let m = store.get("transport", "vehicles").unwrap();
-    assert_eq!(m.column("plate").unwrap().class, ColumnClass::Public, "a declared class is kept");
-    assert_eq!(store.set_class("transport", "vehicles", "plat", ColumnClass::Public).unwrap_err().hint.unwrap(), "did you mean \"plate\"?");
+    assert_eq!(
+        m.column("plate").unwrap().class,
+        ColumnClass::Public,
+        "a declared class is kept"
+    );
+    assert_eq!(
+        store
+            .set_class("transport", "vehicles", "plat", ColumnClass::Public)
+            .unwrap_err()
+            .hint
+            .unwrap(),
+        "did you mean \"plate\"?"
+    );
     // A file an interrupted import left behind is not part of any version and goes at the next open.
-    let orphan = dir.path().join("datasets/transport/vehicles/data/v000009-dead.parquet");
+    let orphan = dir
+        .path()
+        .join("datasets/transport/vehicles/data/v000009-dead.parquet");
     std::fs::write(&orphan, b"half").unwrap();
     drop(store);
     let store = DatasetStore::open(&dir.path().join("datasets"), 64 << 20).unwrap();
@@ -180,13 +413,24 @@ fn declared_classes_stay_and_orphans_from_a_crash_are_removed() {
 fn limits_and_names() {
     let (_d, store) = store();
     store.create(spec("vehicles", vec![]), Utc::now()).unwrap();
-    let e = store.create(spec("vehicles", vec![]), Utc::now()).unwrap_err();
+    let e = store
+        .create(spec("vehicles", vec![]), Utc::now())
+        .unwrap_err();
     assert_eq!(e.code, ErrorCode::AlreadyExists);
     let e = store.get("transport", "vehicle").unwrap_err();
     assert_eq!(e.hint.unwrap(), "did you mean \"transport.vehicles\"?");
     let small = DatasetStore::open(&_d.path().join("small"), 10).unwrap();
     small.create(spec("t", vec![]), Utc::now()).unwrap();
-    let e = small.import_csv("transport", "t", VEHICLES.as_bytes(), strict(Mode::Append), "x", Utc::now()).unwrap_err();
+    let e = small
+        .import_csv(
+            "transport",
+            "t",
+            VEHICLES.as_bytes(),
+            strict(Mode::Append),
+            "x",
+            Utc::now(),
+        )
+        .unwrap_err();
     assert_eq!(e.code, ErrorCode::LimitExceeded);
     assert!(e.detail.unwrap().contains("import_bytes_max"));
 }

@@ -7,6 +7,7 @@
 //! an audit record of a change that was never acknowledged, never the reverse.
 #![deny(missing_docs)]
 
+mod datasets;
 pub mod policy;
 pub mod tokens;
 
@@ -137,6 +138,9 @@ impl State {
 /// The governance service. Share it behind an `Arc`.
 pub struct Governance {
     store: Arc<dyn IdentityStore>,
+    datasets: Arc<yunqi_datasets::DatasetStore>,
+    /// Serialises dataset changes (imports are staged, audited, then published).
+    dataset_lock: tokio::sync::Mutex<()>,
     audit: SharedAuditLog,
     clock: Arc<dyn Clock>,
     state: RwLock<State>,
@@ -148,12 +152,15 @@ impl Governance {
     /// Loads the identities from the store.
     pub fn open(
         store: Arc<dyn IdentityStore>,
+        datasets: Arc<yunqi_datasets::DatasetStore>,
         audit: SharedAuditLog,
         clock: Arc<dyn Clock>,
     ) -> Result<Governance, Error> {
         let snapshot = store.load()?;
         Ok(Governance {
             store,
+            datasets,
+            dataset_lock: tokio::sync::Mutex::new(()),
             audit,
             clock,
             state: RwLock::new(State::from_snapshot(snapshot)),

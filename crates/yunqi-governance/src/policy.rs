@@ -34,6 +34,22 @@ pub enum Action<'a> {
         /// Whose tokens.
         owner: &'a Principal,
     },
+    /// Create a dataset in a department, import into it, or declare its column classes.
+    DatasetWrite {
+        /// `department.name`.
+        dataset: &'a str,
+        /// Its department.
+        department: &'a Name,
+    },
+    /// Read the catalog: datasets' descriptions, schemas, classes, versions (not their data).
+    CatalogRead,
+    /// Query a dataset's data.
+    DatasetQuery {
+        /// `department.name`.
+        dataset: &'a str,
+        /// Its department.
+        department: &'a str,
+    },
     /// Read the audit chain for everyone (admin), a department (steward) or oneself.
     AuditRead {
         /// The department the query is restricted to, if any.
@@ -52,6 +68,9 @@ impl Action<'_> {
             Action::PrincipalCreate { .. } => "principal.create",
             Action::PrincipalRead { .. } => "principal.read",
             Action::TokenManage { .. } => "token.manage",
+            Action::DatasetWrite { .. } => "dataset.write",
+            Action::CatalogRead => "catalog.read",
+            Action::DatasetQuery { .. } => "dataset.query",
             Action::AuditRead { .. } => "audit.read",
         }
     }
@@ -64,6 +83,10 @@ impl Action<'_> {
             Action::PrincipalCreate { name, .. } => format!("principal:{name}"),
             Action::PrincipalRead { principal } => format!("principal:{}", principal.name),
             Action::TokenManage { owner } => format!("principal:{}", owner.name),
+            Action::DatasetWrite { dataset, .. } | Action::DatasetQuery { dataset, .. } => {
+                format!("dataset:{dataset}")
+            }
+            Action::CatalogRead => "catalog".into(),
             Action::AuditRead { .. } => "audit".into(),
         }
     }
@@ -79,10 +102,12 @@ fn describe(actor: &Principal) -> String {
     }
 }
 
-/// Decides whether `actor` may perform `action`.
+/// Decides whether `actor` may perform `action`. The platform admin may do anything but read
+/// departments' data.
 pub fn authorize(actor: &Principal, action: &Action<'_>) -> Result<(), Error> {
     let same_department = |d: Option<&Name>| d.is_some() && d == actor.department.as_ref();
     let allowed = match (actor.role, action) {
+        (Role::Admin, Action::DatasetQuery { .. }) => false,
         (Role::Admin, _) => true,
         (_, Action::DepartmentRead) => true,
         (
@@ -115,6 +140,20 @@ pub fn authorize(actor: &Principal, action: &Action<'_>) -> Result<(), Error> {
                 || *principal == Some(actor.name.as_str())
         }
         (_, Action::AuditRead { principal, .. }) => *principal == Some(actor.name.as_str()),
+        // Stewards own their department's data. The platform admin runs the platform and
+        // reads no department's data: separation of duties.
+        (Role::Steward, Action::DatasetWrite { department, .. }) => {
+            same_department(Some(department))
+        }
+        (Role::Citizen, Action::CatalogRead) => false,
+        (_, Action::CatalogRead) => true,
+        (
+            Role::Steward | Role::Analyst | Role::Officer | Role::Service,
+            Action::DatasetQuery { department, .. },
+        ) => actor
+            .department
+            .as_ref()
+            .is_some_and(|d| d.as_str() == *department),
         _ => false,
     };
     if allowed {
@@ -155,6 +194,26 @@ pub fn authorize(actor: &Principal, action: &Action<'_>) -> Result<(), Error> {
             "stewards read their department's records, everyone else their own; add \
              department= or principal= accordingly"
                 .to_string(),
+        ),
+        Action::DatasetWrite {
+            dataset,
+            department,
+        } => (
+            format!("permission denied for dataset \"{dataset}\""),
+            format!("only stewards of department \"{department}\" manage its datasets"),
+        ),
+        Action::CatalogRead => (
+            "permission denied to read the catalog".to_string(),
+            "the catalog is for the staff of departments".to_string(),
+        ),
+        Action::DatasetQuery {
+            dataset,
+            department,
+        } => (
+            format!("permission denied for dataset \"{dataset}\""),
+            format!(
+                "the data of department \"{department}\" is read by its own staff; other departments need a grant"
+            ),
         ),
         Action::DepartmentRead => unreachable_read(),
     };
@@ -293,6 +352,38 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn datasets_belong_to_their_department_and_not_to_the_admin() {
+        let steward = principal("sam", Role::Steward, Some("transport"));
+        let analyst = principal("ann", Role::Analyst, Some("transport"));
+        let stranger = principal("tom", Role::Analyst, Some("traffic"));
+        let admin = principal("admin", Role::Admin, None);
+        let citizen = principal("c1", Role::Citizen, None);
+        let transport = n("transport");
+        let write = Action::DatasetWrite {
+            dataset: "transport.vehicles",
+            department: &transport,
+        };
+        let query = Action::DatasetQuery {
+            dataset: "transport.vehicles",
+            department: "transport",
+        };
+        assert!(authorize(&steward, &write).is_ok());
+        assert!(authorize(&analyst, &write).is_err());
+        assert!(authorize(&admin, &write).is_ok());
+        assert!(authorize(&steward, &query).is_ok() && authorize(&analyst, &query).is_ok());
+        assert!(authorize(&stranger, &query).is_err());
+        assert!(
+            authorize(&admin, &query).is_err(),
+            "the admin reads no department's data"
+        );
+        assert!(
+            authorize(&citizen, &query).is_err()
+                && authorize(&citizen, &Action::CatalogRead).is_err()
+        );
+        assert!(authorize(&stranger, &Action::CatalogRead).is_ok());
     }
 
     #[test]

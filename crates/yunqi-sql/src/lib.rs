@@ -9,9 +9,9 @@
 //! returned; a refused or failed query is audited with its outcome. Queries are read-only:
 //! DDL, DML and session statements are refused by DataFusion's `SQLOptions`.
 //!
-//! Tables today: `system.departments`, `system.principals` (ID numbers masked but for the
-//! principal itself), `system.tokens` (never secrets). Datasets of departments join them as
-//! `department.dataset` schemas.
+//! Tables: `system.departments`, `system.principals` (ID numbers masked but for the principal
+//! itself), `system.tokens` (never secrets), and `department.dataset` for every dataset the
+//! principal may query (its own department's, today; other departments' through grants next).
 #![deny(missing_docs)]
 
 pub mod convert;
@@ -174,6 +174,7 @@ impl SqlEngine {
             .map_err(|e| Error::internal(format!("cannot set up the query runtime: {e}")))?;
         let ctx = SessionContext::new_with_config_rt(config, runtime);
         system::register(&ctx, &self.gov, actor)?;
+        system::register_datasets(&ctx, &self.gov, actor)?;
         Ok(ctx)
     }
 

@@ -44,6 +44,58 @@ fn times(values: impl Iterator<Item = Option<i64>>) -> ArrayRef {
     Arc::new(TimestampMicrosecondArray::from(values.collect::<Vec<_>>()).with_timezone("UTC"))
 }
 
+/// Registers the datasets `actor` may query: a schema per department, a Parquet table per
+/// dataset over its current version's files (an empty table before the first import).
+pub fn register_datasets(
+    ctx: &SessionContext,
+    gov: &Governance,
+    actor: &Actor,
+) -> Result<(), Error> {
+    use datafusion::catalog::MemorySchemaProvider;
+    use datafusion::datasource::file_format::parquet::ParquetFormat;
+    use datafusion::datasource::listing::{
+        ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+    };
+
+    let catalog = ctx
+        .catalog(crate::CATALOG)
+        .ok_or_else(|| Error::internal("the session has no yunqi catalog"))?;
+    for (m, files) in gov.queryable(actor)? {
+        if catalog.schema(&m.department).is_none() {
+            catalog
+                .register_schema(&m.department, Arc::new(MemorySchemaProvider::new()))
+                .map_err(|e| {
+                    Error::internal(format!("cannot register schema {}: {e}", m.department))
+                })?;
+        }
+        let schema = m.arrow_schema();
+        let table: Arc<dyn datafusion::catalog::TableProvider> = if files.is_empty() {
+            Arc::new(
+                MemTable::try_new(schema, vec![vec![]])
+                    .map_err(|e| Error::internal(e.to_string()))?,
+            )
+        } else {
+            let urls = files
+                .iter()
+                .map(|f| ListingTableUrl::parse(f.to_string_lossy()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Error::internal(format!("dataset {}: {e}", m.sql_name())))?;
+            let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
+                .with_file_extension(".parquet");
+            let config = ListingTableConfig::new_with_multi_paths(urls)
+                .with_listing_options(options)
+                .with_schema(schema);
+            Arc::new(
+                ListingTable::try_new(config)
+                    .map_err(|e| Error::internal(format!("dataset {}: {e}", m.sql_name())))?,
+            )
+        };
+        ctx.register_table(format!("{}.{}", m.department, m.name), table)
+            .map_err(|e| Error::internal(format!("cannot register {}: {e}", m.sql_name())))?;
+    }
+    Ok(())
+}
+
 /// Registers the `system` tables for `actor`.
 pub fn register(ctx: &SessionContext, gov: &Governance, actor: &Actor) -> Result<(), Error> {
     let departments = gov.list_departments(actor)?;

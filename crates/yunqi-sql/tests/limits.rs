@@ -23,7 +23,9 @@ async fn fixture() -> Fixture {
         AuditChain::open(&dir.path().join("audit"), clock.clone(), &Limits::default()).unwrap(),
     );
     let store = Arc::new(SqliteStore::open(&dir.path().join("meta.db")).unwrap());
-    let gov = Arc::new(Governance::open(store, audit.clone(), clock).unwrap());
+    let datasets =
+        yunqi_datasets::DatasetStore::open(&dir.path().join("datasets"), 1 << 20).unwrap();
+    let gov = Arc::new(Governance::open(store, datasets, audit.clone(), clock).unwrap());
     let token = gov.bootstrap().await.unwrap().unwrap();
     let admin = gov.authenticate(&token.token).map_err(|(e, _)| e).unwrap();
     Fixture {

@@ -14,7 +14,9 @@ use crate::error::Error;
 use crate::identity::NationalId;
 
 /// How a column may be shown.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ColumnClass {
     /// Anyone with access to the dataset sees it.
@@ -88,7 +90,9 @@ impl Detected {
     pub fn class(self) -> ColumnClass {
         match self {
             Detected::IdNumber | Detected::BankCard => ColumnClass::Sensitive,
-            Detected::Mobile | Detected::Plate | Detected::Email | Detected::PersonName => ColumnClass::Personal,
+            Detected::Mobile | Detected::Plate | Detected::Email | Detected::PersonName => {
+                ColumnClass::Personal
+            }
             // Organisations' codes are published in the national credit registry.
             Detected::CreditCode => ColumnClass::Public,
         }
@@ -102,23 +106,33 @@ const PROVINCES: &str = "京津沪渝冀豫云辽黑湘皖鲁新苏浙赣鄂桂�
 pub fn is_mobile(s: &str) -> bool {
     let s = s.strip_prefix("+86").unwrap_or(s).trim();
     let b = s.as_bytes();
-    b.len() == 11 && b[0] == b'1' && (b'3'..=b'9').contains(&b[1]) && b.iter().all(u8::is_ascii_digit)
+    b.len() == 11
+        && b[0] == b'1'
+        && (b'3'..=b'9').contains(&b[1])
+        && b.iter().all(u8::is_ascii_digit)
 }
 
 /// Whether `s` is a vehicle plate: a province, a letter, then 5 (ordinary) or 6 (new energy)
 /// letters or digits (no I or O).
 pub fn is_plate(s: &str) -> bool {
     let mut chars = s.chars();
-    let (Some(p), Some(letter)) = (chars.next(), chars.next()) else { return false };
+    let (Some(p), Some(letter)) = (chars.next(), chars.next()) else {
+        return false;
+    };
     let rest: Vec<char> = chars.collect();
     let ok = |c: &char| (c.is_ascii_uppercase() && *c != 'I' && *c != 'O') || c.is_ascii_digit();
-    PROVINCES.contains(p) && letter.is_ascii_uppercase() && matches!(rest.len(), 5 | 6) && rest.iter().all(ok)
+    PROVINCES.contains(p)
+        && letter.is_ascii_uppercase()
+        && matches!(rest.len(), 5 | 6)
+        && rest.iter().all(ok)
 }
 
 /// Whether `s` is a unified social credit code with a correct check character (GB 32100).
 pub fn is_credit_code(s: &str) -> bool {
     const CHARSET: &[u8] = b"0123456789ABCDEFGHJKLMNPQRTUWXY";
-    const WEIGHTS: [u32; 17] = [1, 3, 9, 27, 19, 26, 16, 17, 20, 29, 25, 13, 8, 24, 10, 30, 28];
+    const WEIGHTS: [u32; 17] = [
+        1, 3, 9, 27, 19, 26, 16, 17, 20, 29, 25, 13, 8, 24, 10, 30, 28,
+    ];
     let b = s.as_bytes();
     if b.len() != 18 {
         return false;
@@ -138,7 +152,9 @@ pub fn is_credit_code(s: &str) -> bool {
 /// The check character of the first 17 characters of a credit code (for generating data).
 pub fn credit_code_check(first17: &str) -> Option<char> {
     const CHARSET: &[u8] = b"0123456789ABCDEFGHJKLMNPQRTUWXY";
-    const WEIGHTS: [u32; 17] = [1, 3, 9, 27, 19, 26, 16, 17, 20, 29, 25, 13, 8, 24, 10, 30, 28];
+    const WEIGHTS: [u32; 17] = [
+        1, 3, 9, 27, 19, 26, 16, 17, 20, 29, 25, 13, 8, 24, 10, 30, 28,
+    ];
     let b = first17.as_bytes();
     if b.len() != 17 {
         return None;
@@ -162,7 +178,11 @@ pub fn is_bank_card(s: &str) -> bool {
         .enumerate()
         .map(|(i, d)| {
             let d = u32::from(d - b'0');
-            if i % 2 == 1 { if d * 2 > 9 { d * 2 - 9 } else { d * 2 } } else { d }
+            if i % 2 == 1 {
+                if d * 2 > 9 { d * 2 - 9 } else { d * 2 }
+            } else {
+                d
+            }
         })
         .sum();
     sum.is_multiple_of(10)
@@ -170,7 +190,9 @@ pub fn is_bank_card(s: &str) -> bool {
 
 /// Whether `s` looks like an e-mail address.
 pub fn is_email(s: &str) -> bool {
-    let Some((local, domain)) = s.split_once('@') else { return false };
+    let Some((local, domain)) = s.split_once('@') else {
+        return false;
+    };
     !local.is_empty()
         && !s.contains(char::is_whitespace)
         && domain.contains('.')
@@ -182,8 +204,30 @@ pub fn is_email(s: &str) -> bool {
 /// Whether a header names a person's name.
 pub fn is_name_header(header: &str) -> bool {
     let h = header.trim().to_lowercase();
-    const EXACT: &[&str] = &["name", "full_name", "姓名", "名字", "联系人", "户主", "车主", "法定代表人", "申请人", "患者姓名"];
-    const PEOPLE: &[&str] = &["owner", "driver", "applicant", "contact", "person", "patient", "holder", "citizen", "resident", "legal_rep"];
+    const EXACT: &[&str] = &[
+        "name",
+        "full_name",
+        "姓名",
+        "名字",
+        "联系人",
+        "户主",
+        "车主",
+        "法定代表人",
+        "申请人",
+        "患者姓名",
+    ];
+    const PEOPLE: &[&str] = &[
+        "owner",
+        "driver",
+        "applicant",
+        "contact",
+        "person",
+        "patient",
+        "holder",
+        "citizen",
+        "resident",
+        "legal_rep",
+    ];
     EXACT.contains(&h.as_str())
         || h.ends_with("姓名")
         || h.strip_suffix("_name").is_some_and(|p| PEOPLE.contains(&p))
@@ -249,12 +293,21 @@ pub fn suggest<'a>(header: &str, sample: impl IntoIterator<Item = &'a str>) -> S
         && let Some((d, n)) = counts.iter().max_by_key(|(_, n)| *n)
         && *n * 5 >= total * 4
     {
-        return Suggestion { class: d.class(), detected: Some(*d) };
+        return Suggestion {
+            class: d.class(),
+            detected: Some(*d),
+        };
     }
     if is_name_header(header) {
-        return Suggestion { class: ColumnClass::Personal, detected: Some(Detected::PersonName) };
+        return Suggestion {
+            class: ColumnClass::Personal,
+            detected: Some(Detected::PersonName),
+        };
     }
-    Suggestion { class: ColumnClass::Internal, detected: None }
+    Suggestion {
+        class: ColumnClass::Internal,
+        detected: None,
+    }
 }
 
 #[cfg(test)]
@@ -267,7 +320,10 @@ mod tests {
         assert!(!is_mobile("12812345678") && !is_mobile("1381234567"));
         assert!(is_plate("浙A12345") && is_plate("浙AD12345") && is_plate("京B2C3D4"));
         assert!(!is_plate("XA12345") && !is_plate("浙A1234") && !is_plate("浙AI2345"));
-        let code = format!("91330106MA27XK2X7{}", credit_code_check("91330106MA27XK2X7").unwrap());
+        let code = format!(
+            "91330106MA27XK2X7{}",
+            credit_code_check("91330106MA27XK2X7").unwrap()
+        );
         assert!(is_credit_code(&code));
         let mut wrong = code.clone().into_bytes();
         wrong[17] = if wrong[17] == b'0' { b'1' } else { b'0' };
@@ -284,9 +340,24 @@ mod tests {
         let ids = ["11010519491231002X", "11010519491231002X", ""];
         assert_eq!(suggest("id", ids).class, ColumnClass::Sensitive);
         let mixed = ["13812345678", "hello", "world", "13812345678"];
-        assert_eq!(suggest("contact", mixed), Suggestion { class: ColumnClass::Internal, detected: None });
-        assert_eq!(suggest("车主", ["张三", "李四"]).detected, Some(Detected::PersonName));
-        assert_eq!(suggest("plate", ["浙A12345", "沪B54321"]).class, ColumnClass::Personal);
-        assert_eq!(suggest("amount", ["12.5", "3"]).class, ColumnClass::Internal);
+        assert_eq!(
+            suggest("contact", mixed),
+            Suggestion {
+                class: ColumnClass::Internal,
+                detected: None
+            }
+        );
+        assert_eq!(
+            suggest("车主", ["张三", "李四"]).detected,
+            Some(Detected::PersonName)
+        );
+        assert_eq!(
+            suggest("plate", ["浙A12345", "沪B54321"]).class,
+            ColumnClass::Personal
+        );
+        assert_eq!(
+            suggest("amount", ["12.5", "3"]).class,
+            ColumnClass::Internal
+        );
     }
 }

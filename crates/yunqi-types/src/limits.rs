@@ -22,6 +22,8 @@ pub struct Limits {
     pub title_bytes_max: usize,
     /// Most principals, departments or tokens returned by one list call.
     pub list_items_max: usize,
+    /// Largest file one import takes.
+    pub import_bytes_max: usize,
     /// Most rows a SQL query returns over HTTP (the PostgreSQL protocol streams).
     pub sql_result_rows_max: usize,
     /// Longest a SQL query may run.
@@ -50,6 +52,7 @@ impl Default for Limits {
             audit_preallocate_bytes: 4 << 20,
             title_bytes_max: 256,
             list_items_max: 10_000,
+            import_bytes_max: 256 << 20,
             sql_result_rows_max: 100_000,
             query_timeout_ms: 30_000,
             query_memory_bytes_max: 512 << 20,

@@ -91,7 +91,10 @@ mod tests {
     fn masks_of_each_kind() {
         assert_eq!(super::mobile("13812345678"), "138****5678");
         assert_eq!(super::plate("浙A12345"), "浙A***45");
-        assert_eq!(super::bank_card("6222021234567890123"), "622202*********0123");
+        assert_eq!(
+            super::bank_card("6222021234567890123"),
+            "622202*********0123"
+        );
         assert_eq!(super::email("wang@hz.gov.cn"), "w***@hz.gov.cn");
         assert_eq!(super::person_name("张三"), "张*");
         assert_eq!(super::person_name("欧阳娜娜"), "欧阳**");

@@ -42,6 +42,32 @@ impl Api {
         }
     }
 
+    /// POSTs a file as the raw body.
+    pub fn upload(&self, path: &str, bytes: &[u8]) -> anyhow::Result<Reply> {
+        let url = format!("{}{path}", self.base);
+        let auth = self.auth()?;
+        let mut response = self
+            .agent
+            .post(&url)
+            .header("Authorization", &auth)
+            .header("Content-Type", "text/csv")
+            .send(bytes)
+            .with_context(|| format!("cannot reach yunqi at {}\nhint: is `yunqi serve` running? set YUNQI_URL to its address", self.base))?;
+        let status = response.status().as_u16();
+        let text = response
+            .body_mut()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_string()
+            .unwrap_or_default();
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok(if (200..300).contains(&status) {
+            Reply::Ok(value)
+        } else {
+            Reply::Error(status, value)
+        })
+    }
+
     pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Reply> {
         let url = format!("{}{path}", self.base);
         let auth = self.auth()?;
@@ -462,5 +488,223 @@ pub fn whoami(api: &Api, json: bool) -> anyhow::Result<ExitCode> {
                 .unwrap_or_default(),
             s(&v["token_id"])
         );
+    })
+}
+
+/// Splits `department.dataset`.
+fn dataset_name(raw: &str) -> anyhow::Result<(String, String)> {
+    match raw.split_once('.') {
+        Some((d, n)) if !d.is_empty() && !n.is_empty() && !n.contains('.') => {
+            Ok((d.to_string(), n.to_string()))
+        }
+        _ => bail!(
+            "invalid dataset name {raw:?}\nhint: name a dataset as DEPARTMENT.DATASET, e.g. transport.vehicles"
+        ),
+    }
+}
+
+#[derive(Subcommand)]
+pub enum DatasetCommand {
+    /// Create a dataset (stewards of its department).
+    Create {
+        /// DEPARTMENT.DATASET
+        name: String,
+        /// What it holds.
+        #[arg(long)]
+        description: Option<String>,
+        /// A column: NAME:TYPE or NAME:TYPE:CLASS (types text, int, float, bool, date, timestamp;
+        /// classes public, internal, personal, sensitive). Repeat; leave out to take the columns
+        /// from the first import.
+        #[arg(long = "column")]
+        columns: Vec<String>,
+    },
+    /// The catalog: every dataset with its rows and versions.
+    List,
+    /// One dataset: schema with classes, versions.
+    Show {
+        /// DEPARTMENT.DATASET
+        name: String,
+    },
+    /// Declare a column's class.
+    Classify {
+        /// DEPARTMENT.DATASET
+        name: String,
+        /// The column.
+        column: String,
+        /// public, internal, personal or sensitive.
+        class: String,
+    },
+}
+
+pub fn dataset(api: &Api, cmd: DatasetCommand, json: bool) -> anyhow::Result<ExitCode> {
+    match cmd {
+        DatasetCommand::Create {
+            name,
+            description,
+            columns,
+        } => {
+            let (department, name) = dataset_name(&name)?;
+            let mut cols = Vec::new();
+            for c in &columns {
+                let parts: Vec<&str> = c.split(':').collect();
+                match parts.as_slice() {
+                    [n, t] => cols.push(json!({"name": n, "type": t})),
+                    [n, t, class] => cols.push(json!({"name": n, "type": t, "class": class})),
+                    _ => bail!(
+                        "invalid column {c:?}\nhint: write NAME:TYPE or NAME:TYPE:CLASS, e.g. plate:text:personal"
+                    ),
+                }
+            }
+            let body = json!({"department": department, "name": name, "description": description, "columns": cols});
+            let r = api.call("POST", "/api/v1/datasets", Some(body))?;
+            finish(r, json, |v| {
+                println!("created dataset {}", s(&v["sql_name"]))
+            })
+        }
+        DatasetCommand::List => {
+            let r = api.call("GET", "/api/v1/datasets", None)?;
+            finish(r, json, |v| {
+                println!(
+                    "{:<36} {:>10} {:>8}  description",
+                    "dataset", "rows", "versions"
+                );
+                for d in v["datasets"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<36} {:>10} {:>8}  {}",
+                        s(&d["sql_name"]),
+                        d["rows"],
+                        d["versions"].as_array().map_or(0, Vec::len),
+                        s(&d["description"])
+                    );
+                }
+            })
+        }
+        DatasetCommand::Show { name } => {
+            let (department, name) = dataset_name(&name)?;
+            let r = api.call(
+                "GET",
+                &format!("/api/v1/datasets/{}/{}", enc(&department), enc(&name)),
+                None,
+            )?;
+            finish(r, json, print_dataset)
+        }
+        DatasetCommand::Classify {
+            name,
+            column,
+            class,
+        } => {
+            let (department, name) = dataset_name(&name)?;
+            let r = api.call(
+                "POST",
+                &format!(
+                    "/api/v1/datasets/{}/{}/columns/{}/class",
+                    enc(&department),
+                    enc(&name),
+                    enc(&column)
+                ),
+                Some(json!({"class": class})),
+            )?;
+            finish(r, json, print_dataset)
+        }
+    }
+}
+
+fn print_dataset(v: &Value) {
+    println!("{}  {}", s(&v["sql_name"]), s(&v["description"]));
+    println!(
+        "{:<20} {:<10} {:<10} {:<12} header",
+        "column", "type", "class", "detected"
+    );
+    for c in v["columns"].as_array().into_iter().flatten() {
+        println!(
+            "{:<20} {:<10} {:<10} {:<12} {}",
+            s(&c["name"]),
+            s(&c["type"]),
+            format!(
+                "{}{}",
+                s(&c["class"]),
+                if c["class_declared"] == true { "*" } else { "" }
+            ),
+            c["detected"].as_str().unwrap_or("-"),
+            c["label"].as_str().unwrap_or("")
+        );
+    }
+    for ver in v["versions"].as_array().into_iter().flatten() {
+        println!(
+            "version {} {} by {} ({}): {} rows, {} rejected",
+            ver["version"],
+            s(&ver["created_at"]),
+            s(&ver["created_by"]),
+            s(&ver["mode"]),
+            ver["rows"],
+            ver["rejected"]
+        );
+    }
+}
+
+#[derive(Args)]
+pub struct ImportArgs {
+    /// DEPARTMENT.DATASET
+    dataset: String,
+    /// A CSV file (UTF-8 or GBK; the delimiter and a header row are detected).
+    file: std::path::PathBuf,
+    /// append (default) or replace.
+    #[arg(long, default_value = "append")]
+    mode: String,
+    /// Import the good rows and keep the bad ones in the rejects, instead of refusing the file.
+    #[arg(long)]
+    lenient: bool,
+    /// Field delimiter: , ; | or tab.
+    #[arg(long)]
+    delimiter: Option<String>,
+}
+
+pub fn import(api: &Api, a: ImportArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let (department, name) = dataset_name(&a.dataset)?;
+    let bytes =
+        std::fs::read(&a.file).with_context(|| format!("cannot read {}", a.file.display()))?;
+    let mut q = vec![format!("mode={}", enc(&a.mode))];
+    if a.lenient {
+        q.push("lenient=true".into());
+    }
+    if let Some(d) = &a.delimiter {
+        q.push(format!("delimiter={}", enc(d)));
+    }
+    let r = api.upload(
+        &format!(
+            "/api/v1/datasets/{}/{}/import?{}",
+            enc(&department),
+            enc(&name),
+            q.join("&")
+        ),
+        &bytes,
+    )?;
+    finish(r, json, |v| {
+        println!(
+            "{} version {}: {} rows imported, {} rejected, {} in all ({}, delimiter {:?}{})",
+            s(&v["dataset"]),
+            v["version"],
+            v["rows_imported"],
+            v["rows_rejected"],
+            v["rows_total"],
+            s(&v["encoding"]),
+            s(&v["delimiter"]),
+            if v["header"] == true {
+                ", header row"
+            } else {
+                ""
+            }
+        );
+        for r in v["rejects"].as_array().into_iter().flatten() {
+            println!(
+                "  rejected line {}: {}{}",
+                r["line"],
+                r["column"]
+                    .as_str()
+                    .map(|c| format!("column {c}: "))
+                    .unwrap_or_default(),
+                s(&r["reason"])
+            );
+        }
     })
 }

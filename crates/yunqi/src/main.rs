@@ -52,6 +52,11 @@ enum Command {
     /// Bearer tokens.
     #[command(subcommand)]
     Token(client::TokenCommand),
+    /// Datasets and the catalog.
+    #[command(subcommand)]
+    Dataset(client::DatasetCommand),
+    /// Import a CSV file into a dataset as a new version.
+    Import(client::ImportArgs),
     /// The audit chain.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -90,6 +95,8 @@ fn main() -> ExitCode {
                 Command::Dept(c) => client::dept(&api, c, json),
                 Command::Principal(c) => client::principal(&api, c, json),
                 Command::Token(c) => client::token(&api, c, json),
+                Command::Dataset(c) => client::dataset(&api, c, json),
+                Command::Import(a) => client::import(&api, a, json),
                 Command::Audit(AuditCommand::List(a)) => client::audit_list(&api, a, json),
                 Command::Whoami => client::whoami(&api, json),
                 _ => unreachable!("handled above"),

@@ -167,8 +167,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let store = Arc::new(
         SqliteStore::open(&data.join("meta.db")).map_err(|e| anyhow::anyhow!("{}", e.message))?,
     );
+    let datasets =
+        yunqi_datasets::DatasetStore::open(&data.join("datasets"), limits.import_bytes_max)
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
     let gov = Arc::new(
-        Governance::open(store, audit.clone(), clock)
+        Governance::open(store, datasets, audit.clone(), clock)
             .map_err(|e| anyhow::anyhow!("{}", e.message))?,
     );
 

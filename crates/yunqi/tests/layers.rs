@@ -9,6 +9,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("yunqi-types", 0),
     ("yunqi-audit", 1),
     ("yunqi-store", 1),
+    ("yunqi-datasets", 1),
     ("yunqi-governance", 2),
     ("yunqi-sql", 3),
     ("yunqi-api", 4),

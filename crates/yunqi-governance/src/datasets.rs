@@ -1,0 +1,226 @@
+//! Dataset operations: create, import, declare column classes, read the catalog, and find what
+//! a principal may query. Each change is authorised, audited before it becomes visible, then
+//! applied; each denial is audited.
+
+use std::path::PathBuf;
+
+use yunqi_datasets::{DatasetSpec, ImportOptions, ImportReport, Manifest};
+use yunqi_types::{ColumnClass, Error, Name, Outcome};
+
+use crate::{Action, Actor, CallContext, Governance, authorize};
+
+impl Governance {
+    fn dataset_event(
+        &self,
+        actor: &Actor,
+        action: &str,
+        dataset: &str,
+        outcome: Outcome,
+        detail: String,
+        ctx: &CallContext,
+    ) -> yunqi_types::AuditEvent {
+        yunqi_types::AuditEvent {
+            principal: actor.principal.name.to_string(),
+            department: actor
+                .principal
+                .department
+                .as_ref()
+                .map(|d| d.to_string())
+                .unwrap_or_default(),
+            action: action.into(),
+            object: format!("dataset:{dataset}"),
+            outcome: Some(outcome),
+            purpose: String::new(),
+            detail,
+            request_id: ctx.request_id.clone(),
+        }
+    }
+
+    /// Creates a dataset (stewards of its department, admins).
+    pub async fn create_dataset(
+        &self,
+        actor: &Actor,
+        spec: DatasetSpec,
+        ctx: &CallContext,
+    ) -> Result<Manifest, Error> {
+        let dataset = format!("{}.{}", spec.department, spec.name);
+        let action = Action::DatasetWrite {
+            dataset: &dataset,
+            department: &spec.department,
+        };
+        self.authorize(actor, &action, ctx).await?;
+        let _guard = self.dataset_lock.lock().await;
+        self.get_department(actor, spec.department.as_str())?;
+        self.audit
+            .append(vec![self.dataset_event(
+                actor,
+                "dataset.create",
+                &dataset,
+                Outcome::Ok,
+                String::new(),
+                ctx,
+            )])
+            .await?;
+        let store = self.datasets.clone();
+        let now = self.now();
+        let result = tokio::task::spawn_blocking(move || store.create(spec, now))
+            .await
+            .map_err(|e| Error::internal(format!("dataset task failed: {e}")))?;
+        if let Err(e) = &result {
+            let failed = self.dataset_event(
+                actor,
+                "dataset.create",
+                &dataset,
+                Outcome::Failed,
+                e.message.clone(),
+                ctx,
+            );
+            let _ = self.audit.append(vec![failed]).await;
+        }
+        result
+    }
+
+    /// Imports CSV bytes into a dataset as a new version (stewards of its department, admins).
+    pub async fn import_dataset(
+        &self,
+        actor: &Actor,
+        department: &str,
+        name: &str,
+        bytes: Vec<u8>,
+        options: ImportOptions,
+        ctx: &CallContext,
+    ) -> Result<ImportReport, Error> {
+        let department = Name::parse("department", department)?;
+        let dataset = format!("{department}.{name}");
+        let action = Action::DatasetWrite {
+            dataset: &dataset,
+            department: &department,
+        };
+        self.authorize(actor, &action, ctx).await?;
+        let _guard = self.dataset_lock.lock().await;
+        let store = self.datasets.clone();
+        let (d, n, by, now) = (
+            department.to_string(),
+            name.to_string(),
+            actor.principal.name.to_string(),
+            self.now(),
+        );
+        let staged = tokio::task::spawn_blocking(move || {
+            store.prepare_import(&d, &n, &bytes, options, &by, now)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("import task failed: {e}")))?;
+        let staged = match staged {
+            Ok(s) => s,
+            Err(e) => {
+                let failed = self.dataset_event(
+                    actor,
+                    "dataset.import",
+                    &dataset,
+                    Outcome::Failed,
+                    e.message.clone(),
+                    ctx,
+                );
+                self.audit.append(vec![failed]).await?;
+                return Err(e);
+            }
+        };
+        let r = &staged.report;
+        let detail = format!(
+            "version {}: {} rows imported, {} rejected, {} in all",
+            r.version, r.rows_imported, r.rows_rejected, r.rows_total
+        );
+        if let Err(e) = self
+            .audit
+            .append(vec![self.dataset_event(
+                actor,
+                "dataset.import",
+                &dataset,
+                Outcome::Ok,
+                detail,
+                ctx,
+            )])
+            .await
+        {
+            self.datasets.discard(staged);
+            return Err(e);
+        }
+        self.datasets.publish(&staged)?;
+        Ok(staged.report)
+    }
+
+    /// Declares a column's class (stewards of its department, admins); imports never change a
+    /// declared class.
+    pub async fn classify_column(
+        &self,
+        actor: &Actor,
+        department: &str,
+        name: &str,
+        column: &str,
+        class: ColumnClass,
+        ctx: &CallContext,
+    ) -> Result<Manifest, Error> {
+        let department = Name::parse("department", department)?;
+        let dataset = format!("{department}.{name}");
+        self.authorize(
+            actor,
+            &Action::DatasetWrite {
+                dataset: &dataset,
+                department: &department,
+            },
+            ctx,
+        )
+        .await?;
+        let _guard = self.dataset_lock.lock().await;
+        self.datasets.get(department.as_str(), name)?;
+        let event = self.dataset_event(
+            actor,
+            "dataset.classify",
+            &dataset,
+            Outcome::Ok,
+            format!("column {column} is {class}"),
+            ctx,
+        );
+        self.audit.append(vec![event]).await?;
+        self.datasets
+            .set_class(department.as_str(), name, column, class)
+    }
+
+    /// The catalog: every dataset's description, schema, classes and versions (not its data).
+    pub fn catalog(&self, actor: &Actor) -> Result<Vec<Manifest>, Error> {
+        authorize(&actor.principal, &Action::CatalogRead)?;
+        self.datasets.list()
+    }
+
+    /// One catalog entry.
+    pub fn catalog_entry(
+        &self,
+        actor: &Actor,
+        department: &str,
+        name: &str,
+    ) -> Result<Manifest, Error> {
+        authorize(&actor.principal, &Action::CatalogRead)?;
+        self.datasets.get(department, name)
+    }
+
+    /// The datasets `actor` may query, with the files of their current versions.
+    pub fn queryable(&self, actor: &Actor) -> Result<Vec<(Manifest, Vec<PathBuf>)>, Error> {
+        let mut out = Vec::new();
+        for m in self.datasets.list()? {
+            let dataset = m.sql_name();
+            if authorize(
+                &actor.principal,
+                &Action::DatasetQuery {
+                    dataset: &dataset,
+                    department: &m.department,
+                },
+            )
+            .is_ok()
+            {
+                let files = self.datasets.files(&m, None)?;
+                out.push((m, files));
+            }
+        }
+        Ok(out)
+    }
+}
