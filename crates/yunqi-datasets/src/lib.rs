@@ -374,17 +374,9 @@ impl DatasetStore {
         let previous = m.current().cloned();
         let number = previous.as_ref().map_or(0, |v| v.version) + 1;
         let dir = self.dir(&m.department, &m.name);
-        let mut files = match (options.mode, &previous) {
-            (Mode::Append, Some(p)) => p.files.clone(),
-            _ => Vec::new(),
-        };
-        let mut rows_total = match (options.mode, &previous) {
-            (Mode::Append, Some(p)) => p.rows,
-            _ => 0,
-        };
-        let mut bytes_total = match (options.mode, &previous) {
-            (Mode::Append, Some(p)) => p.bytes,
-            _ => 0,
+        let (mut files, mut rows_total, mut bytes_total) = match (options.mode, &previous) {
+            (Mode::Append, Some(p)) => (p.files.clone(), p.rows, p.bytes),
+            _ => (Vec::new(), 0, 0),
         };
         let imported = parsed.batch.num_rows() as u64;
         let mut written = Vec::new();

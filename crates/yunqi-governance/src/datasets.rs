@@ -19,21 +19,14 @@ impl Governance {
         detail: String,
         ctx: &CallContext,
     ) -> yunqi_types::AuditEvent {
-        yunqi_types::AuditEvent {
-            principal: actor.principal.name.to_string(),
-            department: actor
-                .principal
-                .department
-                .as_ref()
-                .map(|d| d.to_string())
-                .unwrap_or_default(),
-            action: action.into(),
-            object: format!("dataset:{dataset}"),
-            outcome: Some(outcome),
-            purpose: String::new(),
+        Self::actor_event(
+            actor,
+            action,
+            format!("dataset:{dataset}"),
+            outcome,
             detail,
-            request_id: ctx.request_id.clone(),
-        }
+            ctx,
+        )
     }
 
     /// Creates a dataset (stewards of its department, admins).

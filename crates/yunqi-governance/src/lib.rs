@@ -316,22 +316,15 @@ impl Governance {
         detail: String,
         ctx: &CallContext,
     ) -> Result<(), Error> {
-        let p = &actor.principal;
         self.audit
-            .append(vec![AuditEvent {
-                principal: p.name.to_string(),
-                department: p
-                    .department
-                    .as_ref()
-                    .map(|d| d.to_string())
-                    .unwrap_or_default(),
-                action: action.into(),
-                object: object.into(),
-                outcome: Some(outcome),
-                purpose: String::new(),
+            .append(vec![Self::actor_event(
+                actor,
+                action,
+                object.to_string(),
+                outcome,
                 detail,
-                request_id: ctx.request_id.clone(),
-            }])
+                ctx,
+            )])
             .await
             .map(|_| ())
     }
@@ -341,6 +334,32 @@ impl Governance {
         self.read().principals.get(name).cloned()
     }
 
+    /// An audit event of `actor` doing `action` on `object`.
+    fn actor_event(
+        actor: &Actor,
+        action: &str,
+        object: String,
+        outcome: Outcome,
+        detail: String,
+        ctx: &CallContext,
+    ) -> AuditEvent {
+        let p = &actor.principal;
+        AuditEvent {
+            principal: p.name.to_string(),
+            department: p
+                .department
+                .as_ref()
+                .map(|d| d.to_string())
+                .unwrap_or_default(),
+            action: action.into(),
+            object,
+            outcome: Some(outcome),
+            purpose: String::new(),
+            detail,
+            request_id: ctx.request_id.clone(),
+        }
+    }
+
     fn event(
         actor: &Actor,
         action: &Action<'_>,
@@ -348,21 +367,14 @@ impl Governance {
         detail: String,
         ctx: &CallContext,
     ) -> AuditEvent {
-        AuditEvent {
-            principal: actor.principal.name.to_string(),
-            department: actor
-                .principal
-                .department
-                .as_ref()
-                .map(|d| d.to_string())
-                .unwrap_or_default(),
-            action: action.audit_action().into(),
-            object: action.audit_object(),
-            outcome: Some(outcome),
-            purpose: String::new(),
+        Self::actor_event(
+            actor,
+            action.audit_action(),
+            action.audit_object(),
+            outcome,
             detail,
-            request_id: ctx.request_id.clone(),
-        }
+            ctx,
+        )
     }
 
     /// Authorises, auditing a denial.
