@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure the services yunqi's tests may talk to are up on this machine: PostgreSQL on
-# 127.0.0.1:5432 and NATS with JetStream on 127.0.0.1:4222. Installs them from Debian's
-# packages when they are missing, starts them when they are stopped. Idempotent.
+# 127.0.0.1:5432 and NATS with JetStream on 127.0.0.1:4222, and that psql (the client the pg
+# endpoint's tests use) is installed. Installs from Debian's packages what is missing, starts
+# what is stopped. Idempotent.
 set -euo pipefail
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -34,4 +35,6 @@ if ! port_open 4222; then
     -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server
   wait_port 4222 "NATS"
 fi
-echo "services: PostgreSQL :5432 and NATS :4222 are up"
+# The pg endpoint's tests drive it with psql, a real PostgreSQL client.
+if ! command -v psql >/dev/null; then apt_install postgresql-client; fi
+echo "services: PostgreSQL :5432 and NATS :4222 are up; psql is installed"

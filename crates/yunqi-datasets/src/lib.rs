@@ -160,6 +160,16 @@ impl DatasetStore {
         self.root.join(department).join(name)
     }
 
+    /// Absolute paths of the rejects files of every version.
+    pub fn rejects_files(&self, m: &Manifest) -> Vec<PathBuf> {
+        let dir = self.dir(&m.department, &m.name);
+        m.versions
+            .iter()
+            .filter_map(|v| v.rejects_file.as_ref())
+            .map(|f| dir.join(f))
+            .collect()
+    }
+
     /// Absolute paths of a version's data files (the current version when `None`).
     pub fn files(&self, m: &Manifest, version: Option<u64>) -> Result<Vec<PathBuf>, Error> {
         let v = match version {
@@ -181,6 +191,11 @@ impl DatasetStore {
                 &format!("{}.{}", spec.department, spec.name),
             )
             .hint("import into it, or pick another name"));
+        }
+        if spec.name.as_str().contains("__") {
+            return Err(Error::invalid(format!("invalid dataset name \"{}\"", spec.name))
+                .detail("names with \"__\" are kept for the tables yunqi derives from datasets (`__rejects`)")
+                .hint("use single underscores"));
         }
         let mut seen = HashSet::new();
         for c in &spec.columns {
@@ -392,7 +407,7 @@ impl DatasetStore {
         } else {
             let rel = format!("data/v{number:06}-rejects-{}.parquet", random_suffix());
             written.push(dir.join(&rel));
-            self.write_parquet(&dir.join(&rel), &rejects_batch(&parsed.rejects)?)?;
+            self.write_parquet(&dir.join(&rel), &rejects_batch(number, &parsed.rejects)?)?;
             Some(rel)
         };
         csv_import::update_classes(&mut m.columns, &parsed.samples);
@@ -472,14 +487,25 @@ impl DatasetStore {
     }
 }
 
-fn rejects_batch(rejects: &[Reject]) -> Result<RecordBatch, Error> {
-    let schema = Arc::new(Schema::new(vec![
+/// The schema of the rejects table (`department.dataset__rejects` in SQL).
+pub fn rejects_schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![
+        Field::new("version", DataType::Int64, false),
         Field::new("line", DataType::Int64, false),
         Field::new("column", DataType::Utf8, true),
         Field::new("reason", DataType::Utf8, false),
         Field::new("raw", DataType::Utf8, false),
-    ]));
+    ]))
+}
+
+/// The suffix that names a dataset's rejects table in SQL.
+pub const REJECTS_SUFFIX: &str = "__rejects";
+
+fn rejects_batch(version: u64, rejects: &[Reject]) -> Result<RecordBatch, Error> {
     let columns: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from_iter_values(
+            rejects.iter().map(|_| version as i64),
+        )),
         Arc::new(Int64Array::from_iter_values(
             rejects.iter().map(|r| r.line as i64),
         )),
@@ -493,5 +519,6 @@ fn rejects_batch(rejects: &[Reject]) -> Result<RecordBatch, Error> {
             rejects.iter().map(|r| r.raw.as_str()),
         )),
     ];
-    RecordBatch::try_new(schema, columns).map_err(|e| Error::internal(format!("rejects: {e}")))
+    RecordBatch::try_new(rejects_schema(), columns)
+        .map_err(|e| Error::internal(format!("rejects: {e}")))
 }

@@ -417,6 +417,10 @@ fn limits_and_names() {
         .create(spec("vehicles", vec![]), Utc::now())
         .unwrap_err();
     assert_eq!(e.code, ErrorCode::AlreadyExists);
+    let e = store
+        .create(spec("vehicles__rejects", vec![]), Utc::now())
+        .unwrap_err();
+    assert!(e.detail.unwrap().contains("__rejects"));
     let e = store.get("transport", "vehicle").unwrap_err();
     assert_eq!(e.hint.unwrap(), "did you mean \"transport.vehicles\"?");
     let small = DatasetStore::open(&_d.path().join("small"), 10).unwrap();

@@ -9,6 +9,17 @@ use yunqi_types::{ColumnClass, Error, Name, Outcome};
 
 use crate::{Action, Actor, CallContext, Governance, authorize};
 
+/// A dataset a principal may query.
+#[derive(Debug, Clone)]
+pub struct Queryable {
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// Data files of the current version.
+    pub files: Vec<PathBuf>,
+    /// Rejects files of every version.
+    pub rejects_files: Vec<PathBuf>,
+}
+
 impl Governance {
     fn dataset_event(
         &self,
@@ -196,22 +207,22 @@ impl Governance {
         self.datasets.get(department, name)
     }
 
-    /// The datasets `actor` may query, with the files of their current versions.
-    pub fn queryable(&self, actor: &Actor) -> Result<Vec<(Manifest, Vec<PathBuf>)>, Error> {
+    /// The datasets `actor` may query, with the files of their current versions and of their
+    /// rejects.
+    pub fn queryable(&self, actor: &Actor) -> Result<Vec<Queryable>, Error> {
         let mut out = Vec::new();
         for m in self.datasets.list()? {
             let dataset = m.sql_name();
-            if authorize(
-                &actor.principal,
-                &Action::DatasetQuery {
-                    dataset: &dataset,
-                    department: &m.department,
-                },
-            )
-            .is_ok()
-            {
-                let files = self.datasets.files(&m, None)?;
-                out.push((m, files));
+            let action = Action::DatasetQuery {
+                dataset: &dataset,
+                department: &m.department,
+            };
+            if authorize(&actor.principal, &action).is_ok() {
+                out.push(Queryable {
+                    files: self.datasets.files(&m, None)?,
+                    rejects_files: self.datasets.rejects_files(&m),
+                    manifest: m,
+                });
             }
         }
         Ok(out)

@@ -22,6 +22,7 @@ use yunqi_types::{
     suggest,
 };
 
+pub use datasets::Queryable;
 pub use policy::{Action, authorize};
 pub use tokens::NewToken;
 

@@ -60,7 +60,32 @@ pub fn register_datasets(
     let catalog = ctx
         .catalog(crate::CATALOG)
         .ok_or_else(|| Error::internal("the session has no yunqi catalog"))?;
-    for (m, files) in gov.queryable(actor)? {
+    let parquet_table = |name: &str,
+                         schema: datafusion::arrow::datatypes::SchemaRef,
+                         files: &[std::path::PathBuf]|
+     -> Result<Arc<dyn datafusion::catalog::TableProvider>, Error> {
+        if files.is_empty() {
+            return Ok(Arc::new(
+                MemTable::try_new(schema, vec![vec![]])
+                    .map_err(|e| Error::internal(e.to_string()))?,
+            ));
+        }
+        let urls = files
+            .iter()
+            .map(|f| ListingTableUrl::parse(f.to_string_lossy()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::internal(format!("{name}: {e}")))?;
+        let options =
+            ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+        let config = ListingTableConfig::new_with_multi_paths(urls)
+            .with_listing_options(options)
+            .with_schema(schema);
+        Ok(Arc::new(
+            ListingTable::try_new(config).map_err(|e| Error::internal(format!("{name}: {e}")))?,
+        ))
+    };
+    for q in gov.queryable(actor)? {
+        let m = &q.manifest;
         if catalog.schema(&m.department).is_none() {
             catalog
                 .register_schema(&m.department, Arc::new(MemorySchemaProvider::new()))
@@ -68,30 +93,18 @@ pub fn register_datasets(
                     Error::internal(format!("cannot register schema {}: {e}", m.department))
                 })?;
         }
-        let schema = m.arrow_schema();
-        let table: Arc<dyn datafusion::catalog::TableProvider> = if files.is_empty() {
-            Arc::new(
-                MemTable::try_new(schema, vec![vec![]])
-                    .map_err(|e| Error::internal(e.to_string()))?,
-            )
-        } else {
-            let urls = files
-                .iter()
-                .map(|f| ListingTableUrl::parse(f.to_string_lossy()))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| Error::internal(format!("dataset {}: {e}", m.sql_name())))?;
-            let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
-                .with_file_extension(".parquet");
-            let config = ListingTableConfig::new_with_multi_paths(urls)
-                .with_listing_options(options)
-                .with_schema(schema);
-            Arc::new(
-                ListingTable::try_new(config)
-                    .map_err(|e| Error::internal(format!("dataset {}: {e}", m.sql_name())))?,
-            )
-        };
-        ctx.register_table(format!("{}.{}", m.department, m.name), table)
-            .map_err(|e| Error::internal(format!("cannot register {}: {e}", m.sql_name())))?;
+        let sql_name = m.sql_name();
+        ctx.register_table(
+            sql_name.clone(),
+            parquet_table(&sql_name, m.arrow_schema(), &q.files)?,
+        )
+        .map_err(|e| Error::internal(format!("cannot register {sql_name}: {e}")))?;
+        let rejects = format!("{sql_name}{}", yunqi_datasets::REJECTS_SUFFIX);
+        ctx.register_table(
+            rejects.clone(),
+            parquet_table(&rejects, yunqi_datasets::rejects_schema(), &q.rejects_files)?,
+        )
+        .map_err(|e| Error::internal(format!("cannot register {rejects}: {e}")))?;
     }
     Ok(())
 }

@@ -146,6 +146,18 @@ fn a_department_publishes_and_queries_its_dataset_and_nobody_else_reads_it() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // The rejected row is kept, with its version, line, column and reason, for the department.
+    let (status, v) = sql(
+        &server,
+        &li,
+        "SELECT version, line, \"column\", reason FROM transport.vehicles__rejects",
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v["rows"],
+        serde_json::json!([[2, 1, "seats", "\"five\" is not an integer"]])
+    );
+
     // Another department sees the catalog entry, not the data; so does the platform admin.
     let (status, v) = server.call(
         "GET",

@@ -170,6 +170,38 @@ pub fn call(
     try_call(agent, base, method, path, token, body).expect("HTTP call")
 }
 
+/// A POST of a `length`-byte body of filler, written whole before the response is read. With
+/// `length` one byte over the server's limit, the server has read everything when it answers
+/// 413 and closes, so the answer is never lost to a connection reset (which a client still
+/// streaming a larger body would race).
+pub fn post_over_limit(base: &str, path: &str, token: &str, length: usize) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    stream.write_all(&vec![b' '; length]).unwrap();
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let text = String::from_utf8_lossy(&response);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(Value::String(body.to_string())),
+    )
+}
+
 /// Like [`call`], but `None` when the server cannot be reached.
 pub fn try_call(
     agent: &ureq::Agent,
