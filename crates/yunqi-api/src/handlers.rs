@@ -395,17 +395,43 @@ pub async fn create_dataset(
     Ok((StatusCode::CREATED, axum::Json(m.into())))
 }
 
-/// The catalog: every dataset's schema, classes and versions (not its data).
+/// The catalog: every dataset's schema, classes and versions (not its data), optionally
+/// searched.
 #[utoipa::path(get, path = "/api/v1/datasets", tag = "datasets", security(("bearer" = [])),
-    responses((status = 200, body = DatasetList), (status = 403, body = ErrorBody)))]
+    params(CatalogFilter),
+    responses((status = 200, body = DatasetList), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn list_datasets(
     State(state): State<AppState>,
     auth: Authed,
+    Query(f): Query<CatalogFilter>,
 ) -> ApiResult<axum::Json<DatasetList>> {
+    let class: Option<yunqi_types::ColumnClass> = f.class.as_deref().map(str::parse).transpose()?;
+    let words: Vec<String> =
+        f.q.as_deref()
+            .unwrap_or("")
+            .split_whitespace()
+            .map(str::to_lowercase)
+            .collect();
     let list = state.gov.catalog(&auth.actor)?;
-    Ok(axum::Json(DatasetList {
-        datasets: list.into_iter().map(Into::into).collect(),
-    }))
+    let datasets = list
+        .into_iter()
+        .filter(|m| class.is_none_or(|c| m.columns.iter().any(|col| col.class == c)))
+        .filter(|m| {
+            let text = std::iter::once(m.sql_name())
+                .chain(std::iter::once(m.description.clone()))
+                .chain(
+                    m.columns
+                        .iter()
+                        .flat_map(|c| std::iter::once(c.name.clone()).chain(c.label.clone())),
+                )
+                .collect::<Vec<_>>()
+                .join(" ")
+                .to_lowercase();
+            words.iter().all(|w| text.contains(w.as_str()))
+        })
+        .map(Into::into)
+        .collect();
+    Ok(axum::Json(DatasetList { datasets }))
 }
 
 /// One dataset.

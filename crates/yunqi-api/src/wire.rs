@@ -467,3 +467,14 @@ pub struct DatasetList {
     /// Datasets, by SQL name.
     pub datasets: Vec<DatasetView>,
 }
+
+/// `GET /api/v1/datasets` filters.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogFilter {
+    /// Words to find in the name, description, column names or headers (case-insensitive,
+    /// Chinese or English); every word must match.
+    pub q: Option<String>,
+    /// Only datasets with a column of this class.
+    pub class: Option<String>,
+}

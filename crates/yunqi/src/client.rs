@@ -519,7 +519,14 @@ pub enum DatasetCommand {
         columns: Vec<String>,
     },
     /// The catalog: every dataset with its rows and versions.
-    List,
+    List {
+        /// Words to find in names, descriptions, column names and headers.
+        #[arg(long)]
+        search: Option<String>,
+        /// Only datasets with a column of this class (e.g. sensitive).
+        #[arg(long)]
+        class: Option<String>,
+    },
     /// One dataset: schema with classes, versions.
     Show {
         /// DEPARTMENT.DATASET
@@ -561,8 +568,20 @@ pub fn dataset(api: &Api, cmd: DatasetCommand, json: bool) -> anyhow::Result<Exi
                 println!("created dataset {}", s(&v["sql_name"]))
             })
         }
-        DatasetCommand::List => {
-            let r = api.call("GET", "/api/v1/datasets", None)?;
+        DatasetCommand::List { search, class } => {
+            let mut q = Vec::new();
+            if let Some(t) = &search {
+                q.push(format!("q={}", enc(t)));
+            }
+            if let Some(c) = &class {
+                q.push(format!("class={}", enc(c)));
+            }
+            let path = if q.is_empty() {
+                "/api/v1/datasets".to_string()
+            } else {
+                format!("/api/v1/datasets?{}", q.join("&"))
+            };
+            let r = api.call("GET", &path, None)?;
             finish(r, json, |v| {
                 println!(
                     "{:<36} {:>10} {:>8}  description",

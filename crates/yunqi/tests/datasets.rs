@@ -213,6 +213,54 @@ fn a_department_publishes_and_queries_its_dataset_and_nobody_else_reads_it() {
     assert_eq!(list["datasets"][0]["sql_name"], "transport.vehicles");
     assert_eq!(list["datasets"][0]["columns"][4]["class"], "public");
 
+    // Catalog search by words (Chinese or English, names, headers) and by class.
+    for (query, found) in [
+        ("q=%E6%9C%BA%E5%8A%A8%E8%BD%A6", 1),
+        ("q=VEHICLES%20seats", 1),
+        ("q=%E5%A7%93%E5%90%8D", 1),
+        ("q=permits", 0),
+        ("class=sensitive", 1),
+        ("class=sensitive&q=hospital", 0),
+    ] {
+        let (status, v) = server.call(
+            "GET",
+            &format!("/api/v1/datasets?{query}"),
+            Some(&tom),
+            None,
+        );
+        assert_eq!(
+            (status, v["datasets"].as_array().map(Vec::len)),
+            (200, Some(found)),
+            "{query}: {v}"
+        );
+    }
+    let (status, v) = server.call("GET", "/api/v1/datasets?class=secret", Some(&tom), None);
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("invalid_input"))
+    );
+    let (code, out, _) = cli(
+        &server,
+        &tom,
+        &[
+            "--json",
+            "dataset",
+            "list",
+            "--search",
+            "机动车",
+            "--class",
+            "personal",
+        ],
+    );
+    assert_eq!(code, 0);
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["datasets"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
     // Audited: creation, both imports (refused and accepted), the classification, the query, the denial.
     let records = server.audit_all();
     let has = |action: &str, outcome: &str, principal: &str| {
