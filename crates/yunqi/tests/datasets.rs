@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Server, cli};
+use common::{Server, cli, psql};
 use serde_json::Value;
 
 const VEHICLES: &str = "plate,owner_id,姓名,mobile,seats,registered\n\
@@ -119,32 +119,14 @@ fn a_department_publishes_and_queries_its_dataset_and_nobody_else_reads_it() {
         v["rows"],
         serde_json::json!([["沪B54321", 7], ["浙A12345", 5], ["浙AD1234", 5]])
     );
-    let (host, port) = server.pg.rsplit_once(':').unwrap();
-    let out = std::process::Command::new("psql")
-        .args([
-            "-h",
-            host,
-            "-p",
-            port,
-            "-U",
-            "ann",
-            "-d",
-            "yunqi",
-            "-X",
-            "-A",
-            "-t",
-            "-c",
-            "SELECT count(*), min(registered) FROM transport.vehicles",
-        ])
-        .env("PGPASSWORD", &ann)
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "4|2019-05-06",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (code, out, err) = psql(
+        &server,
+        "ann",
+        &ann,
+        "yunqi",
+        "SELECT count(*), min(registered) FROM transport.vehicles",
     );
+    assert_eq!((code, out.trim()), (0, "4|2019-05-06"), "{err}");
 
     // The rejected row is kept, with its version, line, column and reason, for the department.
     let (status, v) = sql(

@@ -4,45 +4,8 @@
 
 mod common;
 
-use common::Server;
+use common::{Server, psql};
 use serde_json::Value;
-
-fn psql(
-    server: &Server,
-    user: &str,
-    password: &str,
-    database: &str,
-    sql: &str,
-) -> (i32, String, String) {
-    let (host, port) = server.pg.rsplit_once(':').unwrap();
-    let out = std::process::Command::new("psql")
-        .args([
-            "-h",
-            host,
-            "-p",
-            port,
-            "-U",
-            user,
-            "-d",
-            database,
-            "-X",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-c",
-            sql,
-        ])
-        .env("PGPASSWORD", password)
-        .env("PGCONNECT_TIMEOUT", "10")
-        .output()
-        .expect("psql is installed by scripts/services.sh");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 async fn connect(
     server: &Server,

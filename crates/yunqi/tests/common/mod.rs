@@ -268,3 +268,42 @@ pub fn cli(server: &Server, token: &str, args: &[&str]) -> (i32, String, String)
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Runs one SQL text through psql against the server's pg endpoint; returns (exit code,
+/// stdout, stderr). psql is installed by scripts/services.sh.
+pub fn psql(
+    server: &Server,
+    user: &str,
+    password: &str,
+    database: &str,
+    sql: &str,
+) -> (i32, String, String) {
+    let (host, port) = server.pg.rsplit_once(':').unwrap();
+    let out = std::process::Command::new("psql")
+        .args([
+            "-h",
+            host,
+            "-p",
+            port,
+            "-U",
+            user,
+            "-d",
+            database,
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ])
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .expect("psql is installed by scripts/services.sh");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
