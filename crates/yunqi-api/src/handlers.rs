@@ -451,7 +451,7 @@ pub async fn get_dataset(
     ))
 }
 
-/// Imports a CSV file (UTF-8 or GBK) as a new version. The body is the file.
+/// Imports a file (CSV in UTF-8 or GBK, or NDJSON) as a new version. The body is the file.
 #[utoipa::path(post, path = "/api/v1/datasets/{department}/{name}/import", tag = "datasets", security(("bearer" = [])),
     params(("department" = String, Path), ("name" = String, Path), ImportParams),
     request_body(content = String, content_type = "text/csv"),
@@ -483,11 +483,22 @@ pub async fn import_dataset(
                 .into());
         }
     };
+    let format = match p.format.as_deref() {
+        None => None,
+        Some("csv") => Some(yunqi_datasets::Format::Csv),
+        Some("ndjson") | Some("jsonl") => Some(yunqi_datasets::Format::Ndjson),
+        Some(other) => {
+            return Err(Error::invalid(format!("invalid format \"{other}\""))
+                .hint("use csv or ndjson")
+                .into());
+        }
+    };
     let options = yunqi_datasets::ImportOptions {
         mode,
         lenient: p.lenient.unwrap_or(false),
         delimiter,
         header: p.header,
+        format,
     };
     let report = state
         .gov

@@ -410,6 +410,8 @@ pub struct ImportParams {
     pub delimiter: Option<String>,
     /// Whether the first row is a header; detected when absent.
     pub header: Option<bool>,
+    /// `csv` or `ndjson` (one JSON object per line); detected when absent.
+    pub format: Option<String>,
 }
 
 /// `POST /api/v1/datasets/{department}/{name}/columns/{column}/class`.

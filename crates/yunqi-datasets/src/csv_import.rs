@@ -168,7 +168,7 @@ fn short(s: &str) -> String {
 }
 
 /// The narrowest type all sampled values fit.
-fn infer_type<'a>(values: impl Iterator<Item = &'a str> + Clone) -> ColumnType {
+pub(crate) fn infer_type<'a>(values: impl Iterator<Item = &'a str> + Clone) -> ColumnType {
     let non_empty = values.filter(|v| !v.trim().is_empty());
     if non_empty.clone().next().is_none() {
         return ColumnType::Text;
@@ -353,14 +353,7 @@ pub fn parse(
     if first_is_header {
         records.next();
     }
-    let mut builders: Vec<Builder> = columns
-        .iter()
-        .map(|c| Builder::new(c.column_type))
-        .collect();
-    let mut samples: Vec<Vec<String>> = vec![Vec::new(); columns.len()];
     let mut rejects = Vec::new();
-    let mut cells: Vec<Cell<'_>> = Vec::with_capacity(columns.len());
-    let mut rows = 0usize;
     let mut owned: Vec<csv::StringRecord> = Vec::new();
     for record in records {
         match record {
@@ -376,7 +369,34 @@ pub fn parse(
             }
         }
     }
-    'rows: for record in &owned {
+    type_rows(
+        &owned,
+        rejects,
+        columns,
+        &mapping,
+        delimiter,
+        first_is_header,
+    )
+}
+
+/// Types raw rows into Arrow columns. Field `i` of a row goes to column `mapping[i]`; a row
+/// with a bad field is rejected whole.
+pub(crate) fn type_rows(
+    owned: &[csv::StringRecord],
+    mut rejects: Vec<Reject>,
+    columns: &[Column],
+    mapping: &[usize],
+    delimiter: u8,
+    header: bool,
+) -> Result<Parsed, Error> {
+    let mut builders: Vec<Builder> = columns
+        .iter()
+        .map(|c| Builder::new(c.column_type))
+        .collect();
+    let mut samples: Vec<Vec<String>> = vec![Vec::new(); columns.len()];
+    let mut cells: Vec<Cell<'_>> = Vec::with_capacity(columns.len());
+    let mut rows = 0usize;
+    'rows: for record in owned {
         let line = record.position().map_or(0, |p| p.line());
         let raw = || {
             let joined = record
@@ -431,6 +451,8 @@ pub fn parse(
             .map(|c| datafusion::arrow::datatypes::Field::new(&c.name, c.column_type.arrow(), true))
             .collect::<Vec<_>>(),
     ));
+    // Rows unreadable before typing and rows refused by it, in file order.
+    rejects.sort_by_key(|r| r.line);
     let arrays: Vec<ArrayRef> = builders.into_iter().map(Builder::finish).collect();
     let batch = RecordBatch::try_new(schema, arrays)
         .map_err(|e| Error::internal(format!("cannot assemble rows: {e}")))?;
@@ -439,7 +461,7 @@ pub fn parse(
         batch,
         rejects,
         samples,
-        header: first_is_header,
+        header,
         delimiter,
     })
 }

@@ -11,6 +11,7 @@
 #![deny(missing_docs)]
 
 pub mod csv_import;
+pub mod ndjson_import;
 pub mod schema;
 
 use std::collections::HashSet;
@@ -51,6 +52,18 @@ pub struct ImportOptions {
     pub delimiter: Option<u8>,
     /// Whether the first row is a header; detected when `None`.
     pub header: Option<bool>,
+    /// The file's format; detected when `None` (a first `{` means NDJSON).
+    pub format: Option<Format>,
+}
+
+/// A file format an import reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// Comma- (or tab-, semicolon-, bar-) separated values.
+    Csv,
+    /// One JSON object per line.
+    Ndjson,
 }
 
 /// What an import did.
@@ -68,6 +81,8 @@ pub struct ImportReport {
     pub rows_total: u64,
     /// The first rejected rows.
     pub rejects: Vec<Reject>,
+    /// Format read.
+    pub format: Format,
     /// Text encoding read.
     pub encoding: String,
     /// Delimiter used.
@@ -358,15 +373,32 @@ impl DatasetStore {
         }
         let mut m = self.get(department, name)?;
         let (text, encoding) = csv_import::decode(bytes)?;
-        let delimiter = options
-            .delimiter
-            .unwrap_or_else(|| csv_import::detect_delimiter(&text));
-        let mut header = options.header;
-        if m.columns.is_empty() {
-            m.columns = csv_import::infer_columns(&text, delimiter)?;
-            header = Some(true);
-        }
-        let parsed = csv_import::parse(&text, delimiter, &m.columns, header)?;
+        let format = options
+            .format
+            .unwrap_or(if ndjson_import::looks_like_ndjson(&text) {
+                Format::Ndjson
+            } else {
+                Format::Csv
+            });
+        let parsed = match format {
+            Format::Csv => {
+                let delimiter = options
+                    .delimiter
+                    .unwrap_or_else(|| csv_import::detect_delimiter(&text));
+                let mut header = options.header;
+                if m.columns.is_empty() {
+                    m.columns = csv_import::infer_columns(&text, delimiter)?;
+                    header = Some(true);
+                }
+                csv_import::parse(&text, delimiter, &m.columns, header)?
+            }
+            Format::Ndjson => {
+                if m.columns.is_empty() {
+                    m.columns = ndjson_import::infer_columns(&text)?;
+                }
+                ndjson_import::parse(&text, &m.columns)?
+            }
+        };
         if !options.lenient && !parsed.rejects.is_empty() {
             let shown: Vec<String> = parsed
                 .rejects
@@ -433,7 +465,11 @@ impl DatasetStore {
             rows_total,
             rejects: parsed.rejects.into_iter().take(REJECTS_SHOWN).collect(),
             encoding: encoding.to_string(),
-            delimiter: (parsed.delimiter as char).to_string(),
+            format,
+            delimiter: match format {
+                Format::Csv => (parsed.delimiter as char).to_string(),
+                Format::Ndjson => String::new(),
+            },
             header: parsed.header,
             columns: m.columns.clone(),
         };

@@ -43,6 +43,7 @@ fn strict(mode: Mode) -> ImportOptions {
         lenient: false,
         delimiter: None,
         header: None,
+        format: None,
     }
 }
 
@@ -437,4 +438,96 @@ fn limits_and_names() {
         .unwrap_err();
     assert_eq!(e.code, ErrorCode::LimitExceeded);
     assert!(e.detail.unwrap().contains("import_bytes_max"));
+}
+
+#[test]
+fn ndjson_is_read_like_csv_with_the_same_checks() {
+    let (_d, store) = store();
+    store.create(spec("events", vec![]), Utc::now()).unwrap();
+    let first = r#"{"plate": "浙A12345", "speed": 42.5, "count": 3, "ok": true, "seen": "2026-11-26T08:00:00+08:00"}
+{"plate": "沪B54321", "speed": 61, "count": 1, "ok": false, "seen": "2026-11-26T09:30:00Z"}
+
+{"plate": "浙AD1234", "count": 2}
+"#;
+    let r = store
+        .import_csv(
+            "transport",
+            "events",
+            first.as_bytes(),
+            strict(Mode::Append),
+            "x",
+            Utc::now(),
+        )
+        .unwrap();
+    assert_eq!(
+        (r.format, r.rows_imported, r.rows_rejected),
+        (yunqi_datasets::Format::Ndjson, 3, 0)
+    );
+    let types: Vec<(&str, ColumnType, ColumnClass)> = r
+        .columns
+        .iter()
+        .map(|c| (c.name.as_str(), c.column_type, c.class))
+        .collect();
+    assert_eq!(
+        types,
+        vec![
+            ("plate", ColumnType::Text, ColumnClass::Personal),
+            ("speed", ColumnType::Float, ColumnClass::Internal),
+            ("count", ColumnType::Int, ColumnClass::Internal),
+            ("ok", ColumnType::Bool, ColumnClass::Internal),
+            ("seen", ColumnType::Timestamp, ColumnClass::Internal),
+        ]
+    );
+    let bad = r#"{"plate": "浙A00001", "count": "many"}
+{"plate": "浙A00002", "colour": "red"}
+{"plate": ["浙A00003"]}
+not json
+[1, 2]
+{"plate": "浙A00004", "count": 7}
+"#;
+    let e = store
+        .import_csv(
+            "transport",
+            "events",
+            bad.as_bytes(),
+            strict(Mode::Append),
+            "x",
+            Utc::now(),
+        )
+        .unwrap_err();
+    assert!(
+        e.message.contains("5 of 6 rows are invalid"),
+        "{}",
+        e.message
+    );
+    let r = store
+        .import_csv(
+            "transport",
+            "events",
+            bad.as_bytes(),
+            ImportOptions {
+                lenient: true,
+                ..strict(Mode::Append)
+            },
+            "x",
+            Utc::now(),
+        )
+        .unwrap();
+    let reasons: Vec<(u64, String)> = r
+        .rejects
+        .iter()
+        .map(|j| (j.line, j.reason.clone()))
+        .collect();
+    assert_eq!(reasons[0], (1, "\"many\" is not an integer".to_string()));
+    assert_eq!(reasons[1], (2, "unknown field \"colour\"".to_string()));
+    assert_eq!(
+        reasons[2],
+        (3, "is an array or object, not a value".to_string())
+    );
+    assert!(
+        reasons[3].1.starts_with("the line is not valid JSON"),
+        "{reasons:?}"
+    );
+    assert_eq!(reasons[4], (5, "the line is not a JSON object".to_string()));
+    assert_eq!((r.rows_imported, r.rows_total), (1, 4));
 }

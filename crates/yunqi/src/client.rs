@@ -665,7 +665,7 @@ fn print_dataset(v: &Value) {
 pub struct ImportArgs {
     /// DEPARTMENT.DATASET
     dataset: String,
-    /// A CSV file (UTF-8 or GBK; the delimiter and a header row are detected).
+    /// A CSV file (UTF-8 or GBK; the delimiter and a header row are detected) or an NDJSON file.
     file: std::path::PathBuf,
     /// append (default) or replace.
     #[arg(long, default_value = "append")]
@@ -676,6 +676,9 @@ pub struct ImportArgs {
     /// Field delimiter: , ; | or tab.
     #[arg(long)]
     delimiter: Option<String>,
+    /// csv or ndjson (detected when left out).
+    #[arg(long)]
+    format: Option<String>,
 }
 
 pub fn import(api: &Api, a: ImportArgs, json: bool) -> anyhow::Result<ExitCode> {
@@ -688,6 +691,9 @@ pub fn import(api: &Api, a: ImportArgs, json: bool) -> anyhow::Result<ExitCode> 
     }
     if let Some(d) = &a.delimiter {
         q.push(format!("delimiter={}", enc(d)));
+    }
+    if let Some(f) = &a.format {
+        q.push(format!("format={}", enc(f)));
     }
     let r = api.upload(
         &format!(
