@@ -168,7 +168,7 @@ fn short(s: &str) -> String {
 }
 
 /// The narrowest type all sampled values fit.
-pub(crate) fn infer_type<'a>(values: impl Iterator<Item = &'a str> + Clone) -> ColumnType {
+fn infer_type<'a>(values: impl Iterator<Item = &'a str> + Clone) -> ColumnType {
     let non_empty = values.filter(|v| !v.trim().is_empty());
     if non_empty.clone().next().is_none() {
         return ColumnType::Text;
@@ -230,23 +230,37 @@ pub fn infer_columns(text: &str, delimiter: u8) -> Result<Vec<Column>, Error> {
                     .hint("give every column a different name"),
             );
         }
-        let values = sample.iter().filter_map(|r| r.get(i));
-        let suggestion = classify::suggest(h, values.clone());
-        // Phone, card and ID numbers are identifiers, not quantities: they stay text.
-        let column_type = match suggestion.detected {
-            Some(_) => ColumnType::Text,
-            None => infer_type(values),
-        };
-        columns.push(Column {
+        columns.push(infer_column(
             name,
             label,
-            column_type,
-            class: suggestion.class,
-            class_declared: false,
-            detected: suggestion.detected,
-        });
+            h,
+            sample.iter().filter_map(|r| r.get(i)),
+        ));
     }
     Ok(columns)
+}
+
+/// A column whose type and class come from a sample of its values.
+pub(crate) fn infer_column<'a>(
+    name: String,
+    label: Option<String>,
+    header: &str,
+    values: impl Iterator<Item = &'a str> + Clone,
+) -> Column {
+    let suggestion = classify::suggest(header, values.clone());
+    // Phone, card and ID numbers are identifiers, not quantities: they stay text.
+    let column_type = match suggestion.detected {
+        Some(_) => ColumnType::Text,
+        None => infer_type(values),
+    };
+    Column {
+        name,
+        label,
+        column_type,
+        class: suggestion.class,
+        class_declared: false,
+        detected: suggestion.detected,
+    }
 }
 
 enum Builder {

@@ -2,10 +2,10 @@
 //! validation, rejects with line and reason, and classification.
 
 use serde_json::{Map, Value};
-use yunqi_types::{Error, classify};
+use yunqi_types::Error;
 
-use crate::csv_import::{Parsed, Reject, SAMPLE_ROWS, infer_type, type_rows};
-use crate::schema::{Column, ColumnType, column_name};
+use crate::csv_import::{Parsed, Reject, SAMPLE_ROWS, infer_column, type_rows};
+use crate::schema::{Column, column_name};
 
 /// Whether text looks like NDJSON: its first non-blank character opens an object.
 pub fn looks_like_ndjson(text: &str) -> bool {
@@ -73,19 +73,12 @@ pub fn infer_columns(text: &str) -> Result<Vec<Column>, Error> {
             ))
             .hint("give every field a different name"));
         }
-        let suggestion = classify::suggest(key, sample.iter().map(String::as_str));
-        let column_type = match suggestion.detected {
-            Some(_) => ColumnType::Text,
-            None => infer_type(sample.iter().map(String::as_str)),
-        };
-        columns.push(Column {
+        columns.push(infer_column(
             name,
             label,
-            column_type,
-            class: suggestion.class,
-            class_declared: false,
-            detected: suggestion.detected,
-        });
+            key,
+            sample.iter().map(String::as_str),
+        ));
     }
     Ok(columns)
 }
