@@ -78,7 +78,7 @@ fn fsync_latency(dir: &Path) -> anyhow::Result<Duration> {
 async fn append_run(dir: &Path, writers: usize, seconds: f64) -> anyhow::Result<(f64, u64, f64)> {
     let chain = Arc::new(
         AuditChain::open(dir, Arc::new(SystemClock), &Limits::default())
-            .map_err(|e| anyhow::anyhow!(e.message))?,
+            .map_err(crate::user_error)?,
     );
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
@@ -177,14 +177,14 @@ pub fn run(cmd: BenchCommand, json_out: bool) -> anyhow::Result<ExitCode> {
     }
     runtime.block_on(async {
         let chain = AuditChain::open(&vdir, Arc::new(SystemClock), &Limits::default())
-            .map_err(|e| anyhow::anyhow!(e.message))?;
+            .map_err(crate::user_error)?;
         let mut i = 0u64;
         while i < verify_records {
             let n = (verify_records - i).min(4096);
             chain
                 .append_many((i..i + n).map(sample_event).collect())
                 .await
-                .map_err(|e| anyhow::anyhow!(e.message))?;
+                .map_err(crate::user_error)?;
             i += n;
         }
         chain.shutdown().await;
@@ -196,8 +196,7 @@ pub fn run(cmd: BenchCommand, json_out: bool) -> anyhow::Result<ExitCode> {
     let mut bytes = 0u64;
     for r in 0..runs {
         let t = Instant::now();
-        let report =
-            yunqi_audit::verify(&vdir.clone(), threads).map_err(|e| anyhow::anyhow!(e.message))?;
+        let report = yunqi_audit::verify(&vdir.clone(), threads).map_err(crate::user_error)?;
         let secs = t.elapsed().as_secs_f64();
         anyhow::ensure!(
             report.ok() && report.records == verify_records,
@@ -207,9 +206,7 @@ pub fn run(cmd: BenchCommand, json_out: bool) -> anyhow::Result<ExitCode> {
         verify_rates.push(report.records as f64 / secs);
         // Baseline: one thread doing nothing but SHA-256 over the same segment bytes.
         let t = Instant::now();
-        for (_, path) in
-            yunqi_audit::chain::list_segments(&vdir).map_err(|e| anyhow::anyhow!(e.message))?
-        {
+        for (_, path) in yunqi_audit::chain::list_segments(&vdir).map_err(crate::user_error)? {
             let buf = std::fs::read(&path)?;
             let mut h = sha2::Sha256::new();
             h.update(&buf);

@@ -82,6 +82,19 @@ enum AuditCommand {
     List(client::AuditListArgs),
 }
 
+/// A library error for the command line: its message, then its detail and hint, so that the
+/// person at the terminal learns what to do.
+pub fn user_error(e: yunqi_types::Error) -> anyhow::Error {
+    let mut text = e.message;
+    if let Some(d) = e.detail {
+        text.push_str(&format!("\ndetail: {d}"));
+    }
+    if let Some(h) = e.hint {
+        text.push_str(&format!("\nhint: {h}"));
+    }
+    anyhow::anyhow!(text)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let json = cli.json;
@@ -124,13 +137,7 @@ fn verify(data: &std::path::Path, threads: Option<usize>, json: bool) -> anyhow:
     let threads =
         threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let started = std::time::Instant::now();
-    let report = yunqi_audit::verify(&dir, threads).map_err(|e| {
-        anyhow::anyhow!(
-            "{}{}",
-            e.message,
-            e.hint.map(|h| format!("\nhint: {h}")).unwrap_or_default()
-        )
-    })?;
+    let report = yunqi_audit::verify(&dir, threads).map_err(user_error)?;
     let seconds = started.elapsed().as_secs_f64();
     if json {
         let mut v = serde_json::to_value(&report)?;

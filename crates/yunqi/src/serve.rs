@@ -153,34 +153,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
 
     let audit = Arc::new(
-        AuditChain::open(&data.join("audit"), clock.clone(), &limits).map_err(|e| {
-            anyhow::anyhow!(
-                "{}{}{}",
-                e.message,
-                e.detail
-                    .map(|d| format!("\ndetail: {d}"))
-                    .unwrap_or_default(),
-                e.hint.map(|h| format!("\nhint: {h}")).unwrap_or_default()
-            )
-        })?,
+        AuditChain::open(&data.join("audit"), clock.clone(), &limits).map_err(crate::user_error)?,
     );
-    let store = Arc::new(
-        SqliteStore::open(&data.join("meta.db")).map_err(|e| anyhow::anyhow!("{}", e.message))?,
-    );
+    let store = Arc::new(SqliteStore::open(&data.join("meta.db")).map_err(crate::user_error)?);
     let datasets =
         yunqi_datasets::DatasetStore::open(&data.join("datasets"), limits.import_bytes_max)
-            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            .map_err(crate::user_error)?;
     let gov = Arc::new(
-        Governance::open(store, datasets, audit.clone(), clock)
-            .map_err(|e| anyhow::anyhow!("{}", e.message))?,
+        Governance::open(store, datasets, audit.clone(), clock).map_err(crate::user_error)?,
     );
 
     let token_path = data.join("admin.token");
-    if let Some(token) = gov
-        .bootstrap()
-        .await
-        .map_err(|e| anyhow::anyhow!("{}", e.message))?
-    {
+    if let Some(token) = gov.bootstrap().await.map_err(crate::user_error)? {
         write_atomically(&token_path, format!("{}\n", token.token).as_bytes(), 0o600)?;
         tracing::info!(path = %token_path.display(), "created the bootstrap principal \"admin\"");
     }
@@ -204,7 +188,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         format!("version {}, http {http_addr}", env!("CARGO_PKG_VERSION")),
     )
     .await
-    .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    .map_err(crate::user_error)?;
 
     println!(
         "yunqi {} serving data directory {}",
