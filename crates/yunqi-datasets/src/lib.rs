@@ -124,6 +124,10 @@ pub struct DatasetStore {
     root: PathBuf,
     import_bytes_max: usize,
     imports: Mutex<()>,
+    /// Every manifest, by `department.name`: read from disk once at open, then kept up to date
+    /// by `write_manifest` (all writes go through this store), so that planning a query reads
+    /// no file.
+    manifests: std::sync::RwLock<std::collections::BTreeMap<String, Manifest>>,
 }
 
 fn io(e: std::io::Error, what: &str) -> Error {
@@ -151,7 +155,11 @@ impl DatasetStore {
             root: root.to_path_buf(),
             import_bytes_max,
             imports: Mutex::new(()),
+            manifests: Default::default(),
         };
+        let loaded = store.load_all()?;
+        *store.manifests.write().expect("manifests lock") =
+            loaded.into_iter().map(|m| (m.sql_name(), m)).collect();
         for m in store.list()? {
             let dir = store.dir(&m.department, &m.name);
             let named: HashSet<String> = m
@@ -200,7 +208,10 @@ impl DatasetStore {
     pub fn create(&self, spec: DatasetSpec, now: DateTime<Utc>) -> Result<Manifest, Error> {
         let _guard = self.imports.lock().expect("imports lock");
         let dir = self.dir(spec.department.as_str(), spec.name.as_str());
-        if dir.join("manifest.json").exists() {
+        if self
+            .get(spec.department.as_str(), spec.name.as_str())
+            .is_ok()
+        {
             return Err(Error::already_exists(
                 "dataset",
                 &format!("{}.{}", spec.department, spec.name),
@@ -238,29 +249,24 @@ impl DatasetStore {
 
     /// The manifest of a dataset.
     pub fn get(&self, department: &str, name: &str) -> Result<Manifest, Error> {
+        let sql_name = format!("{department}.{name}");
+        let manifests = self.manifests.read().expect("manifests lock");
+        if let Some(m) = manifests.get(&sql_name) {
+            return Ok(m.clone());
+        }
+        let e = Error::not_found("dataset", &sql_name);
+        Err(
+            match suggest::did_you_mean(&sql_name, manifests.keys().map(String::as_str)) {
+                Some(s) => e.hint(format!("did you mean \"{s}\"?")),
+                None => e.hint("list datasets with `yunqi dataset list`"),
+            },
+        )
+    }
+
+    /// Reads one manifest from disk.
+    fn read_manifest(&self, department: &str, name: &str) -> Result<Manifest, Error> {
         let path = self.dir(department, name).join("manifest.json");
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let e = Error::not_found("dataset", &format!("{department}.{name}"));
-                let names: Vec<String> = self
-                    .list()
-                    .unwrap_or_default()
-                    .iter()
-                    .map(Manifest::sql_name)
-                    .collect();
-                return Err(
-                    match suggest::did_you_mean(
-                        &format!("{department}.{name}"),
-                        names.iter().map(String::as_str),
-                    ) {
-                        Some(s) => e.hint(format!("did you mean \"{s}\"?")),
-                        None => e.hint("list datasets with `yunqi dataset list`"),
-                    },
-                );
-            }
-            Err(e) => return Err(io(e, "read manifest")),
-        };
+        let bytes = fs::read(&path).map_err(|e| io(e, "read manifest"))?;
         let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
             Error::internal(format!(
                 "manifest of {department}.{name} cannot be read: {e}"
@@ -278,6 +284,17 @@ impl DatasetStore {
 
     /// Every dataset, by `department.name`.
     pub fn list(&self) -> Result<Vec<Manifest>, Error> {
+        Ok(self
+            .manifests
+            .read()
+            .expect("manifests lock")
+            .values()
+            .cloned()
+            .collect())
+    }
+
+    /// Every manifest on disk.
+    fn load_all(&self) -> Result<Vec<Manifest>, Error> {
         let mut out = Vec::new();
         let Ok(departments) = fs::read_dir(&self.root) else {
             return Ok(out);
@@ -288,7 +305,7 @@ impl DatasetStore {
             };
             for ds in datasets.flatten() {
                 if ds.path().join("manifest.json").exists() {
-                    out.push(self.get(
+                    out.push(self.read_manifest(
                         &d.file_name().to_string_lossy(),
                         &ds.file_name().to_string_lossy(),
                     )?);
@@ -314,7 +331,12 @@ impl DatasetStore {
             .and_then(|_| f.sync_all())
             .map_err(|e| io(e, "write manifest"))?;
         fs::rename(&tmp, dir.join("manifest.json")).map_err(|e| io(e, "publish manifest"))?;
-        sync_dir(&dir)
+        sync_dir(&dir)?;
+        self.manifests
+            .write()
+            .expect("manifests lock")
+            .insert(m.sql_name(), m.clone());
+        Ok(())
     }
 
     fn write_parquet(&self, path: &Path, batch: &RecordBatch) -> Result<u64, Error> {
