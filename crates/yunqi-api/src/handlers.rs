@@ -554,3 +554,126 @@ pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri
         StatusCode::METHOD_NOT_ALLOWED,
     )
 }
+
+/// Asks for a grant on another department's dataset.
+#[utoipa::path(post, path = "/api/v1/grants", tag = "grants", security(("bearer" = [])),
+    request_body = RequestGrant,
+    responses((status = 201, body = GrantView), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn request_grant(
+    State(state): State<AppState>,
+    auth: Authed,
+    Json(req): Json<RequestGrant>,
+) -> ApiResult<(StatusCode, axum::Json<GrantView>)> {
+    let request = yunqi_governance::GrantRequest {
+        until: parse_until(&req.until)?,
+        dataset: req.dataset,
+        columns: req.columns,
+        rows: req.rows,
+        purpose: req.purpose,
+        unmasked: req.unmasked,
+        unmasked_reason: req.unmasked_reason,
+    };
+    let g = state
+        .gov
+        .request_grant(&auth.actor, request, &auth.ctx())
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(GrantView::new(g, state.gov.now())),
+    ))
+}
+
+/// Grants and requests of the caller's department (as owner or grantee); all for the admin.
+#[utoipa::path(get, path = "/api/v1/grants", tag = "grants", security(("bearer" = [])),
+    params(GrantListFilter),
+    responses((status = 200, body = GrantList), (status = 400, body = ErrorBody)))]
+pub async fn list_grants(
+    State(state): State<AppState>,
+    auth: Authed,
+    Query(f): Query<GrantListFilter>,
+) -> ApiResult<axum::Json<GrantList>> {
+    let filter = yunqi_governance::GrantFilter {
+        state: f
+            .state
+            .as_deref()
+            .map(yunqi_types::GrantState::parse)
+            .transpose()?,
+        dataset: f.dataset,
+    };
+    let now = state.gov.now();
+    let grants = state
+        .gov
+        .list_grants(&auth.actor, &filter)?
+        .into_iter()
+        .map(|g| GrantView::new(g, now))
+        .collect();
+    Ok(axum::Json(GrantList { grants }))
+}
+
+/// One grant.
+#[utoipa::path(get, path = "/api/v1/grants/{id}", tag = "grants", security(("bearer" = [])),
+    params(("id" = String, Path)),
+    responses((status = 200, body = GrantView), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn get_grant(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<GrantView>> {
+    let g = state.gov.get_grant(&auth.actor, &id, &auth.ctx()).await?;
+    Ok(axum::Json(GrantView::new(g, state.gov.now())))
+}
+
+/// Approves a pending request (a steward of the owning department).
+#[utoipa::path(post, path = "/api/v1/grants/{id}/approve", tag = "grants", security(("bearer" = [])),
+    params(("id" = String, Path)),
+    responses((status = 200, body = GrantView), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn approve_grant(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<GrantView>> {
+    let g = state
+        .gov
+        .approve_grant(&auth.actor, &id, &auth.ctx())
+        .await?;
+    Ok(axum::Json(GrantView::new(g, state.gov.now())))
+}
+
+/// Refuses a pending request with a reason (a steward of the owning department).
+#[utoipa::path(post, path = "/api/v1/grants/{id}/refuse", tag = "grants", security(("bearer" = [])),
+    params(("id" = String, Path)), request_body = GrantDecision,
+    responses((status = 200, body = GrantView), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn refuse_grant(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path(id): Path<String>,
+    Json(d): Json<GrantDecision>,
+) -> ApiResult<axum::Json<GrantView>> {
+    let g = state
+        .gov
+        .refuse_grant(
+            &auth.actor,
+            &id,
+            d.reason.as_deref().unwrap_or(""),
+            &auth.ctx(),
+        )
+        .await?;
+    Ok(axum::Json(GrantView::new(g, state.gov.now())))
+}
+
+/// Revokes an approved grant (stewards of the owner or the grantee, the admin). Idempotent.
+#[utoipa::path(post, path = "/api/v1/grants/{id}/revoke", tag = "grants", security(("bearer" = [])),
+    params(("id" = String, Path)), request_body = GrantDecision,
+    responses((status = 200, body = GrantView), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn revoke_grant(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path(id): Path<String>,
+    Json(d): Json<GrantDecision>,
+) -> ApiResult<axum::Json<GrantView>> {
+    let g = state
+        .gov
+        .revoke_grant(&auth.actor, &id, d.reason.as_deref(), &auth.ctx())
+        .await?;
+    Ok(axum::Json(GrantView::new(g, state.gov.now())))
+}

@@ -66,6 +66,8 @@ impl AppState {
         handlers::audit, handlers::sql,
         handlers::create_dataset, handlers::list_datasets, handlers::get_dataset,
         handlers::import_dataset, handlers::set_class,
+        handlers::request_grant, handlers::list_grants, handlers::get_grant,
+        handlers::approve_grant, handlers::refuse_grant, handlers::revoke_grant,
     ),
     modifiers(&BearerAuth),
     tags(
@@ -73,6 +75,7 @@ impl AppState {
         (name = "audit", description = "The audit chain"),
         (name = "sql", description = "Governed SQL over what the caller may see"),
         (name = "datasets", description = "Datasets, imports and the catalog"),
+        (name = "grants", description = "Requests for other departments' data and their decisions"),
         (name = "operations", description = "Health, metrics, this document"),
     )
 )]
@@ -123,6 +126,14 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/tokens/{id}/revoke", post(handlers::revoke_token))
         .route("/api/v1/audit", get(handlers::audit))
         .route("/api/v1/sql", post(handlers::sql))
+        .route(
+            "/api/v1/grants",
+            get(handlers::list_grants).post(handlers::request_grant),
+        )
+        .route("/api/v1/grants/{id}", get(handlers::get_grant))
+        .route("/api/v1/grants/{id}/approve", post(handlers::approve_grant))
+        .route("/api/v1/grants/{id}/refuse", post(handlers::refuse_grant))
+        .route("/api/v1/grants/{id}/revoke", post(handlers::revoke_grant))
         .route(
             "/api/v1/datasets",
             get(handlers::list_datasets).post(handlers::create_dataset),

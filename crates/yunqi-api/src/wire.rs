@@ -480,3 +480,134 @@ pub struct CatalogFilter {
     /// Only datasets with a column of this class.
     pub class: Option<String>,
 }
+
+/// `POST /api/v1/grants`: a request for a grant.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RequestGrant {
+    /// The dataset, `department.name`.
+    pub dataset: String,
+    /// Columns wanted (`["*"]` for all).
+    pub columns: Vec<String>,
+    /// Optional row filter: a SQL condition over the dataset's columns.
+    #[serde(default)]
+    pub rows: Option<String>,
+    /// Why the data is needed.
+    pub purpose: String,
+    /// Last day of the grant, `YYYY-MM-DD` (it holds until that day ends, UTC+8), or an
+    /// RFC 3339 time.
+    pub until: String,
+    /// Personal or sensitive columns wanted unmasked.
+    #[serde(default)]
+    pub unmasked: Vec<String>,
+    /// Why unmasked values are needed (required with `unmasked`).
+    #[serde(default)]
+    pub unmasked_reason: Option<String>,
+}
+
+/// `POST /api/v1/grants/{id}/refuse` and `/revoke`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GrantDecision {
+    /// Why (required to refuse).
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// A grant or a request for one.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GrantView {
+    /// Id.
+    pub id: String,
+    /// The dataset.
+    pub dataset: String,
+    /// The department owning it.
+    pub owner: String,
+    /// The department the grant is for.
+    pub grantee: String,
+    /// pending, active, refused, revoked, superseded or expired.
+    pub state: String,
+    /// Granted columns.
+    pub columns: Vec<String>,
+    /// Row filter, if any.
+    pub rows: Option<String>,
+    /// Purpose.
+    pub purpose: String,
+    /// When it ends.
+    pub expires_at: DateTime<Utc>,
+    /// Columns readable unmasked.
+    pub unmasked: Vec<String>,
+    /// Why unmasked values are needed.
+    pub unmasked_reason: Option<String>,
+    /// Who asked.
+    pub requested_by: String,
+    /// When.
+    pub requested_at: DateTime<Utc>,
+    /// Who approved or refused.
+    pub decided_by: Option<String>,
+    /// When.
+    pub decided_at: Option<DateTime<Utc>>,
+    /// Why it was refused, revoked or superseded.
+    pub reason: Option<String>,
+    /// Who revoked it.
+    pub revoked_by: Option<String>,
+    /// When it was revoked or superseded.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl GrantView {
+    /// The view of `g` at `now`.
+    pub fn new(g: yunqi_types::Grant, now: DateTime<Utc>) -> GrantView {
+        GrantView {
+            state: g.state(now).to_string(),
+            id: g.id,
+            dataset: g.dataset,
+            owner: g.owner,
+            grantee: g.grantee,
+            columns: g.columns,
+            rows: g.rows,
+            purpose: g.purpose,
+            expires_at: g.expires_at,
+            unmasked: g.unmasked,
+            unmasked_reason: g.unmasked_reason,
+            requested_by: g.requested_by,
+            requested_at: g.requested_at,
+            decided_by: g.decided_by,
+            decided_at: g.decided_at,
+            reason: g.reason,
+            revoked_by: g.revoked_by,
+            revoked_at: g.revoked_at,
+        }
+    }
+}
+
+/// `GET /api/v1/grants`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GrantList {
+    /// Grants, oldest first.
+    pub grants: Vec<GrantView>,
+}
+
+/// Filters of `GET /api/v1/grants`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct GrantListFilter {
+    /// Only grants in this state (pending, active, refused, revoked, superseded, expired).
+    pub state: Option<String>,
+    /// Only grants on this dataset, `department.name`.
+    pub dataset: Option<String>,
+}
+
+/// Parses an expiry: a date (the end of that day, city time) or an RFC 3339 time.
+pub fn parse_until(raw: &str) -> Result<DateTime<Utc>, yunqi_types::Error> {
+    let raw = raw.trim();
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(raw, "%Y-%m-%d") {
+        return Ok(yunqi_types::grant::end_of_city_day(d));
+    }
+    DateTime::parse_from_rfc3339(raw)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| {
+            yunqi_types::Error::invalid(format!("invalid date \"{raw}\""))
+                .hint("give the last day as YYYY-MM-DD, e.g. 2027-06-30")
+        })
+}

@@ -16,8 +16,10 @@ pub struct Queryable {
     pub manifest: Manifest,
     /// Data files of the current version.
     pub files: Vec<PathBuf>,
-    /// Rejects files of every version.
+    /// Rejects files of every version (the owner's only).
     pub rejects_files: Vec<PathBuf>,
+    /// The grant it is read under; `None` for the principal's own department's datasets.
+    pub grant: Option<yunqi_types::Grant>,
 }
 
 impl Governance {
@@ -208,9 +210,11 @@ impl Governance {
     }
 
     /// The datasets `actor` may query, with the files of their current versions and of their
-    /// rejects.
+    /// rejects: its own department's, and other departments' under the active grant its
+    /// department holds.
     pub fn queryable(&self, actor: &Actor) -> Result<Vec<Queryable>, Error> {
         let mut out = Vec::new();
+        let own = actor.principal.department.as_ref().map(|d| d.as_str());
         for m in self.datasets.list()? {
             let dataset = m.sql_name();
             let action = Action::DatasetQuery {
@@ -222,6 +226,24 @@ impl Governance {
                     files: self.datasets.files(&m, None)?,
                     rejects_files: self.datasets.rejects_files(&m),
                     manifest: m,
+                    grant: None,
+                });
+            } else if let Some(own) = own
+                && let Some(grant) = self.active_grant(&dataset, own)
+                && authorize(
+                    &actor.principal,
+                    &Action::GrantUse {
+                        id: &grant.id,
+                        grantee: &grant.grantee,
+                    },
+                )
+                .is_ok()
+            {
+                out.push(Queryable {
+                    files: self.datasets.files(&m, None)?,
+                    rejects_files: Vec::new(),
+                    manifest: m,
+                    grant: Some(grant),
                 });
             }
         }

@@ -8,7 +8,9 @@
 #![deny(missing_docs)]
 
 mod datasets;
+mod grants;
 pub mod policy;
+pub mod row_filter;
 pub mod tokens;
 
 use std::collections::{BTreeMap, HashMap};
@@ -18,11 +20,12 @@ use chrono::{DateTime, Utc};
 use yunqi_audit::{AuditPage, AuditQuery, SharedAuditLog};
 use yunqi_store::{IdentityChange, IdentitySnapshot, IdentityStore, StoredToken};
 use yunqi_types::{
-    AuditEvent, Clock, Department, Error, Name, NationalId, Outcome, Principal, Role, TokenInfo,
-    suggest,
+    AuditEvent, Clock, Department, Error, Grant, Limits, Name, NationalId, Outcome, Principal,
+    Role, TokenInfo, suggest,
 };
 
 pub use datasets::Queryable;
+pub use grants::{GRANT_TEXT_CHARS_MAX, GrantFilter, GrantRequest};
 pub use policy::{Action, authorize};
 pub use tokens::NewToken;
 
@@ -69,6 +72,7 @@ struct State {
     departments: BTreeMap<Name, Department>,
     principals: BTreeMap<Name, Principal>,
     tokens: HashMap<String, StoredToken>,
+    grants: BTreeMap<String, Grant>,
 }
 
 impl State {
@@ -89,6 +93,7 @@ impl State {
                 .into_iter()
                 .map(|t| (t.info.id.clone(), t))
                 .collect(),
+            grants: s.grants.into_iter().map(|g| (g.id.clone(), g)).collect(),
         }
     }
 
@@ -108,6 +113,9 @@ impl State {
                     if let Some(t) = self.tokens.get_mut(&id) {
                         t.info.revoked_at.get_or_insert(at);
                     }
+                }
+                IdentityChange::PutGrant(g) => {
+                    self.grants.insert(g.id.clone(), g);
                 }
             }
         }
@@ -147,6 +155,7 @@ pub struct Governance {
     state: RwLock<State>,
     /// Serialises changes so that check-then-write is atomic.
     write_lock: tokio::sync::Mutex<()>,
+    limits: Limits,
 }
 
 impl Governance {
@@ -166,7 +175,19 @@ impl Governance {
             clock,
             state: RwLock::new(State::from_snapshot(snapshot)),
             write_lock: tokio::sync::Mutex::new(()),
+            limits: Limits::default(),
         })
+    }
+
+    /// Uses `limits` instead of the defaults.
+    pub fn with_limits(mut self, limits: Limits) -> Governance {
+        self.limits = limits;
+        self
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// The audit log.
@@ -328,6 +349,23 @@ impl Governance {
             )])
             .await
             .map(|_| ())
+    }
+
+    /// Audits a query: like [`Governance::record_access`], with the purposes of the grants it
+    /// used.
+    pub async fn record_query(
+        &self,
+        actor: &Actor,
+        object: &str,
+        outcome: Outcome,
+        purpose: String,
+        detail: String,
+        ctx: &CallContext,
+    ) -> Result<(), Error> {
+        let mut event =
+            Self::actor_event(actor, "sql.query", object.to_string(), outcome, detail, ctx);
+        event.purpose = purpose;
+        self.audit.append(vec![event]).await.map(|_| ())
     }
 
     /// A principal by name, for audit records of failed authentication.

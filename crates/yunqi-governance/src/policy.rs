@@ -50,6 +50,45 @@ pub enum Action<'a> {
         /// Its department.
         department: &'a str,
     },
+    /// Ask for a grant on another department's dataset.
+    GrantRequest {
+        /// `department.name`.
+        dataset: &'a str,
+        /// The dataset's department.
+        owner: &'a str,
+    },
+    /// Approve or refuse a grant request.
+    GrantDecide {
+        /// The grant.
+        id: &'a str,
+        /// The dataset's department.
+        owner: &'a str,
+    },
+    /// Revoke an approved grant.
+    GrantRevoke {
+        /// The grant.
+        id: &'a str,
+        /// The dataset's department.
+        owner: &'a str,
+        /// The department holding the grant.
+        grantee: &'a str,
+    },
+    /// See a grant or request.
+    GrantRead {
+        /// The grant.
+        id: &'a str,
+        /// The dataset's department.
+        owner: &'a str,
+        /// The department holding the grant.
+        grantee: &'a str,
+    },
+    /// Query another department's dataset under a grant held by one's department.
+    GrantUse {
+        /// The grant.
+        id: &'a str,
+        /// The department holding the grant.
+        grantee: &'a str,
+    },
     /// Read the audit chain for everyone (admin), a department (steward) or oneself.
     AuditRead {
         /// The department the query is restricted to, if any.
@@ -72,6 +111,11 @@ impl Action<'_> {
             Action::CatalogRead => "catalog.read",
             Action::DatasetQuery { .. } => "dataset.query",
             Action::AuditRead { .. } => "audit.read",
+            Action::GrantRequest { .. } => "grant.request",
+            Action::GrantDecide { .. } => "grant.decide",
+            Action::GrantRevoke { .. } => "grant.revoke",
+            Action::GrantRead { .. } => "grant.read",
+            Action::GrantUse { .. } => "grant.use",
         }
     }
 
@@ -88,6 +132,11 @@ impl Action<'_> {
             }
             Action::CatalogRead => "catalog".into(),
             Action::AuditRead { .. } => "audit".into(),
+            Action::GrantRequest { dataset, .. } => format!("dataset:{dataset}"),
+            Action::GrantDecide { id, .. }
+            | Action::GrantRevoke { id, .. }
+            | Action::GrantRead { id, .. }
+            | Action::GrantUse { id, .. } => format!("grant:{id}"),
         }
     }
 }
@@ -107,7 +156,15 @@ fn describe(actor: &Principal) -> String {
 pub fn authorize(actor: &Principal, action: &Action<'_>) -> Result<(), Error> {
     let same_department = |d: Option<&Name>| d.is_some() && d == actor.department.as_ref();
     let allowed = match (actor.role, action) {
-        (Role::Admin, Action::DatasetQuery { .. }) => false,
+        // Separation of duties: the admin reads no department's data and does not decide
+        // who else may read it (it may still revoke a grant, to stop a leak).
+        (
+            Role::Admin,
+            Action::DatasetQuery { .. }
+            | Action::GrantRequest { .. }
+            | Action::GrantDecide { .. }
+            | Action::GrantUse { .. },
+        ) => false,
         (Role::Admin, _) => true,
         (_, Action::DepartmentRead) => true,
         (
@@ -149,11 +206,36 @@ pub fn authorize(actor: &Principal, action: &Action<'_>) -> Result<(), Error> {
         (_, Action::CatalogRead) => true,
         (
             Role::Steward | Role::Analyst | Role::Officer | Role::Service,
-            Action::DatasetQuery { department, .. },
+            Action::DatasetQuery { department, .. }
+            | Action::GrantUse {
+                grantee: department,
+                ..
+            },
         ) => actor
             .department
             .as_ref()
             .is_some_and(|d| d.as_str() == *department),
+        // A department asks for what it does not own; its own data needs no grant.
+        (Role::Steward | Role::Analyst, Action::GrantRequest { owner, .. }) => actor
+            .department
+            .as_ref()
+            .is_some_and(|d| d.as_str() != *owner),
+        (Role::Steward, Action::GrantDecide { owner, .. }) => actor
+            .department
+            .as_ref()
+            .is_some_and(|d| d.as_str() == *owner),
+        // The owner stops sharing; the grantee gives up what it no longer needs.
+        (Role::Steward, Action::GrantRevoke { owner, grantee, .. }) => actor
+            .department
+            .as_ref()
+            .is_some_and(|d| d.as_str() == *owner || d.as_str() == *grantee),
+        (
+            Role::Steward | Role::Analyst | Role::Officer | Role::Service,
+            Action::GrantRead { owner, grantee, .. },
+        ) => actor
+            .department
+            .as_ref()
+            .is_some_and(|d| d.as_str() == *owner || d.as_str() == *grantee),
         _ => false,
     };
     if allowed {
@@ -214,6 +296,36 @@ pub fn authorize(actor: &Principal, action: &Action<'_>) -> Result<(), Error> {
             format!(
                 "the data of department \"{department}\" is read by its own staff; other departments need a grant"
             ),
+        ),
+        Action::GrantRequest { dataset, owner } => (
+            format!("permission denied to request a grant on dataset \"{dataset}\""),
+            if actor
+                .department
+                .as_ref()
+                .is_some_and(|d| d.as_str() == *owner)
+            {
+                format!("department \"{owner}\" owns this dataset and reads it without a grant")
+            } else {
+                "stewards and analysts of a department request grants for it".to_string()
+            },
+        ),
+        Action::GrantDecide { id, owner } => (
+            format!("permission denied to decide grant \"{id}\""),
+            format!("a steward of department \"{owner}\", which owns the dataset, decides"),
+        ),
+        Action::GrantRevoke { id, owner, grantee } => (
+            format!("permission denied to revoke grant \"{id}\""),
+            format!(
+                "stewards of department \"{owner}\" (the owner) or \"{grantee}\" (the grantee) revoke it"
+            ),
+        ),
+        Action::GrantRead { id, .. } => (
+            format!("permission denied for grant \"{id}\""),
+            "grants are seen by the staff of the owning and the receiving department".to_string(),
+        ),
+        Action::GrantUse { id, grantee } => (
+            format!("permission denied to use grant \"{id}\""),
+            format!("grant \"{id}\" is held by department \"{grantee}\" for its staff"),
         ),
         Action::DepartmentRead => unreachable_read(),
     };
@@ -384,6 +496,52 @@ mod tests {
                 && authorize(&citizen, &Action::CatalogRead).is_err()
         );
         assert!(authorize(&stranger, &Action::CatalogRead).is_ok());
+    }
+
+    #[test]
+    fn grants_are_requested_by_others_and_decided_by_the_owner() {
+        let owner_steward = principal("sam", Role::Steward, Some("transport"));
+        let owner_analyst = principal("ann", Role::Analyst, Some("transport"));
+        let police_analyst = principal("tom", Role::Analyst, Some("police"));
+        let police_steward = principal("pat", Role::Steward, Some("police"));
+        let health = principal("hal", Role::Steward, Some("health"));
+        let admin = principal("admin", Role::Admin, None);
+        let citizen = principal("c1", Role::Citizen, None);
+        let request = Action::GrantRequest {
+            dataset: "transport.vehicles",
+            owner: "transport",
+        };
+        assert!(authorize(&police_analyst, &request).is_ok());
+        let e = authorize(&owner_analyst, &request).unwrap_err();
+        assert!(e.hint.unwrap().contains("without a grant"));
+        assert!(authorize(&admin, &request).is_err() && authorize(&citizen, &request).is_err());
+        let decide = Action::GrantDecide {
+            id: "g_1",
+            owner: "transport",
+        };
+        assert!(authorize(&owner_steward, &decide).is_ok());
+        for p in [&owner_analyst, &police_steward, &admin, &citizen] {
+            assert!(authorize(p, &decide).is_err(), "{} may not decide", p.name);
+        }
+        let revoke = Action::GrantRevoke {
+            id: "g_1",
+            owner: "transport",
+            grantee: "police",
+        };
+        for p in [&owner_steward, &police_steward, &admin] {
+            assert!(authorize(p, &revoke).is_ok(), "{} may revoke", p.name);
+        }
+        for p in [&owner_analyst, &police_analyst, &health] {
+            assert!(authorize(p, &revoke).is_err(), "{} may not revoke", p.name);
+        }
+        let use_ = Action::GrantUse {
+            id: "g_1",
+            grantee: "police",
+        };
+        assert!(authorize(&police_analyst, &use_).is_ok());
+        for p in [&owner_analyst, &health, &admin, &citizen] {
+            assert!(authorize(p, &use_).is_err(), "{} may not use", p.name);
+        }
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub struct NewToken {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
-fn random_hex(bytes: usize) -> Result<String, Error> {
+pub(crate) fn random_hex(bytes: usize) -> Result<String, Error> {
     let mut buf = vec![0u8; bytes];
     getrandom::fill(&mut buf).map_err(|e| {
         Error::internal(format!("the operating system's random source failed: {e}"))

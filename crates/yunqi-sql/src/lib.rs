@@ -11,12 +11,18 @@
 //!
 //! Tables: `system.departments`, `system.principals` (ID numbers masked but for the principal
 //! itself), `system.tokens` (never secrets), and `department.dataset` for every dataset the
-//! principal may query (its own department's, today; other departments' through grants next).
+//! principal may query: its own department's, and other departments' through the active grant
+//! its department holds, enforced at the scan ([`secure`]).
+//!
+//! A query planned under a grant checks, before it runs, that the grant is still in force: a
+//! grant revoked between `Parse` and `Execute` stops the query.
 #![deny(missing_docs)]
 
 pub mod convert;
+pub mod secure;
 mod system;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,6 +50,10 @@ pub struct Planned {
     pub plan: LogicalPlan,
     /// Tables the plan reads, `schema.table`.
     pub tables: Vec<String>,
+    /// Columns the plan reads, `schema.table.column`.
+    pub columns: Vec<String>,
+    /// Grants the plan reads under.
+    pub grants: Vec<yunqi_types::Grant>,
 }
 
 impl Planned {
@@ -163,8 +173,11 @@ impl SqlEngine {
             .collect())
     }
 
-    /// A session holding what `actor` may see.
-    fn session(&self, actor: &Actor) -> Result<SessionContext, Error> {
+    /// A session holding what `actor` may see, and the grants it holds them under.
+    fn session(
+        &self,
+        actor: &Actor,
+    ) -> Result<(SessionContext, BTreeMap<String, yunqi_types::Grant>), Error> {
         let config = SessionConfig::new()
             .with_default_catalog_and_schema(CATALOG, "system")
             .with_information_schema(true);
@@ -174,8 +187,8 @@ impl SqlEngine {
             .map_err(|e| Error::internal(format!("cannot set up the query runtime: {e}")))?;
         let ctx = SessionContext::new_with_config_rt(config, runtime);
         system::register(&ctx, &self.gov, actor)?;
-        system::register_datasets(&ctx, &self.gov, actor)?;
-        Ok(ctx)
+        let grants = system::register_datasets(&ctx, &self.gov, actor)?;
+        Ok((ctx, grants))
     }
 
     /// Plans one query for `actor`. Refused and invalid queries are audited.
@@ -187,14 +200,24 @@ impl SqlEngine {
     ) -> Result<Planned, Error> {
         let result = self.plan_inner(actor, sql).await;
         if let Err(e) = &result {
-            self.audit(actor, sql, &[], outcome_of(e), &e.message, call)
+            let failed = Planned {
+                sql: sql.to_string(),
+                plan: LogicalPlan::EmptyRelation(datafusion::logical_expr::EmptyRelation {
+                    produce_one_row: false,
+                    schema: Arc::new(datafusion::common::DFSchema::empty()),
+                }),
+                tables: Vec::new(),
+                columns: Vec::new(),
+                grants: Vec::new(),
+            };
+            self.audit(actor, &failed, outcome_of(e), &e.message, call)
                 .await?;
         }
         result
     }
 
     async fn plan_inner(&self, actor: &Actor, sql: &str) -> Result<Planned, Error> {
-        let ctx = self.session(actor)?;
+        let (ctx, grants) = self.session(actor)?;
         let visible = visible_tables(&ctx);
         let state = ctx.state();
         let statement = state
@@ -215,7 +238,7 @@ impl SqlEngine {
                     .hint("yunqi SQL reads data; it does not create, change or drop tables")
             })?;
         let mut tables = Vec::new();
-        let _ = plan.apply(|node| {
+        let _ = plan.apply_with_subqueries(|node| {
             if let LogicalPlan::TableScan(scan) = node {
                 tables.push(scan.table_name.to_string());
             }
@@ -223,10 +246,32 @@ impl SqlEngine {
         });
         tables.sort();
         tables.dedup();
+        let mut columns = Vec::new();
+        let _ = plan.apply_with_subqueries(|node| {
+            node.apply_expressions(|expr| {
+                for c in expr.column_refs() {
+                    if let Some(r) = &c.relation {
+                        let table = format!("{}.{}", r.schema().unwrap_or("system"), r.table());
+                        if tables.contains(&table) {
+                            columns.push(format!("{table}.{}", c.name));
+                        }
+                    }
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        });
+        columns.sort();
+        columns.dedup();
+        let grants = tables
+            .iter()
+            .filter_map(|t| grants.get(t).cloned())
+            .collect();
         Ok(Planned {
             sql: sql.to_string(),
             plan,
             tables,
+            columns,
+            grants,
         })
     }
 
@@ -240,20 +285,21 @@ impl SqlEngine {
         rows_max: Option<usize>,
         call: &CallContext,
     ) -> Result<QueryResult, Error> {
+        let started = std::time::Instant::now();
         let result = self.execute_inner(actor, planned, params, rows_max).await;
+        let ms = started.elapsed().as_millis();
         let (outcome, detail) = match &result {
             Ok(r) => (
                 Outcome::Ok,
                 format!(
-                    "{} rows{}",
+                    "{} rows{} in {ms} ms",
                     r.batches.iter().map(RecordBatch::num_rows).sum::<usize>(),
                     if r.truncated { ", truncated" } else { "" }
                 ),
             ),
-            Err(e) => (outcome_of(e), e.message.clone()),
+            Err(e) => (outcome_of(e), format!("{} after {ms} ms", e.message)),
         };
-        self.audit(actor, &planned.sql, &planned.tables, outcome, &detail, call)
-            .await?;
+        self.audit(actor, planned, outcome, &detail, call).await?;
         result
     }
 
@@ -264,7 +310,11 @@ impl SqlEngine {
         params: Vec<ScalarValue>,
         rows_max: Option<usize>,
     ) -> Result<QueryResult, Error> {
-        let ctx = self.session(actor)?;
+        // The plan holds what the grants allowed when it was made: they must still hold.
+        for g in &planned.grants {
+            self.gov.grant_in_force(actor, &g.id)?;
+        }
+        let (ctx, _) = self.session(actor)?;
         let mut plan = planned.plan.clone();
         if !params.is_empty() {
             plan = plan
@@ -341,27 +391,41 @@ impl SqlEngine {
     async fn audit(
         &self,
         actor: &Actor,
-        sql: &str,
-        tables: &[String],
+        planned: &Planned,
         outcome: Outcome,
         detail: &str,
         call: &CallContext,
     ) -> Result<(), Error> {
-        let object = if tables.is_empty() {
+        let object = if planned.tables.is_empty() {
             "sql".to_string()
         } else {
-            format!("table:{}", tables.join(","))
+            format!("table:{}", planned.tables.join(","))
         };
+        let sql = &planned.sql;
         let mut text: String = sql.chars().take(512).collect();
         if text.len() < sql.len() {
             text.push('…');
         }
+        let mut detail = detail.to_string();
+        if !planned.columns.is_empty() {
+            detail.push_str(&format!("; columns {}", planned.columns.join(",")));
+        }
+        if !planned.grants.is_empty() {
+            let ids: Vec<&str> = planned.grants.iter().map(|g| g.id.as_str()).collect();
+            detail.push_str(&format!("; grants {}", ids.join(",")));
+        }
+        let purpose = planned
+            .grants
+            .iter()
+            .map(|g| format!("{}: {}", g.id, g.purpose))
+            .collect::<Vec<_>>()
+            .join("; ");
         self.gov
-            .record_access(
+            .record_query(
                 actor,
-                "sql.query",
                 &object,
                 outcome,
+                purpose,
                 format!("{detail}: {text}"),
                 call,
             )

@@ -45,12 +45,14 @@ fn times(values: impl Iterator<Item = Option<i64>>) -> ArrayRef {
 }
 
 /// Registers the datasets `actor` may query: a schema per department, a Parquet table per
-/// dataset over its current version's files (an empty table before the first import).
+/// dataset over its current version's files (an empty table before the first import); other
+/// departments' datasets as their grants let `actor` see them. Returns the grants, by table.
 pub fn register_datasets(
     ctx: &SessionContext,
     gov: &Governance,
     actor: &Actor,
-) -> Result<(), Error> {
+) -> Result<std::collections::BTreeMap<String, yunqi_types::Grant>, Error> {
+    let mut grants = std::collections::BTreeMap::new();
     use datafusion::catalog::MemorySchemaProvider;
     use datafusion::datasource::file_format::parquet::ParquetFormat;
     use datafusion::datasource::listing::{
@@ -94,11 +96,16 @@ pub fn register_datasets(
                 })?;
         }
         let sql_name = m.sql_name();
-        ctx.register_table(
-            sql_name.clone(),
-            parquet_table(&sql_name, m.arrow_schema(), &q.files)?,
-        )
-        .map_err(|e| Error::internal(format!("cannot register {sql_name}: {e}")))?;
+        let raw = parquet_table(&sql_name, m.arrow_schema(), &q.files)?;
+        if let Some(grant) = q.grant {
+            let table = crate::secure::GrantedTable::new(ctx, m, raw, grant.clone())?;
+            ctx.register_table(sql_name.clone(), Arc::new(table))
+                .map_err(|e| Error::internal(format!("cannot register {sql_name}: {e}")))?;
+            grants.insert(sql_name, grant);
+            continue;
+        }
+        ctx.register_table(sql_name.clone(), raw)
+            .map_err(|e| Error::internal(format!("cannot register {sql_name}: {e}")))?;
         let rejects = format!("{sql_name}{}", yunqi_datasets::REJECTS_SUFFIX);
         ctx.register_table(
             rejects.clone(),
@@ -106,7 +113,7 @@ pub fn register_datasets(
         )
         .map_err(|e| Error::internal(format!("cannot register {rejects}: {e}")))?;
     }
-    Ok(())
+    Ok(grants)
 }
 
 /// Registers the `system` tables for `actor`.

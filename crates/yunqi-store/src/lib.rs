@@ -1,4 +1,4 @@
-//! The metadata store: departments, principals and tokens.
+//! The metadata store: departments, principals, tokens and grants.
 //!
 //! [`IdentityStore`] is the narrow interface; [`SqliteStore`] the embedded implementation (one
 //! SQLite file in the data directory, WAL, `synchronous = FULL`, so that a change is durable
@@ -14,7 +14,7 @@ use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
-use yunqi_types::{Department, Error, Name, NationalId, Principal, Role, TokenInfo};
+use yunqi_types::{Department, Error, Grant, Name, NationalId, Principal, Role, TokenInfo};
 
 /// A token as stored: its public part and the SHA-256 of its secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +34,8 @@ pub struct IdentitySnapshot {
     pub principals: Vec<Principal>,
     /// Tokens, revoked and expired ones included.
     pub tokens: Vec<StoredToken>,
+    /// Grants and requests for them, in every state.
+    pub grants: Vec<Grant>,
 }
 
 /// One change; a list of them is applied atomically.
@@ -52,6 +54,8 @@ pub enum IdentityChange {
         /// When.
         at: DateTime<Utc>,
     },
+    /// Creates or replaces a grant (its whole record).
+    PutGrant(Grant),
 }
 
 /// What yunqi needs of a metadata store.
@@ -63,7 +67,7 @@ pub trait IdentityStore: Send + Sync + 'static {
 }
 
 /// The version of the SQLite schema this code writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE department (
@@ -86,6 +90,14 @@ CREATE TABLE token (
     created_at  INTEGER NOT NULL,
     expires_at  INTEGER,
     revoked_at  INTEGER
+) STRICT;
+";
+
+/// Added in schema version 2. A grant is one JSON record: it is read whole and written whole.
+const SCHEMA_V2: &str = "
+CREATE TABLE grant_record (
+    id      TEXT PRIMARY KEY,
+    record  TEXT NOT NULL
 ) STRICT;
 ";
 
@@ -129,7 +141,13 @@ impl SqliteStore {
         match version {
             0 => {
                 conn.execute_batch(&format!(
-                    "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                    "BEGIN; {SCHEMA} {SCHEMA_V2} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                ))
+                .map_err(db_error)?;
+            }
+            1 => {
+                conn.execute_batch(&format!(
+                    "BEGIN; {SCHEMA_V2} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
                 ))
                 .map_err(db_error)?;
             }
@@ -232,6 +250,27 @@ impl IdentityStore for SqliteStore {
         for row in rows {
             snapshot.tokens.push(row.map_err(db_error)?);
         }
+        let mut stmt = conn
+            .prepare("SELECT record FROM grant_record ORDER BY id")
+            .map_err(db_error)?;
+        let rows = stmt
+            .query_map([], |r| {
+                let record: String = r.get(0)?;
+                serde_json::from_str::<Grant>(&record).map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        0,
+                        rusqlite::types::Type::Text,
+                        format!("grant record: {e}").into(),
+                    )
+                })
+            })
+            .map_err(db_error)?;
+        for row in rows {
+            snapshot.grants.push(row.map_err(db_error)?);
+        }
+        snapshot
+            .grants
+            .sort_by(|a, b| (a.requested_at, &a.id).cmp(&(b.requested_at, &b.id)));
         Ok(snapshot)
     }
 
@@ -278,6 +317,15 @@ impl IdentityStore for SqliteStore {
                     tx.execute(
                         "UPDATE token SET revoked_at = coalesce(revoked_at, ?2) WHERE id = ?1",
                         params![id, micros(*at)],
+                    )
+                }
+                IdentityChange::PutGrant(g) => {
+                    let record = serde_json::to_string(g)
+                        .map_err(|e| Error::internal(format!("cannot encode grant: {e}")))?;
+                    tx.execute(
+                        "INSERT INTO grant_record (id, record) VALUES (?1, ?2)
+                         ON CONFLICT (id) DO UPDATE SET record = excluded.record",
+                        params![g.id, record],
                     )
                 }
             }
@@ -363,6 +411,40 @@ mod tests {
         assert_eq!(loaded.tokens.len(), 1);
         assert_eq!(loaded.tokens[0].info.revoked_at, Some(t(5)));
         assert_eq!(loaded.tokens[0].secret_hash, [7; 32]);
+    }
+
+    #[test]
+    fn grants_are_written_whole_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let mut g = Grant {
+            id: "g_0123456789ab".into(),
+            dataset: "transport.vehicles".into(),
+            owner: "transport".into(),
+            grantee: "police".into(),
+            requested_by: "wang".into(),
+            requested_at: t(0),
+            columns: vec!["plate".into(), "owner_id".into()],
+            rows: Some("district = '西湖区'".into()),
+            purpose: "非浙A急事通 checks".into(),
+            expires_at: t(86_400),
+            unmasked: vec!["plate".into()],
+            unmasked_reason: Some("match plates".into()),
+            status: yunqi_types::GrantStatus::Pending,
+            decided_by: None,
+            decided_at: None,
+            reason: None,
+            revoked_by: None,
+            revoked_at: None,
+        };
+        store.apply(&[IdentityChange::PutGrant(g.clone())]).unwrap();
+        g.status = yunqi_types::GrantStatus::Approved;
+        g.decided_by = Some("li".into());
+        store.apply(&[IdentityChange::PutGrant(g.clone())]).unwrap();
+        drop(store);
+        let loaded = SqliteStore::open(&path).unwrap().load().unwrap();
+        assert_eq!(loaded.grants, vec![g]);
     }
 
     #[test]

@@ -38,6 +38,11 @@ pub struct Limits {
     pub request_timeout_ms: u64,
     /// Most requests handled at once; more wait in the kernel's accept queue.
     pub requests_in_flight_max: usize,
+    /// Longest a grant may run, from its request to its expiry.
+    pub grant_days_max: u32,
+    /// Queries returning at most this many rows record, for datasets with a subject column,
+    /// whose rows they returned (so citizens can see who read their data).
+    pub subject_rows_max: usize,
 }
 
 impl Default for Limits {
@@ -60,6 +65,8 @@ impl Default for Limits {
             pg_connections_max: 256,
             request_timeout_ms: 30_000,
             requests_in_flight_max: 1_024,
+            grant_days_max: 366,
+            subject_rows_max: 100,
         }
     }
 }

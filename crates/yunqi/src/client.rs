@@ -733,3 +733,200 @@ pub fn import(api: &Api, a: ImportArgs, json: bool) -> anyhow::Result<ExitCode> 
         }
     })
 }
+
+#[derive(Subcommand)]
+pub enum GrantCommand {
+    /// Ask for columns (and optionally rows) of another department's dataset; prints the
+    /// request's id.
+    Request {
+        /// The dataset, DEPARTMENT.DATASET.
+        dataset: String,
+        /// Columns, comma-separated (* for all).
+        #[arg(long, value_delimiter = ',', required = true)]
+        columns: Vec<String>,
+        /// Why the data is needed.
+        #[arg(long)]
+        purpose: String,
+        /// Last day of the grant, YYYY-MM-DD.
+        #[arg(long)]
+        until: String,
+        /// Only rows passing this SQL condition, e.g. "district = '西湖区'".
+        #[arg(long)]
+        rows: Option<String>,
+        /// Personal or sensitive columns needed unmasked, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        unmasked: Vec<String>,
+        /// Why unmasked values are needed (required with --unmasked).
+        #[arg(long)]
+        unmasked_reason: Option<String>,
+    },
+    /// Approve a pending request (a steward of the owning department).
+    Approve { id: String },
+    /// Refuse a pending request.
+    Refuse {
+        id: String,
+        /// Why.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Revoke an approved grant.
+    Revoke {
+        id: String,
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// List grants and requests of your department.
+    List {
+        /// Only in this state: pending, active, refused, revoked, superseded, expired.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only on this dataset.
+        #[arg(long)]
+        dataset: Option<String>,
+    },
+    /// Show one grant.
+    Show { id: String },
+}
+
+fn print_grant(g: &Value) {
+    println!("grant {} ({})", s(&g["id"]), s(&g["state"]));
+    println!(
+        "  dataset:    {} (owner {})",
+        s(&g["dataset"]),
+        s(&g["owner"])
+    );
+    println!("  grantee:    {}", s(&g["grantee"]));
+    let list = |k: &str| {
+        g[k].as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| s(c).to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!("  columns:    {}", list("columns"));
+    if let Some(r) = g["rows"].as_str() {
+        println!("  rows:       {r}");
+    }
+    let unmasked = list("unmasked");
+    if !unmasked.is_empty() {
+        println!(
+            "  unmasked:   {unmasked} ({})",
+            g["unmasked_reason"].as_str().unwrap_or("")
+        );
+    }
+    println!("  purpose:    {}", s(&g["purpose"]));
+    println!("  until:      {}", s(&g["expires_at"]));
+    println!(
+        "  requested:  {} by {}",
+        s(&g["requested_at"]),
+        s(&g["requested_by"])
+    );
+    if let Some(by) = g["decided_by"].as_str() {
+        println!("  decided:    {} by {by}", s(&g["decided_at"]));
+    }
+    if let Some(by) = g["revoked_by"].as_str() {
+        println!("  revoked:    {} by {by}", s(&g["revoked_at"]));
+    }
+    if let Some(r) = g["reason"].as_str() {
+        println!("  reason:     {r}");
+    }
+}
+
+pub fn grant(api: &Api, cmd: GrantCommand, json: bool) -> anyhow::Result<ExitCode> {
+    match cmd {
+        GrantCommand::Request {
+            dataset,
+            columns,
+            purpose,
+            until,
+            rows,
+            unmasked,
+            unmasked_reason,
+        } => {
+            let r = api.call(
+                "POST",
+                "/api/v1/grants",
+                Some(json!({
+                    "dataset": dataset,
+                    "columns": columns,
+                    "purpose": purpose,
+                    "until": until,
+                    "rows": rows,
+                    "unmasked": unmasked,
+                    "unmasked_reason": unmasked_reason,
+                })),
+            )?;
+            finish(r, json, |v| {
+                println!("{}", s(&v["id"]));
+                eprintln!(
+                    "asked department {} for {}; a steward there decides with `yunqi grant approve {}`",
+                    s(&v["owner"]),
+                    s(&v["dataset"]),
+                    s(&v["id"])
+                );
+            })
+        }
+        GrantCommand::Approve { id } => {
+            let r = api.call(
+                "POST",
+                &format!("/api/v1/grants/{}/approve", enc(&id)),
+                None,
+            )?;
+            finish(r, json, print_grant)
+        }
+        GrantCommand::Refuse { id, reason } => {
+            let r = api.call(
+                "POST",
+                &format!("/api/v1/grants/{}/refuse", enc(&id)),
+                Some(json!({ "reason": reason })),
+            )?;
+            finish(r, json, print_grant)
+        }
+        GrantCommand::Revoke { id, reason } => {
+            let r = api.call(
+                "POST",
+                &format!("/api/v1/grants/{}/revoke", enc(&id)),
+                Some(json!({ "reason": reason })),
+            )?;
+            finish(r, json, print_grant)
+        }
+        GrantCommand::List { state, dataset } => {
+            let mut query = Vec::new();
+            if let Some(st) = state {
+                query.push(format!("state={}", enc(&st)));
+            }
+            if let Some(d) = dataset {
+                query.push(format!("dataset={}", enc(&d)));
+            }
+            let path = if query.is_empty() {
+                "/api/v1/grants".to_string()
+            } else {
+                format!("/api/v1/grants?{}", query.join("&"))
+            };
+            let r = api.call("GET", &path, None)?;
+            finish(r, json, |v| {
+                println!(
+                    "{:<16} {:<11} {:<28} {:<14} {:<26} purpose",
+                    "id", "state", "dataset", "grantee", "until"
+                );
+                for g in v["grants"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<16} {:<11} {:<28} {:<14} {:<26} {}",
+                        s(&g["id"]),
+                        s(&g["state"]),
+                        s(&g["dataset"]),
+                        s(&g["grantee"]),
+                        s(&g["expires_at"]),
+                        s(&g["purpose"])
+                    );
+                }
+            })
+        }
+        GrantCommand::Show { id } => {
+            let r = api.call("GET", &format!("/api/v1/grants/{}", enc(&id)), None)?;
+            finish(r, json, print_grant)
+        }
+    }
+}

@@ -57,6 +57,9 @@ enum Command {
     Dataset(client::DatasetCommand),
     /// Import a CSV file into a dataset as a new version.
     Import(client::ImportArgs),
+    /// Grants: ask for other departments' data, decide requests for yours.
+    #[command(subcommand)]
+    Grant(client::GrantCommand),
     /// The audit chain.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -110,6 +113,7 @@ fn main() -> ExitCode {
                 Command::Token(c) => client::token(&api, c, json),
                 Command::Dataset(c) => client::dataset(&api, c, json),
                 Command::Import(a) => client::import(&api, a, json),
+                Command::Grant(c) => client::grant(&api, c, json),
                 Command::Audit(AuditCommand::List(a)) => client::audit_list(&api, a, json),
                 Command::Whoami => client::whoami(&api, json),
                 _ => unreachable!("handled above"),

@@ -160,7 +160,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         yunqi_datasets::DatasetStore::open(&data.join("datasets"), limits.import_bytes_max)
             .map_err(crate::user_error)?;
     let gov = Arc::new(
-        Governance::open(store, datasets, audit.clone(), clock).map_err(crate::user_error)?,
+        Governance::open(store, datasets, audit.clone(), clock)
+            .map_err(crate::user_error)?
+            .with_limits(limits.clone()),
     );
 
     let token_path = data.join("admin.token");
