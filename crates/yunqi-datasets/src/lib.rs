@@ -32,17 +32,18 @@ pub use csv_import::Reject;
 pub use schema::{Column, ColumnType, Manifest, Version};
 
 /// How an import combines with what is there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// The new rows are added to the current version's.
+    #[default]
     Append,
     /// The new rows replace the current version's.
     Replace,
 }
 
 /// How to read an import.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ImportOptions {
     /// Append or replace.
     pub mode: Mode,

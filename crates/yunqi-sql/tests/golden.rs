@@ -1,0 +1,327 @@
+//! SQL golden tests: every `tests/golden/*.slt` file is run against a small city and its
+//! results compared with the file. The format is sqllogictest's, reduced to what governed SQL
+//! needs:
+//!
+//! ```text
+//! # a comment
+//! as pa                      -- run what follows as principal `pa`
+//!
+//! query                      -- a query, then `----`, then the expected rows (cells joined
+//! SELECT …                   -- by `|`, NULL as NULL), ended by a blank line
+//! ----
+//! 浙A***00|西湖区
+//!
+//! error not_found            -- a query that must fail with this yunqi error code
+//! SELECT …
+//! ```
+//!
+//! `UPDATE_GOLDEN=1 cargo test -p yunqi-sql --test golden` rewrites the expected rows from the
+//! actual ones (review the diff before committing).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use datafusion::arrow::util::display::array_value_to_string;
+use yunqi_audit::AuditChain;
+use yunqi_governance::{Actor, CallContext, Governance, GrantRequest, PrincipalSpec};
+use yunqi_sql::SqlEngine;
+use yunqi_store::SqliteStore;
+use yunqi_types::{Limits, Name, Role, SystemClock};
+
+fn call() -> CallContext {
+    CallContext {
+        request_id: "golden".into(),
+    }
+}
+
+fn n(s: &str) -> Name {
+    Name::parse("name", s).unwrap()
+}
+
+/// The small city the golden files query:
+/// - `transport.vehicles` (owner department transport): 8 vehicles in two districts, with
+///   owners' ID numbers, names and mobiles (personal, detected at import);
+/// - `police.watchlist`: two real ID numbers;
+/// - grant to police: plate, owner_id, owner_name, district, year of 西湖区 rows only,
+///   owner_name unmasked;
+/// - principals: `ta` (transport analyst), `pa` (police analyst), `ha` (health analyst, no
+///   grant), `admin`.
+async fn city(dir: &Path) -> (Arc<Governance>, BTreeMap<String, Actor>) {
+    let clock = Arc::new(SystemClock);
+    let audit =
+        Arc::new(AuditChain::open(&dir.join("audit"), clock.clone(), &Limits::default()).unwrap());
+    let store = Arc::new(SqliteStore::open(&dir.join("meta.db")).unwrap());
+    let datasets = yunqi_datasets::DatasetStore::open(&dir.join("datasets"), 1 << 20).unwrap();
+    let gov = Arc::new(Governance::open(store, datasets, audit, clock).unwrap());
+    let token = gov.bootstrap().await.unwrap().unwrap();
+    let admin = gov.authenticate(&token.token).map_err(|(e, _)| e).unwrap();
+    let mut actors = BTreeMap::new();
+    for d in ["transport", "police", "health"] {
+        gov.create_department(&admin, n(d), d.into(), &call())
+            .await
+            .unwrap();
+    }
+    for (name, role, dept) in [
+        ("ts", Role::Steward, "transport"),
+        ("ta", Role::Analyst, "transport"),
+        ("ps", Role::Steward, "police"),
+        ("pa", Role::Analyst, "police"),
+        ("ha", Role::Analyst, "health"),
+    ] {
+        let spec = PrincipalSpec {
+            name: n(name),
+            role,
+            department: Some(n(dept)),
+            id_number: None,
+            display_name: None,
+            token_expires_at: None,
+        };
+        let (_, t) = gov.create_principal(&admin, spec, &call()).await.unwrap();
+        actors.insert(
+            name.to_string(),
+            gov.authenticate(&t.token).map_err(|(e, _)| e).unwrap(),
+        );
+    }
+    let ts = actors["ts"].clone();
+    let ps = actors["ps"].clone();
+    for (dept, name, by, csv) in [
+        (
+            "transport",
+            "vehicles",
+            &ts,
+            "plate,owner_id,owner_name,mobile,district,year\n\
+             浙A10000,330106197001011003,张三,13800000000,西湖区,2016\n\
+             浙A10001,330106197101011019,李四,13800000001,上城区,2015\n\
+             浙A10002,330106197201011024,王五,13800000002,西湖区,2017\n\
+             沪B10003,33010619730101103X,赵六,13800000003,上城区,2018\n\
+             浙A10004,330106197401011045,钱七,13800000004,西湖区,2019\n\
+             苏E10005,330106197501011050,孙八,13800000005,上城区,2020\n\
+             浙A10006,330106197601011066,周九,13800000006,西湖区,2021\n\
+             浙A10007,330106197701011071,吴十,13800000007,上城区,2022\n",
+        ),
+        (
+            "police",
+            "watchlist",
+            &ps,
+            "id_number,note\n330106197001011003,a\n330106197101011019,b\n",
+        ),
+    ] {
+        let spec = yunqi_datasets::DatasetSpec {
+            department: n(dept),
+            name: n(name),
+            description: String::new(),
+            columns: vec![],
+        };
+        gov.create_dataset(by, spec, &call()).await.unwrap();
+        gov.import_dataset(
+            by,
+            dept,
+            name,
+            csv.as_bytes().to_vec(),
+            Default::default(),
+            &call(),
+        )
+        .await
+        .unwrap();
+    }
+    let pa = actors["pa"].clone();
+    let grant = gov
+        .request_grant(
+            &pa,
+            GrantRequest {
+                dataset: "transport.vehicles".into(),
+                columns: ["plate", "owner_id", "owner_name", "district", "year"]
+                    .map(String::from)
+                    .to_vec(),
+                rows: Some("district = '西湖区'".into()),
+                purpose: "golden tests".into(),
+                until: chrono::Utc::now() + chrono::Duration::days(30),
+                unmasked: vec!["owner_name".into()],
+                unmasked_reason: Some("to address letters".into()),
+            },
+            &call(),
+        )
+        .await
+        .unwrap();
+    gov.approve_grant(&ts, &grant.id, &call()).await.unwrap();
+    actors.insert("admin".into(), admin);
+    (gov, actors)
+}
+
+enum Block {
+    Comment(String),
+    As(String),
+    Query { sql: String, expected: Vec<String> },
+    Error { code: String, sql: String },
+}
+
+fn parse(text: &str) -> Vec<Block> {
+    let mut blocks = Vec::new();
+    let mut lines = text.lines().peekable();
+    while let Some(line) = lines.next() {
+        let line = line.trim_end();
+        if line.is_empty() {
+            continue;
+        }
+        if line.starts_with('#') {
+            blocks.push(Block::Comment(line.to_string()));
+            continue;
+        }
+        if let Some(who) = line.strip_prefix("as ") {
+            blocks.push(Block::As(who.trim().to_string()));
+        } else if line == "query" {
+            let mut sql = Vec::new();
+            for l in lines.by_ref() {
+                if l.trim_end() == "----" {
+                    break;
+                }
+                sql.push(l);
+            }
+            let mut expected = Vec::new();
+            while let Some(l) = lines.peek() {
+                if l.trim_end().is_empty() {
+                    break;
+                }
+                expected.push(l.trim_end().to_string());
+                lines.next();
+            }
+            blocks.push(Block::Query {
+                sql: sql.join("\n"),
+                expected,
+            });
+        } else if let Some(code) = line.strip_prefix("error ") {
+            let mut sql = Vec::new();
+            while let Some(l) = lines.peek() {
+                if l.trim_end().is_empty() {
+                    break;
+                }
+                sql.push(*l);
+                lines.next();
+            }
+            blocks.push(Block::Error {
+                code: code.trim().to_string(),
+                sql: sql.join("\n"),
+            });
+        } else {
+            panic!("unknown line in golden file: {line}");
+        }
+    }
+    blocks
+}
+
+fn render(blocks: &[Block], actual: &[Option<Vec<String>>]) -> String {
+    let mut out = String::new();
+    for (b, a) in blocks.iter().zip(actual) {
+        match b {
+            Block::Comment(c) => out.push_str(&format!("{c}\n")),
+            Block::As(who) => out.push_str(&format!("as {who}\n\n")),
+            Block::Query { sql, .. } => {
+                out.push_str(&format!("query\n{sql}\n----\n"));
+                for row in a.as_ref().unwrap() {
+                    out.push_str(row);
+                    out.push('\n');
+                }
+                out.push('\n');
+            }
+            Block::Error { code, sql } => out.push_str(&format!("error {code}\n{sql}\n\n")),
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn golden_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gov, actors) = city(dir.path()).await;
+    let engine = SqlEngine::new(gov, Limits::default());
+    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let mut files: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "slt"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty());
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let blocks = parse(&text);
+        let mut actor = actors["ta"].clone();
+        let mut actual = Vec::new();
+        for b in &blocks {
+            match b {
+                Block::Comment(_) => actual.push(None),
+                Block::As(who) => {
+                    actor = actors
+                        .get(who)
+                        .unwrap_or_else(|| panic!("no principal {who}"))
+                        .clone();
+                    actual.push(None);
+                }
+                Block::Query { sql, expected } => {
+                    checked += 1;
+                    let rows = match engine.query(&actor, sql, &call()).await {
+                        Ok(r) => r
+                            .batches
+                            .iter()
+                            .flat_map(|b| {
+                                (0..b.num_rows()).map(move |i| {
+                                    b.columns()
+                                        .iter()
+                                        .map(|c| {
+                                            if c.is_null(i) {
+                                                "NULL".to_string()
+                                            } else {
+                                                array_value_to_string(c, i).unwrap()
+                                            }
+                                        })
+                                        .collect::<Vec<_>>()
+                                        .join("|")
+                                })
+                            })
+                            .collect::<Vec<_>>(),
+                        Err(e) => vec![format!("ERROR {}: {}", e.code, e.message)],
+                    };
+                    if &rows != expected && !update {
+                        failures.push(format!(
+                            "{}: {sql}\nexpected:\n{}\nactual:\n{}",
+                            file.display(),
+                            expected.join("\n"),
+                            rows.join("\n")
+                        ));
+                    }
+                    actual.push(Some(rows));
+                }
+                Block::Error { code, sql } => {
+                    checked += 1;
+                    match engine.query(&actor, sql, &call()).await {
+                        Ok(_) => failures.push(format!(
+                            "{}: {sql}\nexpected error {code}, it ran",
+                            file.display()
+                        )),
+                        Err(e) if e.code.to_string() != *code => failures.push(format!(
+                            "{}: {sql}\nexpected error {code}, got {}: {}",
+                            file.display(),
+                            e.code,
+                            e.message
+                        )),
+                        Err(_) => {}
+                    }
+                    actual.push(None);
+                }
+            }
+        }
+        if update {
+            std::fs::write(&file, render(&blocks, &actual)).unwrap();
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {checked} golden checks failed:\n\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+}
