@@ -323,7 +323,8 @@ pub async fn audit(
     }))
 }
 
-/// Runs one SQL query over the tables the caller may see. Audited.
+/// Runs one SQL query over the tables the caller may see. Audited. Results as JSON (default),
+/// CSV or an Arrow IPC stream (`format`, or the `Accept` header).
 #[utoipa::path(post, path = "/api/v1/sql", tag = "sql", security(("bearer" = [])),
     request_body = SqlRequest,
     responses((status = 200, body = SqlResult), (status = 400, body = ErrorBody),
@@ -331,9 +332,53 @@ pub async fn audit(
 pub async fn sql(
     State(state): State<AppState>,
     auth: Authed,
+    headers: axum::http::HeaderMap,
     Json(req): Json<SqlRequest>,
-) -> ApiResult<axum::Json<SqlResult>> {
+) -> ApiResult<axum::response::Response> {
+    const ARROW: &str = "application/vnd.apache.arrow.stream";
+    let accept = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let format = match req.format.as_deref() {
+        Some("json") => "json",
+        Some("csv") => "csv",
+        Some("arrow") => "arrow",
+        Some(other) => {
+            return Err(Error::invalid(format!("invalid format \"{other}\""))
+                .hint("use json, csv or arrow")
+                .into());
+        }
+        None if accept.contains("text/csv") => "csv",
+        None if accept.contains(ARROW) => "arrow",
+        None => "json",
+    };
     let result = state.sql.query(&auth.actor, &req.sql, &auth.ctx()).await?;
+    let truncated = if result.truncated { "true" } else { "false" };
+    let (content_type, body) = match format {
+        "csv" => (
+            "text/csv; charset=utf-8",
+            yunqi_sql::convert::to_csv(&result.schema, &result.batches)?,
+        ),
+        "arrow" => (
+            ARROW,
+            yunqi_sql::convert::to_arrow_ipc(&result.schema, &result.batches)?,
+        ),
+        _ => return sql_json(result).map(IntoResponse::into_response),
+    };
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, content_type),
+            (
+                axum::http::HeaderName::from_static("x-yunqi-truncated"),
+                truncated,
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+fn sql_json(result: yunqi_sql::QueryResult) -> ApiResult<axum::Json<SqlResult>> {
     let rows = yunqi_sql::convert::rows_to_json(&result.batches)
         .map_err(|e| Error::internal(format!("cannot render the result: {e}")))?;
     Ok(axum::Json(SqlResult {

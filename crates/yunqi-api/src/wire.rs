@@ -342,6 +342,11 @@ pub struct ErrorDetail {
 pub struct SqlRequest {
     /// One query, e.g. `SELECT name, title FROM system.departments`.
     pub sql: String,
+    /// `json` (the default), `csv` (with a header line) or `arrow` (an Arrow IPC stream).
+    /// Without it, the `Accept` header decides (`text/csv`,
+    /// `application/vnd.apache.arrow.stream`).
+    #[serde(default)]
+    pub format: Option<String>,
 }
 
 /// A result column.

@@ -61,3 +61,79 @@ pub fn rows_to_json(batches: &[RecordBatch]) -> Result<Vec<Value>, String> {
     }
     Ok(rows)
 }
+
+fn render_error(e: datafusion::arrow::error::ArrowError) -> yunqi_types::Error {
+    yunqi_types::Error::internal(format!("cannot render the result: {e}"))
+}
+
+/// A result as CSV with a header line (also when there are no rows).
+pub fn to_csv(
+    schema: &datafusion::arrow::datatypes::SchemaRef,
+    batches: &[RecordBatch],
+) -> Result<Vec<u8>, yunqi_types::Error> {
+    let mut out = Vec::new();
+    {
+        let mut w = datafusion::arrow::csv::WriterBuilder::new()
+            .with_header(true)
+            .build(&mut out);
+        if batches.is_empty() {
+            w.write(&RecordBatch::new_empty(schema.clone()))
+                .map_err(render_error)?;
+        }
+        for b in batches {
+            w.write(b).map_err(render_error)?;
+        }
+    }
+    Ok(out)
+}
+
+/// A result as an Arrow IPC stream.
+pub fn to_arrow_ipc(
+    schema: &datafusion::arrow::datatypes::SchemaRef,
+    batches: &[RecordBatch],
+) -> Result<Vec<u8>, yunqi_types::Error> {
+    let mut out = Vec::new();
+    {
+        let mut w = datafusion::arrow::ipc::writer::StreamWriter::try_new(&mut out, schema)
+            .map_err(render_error)?;
+        for b in batches {
+            w.write(b).map_err(render_error)?;
+        }
+        w.finish().map_err(render_error)?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod format_tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::{Int64Array, RecordBatch, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+
+    #[test]
+    fn csv_and_arrow_carry_the_rows() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("plate", DataType::Utf8, true),
+            Field::new("n", DataType::Int64, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from(vec![Some("浙A***45"), None])),
+                Arc::new(Int64Array::from(vec![1, 2])),
+            ],
+        )
+        .unwrap();
+        let csv = super::to_csv(&schema, std::slice::from_ref(&batch)).unwrap();
+        assert_eq!(String::from_utf8(csv).unwrap(), "plate,n\n浙A***45,1\n,2\n");
+        let empty = super::to_csv(&schema, &[]).unwrap();
+        assert_eq!(String::from_utf8(empty).unwrap(), "plate,n\n");
+        let ipc = super::to_arrow_ipc(&schema, std::slice::from_ref(&batch)).unwrap();
+        let reader =
+            datafusion::arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(ipc), None)
+                .unwrap();
+        let back: Vec<RecordBatch> = reader.map(Result::unwrap).collect();
+        assert_eq!(back, vec![batch]);
+    }
+}

@@ -279,6 +279,19 @@ async fn grants_govern_what_another_department_reads_over_postgres() {
         "no ID number unmasked"
     );
 
+    case("over HTTP, as CSV, the same masked rows");
+    let (status, v) = s.call(
+        "POST",
+        "/api/v1/sql",
+        Some(&c.pa),
+        Some(r#"{"sql": "SELECT plate, owner_id FROM transport.vehicles ORDER BY plate LIMIT 1", "format": "csv"}"#),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(
+        v.as_str().unwrap(),
+        format!("plate,owner_id\n浙A***00,330106********{}\n", &c.ids[0][14..])
+    );
+
     case("an ungranted column is not there");
     let e = rows(&police, "SELECT mobile FROM transport.vehicles")
         .await
