@@ -930,3 +930,193 @@ pub fn grant(api: &Api, cmd: GrantCommand, json: bool) -> anyhow::Result<ExitCod
         }
     }
 }
+
+#[derive(Args)]
+pub struct SqlArgs {
+    /// A query to run; without one, a shell reads statements (ended by `;`) from the terminal
+    /// or standard input. In the shell, `\d` lists tables, `\d NAME` describes one, `\q` quits.
+    query: Option<String>,
+    /// Print CSV instead of a table.
+    #[arg(long)]
+    csv: bool,
+}
+
+/// Display width of a cell: CJK and other wide characters take two columns.
+fn width(s: &str) -> usize {
+    s.chars()
+        .map(|c| {
+            let u = c as u32;
+            if (0x1100..=0x115F).contains(&u)
+                || (0x2E80..=0xA4CF).contains(&u)
+                || (0xAC00..=0xD7A3).contains(&u)
+                || (0xF900..=0xFAFF).contains(&u)
+                || (0xFE30..=0xFE4F).contains(&u)
+                || (0xFF00..=0xFF60).contains(&u)
+                || (0xFFE0..=0xFFE6).contains(&u)
+            {
+                2
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "NULL".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn print_table(v: &Value) {
+    let headers: Vec<String> = v["columns"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| s(&c["name"]).to_string())
+        .collect();
+    let rows: Vec<Vec<String>> = v["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| r.as_array().into_iter().flatten().map(cell).collect())
+        .collect();
+    let mut widths: Vec<usize> = headers.iter().map(|h| width(h)).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(width(c));
+            }
+        }
+    }
+    let line = |cells: &[String]| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!(" {c}{} ", " ".repeat(w - width(c))))
+            .collect::<Vec<_>>()
+            .join("|")
+    };
+    println!("{}", line(&headers));
+    println!(
+        "{}",
+        widths
+            .iter()
+            .map(|w| "-".repeat(w + 2))
+            .collect::<Vec<_>>()
+            .join("+")
+    );
+    for r in &rows {
+        println!("{}", line(r));
+    }
+    let n = rows.len();
+    println!(
+        "({n} row{}{})",
+        if n == 1 { "" } else { "s" },
+        if v["truncated"].as_bool() == Some(true) {
+            ", truncated at the server's limit"
+        } else {
+            ""
+        }
+    );
+}
+
+fn run_sql(api: &Api, query: &str, csv: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let format = if csv { "csv" } else { "json" };
+    let r = api.call(
+        "POST",
+        "/api/v1/sql",
+        Some(json!({"sql": query, "format": format})),
+    )?;
+    finish(r, json, |v| match v {
+        Value::String(text) => print!("{text}"),
+        _ => print_table(v),
+    })
+}
+
+/// `\d` and `\d NAME` of the shell, as queries over information_schema.
+fn meta_query(command: &str) -> Option<String> {
+    let rest = command.strip_prefix("\\d")?.trim();
+    if rest.is_empty() {
+        return Some(
+            "SELECT table_schema AS schema, table_name AS name FROM information_schema.tables \
+             WHERE table_schema <> 'information_schema' ORDER BY 1, 2"
+                .into(),
+        );
+    }
+    let (schema, table) = rest.split_once('.').unwrap_or(("system", rest));
+    let quote = |s: &str| s.replace('\'', "''");
+    Some(format!(
+        "SELECT column_name AS column, data_type AS type, is_nullable AS nullable \
+         FROM information_schema.columns WHERE table_schema = '{}' AND table_name = '{}' \
+         ORDER BY ordinal_position",
+        quote(schema),
+        quote(table)
+    ))
+}
+
+pub fn sql(api: &Api, a: SqlArgs, json: bool) -> anyhow::Result<ExitCode> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if let Some(q) = a.query {
+        return run_sql(api, &q, a.csv, json);
+    }
+    let stdin = std::io::stdin();
+    let interactive = stdin.is_terminal();
+    if interactive {
+        eprintln!(
+            "yunqi SQL at {} — end statements with ;  \\d lists tables, \\q quits",
+            api.base
+        );
+    }
+    let mut buffer = String::new();
+    let mut status = ExitCode::SUCCESS;
+    let prompt = |buffer: &str| {
+        if interactive {
+            eprint!(
+                "{}",
+                if buffer.is_empty() {
+                    "yunqi> "
+                } else {
+                    "  ...> "
+                }
+            );
+            let _ = std::io::stderr().flush();
+        }
+    };
+    prompt(&buffer);
+    for line in stdin.lock().lines() {
+        let line = line?;
+        let trimmed = line.trim();
+        if buffer.is_empty() && trimmed.starts_with('\\') {
+            if trimmed == "\\q" {
+                break;
+            }
+            match meta_query(trimmed) {
+                Some(q) => {
+                    run_sql(api, &q, a.csv, json)?;
+                }
+                None => eprintln!("unknown command {trimmed}; \\d, \\d NAME and \\q are known"),
+            }
+            prompt(&buffer);
+            continue;
+        }
+        if !trimmed.is_empty() {
+            buffer.push_str(&line);
+            buffer.push('\n');
+        }
+        if trimmed.ends_with(';') {
+            let q = buffer.trim().trim_end_matches(';').to_string();
+            buffer.clear();
+            if run_sql(api, &q, a.csv, json)? != ExitCode::SUCCESS {
+                status = ExitCode::FAILURE;
+            }
+        }
+        prompt(&buffer);
+    }
+    if !buffer.trim().is_empty() && run_sql(api, buffer.trim(), a.csv, json)? != ExitCode::SUCCESS {
+        status = ExitCode::FAILURE;
+    }
+    Ok(status)
+}

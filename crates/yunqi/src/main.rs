@@ -60,6 +60,8 @@ enum Command {
     /// Grants: ask for other departments' data, decide requests for yours.
     #[command(subcommand)]
     Grant(client::GrantCommand),
+    /// Run a query, or a SQL shell, over what your token may read.
+    Sql(client::SqlArgs),
     /// The audit chain.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -114,6 +116,7 @@ fn main() -> ExitCode {
                 Command::Dataset(c) => client::dataset(&api, c, json),
                 Command::Import(a) => client::import(&api, a, json),
                 Command::Grant(c) => client::grant(&api, c, json),
+                Command::Sql(a) => client::sql(&api, a, json),
                 Command::Audit(AuditCommand::List(a)) => client::audit_list(&api, a, json),
                 Command::Whoami => client::whoami(&api, json),
                 _ => unreachable!("handled above"),

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::Server;
+use common::{Server, cli, cli_with_input};
 use serde_json::{Value, json};
 use tokio_postgres::SimpleQueryMessage;
 
@@ -289,7 +289,10 @@ async fn grants_govern_what_another_department_reads_over_postgres() {
     assert_eq!(status, 200);
     assert_eq!(
         v.as_str().unwrap(),
-        format!("plate,owner_id\n浙A***00,330106********{}\n", &c.ids[0][14..])
+        format!(
+            "plate,owner_id\n浙A***00,330106********{}\n",
+            &c.ids[0][14..]
+        )
     );
 
     case("an ungranted column is not there");
@@ -649,5 +652,111 @@ async fn grants_govern_what_another_department_reads_over_postgres() {
     assert!(
         detail.contains("rows in") && detail.contains("columns transport.vehicles."),
         "{detail}"
+    );
+}
+
+#[test]
+fn the_cli_asks_decides_and_queries() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = city(dir.path());
+    let s = &c.server;
+    let until = future_date(30);
+    let (code, out, err) = cli(
+        s,
+        &c.pa,
+        &[
+            "grant",
+            "request",
+            "transport.vehicles",
+            "--columns",
+            "plate,owner_id,district",
+            "--purpose",
+            "非浙A急事通",
+            "--until",
+            &until,
+            "--rows",
+            "district = '西湖区'",
+            "--json",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let id = v["id"].as_str().unwrap().to_string();
+    // Without --json, the id alone on standard output.
+    let (code, out, _) = cli(
+        s,
+        &c.ha,
+        &[
+            "grant",
+            "request",
+            "transport.vehicles",
+            "--columns",
+            "*",
+            "--purpose",
+            "x",
+            "--until",
+            &until,
+        ],
+    );
+    assert_eq!(code, 0);
+    assert!(
+        out.trim().starts_with("g_") && out.trim().lines().count() == 1,
+        "{out}"
+    );
+    let (code, out, _) = cli(s, &c.ts, &["grant", "list", "--state", "pending"]);
+    assert_eq!(code, 0);
+    assert!(out.contains(&id) && out.contains("非浙A急事通"), "{out}");
+    let (code, _, err) = cli(s, &c.pa, &["grant", "approve", &id]);
+    assert_eq!(code, 1);
+    assert!(err.contains("permission denied"), "{err}");
+    let (code, out, err) = cli(s, &c.ts, &["grant", "approve", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("(active)"), "{out}");
+
+    let (code, out, err) = cli(
+        s,
+        &c.pa,
+        &[
+            "sql",
+            "SELECT plate, owner_id FROM transport.vehicles ORDER BY plate LIMIT 2",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("浙A***00") && out.contains("330106********") && out.contains("(2 rows)"),
+        "{out}"
+    );
+    let (code, out, _) = cli(
+        s,
+        &c.pa,
+        &[
+            "sql",
+            "--csv",
+            "SELECT count(*) AS n FROM transport.vehicles",
+        ],
+    );
+    assert_eq!((code, out.as_str()), (0, "n\n15\n"));
+    // The shell: statements over several lines, \d, errors that do not stop it.
+    let (code, out, err) = cli_with_input(
+        s,
+        &c.pa,
+        &["sql"],
+        "\\d\nSELECT count(*)\n  FROM transport.vehicles;\nSELECT mobile FROM transport.vehicles;\n\\d transport.vehicles\n",
+    );
+    assert_eq!(code, 1, "one statement failed: {out} {err}");
+    assert!(out.contains("transport | vehicles"), "{out}");
+    assert!(out.contains(" 15 "), "{out}");
+    assert!(err.contains("mobile"), "{err}");
+    assert!(
+        out.contains("owner_id") && !out.contains("| mobile"),
+        "{out}"
+    );
+    let (code, _, err) = cli(s, &c.ts, &["grant", "revoke", &id, "--reason", "done"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = cli(s, &c.pa, &["sql", "SELECT 1 FROM transport.vehicles"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("not found") || err.contains("does not exist"),
+        "{err}"
     );
 }

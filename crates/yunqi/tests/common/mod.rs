@@ -307,3 +307,34 @@ pub fn psql(
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Runs the CLI with `input` on its standard input.
+pub fn cli_with_input(
+    server: &Server,
+    token: &str,
+    args: &[&str],
+    input: &str,
+) -> (i32, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("YUNQI_URL", &server.url)
+        .env("YUNQI_TOKEN", token)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run yunqi");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
