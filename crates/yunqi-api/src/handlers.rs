@@ -488,12 +488,21 @@ pub async fn get_dataset(
     auth: Authed,
     Path((department, name)): Path<(String, String)>,
 ) -> ApiResult<axum::Json<DatasetView>> {
-    Ok(axum::Json(
-        state
-            .gov
-            .catalog_entry(&auth.actor, &department, &name)?
-            .into(),
-    ))
+    let m = state.gov.catalog_entry(&auth.actor, &department, &name)?;
+    let filter = yunqi_governance::GrantFilter {
+        state: None,
+        dataset: Some(m.sql_name()),
+    };
+    let now = state.gov.now();
+    let grants = state
+        .gov
+        .list_grants(&auth.actor, &filter)?
+        .into_iter()
+        .map(|g| GrantView::new(g, now))
+        .collect();
+    let mut view: DatasetView = m.into();
+    view.grants = Some(grants);
+    Ok(axum::Json(view))
 }
 
 /// Imports a file (CSV in UTF-8 or GBK, or NDJSON) as a new version. The body is the file.

@@ -450,6 +450,9 @@ pub struct DatasetView {
     pub versions: Vec<yunqi_datasets::Version>,
     /// Creation time.
     pub created_at: DateTime<Utc>,
+    /// Grants and requests on it that the caller may see (one dataset's page only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grants: Option<Vec<GrantView>>,
 }
 
 impl From<yunqi_datasets::Manifest> for DatasetView {
@@ -464,6 +467,7 @@ impl From<yunqi_datasets::Manifest> for DatasetView {
             columns: m.columns,
             versions: m.versions,
             created_at: m.created_at,
+            grants: None,
         }
     }
 }

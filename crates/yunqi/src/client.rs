@@ -659,6 +659,55 @@ fn print_dataset(v: &Value) {
             ver["rejected"]
         );
     }
+    for g in v["grants"].as_array().into_iter().flatten() {
+        println!(
+            "grant {} ({}) to {} until {}: {} — {}",
+            s(&g["id"]),
+            s(&g["state"]),
+            s(&g["grantee"]),
+            s(&g["expires_at"]),
+            g["columns"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| s(c).to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            s(&g["purpose"])
+        );
+    }
+}
+
+#[derive(Subcommand)]
+pub enum CatalogCommand {
+    /// Find datasets by words in names, descriptions and columns (Chinese or English), or by
+    /// column class.
+    Search {
+        /// Words, all of which must appear.
+        words: Vec<String>,
+        /// Only datasets with a column of this class (e.g. personal).
+        #[arg(long)]
+        class: Option<String>,
+    },
+    /// One dataset: owner, schema with classes, rows, size, versions, grants and requests.
+    Show {
+        /// DEPARTMENT.DATASET
+        name: String,
+    },
+}
+
+pub fn catalog(api: &Api, cmd: CatalogCommand, json: bool) -> anyhow::Result<ExitCode> {
+    match cmd {
+        CatalogCommand::Search { words, class } => dataset(
+            api,
+            DatasetCommand::List {
+                search: (!words.is_empty()).then(|| words.join(" ")),
+                class,
+            },
+            json,
+        ),
+        CatalogCommand::Show { name } => dataset(api, DatasetCommand::Show { name }, json),
+    }
 }
 
 #[derive(Args)]

@@ -62,6 +62,9 @@ enum Command {
     Grant(client::GrantCommand),
     /// Run a query, or a SQL shell, over what your token may read.
     Sql(client::SqlArgs),
+    /// The catalog: search datasets, show one with its grants.
+    #[command(subcommand)]
+    Catalog(client::CatalogCommand),
     /// The audit chain.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -117,6 +120,7 @@ fn main() -> ExitCode {
                 Command::Import(a) => client::import(&api, a, json),
                 Command::Grant(c) => client::grant(&api, c, json),
                 Command::Sql(a) => client::sql(&api, a, json),
+                Command::Catalog(c) => client::catalog(&api, c, json),
                 Command::Audit(AuditCommand::List(a)) => client::audit_list(&api, a, json),
                 Command::Whoami => client::whoami(&api, json),
                 _ => unreachable!("handled above"),

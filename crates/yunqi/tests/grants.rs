@@ -751,6 +751,20 @@ fn the_cli_asks_decides_and_queries() {
         out.contains("owner_id") && !out.contains("| mobile"),
         "{out}"
     );
+    // The catalog shows the dataset with its grants to both departments, and finds it.
+    let (code, out, err) = cli(s, &c.ts, &["catalog", "show", "transport.vehicles"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("grant {id} (active) to police")),
+        "{out}"
+    );
+    let (code, out, _) = cli(
+        s,
+        &c.pa,
+        &["catalog", "search", "owner_id", "--class", "personal"],
+    );
+    assert_eq!(code, 0);
+    assert!(out.contains("transport.vehicles"), "{out}");
     let (code, _, err) = cli(s, &c.ts, &["grant", "revoke", &id, "--reason", "done"]);
     assert_eq!(code, 0, "{err}");
     let (code, _, err) = cli(s, &c.pa, &["sql", "SELECT 1 FROM transport.vehicles"]);
