@@ -250,7 +250,7 @@ impl Governance {
             detail.push_str(&format!("; unmasked {}", grant.unmasked.join(", ")));
         }
         let event = Self::grant_event(actor, "grant.request", &grant, Outcome::Ok, detail, ctx);
-        self.commit(event, vec![IdentityChange::PutGrant(grant.clone())])
+        self.commit(event, vec![IdentityChange::PutGrant(Box::new(grant.clone()))])
             .await?;
         Ok(grant)
     }
@@ -317,10 +317,10 @@ impl Governance {
                 old.revoked_at = Some(now);
                 old.reason = Some(format!("superseded by grant {}", grant.id));
                 superseded.push(old.id.clone());
-                changes.push(IdentityChange::PutGrant(old));
+                changes.push(IdentityChange::PutGrant(Box::new(old)));
             }
         }
-        changes.push(IdentityChange::PutGrant(grant.clone()));
+        changes.push(IdentityChange::PutGrant(Box::new(grant.clone())));
         let mut detail = format!(
             "{} may read {} ({}) until {}",
             grant.grantee,
@@ -384,7 +384,7 @@ impl Governance {
             format!("refused: {reason}"),
             ctx,
         );
-        self.commit(event, vec![IdentityChange::PutGrant(grant.clone())])
+        self.commit(event, vec![IdentityChange::PutGrant(Box::new(grant.clone()))])
             .await?;
         Ok(grant)
     }
@@ -439,7 +439,7 @@ impl Governance {
             },
             ctx,
         );
-        self.commit(event, vec![IdentityChange::PutGrant(grant.clone())])
+        self.commit(event, vec![IdentityChange::PutGrant(Box::new(grant.clone()))])
             .await?;
         Ok(grant)
     }

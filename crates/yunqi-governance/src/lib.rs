@@ -115,7 +115,7 @@ impl State {
                     }
                 }
                 IdentityChange::PutGrant(g) => {
-                    self.grants.insert(g.id.clone(), g);
+                    self.grants.insert(g.id.clone(), *g);
                 }
             }
         }

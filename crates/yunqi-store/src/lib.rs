@@ -55,7 +55,7 @@ pub enum IdentityChange {
         at: DateTime<Utc>,
     },
     /// Creates or replaces a grant (its whole record).
-    PutGrant(Grant),
+    PutGrant(Box<Grant>),
 }
 
 /// What yunqi needs of a metadata store.
@@ -438,10 +438,10 @@ mod tests {
             revoked_by: None,
             revoked_at: None,
         };
-        store.apply(&[IdentityChange::PutGrant(g.clone())]).unwrap();
+        store.apply(&[IdentityChange::PutGrant(Box::new(g.clone()))]).unwrap();
         g.status = yunqi_types::GrantStatus::Approved;
         g.decided_by = Some("li".into());
-        store.apply(&[IdentityChange::PutGrant(g.clone())]).unwrap();
+        store.apply(&[IdentityChange::PutGrant(Box::new(g.clone()))]).unwrap();
         drop(store);
         let loaded = SqliteStore::open(&path).unwrap().load().unwrap();
         assert_eq!(loaded.grants, vec![g]);
