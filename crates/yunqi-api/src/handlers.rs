@@ -427,11 +427,16 @@ pub async fn create_dataset(
             detected: None,
         });
     }
+    let subject = req
+        .subject
+        .map(|s| Name::parse("column", &s).map(|n| n.to_string()))
+        .transpose()?;
     let spec = yunqi_datasets::DatasetSpec {
         department,
         name,
         description,
         columns,
+        subject,
     };
     let m = state
         .gov
@@ -730,4 +735,60 @@ pub async fn revoke_grant(
         .revoke_grant(&auth.actor, &id, d.reason.as_deref(), &auth.ctx())
         .await?;
     Ok(axum::Json(GrantView::new(g, state.gov.now())))
+}
+
+/// Declares (or, with `null`, clears) a dataset's subject column: the column naming the person
+/// each row is about.
+#[utoipa::path(post, path = "/api/v1/datasets/{department}/{name}/subject", tag = "datasets", security(("bearer" = [])),
+    params(("department" = String, Path), ("name" = String, Path)),
+    request_body = SetSubject,
+    responses((status = 200, body = DatasetView), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn set_subject(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path((department, name)): Path<(String, String)>,
+    Json(req): Json<SetSubject>,
+) -> ApiResult<axum::Json<DatasetView>> {
+    let m = state
+        .gov
+        .set_subject(
+            &auth.actor,
+            &department,
+            &name,
+            req.column.as_deref(),
+            &auth.ctx(),
+        )
+        .await?;
+    Ok(axum::Json(m.into()))
+}
+
+/// For a citizen: who read my data, when, for what purpose — the queries that returned rows
+/// about the caller, newest first.
+#[utoipa::path(get, path = "/api/v1/me/accesses", tag = "audit", security(("bearer" = [])),
+    responses((status = 200, body = AccessList), (status = 403, body = ErrorBody)))]
+pub async fn my_accesses(
+    State(state): State<AppState>,
+    auth: Authed,
+) -> ApiResult<axum::Json<AccessList>> {
+    let records = state
+        .gov
+        .accesses_of(
+            &auth.actor,
+            state.limits.audit_page_records_max,
+            &auth.ctx(),
+        )
+        .await?;
+    Ok(axum::Json(AccessList {
+        accesses: records
+            .into_iter()
+            .map(|r| AccessView {
+                seq: r.seq,
+                time: r.time,
+                principal: r.principal,
+                department: r.department,
+                object: r.object,
+                purpose: r.purpose,
+            })
+            .collect(),
+    }))
 }

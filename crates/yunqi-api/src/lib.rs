@@ -68,6 +68,7 @@ impl AppState {
         handlers::import_dataset, handlers::set_class,
         handlers::request_grant, handlers::list_grants, handlers::get_grant,
         handlers::approve_grant, handlers::refuse_grant, handlers::revoke_grant,
+        handlers::set_subject, handlers::my_accesses,
     ),
     modifiers(&BearerAuth),
     tags(
@@ -131,6 +132,11 @@ pub fn router(state: AppState) -> Router {
             get(handlers::list_grants).post(handlers::request_grant),
         )
         .route("/api/v1/grants/{id}", get(handlers::get_grant))
+        .route("/api/v1/me/accesses", get(handlers::my_accesses))
+        .route(
+            "/api/v1/datasets/{department}/{name}/subject",
+            post(handlers::set_subject),
+        )
         .route("/api/v1/grants/{id}/approve", post(handlers::approve_grant))
         .route("/api/v1/grants/{id}/refuse", post(handlers::refuse_grant))
         .route("/api/v1/grants/{id}/revoke", post(handlers::revoke_grant))

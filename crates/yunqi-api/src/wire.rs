@@ -401,6 +401,41 @@ pub struct CreateDataset {
     /// Columns; taken from the first import when absent.
     #[serde(default)]
     pub columns: Vec<ColumnSpec>,
+    /// The column naming the person each row is about (a resident ID number column).
+    #[serde(default)]
+    pub subject: Option<String>,
+}
+
+/// `POST /api/v1/datasets/{department}/{name}/subject`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetSubject {
+    /// The subject column; `null` for none.
+    pub column: Option<String>,
+}
+
+/// One access to the caller's data.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AccessView {
+    /// Audit sequence number.
+    pub seq: u64,
+    /// When.
+    pub time: DateTime<Utc>,
+    /// Who read it.
+    pub principal: String,
+    /// Their department.
+    pub department: String,
+    /// What they read (`table:…`).
+    pub object: String,
+    /// For what purpose (the grants' purposes).
+    pub purpose: String,
+}
+
+/// `GET /api/v1/me/accesses`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AccessList {
+    /// Newest first.
+    pub accesses: Vec<AccessView>,
 }
 
 /// `POST /api/v1/datasets/{department}/{name}/import` parameters. The body is the file.
@@ -450,6 +485,8 @@ pub struct DatasetView {
     pub versions: Vec<yunqi_datasets::Version>,
     /// Creation time.
     pub created_at: DateTime<Utc>,
+    /// The subject column, if any.
+    pub subject: Option<String>,
     /// Grants and requests on it that the caller may see (one dataset's page only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grants: Option<Vec<GrantView>>,
@@ -467,6 +504,7 @@ impl From<yunqi_datasets::Manifest> for DatasetView {
             columns: m.columns,
             versions: m.versions,
             created_at: m.created_at,
+            subject: m.subject,
             grants: None,
         }
     }

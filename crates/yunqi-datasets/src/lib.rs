@@ -115,6 +115,8 @@ pub struct DatasetSpec {
     pub description: String,
     /// Declared columns; empty to take them from the first import.
     pub columns: Vec<Column>,
+    /// The subject column, if declared.
+    pub subject: Option<String>,
 }
 
 /// Rejected rows shown in an error or a report.
@@ -234,8 +236,19 @@ impl DatasetStore {
                 );
             }
         }
+        if let Some(s) = &spec.subject
+            && !spec.columns.is_empty()
+            && !spec.columns.iter().any(|c| &c.name == s)
+        {
+            return Err(
+                Error::invalid(format!("subject column \"{s}\" is not declared"))
+                    .hint("name one of the declared columns, or leave the subject out"),
+            );
+        }
         fs::create_dir_all(dir.join("data")).map_err(|e| io(e, "create dataset directory"))?;
         let m = Manifest {
+            subject_declared: spec.subject.is_some(),
+            subject: spec.subject,
             format: schema::MANIFEST_FORMAT,
             department: spec.department.to_string(),
             name: spec.name.to_string(),
@@ -466,6 +479,16 @@ impl DatasetStore {
             Some(rel)
         };
         csv_import::update_classes(&mut m.columns, &parsed.samples);
+        if !m.subject_declared {
+            let ids: Vec<&Column> = m
+                .columns
+                .iter()
+                .filter(|c| c.detected == Some(yunqi_types::Detected::IdNumber))
+                .collect();
+            if let [only] = ids.as_slice() {
+                m.subject = Some(only.name.clone());
+            }
+        }
         m.versions.push(Version {
             version: number,
             created_at: now,
@@ -514,6 +537,31 @@ impl DatasetStore {
         for f in staged.written {
             let _ = fs::remove_file(f);
         }
+    }
+
+    /// Sets (or, with `None`, clears) the subject column, as a steward declares it.
+    pub fn set_subject(
+        &self,
+        department: &str,
+        name: &str,
+        column: Option<&str>,
+    ) -> Result<Manifest, Error> {
+        let _guard = self.imports.lock().expect("imports lock");
+        let mut m = self.get(department, name)?;
+        if let Some(c) = column
+            && !m.columns.iter().any(|col| col.name == c)
+        {
+            let names: Vec<&str> = m.columns.iter().map(|c| c.name.as_str()).collect();
+            let e = Error::not_found("column", &format!("{}.{c}", m.sql_name()));
+            return Err(match suggest::did_you_mean(c, names.iter().copied()) {
+                Some(s) => e.hint(format!("did you mean \"{s}\"?")),
+                None => e.hint(format!("columns: {}", names.join(", "))),
+            });
+        }
+        m.subject = column.map(str::to_string);
+        m.subject_declared = true;
+        self.write_manifest(&m)?;
+        Ok(m)
     }
 
     /// Sets a column's class, as a steward declares it.

@@ -120,6 +120,14 @@ pub struct Manifest {
     pub columns: Vec<Column>,
     /// Versions, oldest first; version 0 (empty) is implied.
     pub versions: Vec<Version>,
+    /// The column naming the person each row is about (a resident ID number): queries that
+    /// return few rows record whose rows they returned, so citizens can see who read their
+    /// data. Suggested at import when one column holds ID numbers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// Whether a steward set `subject` (imports never change it then).
+    #[serde(default)]
+    pub subject_declared: bool,
     /// When the dataset was created.
     pub created_at: DateTime<Utc>,
 }

@@ -34,6 +34,7 @@ fn spec(name: &str, columns: Vec<Column>) -> DatasetSpec {
         name: Name::parse("dataset", name).unwrap(),
         description: "registered vehicles".into(),
         columns,
+        subject: None,
     }
 }
 

@@ -192,6 +192,43 @@ impl Governance {
             .set_class(department.as_str(), name, column, class)
     }
 
+    /// Declares (or clears) a dataset's subject column (stewards of its department, admins).
+    pub async fn set_subject(
+        &self,
+        actor: &Actor,
+        department: &str,
+        name: &str,
+        column: Option<&str>,
+        ctx: &CallContext,
+    ) -> Result<Manifest, Error> {
+        let department = Name::parse("department", department)?;
+        let dataset = format!("{department}.{name}");
+        self.authorize(
+            actor,
+            &Action::DatasetWrite {
+                dataset: &dataset,
+                department: &department,
+            },
+            ctx,
+        )
+        .await?;
+        let _guard = self.dataset_lock.lock().await;
+        self.datasets.get(department.as_str(), name)?;
+        let event = self.dataset_event(
+            actor,
+            "dataset.subject",
+            &dataset,
+            Outcome::Ok,
+            match column {
+                Some(c) => format!("subject column {c}"),
+                None => "no subject column".into(),
+            },
+            ctx,
+        );
+        self.audit.append(vec![event]).await?;
+        self.datasets.set_subject(department.as_str(), name, column)
+    }
+
     /// The catalog: every dataset's description, schema, classes and versions (not its data).
     pub fn catalog(&self, actor: &Actor) -> Result<Vec<Manifest>, Error> {
         authorize(&actor.principal, &Action::CatalogRead)?;

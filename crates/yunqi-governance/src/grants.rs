@@ -250,8 +250,11 @@ impl Governance {
             detail.push_str(&format!("; unmasked {}", grant.unmasked.join(", ")));
         }
         let event = Self::grant_event(actor, "grant.request", &grant, Outcome::Ok, detail, ctx);
-        self.commit(event, vec![IdentityChange::PutGrant(Box::new(grant.clone()))])
-            .await?;
+        self.commit(
+            event,
+            vec![IdentityChange::PutGrant(Box::new(grant.clone()))],
+        )
+        .await?;
         Ok(grant)
     }
 
@@ -384,8 +387,11 @@ impl Governance {
             format!("refused: {reason}"),
             ctx,
         );
-        self.commit(event, vec![IdentityChange::PutGrant(Box::new(grant.clone()))])
-            .await?;
+        self.commit(
+            event,
+            vec![IdentityChange::PutGrant(Box::new(grant.clone()))],
+        )
+        .await?;
         Ok(grant)
     }
 
@@ -439,8 +445,11 @@ impl Governance {
             },
             ctx,
         );
-        self.commit(event, vec![IdentityChange::PutGrant(Box::new(grant.clone()))])
-            .await?;
+        self.commit(
+            event,
+            vec![IdentityChange::PutGrant(Box::new(grant.clone()))],
+        )
+        .await?;
         Ok(grant)
     }
 

@@ -34,6 +34,14 @@ pub const SYSTEM_PRINCIPAL: &str = "yunqi";
 /// The bootstrap principal.
 pub const ADMIN_PRINCIPAL: &str = "admin";
 
+/// The key under which a person appears in the audit chain's records of queries that returned
+/// their rows: 12 hex digits of SHA-256 of their ID number (the number itself is never written).
+pub fn subject_key(id_number: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("yunqi subject {id_number}").as_bytes());
+    hex::encode(&digest[..6])
+}
+
 /// Who is calling, once authenticated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Actor {
@@ -366,6 +374,84 @@ impl Governance {
             Self::actor_event(actor, "sql.query", object.to_string(), outcome, detail, ctx);
         event.purpose = purpose;
         self.audit.append(vec![event]).await.map(|_| ())
+    }
+
+    /// The accesses to a citizen's data: queries that returned rows whose subject is the
+    /// citizen, newest first, at most `limit`. Reading them is itself audited.
+    pub async fn accesses_of(
+        &self,
+        actor: &Actor,
+        limit: usize,
+        ctx: &CallContext,
+    ) -> Result<Vec<yunqi_audit::AuditRecord>, Error> {
+        let id = match (&actor.principal.role, &actor.principal.id_number) {
+            (Role::Citizen, Some(id)) => id.clone(),
+            _ => {
+                let e = Error::denied("only citizens have accesses to their data listed").hint(
+                    "use a citizen's token; staff read the audit chain with `yunqi audit list`",
+                );
+                self.record_access(
+                    actor,
+                    "subject.accesses",
+                    "audit",
+                    Outcome::Denied,
+                    e.message.clone(),
+                    ctx,
+                )
+                .await?;
+                return Err(e);
+            }
+        };
+        let needle = format!(" {} ", subject_key(id.as_str()));
+        let audit = self.audit.clone();
+        let found =
+            tokio::task::spawn_blocking(move || -> Result<Vec<yunqi_audit::AuditRecord>, Error> {
+                let mut out = Vec::new();
+                let mut before = None;
+                loop {
+                    let page = audit.query(&AuditQuery {
+                        action: Some("sql.query".into()),
+                        outcome: Some(Outcome::Ok),
+                        before,
+                        descending: true,
+                        limit: 1000,
+                        ..Default::default()
+                    })?;
+                    for r in page.records {
+                        // The SQL text follows the first ": " and is not to be trusted.
+                        let head = r
+                            .detail
+                            .split_once(": ")
+                            .map_or(r.detail.as_str(), |(h, _)| h);
+                        let subjects = head
+                            .split(';')
+                            .find_map(|part| part.trim().strip_prefix("subjects "));
+                        if subjects.is_some_and(|s| format!(" {s} ").contains(&needle)) {
+                            out.push(r);
+                            if out.len() >= limit {
+                                return Ok(out);
+                            }
+                        }
+                    }
+                    match page.next {
+                        Some(n) => before = Some(n),
+                        None => return Ok(out),
+                    }
+                }
+            })
+            .await
+            .map_err(|e| Error::internal(format!("audit query task failed: {e}")))?;
+        let found = found?;
+        self.record_access(
+            actor,
+            "subject.accesses",
+            "audit",
+            Outcome::Ok,
+            format!("{} accesses", found.len()),
+            ctx,
+        )
+        .await?;
+        Ok(found)
     }
 
     /// A principal by name, for audit records of failed authentication.

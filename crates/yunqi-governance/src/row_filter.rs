@@ -116,6 +116,8 @@ mod tests {
             description: String::new(),
             columns: vec![col("plate"), col("district")],
             versions: vec![],
+            subject: None,
+            subject_declared: false,
             created_at: chrono::Utc::now(),
         }
     }

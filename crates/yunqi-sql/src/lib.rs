@@ -20,6 +20,7 @@
 
 pub mod convert;
 pub mod secure;
+pub mod subject;
 mod system;
 
 use std::collections::BTreeMap;
@@ -54,6 +55,18 @@ pub struct Planned {
     pub columns: Vec<String>,
     /// Grants the plan reads under.
     pub grants: Vec<yunqi_types::Grant>,
+    /// The plan with the subject column carried as a last column ([`subject`]), when the
+    /// query returns rows of a dataset with a subject column one for one.
+    pub subject_plan: Option<LogicalPlan>,
+}
+
+/// What a session holds besides its tables.
+#[derive(Debug, Default)]
+pub struct Registered {
+    /// Grants, by table (`department.dataset`).
+    pub grants: BTreeMap<String, yunqi_types::Grant>,
+    /// Subject columns, by table.
+    pub subjects: BTreeMap<String, String>,
 }
 
 impl Planned {
@@ -174,10 +187,7 @@ impl SqlEngine {
     }
 
     /// A session holding what `actor` may see, and the grants it holds them under.
-    fn session(
-        &self,
-        actor: &Actor,
-    ) -> Result<(SessionContext, BTreeMap<String, yunqi_types::Grant>), Error> {
+    fn session(&self, actor: &Actor) -> Result<(SessionContext, Registered), Error> {
         let config = SessionConfig::new()
             .with_default_catalog_and_schema(CATALOG, "system")
             .with_information_schema(true);
@@ -187,8 +197,8 @@ impl SqlEngine {
             .map_err(|e| Error::internal(format!("cannot set up the query runtime: {e}")))?;
         let ctx = SessionContext::new_with_config_rt(config, runtime);
         system::register(&ctx, &self.gov, actor)?;
-        let grants = system::register_datasets(&ctx, &self.gov, actor)?;
-        Ok((ctx, grants))
+        let registered = system::register_datasets(&ctx, &self.gov, actor)?;
+        Ok((ctx, registered))
     }
 
     /// Plans one query for `actor`. Refused and invalid queries are audited.
@@ -209,6 +219,7 @@ impl SqlEngine {
                 tables: Vec::new(),
                 columns: Vec::new(),
                 grants: Vec::new(),
+                subject_plan: None,
             };
             self.audit(actor, &failed, outcome_of(e), &e.message, call)
                 .await?;
@@ -217,7 +228,7 @@ impl SqlEngine {
     }
 
     async fn plan_inner(&self, actor: &Actor, sql: &str) -> Result<Planned, Error> {
-        let (ctx, grants) = self.session(actor)?;
+        let (ctx, registered) = self.session(actor)?;
         let visible = visible_tables(&ctx);
         let state = ctx.state();
         let statement = state
@@ -264,14 +275,16 @@ impl SqlEngine {
         columns.dedup();
         let grants = tables
             .iter()
-            .filter_map(|t| grants.get(t).cloned())
+            .filter_map(|t| registered.grants.get(t).cloned())
             .collect();
+        let subject_plan = subject::augment(&plan, &registered.subjects);
         Ok(Planned {
             sql: sql.to_string(),
             plan,
             tables,
             columns,
             grants,
+            subject_plan,
         })
     }
 
@@ -289,18 +302,19 @@ impl SqlEngine {
         let result = self.execute_inner(actor, planned, params, rows_max).await;
         let ms = started.elapsed().as_millis();
         let (outcome, detail) = match &result {
-            Ok(r) => (
+            Ok((r, subjects)) => (
                 Outcome::Ok,
                 format!(
-                    "{} rows{} in {ms} ms",
+                    "{} rows{} in {ms} ms{}",
                     r.batches.iter().map(RecordBatch::num_rows).sum::<usize>(),
-                    if r.truncated { ", truncated" } else { "" }
+                    if r.truncated { ", truncated" } else { "" },
+                    subjects
                 ),
             ),
             Err(e) => (outcome_of(e), format!("{} after {ms} ms", e.message)),
         };
         self.audit(actor, planned, outcome, &detail, call).await?;
-        result
+        result.map(|(r, _)| r)
     }
 
     async fn execute_inner(
@@ -309,13 +323,16 @@ impl SqlEngine {
         planned: &Planned,
         params: Vec<ScalarValue>,
         rows_max: Option<usize>,
-    ) -> Result<QueryResult, Error> {
+    ) -> Result<(QueryResult, String), Error> {
         // The plan holds what the grants allowed when it was made: they must still hold.
         for g in &planned.grants {
             self.gov.grant_in_force(actor, &g.id)?;
         }
         let (ctx, _) = self.session(actor)?;
-        let mut plan = planned.plan.clone();
+        let mut plan = planned
+            .subject_plan
+            .clone()
+            .unwrap_or_else(|| planned.plan.clone());
         if !params.is_empty() {
             plan = plan
                 .with_param_values(ParamValues::List(
@@ -344,11 +361,58 @@ impl SqlEngine {
             Some(max) => truncate(batches, max),
             None => (batches, false),
         };
-        Ok(QueryResult {
-            schema,
-            batches,
-            truncated,
-        })
+        let (batches, subjects) = if planned.subject_plan.is_some() {
+            self.take_subjects(batches)?
+        } else {
+            (batches, String::new())
+        };
+        Ok((
+            QueryResult {
+                schema,
+                batches,
+                truncated,
+            },
+            subjects,
+        ))
+    }
+
+    /// Takes the carried subject column off the result; returns the audit detail part naming
+    /// the subjects' keys (`; subjects k1 k2`), or saying why they were not recorded.
+    fn take_subjects(
+        &self,
+        batches: Vec<RecordBatch>,
+    ) -> Result<(Vec<RecordBatch>, String), Error> {
+        use datafusion::arrow::array::AsArray;
+        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        let max = self.limits.subject_rows_max;
+        let mut keys = std::collections::BTreeSet::new();
+        let mut out = Vec::with_capacity(batches.len());
+        for b in batches {
+            let last = b.num_columns() - 1;
+            if rows <= max {
+                let text = datafusion::arrow::compute::cast(b.column(last), &DataType::Utf8)
+                    .map_err(|e| Error::internal(format!("subject column: {e}")))?;
+                for v in text.as_string::<i32>().iter().flatten() {
+                    keys.insert(yunqi_governance::subject_key(v));
+                }
+            }
+            let keep: Vec<usize> = (0..last).collect();
+            out.push(
+                b.project(&keep)
+                    .map_err(|e| Error::internal(format!("subject column: {e}")))?,
+            );
+        }
+        let note = if rows > max {
+            format!("; subjects not recorded (more than subject_rows_max = {max} rows)")
+        } else if keys.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; subjects {}",
+                keys.into_iter().collect::<Vec<_>>().join(" ")
+            )
+        };
+        Ok((out, note))
     }
 
     /// Plans and runs one SQL text of one query, for the HTTP API.

@@ -90,6 +90,9 @@ pub struct GrantedTable {
     /// Files → row filter → granted columns, masked.
     plan: LogicalPlan,
     schema: SchemaRef,
+    /// The same with the raw subject column appended as [`crate::subject::SUBJECT_COLUMN`],
+    /// for recording whose rows a query returned (never registered for users).
+    subject_plan: Option<LogicalPlan>,
 }
 
 impl GrantedTable {
@@ -137,6 +140,21 @@ impl GrantedTable {
             };
             exprs.push(expr.alias(&c.name));
         }
+        let subject_plan = match &manifest.subject {
+            Some(s) => {
+                let mut with = exprs.clone();
+                with.push(col(format!("\"{s}\"")).alias(crate::subject::SUBJECT_COLUMN));
+                Some(
+                    builder
+                        .clone()
+                        .project(with)
+                        .map_err(internal)?
+                        .build()
+                        .map_err(internal)?,
+                )
+            }
+            None => None,
+        };
         let plan = builder
             .project(exprs)
             .map_err(internal)?
@@ -147,6 +165,18 @@ impl GrantedTable {
             grant,
             plan,
             schema,
+            subject_plan,
+        })
+    }
+
+    /// The table with the raw subject column appended, if the dataset has one.
+    pub fn with_subject(&self) -> Option<GrantedTable> {
+        let plan = self.subject_plan.clone()?;
+        Some(GrantedTable {
+            grant: self.grant.clone(),
+            schema: Arc::new(plan.schema().as_arrow().clone()),
+            plan,
+            subject_plan: None,
         })
     }
 }

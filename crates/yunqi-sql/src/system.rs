@@ -46,13 +46,14 @@ fn times(values: impl Iterator<Item = Option<i64>>) -> ArrayRef {
 
 /// Registers the datasets `actor` may query: a schema per department, a Parquet table per
 /// dataset over its current version's files (an empty table before the first import); other
-/// departments' datasets as their grants let `actor` see them. Returns the grants, by table.
+/// departments' datasets as their grants let `actor` see them. Returns the grants and the
+/// subject columns, by table.
 pub fn register_datasets(
     ctx: &SessionContext,
     gov: &Governance,
     actor: &Actor,
-) -> Result<std::collections::BTreeMap<String, yunqi_types::Grant>, Error> {
-    let mut grants = std::collections::BTreeMap::new();
+) -> Result<crate::Registered, Error> {
+    let mut registered = crate::Registered::default();
     use datafusion::catalog::MemorySchemaProvider;
     use datafusion::datasource::file_format::parquet::ParquetFormat;
     use datafusion::datasource::listing::{
@@ -97,11 +98,14 @@ pub fn register_datasets(
         }
         let sql_name = m.sql_name();
         let raw = parquet_table(&sql_name, m.arrow_schema(), &q.files)?;
+        if let Some(s) = &m.subject {
+            registered.subjects.insert(sql_name.clone(), s.clone());
+        }
         if let Some(grant) = q.grant {
             let table = crate::secure::GrantedTable::new(ctx, m, raw, grant.clone())?;
             ctx.register_table(sql_name.clone(), Arc::new(table))
                 .map_err(|e| Error::internal(format!("cannot register {sql_name}: {e}")))?;
-            grants.insert(sql_name, grant);
+            registered.grants.insert(sql_name, grant);
             continue;
         }
         ctx.register_table(sql_name.clone(), raw)
@@ -113,7 +117,7 @@ pub fn register_datasets(
         )
         .map_err(|e| Error::internal(format!("cannot register {rejects}: {e}")))?;
     }
-    Ok(grants)
+    Ok(registered)
 }
 
 /// Registers the `system` tables for `actor`.

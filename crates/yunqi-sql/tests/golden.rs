@@ -112,6 +112,7 @@ async fn city(dir: &Path) -> (Arc<Governance>, BTreeMap<String, Actor>) {
             name: n(name),
             description: String::new(),
             columns: vec![],
+            subject: None,
         };
         gov.create_dataset(by, spec, &call()).await.unwrap();
         gov.import_dataset(

@@ -438,10 +438,14 @@ mod tests {
             revoked_by: None,
             revoked_at: None,
         };
-        store.apply(&[IdentityChange::PutGrant(Box::new(g.clone()))]).unwrap();
+        store
+            .apply(&[IdentityChange::PutGrant(Box::new(g.clone()))])
+            .unwrap();
         g.status = yunqi_types::GrantStatus::Approved;
         g.decided_by = Some("li".into());
-        store.apply(&[IdentityChange::PutGrant(Box::new(g.clone()))]).unwrap();
+        store
+            .apply(&[IdentityChange::PutGrant(Box::new(g.clone()))])
+            .unwrap();
         drop(store);
         let loaded = SqliteStore::open(&path).unwrap().load().unwrap();
         assert_eq!(loaded.grants, vec![g]);

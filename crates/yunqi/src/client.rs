@@ -532,6 +532,16 @@ pub enum DatasetCommand {
         /// DEPARTMENT.DATASET
         name: String,
     },
+    /// Declare the subject column (the person each row is about), or none.
+    Subject {
+        /// DEPARTMENT.DATASET
+        name: String,
+        /// The column; leave out with --none.
+        column: Option<String>,
+        /// No subject column.
+        #[arg(long, conflicts_with = "column")]
+        none: bool,
+    },
     /// Declare a column's class.
     Classify {
         /// DEPARTMENT.DATASET
@@ -545,6 +555,22 @@ pub enum DatasetCommand {
 
 pub fn dataset(api: &Api, cmd: DatasetCommand, json: bool) -> anyhow::Result<ExitCode> {
     match cmd {
+        DatasetCommand::Subject { name, column, none } => {
+            if column.is_none() && !none {
+                bail!("name the subject column, or pass --none");
+            }
+            let (department, name) = dataset_name(&name)?;
+            let r = api.call(
+                "POST",
+                &format!(
+                    "/api/v1/datasets/{}/{}/subject",
+                    enc(&department),
+                    enc(&name)
+                ),
+                Some(json!({ "column": column })),
+            )?;
+            finish(r, json, print_dataset)
+        }
         DatasetCommand::Create {
             name,
             description,
@@ -630,6 +656,9 @@ pub fn dataset(api: &Api, cmd: DatasetCommand, json: bool) -> anyhow::Result<Exi
 
 fn print_dataset(v: &Value) {
     println!("{}  {}", s(&v["sql_name"]), s(&v["description"]));
+    if let Some(subject) = v["subject"].as_str() {
+        println!("subject column: {subject} (queries returning few rows record whose rows)");
+    }
     println!(
         "{:<20} {:<10} {:<10} {:<12} header",
         "column", "type", "class", "detected"
@@ -1168,4 +1197,28 @@ pub fn sql(api: &Api, a: SqlArgs, json: bool) -> anyhow::Result<ExitCode> {
         status = ExitCode::FAILURE;
     }
     Ok(status)
+}
+
+/// `yunqi accesses`: for a citizen, who read their data.
+pub fn accesses(api: &Api, json: bool) -> anyhow::Result<ExitCode> {
+    let r = api.call("GET", "/api/v1/me/accesses", None)?;
+    finish(r, json, |v| {
+        let list = v["accesses"].as_array().cloned().unwrap_or_default();
+        if list.is_empty() {
+            println!("no recorded reads of your data");
+        }
+        for a in list {
+            println!(
+                "{}  {} ({})  {}  {}",
+                s(&a["time"]),
+                s(&a["principal"]),
+                s(&a["department"]),
+                s(&a["object"]).trim_start_matches("table:"),
+                a["purpose"]
+                    .as_str()
+                    .filter(|p| !p.is_empty())
+                    .unwrap_or("(own department)")
+            );
+        }
+    })
 }

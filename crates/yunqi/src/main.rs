@@ -62,6 +62,8 @@ enum Command {
     Grant(client::GrantCommand),
     /// Run a query, or a SQL shell, over what your token may read.
     Sql(client::SqlArgs),
+    /// For a citizen: who read your data, when, for what purpose.
+    Accesses,
     /// The catalog: search datasets, show one with its grants.
     #[command(subcommand)]
     Catalog(client::CatalogCommand),
@@ -120,6 +122,7 @@ fn main() -> ExitCode {
                 Command::Import(a) => client::import(&api, a, json),
                 Command::Grant(c) => client::grant(&api, c, json),
                 Command::Sql(a) => client::sql(&api, a, json),
+                Command::Accesses => client::accesses(&api, json),
                 Command::Catalog(c) => client::catalog(&api, c, json),
                 Command::Audit(AuditCommand::List(a)) => client::audit_list(&api, a, json),
                 Command::Whoami => client::whoami(&api, json),

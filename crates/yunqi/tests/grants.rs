@@ -774,3 +774,134 @@ fn the_cli_asks_decides_and_queries() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_citizen_sees_who_read_their_rows_and_for_what() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = city(dir.path());
+    let s = &c.server;
+    // The ID number column was recognised at import and became the subject column.
+    let (_, v) = s.call(
+        "GET",
+        "/api/v1/datasets/transport/vehicles",
+        Some(&c.ta),
+        None,
+    );
+    assert_eq!(v["subject"], "owner_id", "{v}");
+    // Two citizens: the owner of the first vehicle (西湖区) and of the second (上城区).
+    let mut citizens = Vec::new();
+    for (name, id) in [("c0", &c.ids[0]), ("c1", &c.ids[1])] {
+        let body = json!({"name": name, "role": "citizen", "id_number": id}).to_string();
+        let (status, v) = s.admin("POST", "/api/v1/principals", Some(&body));
+        assert_eq!(status, 201, "{v}");
+        citizens.push(v["token"]["token"].as_str().unwrap().to_string());
+    }
+    let (status, g) = request(
+        s,
+        &c.pa,
+        json!({"dataset": "transport.vehicles", "columns": ["plate", "district"],
+               "rows": "district = '西湖区'", "purpose": "非浙A急事通: plate check",
+               "until": future_date(30)}),
+    );
+    assert_eq!(status, 201, "{g}");
+    let id = g["id"].as_str().unwrap();
+    let (status, _) = s.call(
+        "POST",
+        &format!("/api/v1/grants/{id}/approve"),
+        Some(&c.ts),
+        None,
+    );
+    assert_eq!(status, 200);
+
+    let police = connect(s, "pa", &c.pa).await.unwrap();
+    // Returns the first vehicle's row (the subject column is not even granted).
+    let r = rows(
+        &police,
+        "SELECT plate FROM transport.vehicles WHERE plate = '浙A***00'",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.len(), 1);
+    assert_eq!(
+        r[0],
+        vec!["浙A***00".to_string()],
+        "the carried subject column is not shown"
+    );
+    // The same through an alias, a sort and a limit, by prepared statement.
+    let stmt = police
+        .prepare("SELECT v.plate AS p FROM transport.vehicles v WHERE v.district = $1 ORDER BY p LIMIT 1")
+        .await
+        .unwrap();
+    let got = police.query(&stmt, &[&"西湖区"]).await.unwrap();
+    assert_eq!(got[0].columns().len(), 1);
+    // An aggregate returns nobody's row.
+    rows(&police, "SELECT count(*) FROM transport.vehicles")
+        .await
+        .unwrap();
+    // The owner's staff reading the second vehicle's row unmasked.
+    let owner = connect(s, "ta", &c.ta).await.unwrap();
+    rows(
+        &owner,
+        &format!(
+            "SELECT * FROM transport.vehicles WHERE owner_id = '{}'",
+            c.ids[1]
+        ),
+    )
+    .await
+    .unwrap();
+
+    let (status, v) = s.call("GET", "/api/v1/me/accesses", Some(&citizens[0]), None);
+    assert_eq!(status, 200, "{v}");
+    let list = v["accesses"].as_array().unwrap();
+    assert_eq!(list.len(), 2, "the lookup and the prepared statement: {v}");
+    assert!(
+        list.iter().all(|a| a["principal"] == "pa"
+            && a["department"] == "police"
+            && a["purpose"].as_str().unwrap().contains("非浙A急事通")
+            && a["object"] == "table:transport.vehicles"),
+        "{v}"
+    );
+    let (_, v) = s.call("GET", "/api/v1/me/accesses", Some(&citizens[1]), None);
+    let list = v["accesses"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{v}");
+    assert_eq!(
+        (list[0]["principal"].as_str(), list[0]["purpose"].as_str()),
+        (Some("ta"), Some(""))
+    );
+    // Staff have no "my accesses"; the citizen's question is itself audited.
+    let (status, _) = s.call("GET", "/api/v1/me/accesses", Some(&c.pa), None);
+    assert_eq!(status, 403);
+    let (code, out, _) = cli(s, &citizens[0], &["accesses"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("pa (police)") && out.contains("非浙A急事通"),
+        "{out}"
+    );
+    // The audit holds keys, never the ID numbers themselves.
+    let audit = s.audit_all();
+    assert!(
+        audit
+            .iter()
+            .any(|r| r["action"] == "subject.accesses" && r["principal"] == "c0")
+    );
+    let lookup = audit
+        .iter()
+        .find(|r| r["action"] == "sql.query" && r["detail"].as_str().unwrap().contains("subjects "))
+        .unwrap();
+    assert!(!lookup["detail"].as_str().unwrap().contains(&c.ids[0]));
+    // A steward may move or clear the subject column.
+    let (status, v) = s.call(
+        "POST",
+        "/api/v1/datasets/transport/vehicles/subject",
+        Some(&c.ts),
+        Some(r#"{"column": null}"#),
+    );
+    assert_eq!((status, v["subject"].is_null()), (200, true), "{v}");
+    let (status, _) = s.call(
+        "POST",
+        "/api/v1/datasets/transport/vehicles/subject",
+        Some(&c.ta),
+        Some(r#"{"column": "owner_id"}"#),
+    );
+    assert_eq!(status, 403);
+}
