@@ -397,6 +397,24 @@ fn sql_json(result: yunqi_sql::QueryResult) -> ApiResult<axum::Json<SqlResult>> 
     }))
 }
 
+/// A declared column from its wire form.
+fn column_of(c: ColumnSpec) -> Result<yunqi_datasets::Column, Error> {
+    let declared = c.class.is_some();
+    Ok(yunqi_datasets::Column {
+        name: Name::parse("column", &c.name)?.to_string(),
+        label: None,
+        column_type: yunqi_datasets::ColumnType::parse(&c.column_type)?,
+        class: c
+            .class
+            .as_deref()
+            .map(str::parse)
+            .transpose()?
+            .unwrap_or(yunqi_types::ColumnClass::Internal),
+        class_declared: declared,
+        detected: None,
+    })
+}
+
 /// Creates a dataset (stewards of its department).
 #[utoipa::path(post, path = "/api/v1/datasets", tag = "datasets", security(("bearer" = [])),
     request_body = CreateDataset,
@@ -410,23 +428,11 @@ pub async fn create_dataset(
     let department = Name::parse("department", &req.department)?;
     let name = Name::parse("dataset", &req.name)?;
     let description = title(req.description, "", 4096)?;
-    let mut columns = Vec::new();
-    for c in req.columns {
-        let declared = c.class.is_some();
-        columns.push(yunqi_datasets::Column {
-            name: Name::parse("column", &c.name)?.to_string(),
-            label: None,
-            column_type: yunqi_datasets::ColumnType::parse(&c.column_type)?,
-            class: c
-                .class
-                .as_deref()
-                .map(str::parse)
-                .transpose()?
-                .unwrap_or(yunqi_types::ColumnClass::Internal),
-            class_declared: declared,
-            detected: None,
-        });
-    }
+    let columns = req
+        .columns
+        .into_iter()
+        .map(column_of)
+        .collect::<Result<Vec<_>, _>>()?;
     let subject = req
         .subject
         .map(|s| Name::parse("column", &s).map(|n| n.to_string()))
@@ -791,4 +797,23 @@ pub async fn my_accesses(
             })
             .collect(),
     }))
+}
+
+/// Adds a column at the end of a dataset's schema; earlier versions read it as NULL.
+#[utoipa::path(post, path = "/api/v1/datasets/{department}/{name}/columns", tag = "datasets", security(("bearer" = [])),
+    params(("department" = String, Path), ("name" = String, Path)),
+    request_body = ColumnSpec,
+    responses((status = 200, body = DatasetView), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn add_column(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path((department, name)): Path<(String, String)>,
+    Json(req): Json<ColumnSpec>,
+) -> ApiResult<axum::Json<DatasetView>> {
+    let column = column_of(req)?;
+    let m = state
+        .gov
+        .add_column(&auth.actor, &department, &name, column, &auth.ctx())
+        .await?;
+    Ok(axum::Json(m.into()))
 }

@@ -564,6 +564,35 @@ impl DatasetStore {
         Ok(m)
     }
 
+    /// Adds a column at the end of the schema. Rows of earlier versions read it as NULL.
+    pub fn add_column(
+        &self,
+        department: &str,
+        name: &str,
+        column: Column,
+    ) -> Result<Manifest, Error> {
+        let _guard = self.imports.lock().expect("imports lock");
+        let mut m = self.get(department, name)?;
+        Name::parse("column", &column.name)?;
+        if m.columns.iter().any(|c| c.name == column.name) {
+            return Err(Error::already_exists(
+                "column",
+                &format!("{}.{}", m.sql_name(), column.name),
+            )
+            .hint("pick another name"));
+        }
+        if m.columns.is_empty() {
+            return Err(Error::invalid(format!(
+                "dataset {} has no columns yet",
+                m.sql_name()
+            ))
+            .hint("import a file first (its columns become the schema), or declare them at creation"));
+        }
+        m.columns.push(column);
+        self.write_manifest(&m)?;
+        Ok(m)
+    }
+
     /// Sets a column's class, as a steward declares it.
     pub fn set_class(
         &self,

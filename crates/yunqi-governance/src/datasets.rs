@@ -192,6 +192,43 @@ impl Governance {
             .set_class(department.as_str(), name, column, class)
     }
 
+    /// Adds a column to a dataset's schema (stewards of its department, admins).
+    pub async fn add_column(
+        &self,
+        actor: &Actor,
+        department: &str,
+        name: &str,
+        column: yunqi_datasets::Column,
+        ctx: &CallContext,
+    ) -> Result<Manifest, Error> {
+        let department = Name::parse("department", department)?;
+        let dataset = format!("{department}.{name}");
+        self.authorize(
+            actor,
+            &Action::DatasetWrite {
+                dataset: &dataset,
+                department: &department,
+            },
+            ctx,
+        )
+        .await?;
+        let _guard = self.dataset_lock.lock().await;
+        self.datasets.get(department.as_str(), name)?;
+        let event = self.dataset_event(
+            actor,
+            "dataset.add_column",
+            &dataset,
+            Outcome::Ok,
+            format!(
+                "column {} {:?} {}",
+                column.name, column.column_type, column.class
+            ),
+            ctx,
+        );
+        self.audit.append(vec![event]).await?;
+        self.datasets.add_column(department.as_str(), name, column)
+    }
+
     /// Declares (or clears) a dataset's subject column (stewards of its department, admins).
     pub async fn set_subject(
         &self,
@@ -244,6 +281,28 @@ impl Governance {
     ) -> Result<Manifest, Error> {
         authorize(&actor.principal, &Action::CatalogRead)?;
         self.datasets.get(department, name)
+    }
+
+    /// An older version of a dataset of `actor`'s own department: its manifest and the files
+    /// of version `version`. Other departments read the current version only, under grants.
+    pub fn version_files(
+        &self,
+        actor: &Actor,
+        department: &str,
+        name: &str,
+        version: u64,
+    ) -> Result<(Manifest, Vec<PathBuf>), Error> {
+        let m = self.datasets.get(department, name)?;
+        let dataset = m.sql_name();
+        authorize(
+            &actor.principal,
+            &Action::DatasetQuery {
+                dataset: &dataset,
+                department: &m.department,
+            },
+        )?;
+        let files = self.datasets.files(&m, Some(version))?;
+        Ok((m, files))
     }
 
     /// The datasets `actor` may query, with the files of their current versions and of their

@@ -42,6 +42,9 @@ use yunqi_types::{Error, ErrorCode, Limits, Outcome, suggest};
 /// The catalog every session uses; SQL names are `schema.table` inside it.
 pub const CATALOG: &str = "yunqi";
 
+/// `department.dataset__v3` is version 3 of `department.dataset` (for its own department).
+pub const VERSION_INFIX: &str = "__v";
+
 /// A planned statement, ready to run (possibly after binding parameters).
 #[derive(Debug, Clone)]
 pub struct Planned {
@@ -234,6 +237,10 @@ impl SqlEngine {
         let statement = state
             .sql_to_statement(sql, &datafusion::config::Dialect::PostgreSQL)
             .map_err(|e| map_error(e, &visible))?;
+        if let Ok(references) = state.resolve_table_references(&statement) {
+            system::register_versions(&ctx, &self.gov, actor, &references)?;
+        }
+        let state = ctx.state();
         let plan = state
             .statement_to_plan(statement)
             .await

@@ -44,6 +44,36 @@ fn times(values: impl Iterator<Item = Option<i64>>) -> ArrayRef {
     Arc::new(TimestampMicrosecondArray::from(values.collect::<Vec<_>>()).with_timezone("UTC"))
 }
 
+/// A table over Parquet files with the dataset's schema (an empty table without files).
+pub fn parquet_table(
+    name: &str,
+    schema: datafusion::arrow::datatypes::SchemaRef,
+    files: &[std::path::PathBuf],
+) -> Result<Arc<dyn datafusion::catalog::TableProvider>, Error> {
+    use datafusion::datasource::file_format::parquet::ParquetFormat;
+    use datafusion::datasource::listing::{
+        ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+    };
+    if files.is_empty() {
+        return Ok(Arc::new(
+            MemTable::try_new(schema, vec![vec![]]).map_err(|e| Error::internal(e.to_string()))?,
+        ));
+    }
+    let urls = files
+        .iter()
+        .map(|f| ListingTableUrl::parse(f.to_string_lossy()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::internal(format!("{name}: {e}")))?;
+    let options =
+        ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    let config = ListingTableConfig::new_with_multi_paths(urls)
+        .with_listing_options(options)
+        .with_schema(schema);
+    Ok(Arc::new(
+        ListingTable::try_new(config).map_err(|e| Error::internal(format!("{name}: {e}")))?,
+    ))
+}
+
 /// Registers the datasets `actor` may query: a schema per department, a Parquet table per
 /// dataset over its current version's files (an empty table before the first import); other
 /// departments' datasets as their grants let `actor` see them. Returns the grants and the
@@ -55,38 +85,10 @@ pub fn register_datasets(
 ) -> Result<crate::Registered, Error> {
     let mut registered = crate::Registered::default();
     use datafusion::catalog::MemorySchemaProvider;
-    use datafusion::datasource::file_format::parquet::ParquetFormat;
-    use datafusion::datasource::listing::{
-        ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
-    };
 
     let catalog = ctx
         .catalog(crate::CATALOG)
         .ok_or_else(|| Error::internal("the session has no yunqi catalog"))?;
-    let parquet_table = |name: &str,
-                         schema: datafusion::arrow::datatypes::SchemaRef,
-                         files: &[std::path::PathBuf]|
-     -> Result<Arc<dyn datafusion::catalog::TableProvider>, Error> {
-        if files.is_empty() {
-            return Ok(Arc::new(
-                MemTable::try_new(schema, vec![vec![]])
-                    .map_err(|e| Error::internal(e.to_string()))?,
-            ));
-        }
-        let urls = files
-            .iter()
-            .map(|f| ListingTableUrl::parse(f.to_string_lossy()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Error::internal(format!("{name}: {e}")))?;
-        let options =
-            ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
-        let config = ListingTableConfig::new_with_multi_paths(urls)
-            .with_listing_options(options)
-            .with_schema(schema);
-        Ok(Arc::new(
-            ListingTable::try_new(config).map_err(|e| Error::internal(format!("{name}: {e}")))?,
-        ))
-    };
     for q in gov.queryable(actor)? {
         let m = &q.manifest;
         if catalog.schema(&m.department).is_none() {
@@ -227,5 +229,40 @@ pub fn register(ctx: &SessionContext, gov: &Governance, actor: &Actor) -> Result
             )),
         ],
     )?;
+    Ok(())
+}
+
+/// Registers the older versions a statement names as `department.dataset__vN`, for the
+/// owner's staff (`queryable` has registered the current versions already).
+pub fn register_versions(
+    ctx: &SessionContext,
+    gov: &Governance,
+    actor: &Actor,
+    references: &[datafusion::common::TableReference],
+) -> Result<(), Error> {
+    for r in references {
+        let (Some(schema), table) = (r.schema(), r.table()) else {
+            continue;
+        };
+        let Some((name, n)) = table.rsplit_once(crate::VERSION_INFIX) else {
+            continue;
+        };
+        let Ok(n) = n.parse::<u64>() else {
+            continue;
+        };
+        let Ok((m, files)) = gov.version_files(actor, schema, name, n) else {
+            // Not one's own dataset or no such version: the planner says "not found".
+            continue;
+        };
+        let sql_name = format!("{schema}.{table}");
+        if ctx.table_exist(sql_name.as_str()).unwrap_or(false) {
+            continue;
+        }
+        ctx.register_table(
+            sql_name.clone(),
+            parquet_table(&sql_name, m.arrow_schema(), &files)?,
+        )
+        .map_err(|e| Error::internal(format!("cannot register {sql_name}: {e}")))?;
+    }
     Ok(())
 }

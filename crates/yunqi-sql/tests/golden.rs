@@ -126,6 +126,48 @@ async fn city(dir: &Path) -> (Arc<Governance>, BTreeMap<String, Actor>) {
         .await
         .unwrap();
     }
+    // transport.fines: version 1, then a column added, then version 2 appended.
+    let spec = yunqi_datasets::DatasetSpec {
+        department: n("transport"),
+        name: n("fines"),
+        description: String::new(),
+        columns: vec![],
+        subject: None,
+    };
+    gov.create_dataset(&ts, spec, &call()).await.unwrap();
+    let csv = "plate,amount\n浙A10000,200\n沪B10003,50\n";
+    gov.import_dataset(
+        &ts,
+        "transport",
+        "fines",
+        csv.as_bytes().to_vec(),
+        Default::default(),
+        &call(),
+    )
+    .await
+    .unwrap();
+    let paid = yunqi_datasets::Column {
+        name: "paid".into(),
+        label: None,
+        column_type: yunqi_datasets::ColumnType::Bool,
+        class: yunqi_types::ColumnClass::Internal,
+        class_declared: true,
+        detected: None,
+    };
+    gov.add_column(&ts, "transport", "fines", paid, &call())
+        .await
+        .unwrap();
+    let csv = "plate,amount,paid\n浙A10004,100,true\n";
+    gov.import_dataset(
+        &ts,
+        "transport",
+        "fines",
+        csv.as_bytes().to_vec(),
+        Default::default(),
+        &call(),
+    )
+    .await
+    .unwrap();
     let pa = actors["pa"].clone();
     let grant = gov
         .request_grant(

@@ -532,6 +532,13 @@ pub enum DatasetCommand {
         /// DEPARTMENT.DATASET
         name: String,
     },
+    /// Add a column at the end of the schema (earlier versions read it as NULL).
+    AddColumn {
+        /// DEPARTMENT.DATASET
+        name: String,
+        /// NAME:TYPE or NAME:TYPE:CLASS.
+        column: String,
+    },
     /// Declare the subject column (the person each row is about), or none.
     Subject {
         /// DEPARTMENT.DATASET
@@ -555,6 +562,26 @@ pub enum DatasetCommand {
 
 pub fn dataset(api: &Api, cmd: DatasetCommand, json: bool) -> anyhow::Result<ExitCode> {
     match cmd {
+        DatasetCommand::AddColumn { name, column } => {
+            let (department, name) = dataset_name(&name)?;
+            let spec = match column.split(':').collect::<Vec<_>>().as_slice() {
+                [n, t] => json!({"name": n, "type": t}),
+                [n, t, class] => json!({"name": n, "type": t, "class": class}),
+                _ => {
+                    bail!("give the column as NAME:TYPE or NAME:TYPE:CLASS, e.g. color:text:public")
+                }
+            };
+            let r = api.call(
+                "POST",
+                &format!(
+                    "/api/v1/datasets/{}/{}/columns",
+                    enc(&department),
+                    enc(&name)
+                ),
+                Some(spec),
+            )?;
+            finish(r, json, print_dataset)
+        }
         DatasetCommand::Subject { name, column, none } => {
             if column.is_none() && !none {
                 bail!("name the subject column, or pass --none");
