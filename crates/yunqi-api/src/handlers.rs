@@ -552,9 +552,10 @@ pub async fn import_dataset(
         None => None,
         Some("csv") => Some(yunqi_datasets::Format::Csv),
         Some("ndjson") | Some("jsonl") => Some(yunqi_datasets::Format::Ndjson),
+        Some("parquet") => Some(yunqi_datasets::Format::Parquet),
         Some(other) => {
             return Err(Error::invalid(format!("invalid format \"{other}\""))
-                .hint("use csv or ndjson")
+                .hint("use csv, ndjson or parquet")
                 .into());
         }
     };

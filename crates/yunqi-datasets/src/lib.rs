@@ -12,6 +12,7 @@
 
 pub mod csv_import;
 pub mod ndjson_import;
+pub mod parquet_import;
 pub mod schema;
 
 use std::collections::HashSet;
@@ -65,6 +66,8 @@ pub enum Format {
     Csv,
     /// One JSON object per line.
     Ndjson,
+    /// Apache Parquet.
+    Parquet,
 }
 
 /// What an import did.
@@ -408,15 +411,34 @@ impl DatasetStore {
             .hint("split the file and import the parts with --mode append"));
         }
         let mut m = self.get(department, name)?;
-        let (text, encoding) = csv_import::decode(bytes)?;
-        let format = options
-            .format
-            .unwrap_or(if ndjson_import::looks_like_ndjson(&text) {
-                Format::Ndjson
-            } else {
-                Format::Csv
-            });
+        let parquet = match options.format {
+            Some(Format::Parquet) => true,
+            Some(_) => false,
+            None => parquet_import::looks_like_parquet(bytes),
+        };
+        let (text, encoding) = if parquet {
+            (std::borrow::Cow::Borrowed(""), "binary")
+        } else {
+            csv_import::decode(bytes)?
+        };
+        let format = if parquet {
+            Format::Parquet
+        } else {
+            options
+                .format
+                .unwrap_or(if ndjson_import::looks_like_ndjson(&text) {
+                    Format::Ndjson
+                } else {
+                    Format::Csv
+                })
+        };
         let parsed = match format {
+            Format::Parquet => {
+                if m.columns.is_empty() {
+                    m.columns = parquet_import::infer_columns(bytes)?;
+                }
+                parquet_import::parse(bytes, &m.columns)?
+            }
             Format::Csv => {
                 let delimiter = options
                     .delimiter
@@ -514,7 +536,7 @@ impl DatasetStore {
             format,
             delimiter: match format {
                 Format::Csv => (parsed.delimiter as char).to_string(),
-                Format::Ndjson => String::new(),
+                Format::Ndjson | Format::Parquet => String::new(),
             },
             header: parsed.header,
             columns: m.columns.clone(),

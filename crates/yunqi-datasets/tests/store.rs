@@ -532,3 +532,125 @@ not json
     assert_eq!(reasons[4], (5, "the line is not a JSON object".to_string()));
     assert_eq!((r.rows_imported, r.rows_total), (1, 4));
 }
+
+/// A Parquet file of `batch`.
+fn parquet_bytes(batch: &datafusion::arrow::array::RecordBatch) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut w = parquet::arrow::ArrowWriter::try_new(&mut out, batch.schema(), None).unwrap();
+    w.write(batch).unwrap();
+    w.close().unwrap();
+    out
+}
+
+#[test]
+fn parquet_files_are_detected_typed_classified_and_checked() {
+    use datafusion::arrow::array::{Int32Array, RecordBatch, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    let (_d, store) = store();
+    store.create(spec("owners", vec![]), Utc::now()).unwrap();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("plate", DataType::Utf8, true),
+        Field::new("owner_id", DataType::Utf8, true),
+        Field::new("seats", DataType::Int32, true),
+    ]));
+    let first = RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(StringArray::from(vec!["浙A12345", "沪B54321"])),
+            Arc::new(StringArray::from(vec![
+                "11010519491231002X",
+                "11010519491231002X",
+            ])),
+            Arc::new(Int32Array::from(vec![5, 7])),
+        ],
+    )
+    .unwrap();
+    let r = store
+        .import_csv(
+            "transport",
+            "owners",
+            &parquet_bytes(&first),
+            strict(Mode::Append),
+            "x",
+            Utc::now(),
+        )
+        .unwrap();
+    assert_eq!(
+        (r.format, r.rows_imported),
+        (yunqi_datasets::Format::Parquet, 2)
+    );
+    let got: Vec<(&str, ColumnType, ColumnClass)> = r
+        .columns
+        .iter()
+        .map(|c| (c.name.as_str(), c.column_type, c.class))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("plate", ColumnType::Text, ColumnClass::Personal),
+            ("owner_id", ColumnType::Text, ColumnClass::Sensitive),
+            ("seats", ColumnType::Int, ColumnClass::Internal),
+        ]
+    );
+    assert_eq!(store.get("transport", "owners").unwrap().subject.as_deref(), Some("owner_id"));
+
+    // Seats as text, one of them not a number; columns in another order; one missing.
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("seats", DataType::Utf8, true),
+        Field::new("plate", DataType::Utf8, true),
+    ]));
+    let second = RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(StringArray::from(vec![Some("4"), Some("four"), None])),
+            Arc::new(StringArray::from(vec!["浙A11111", "浙A22222", "浙A33333"])),
+        ],
+    )
+    .unwrap();
+    let bytes = parquet_bytes(&second);
+    let e = store
+        .import_csv("transport", "owners", &bytes, strict(Mode::Append), "x", Utc::now())
+        .unwrap_err();
+    assert!(e.detail.unwrap().contains("line 2, column seats"), "{}", e.message);
+    let r = store
+        .import_csv(
+            "transport",
+            "owners",
+            &bytes,
+            ImportOptions {
+                lenient: true,
+                ..strict(Mode::Append)
+            },
+            "x",
+            Utc::now(),
+        )
+        .unwrap();
+    assert_eq!((r.rows_imported, r.rows_rejected, r.rows_total), (2, 1, 4));
+    assert_eq!(rows_in(&store, "owners"), 4);
+
+    // A column the dataset does not have is refused with what to do; a cut file too.
+    let schema = Arc::new(Schema::new(vec![Field::new("color", DataType::Utf8, true)]));
+    let third =
+        RecordBatch::try_new(schema, vec![Arc::new(StringArray::from(vec!["red"]))]).unwrap();
+    let e = store
+        .import_csv("transport", "owners", &parquet_bytes(&third), strict(Mode::Append), "x", Utc::now())
+        .unwrap_err();
+    assert!(e.hint.unwrap().contains("add-column"), "{}", e.message);
+    let mut cut = parquet_bytes(&first);
+    cut.truncate(cut.len() - 10);
+    let e = store
+        .import_csv(
+            "transport",
+            "owners",
+            &cut,
+            ImportOptions {
+                format: Some(yunqi_datasets::Format::Parquet),
+                ..strict(Mode::Append)
+            },
+            "x",
+            Utc::now(),
+        )
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidInput, "{}", e.message);
+    assert_eq!(rows_in(&store, "owners"), 4, "nothing changed");
+}
