@@ -532,12 +532,22 @@ pub async fn import_dataset(
     let mode = match p.mode.as_deref() {
         None | Some("append") => yunqi_datasets::Mode::Append,
         Some("replace") => yunqi_datasets::Mode::Replace,
+        Some("upsert") => yunqi_datasets::Mode::Upsert,
         Some(other) => {
             return Err(Error::invalid(format!("invalid mode \"{other}\""))
-                .hint("use append or replace")
+                .hint("use append, replace or upsert")
                 .into());
         }
     };
+    let key: Vec<String> = p
+        .key
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(str::to_string)
+        .collect();
     let delimiter = match p.delimiter.as_deref() {
         None => None,
         Some("tab") | Some("\t") => Some(b'\t'),
@@ -561,6 +571,7 @@ pub async fn import_dataset(
     };
     let options = yunqi_datasets::ImportOptions {
         mode,
+        key,
         lenient: p.lenient.unwrap_or(false),
         delimiter,
         header: p.header,

@@ -442,15 +442,17 @@ pub struct AccessList {
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct ImportParams {
-    /// `append` (default) or `replace`.
+    /// `append` (default), `replace` or `upsert` (with `key`).
     pub mode: Option<String>,
+    /// Key columns of an upsert, comma-separated.
+    pub key: Option<String>,
     /// Import the good rows and keep the bad ones in the rejects, instead of refusing the file.
     pub lenient: Option<bool>,
     /// `,` `;` `|` or `tab`; detected when absent.
     pub delimiter: Option<String>,
     /// Whether the first row is a header; detected when absent.
     pub header: Option<bool>,
-    /// `csv` or `ndjson` (one JSON object per line); detected when absent.
+    /// `csv`, `ndjson` (one JSON object per line) or `parquet`; detected when absent.
     pub format: Option<String>,
 }
 

@@ -34,6 +34,8 @@ pub struct Reject {
 pub struct Parsed {
     /// The good rows.
     pub batch: RecordBatch,
+    /// The line (row number for Parquet) each good row came from.
+    pub lines: Vec<u64>,
     /// The rejected rows.
     pub rejects: Vec<Reject>,
     /// Up to [`SAMPLE_ROWS`] non-empty values per column, for classification.
@@ -410,6 +412,7 @@ pub(crate) fn type_rows(
     let mut samples: Vec<Vec<String>> = vec![Vec::new(); columns.len()];
     let mut cells: Vec<Cell<'_>> = Vec::with_capacity(columns.len());
     let mut rows = 0usize;
+    let mut lines = Vec::new();
     'rows: for record in owned {
         let line = record.position().map_or(0, |p| p.line());
         let raw = || {
@@ -458,6 +461,7 @@ pub(crate) fn type_rows(
             }
         }
         rows += 1;
+        lines.push(line);
     }
     let schema = Arc::new(datafusion::arrow::datatypes::Schema::new(
         columns
@@ -473,6 +477,7 @@ pub(crate) fn type_rows(
     debug_assert_eq!(batch.num_rows(), rows);
     Ok(Parsed {
         batch,
+        lines,
         rejects,
         samples,
         header,

@@ -41,13 +41,17 @@ pub enum Mode {
     Append,
     /// The new rows replace the current version's.
     Replace,
+    /// Each new row replaces the current row with the same key, or is added.
+    Upsert,
 }
 
 /// How to read an import.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ImportOptions {
-    /// Append or replace.
+    /// Append, replace or upsert.
     pub mode: Mode,
+    /// Key columns of an upsert: a new row replaces the current row with the same key.
+    pub key: Vec<String>,
     /// Import the good rows and keep the bad ones in the rejects (otherwise refuse the file).
     pub lenient: bool,
     /// Field delimiter; detected when `None`.
@@ -83,6 +87,8 @@ pub struct ImportReport {
     pub rows_rejected: u64,
     /// Rows in the new version.
     pub rows_total: u64,
+    /// Rows of the previous version replaced by new rows with the same key (upserts).
+    pub rows_replaced: u64,
     /// The first rejected rows.
     pub rejects: Vec<Reject>,
     /// Format read.
@@ -457,6 +463,14 @@ impl DatasetStore {
                 ndjson_import::parse(&text, &m.columns)?
             }
         };
+        let mut parsed = parsed;
+        let key = if options.mode == Mode::Upsert {
+            let key = key_columns(&m, &options.key)?;
+            reject_key_conflicts(&mut parsed, &key)?;
+            Some(key)
+        } else {
+            None
+        };
         if !options.lenient && !parsed.rejects.is_empty() {
             let shown: Vec<String> = parsed
                 .rejects
@@ -485,6 +499,25 @@ impl DatasetStore {
         };
         let imported = parsed.batch.num_rows() as u64;
         let mut written = Vec::new();
+        let mut rows_replaced = 0;
+        if let (Some(key), Some(p)) = (&key, &previous) {
+            // The previous rows whose key no new row has, rewritten as one file.
+            let new_keys: std::collections::HashSet<String> = (0..parsed.batch.num_rows())
+                .filter_map(|row| key_of(&parsed.batch, key, row))
+                .collect();
+            let old = self.read_files(&m, &p.files)?;
+            let kept = keep_rows(&old, |b, row| {
+                key_of(b, key, row).is_none_or(|k| !new_keys.contains(&k))
+            })?;
+            rows_replaced = p.rows - kept.num_rows() as u64;
+            if kept.num_rows() > 0 {
+                let rel = format!("data/v{number:06}-kept-{}.parquet", random_suffix());
+                written.push(dir.join(&rel));
+                bytes_total += self.write_parquet(&dir.join(&rel), &kept)?;
+                files.push(rel);
+                rows_total += kept.num_rows() as u64;
+            }
+        }
         if imported > 0 {
             let rel = format!("data/v{number:06}-{}.parquet", random_suffix());
             written.push(dir.join(&rel));
@@ -518,6 +551,7 @@ impl DatasetStore {
             mode: match options.mode {
                 Mode::Append => "append".into(),
                 Mode::Replace => "replace".into(),
+                Mode::Upsert => format!("upsert by {}", options.key.join(",")),
             },
             files,
             rows: rows_total,
@@ -531,6 +565,7 @@ impl DatasetStore {
             rows_imported: imported,
             rows_rejected: parsed.rejects.len() as u64,
             rows_total,
+            rows_replaced,
             rejects: parsed.rejects.into_iter().take(REJECTS_SHOWN).collect(),
             encoding: encoding.to_string(),
             format,
@@ -546,6 +581,39 @@ impl DatasetStore {
             report,
             written,
         })
+    }
+
+    /// Reads data files of `m` with its current schema (columns added since read as NULL).
+    fn read_files(&self, m: &Manifest, files: &[String]) -> Result<Vec<RecordBatch>, Error> {
+        use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+        let dir = self.dir(&m.department, &m.name);
+        let schema = m.arrow_schema();
+        let mut out = Vec::new();
+        for f in files {
+            let file = fs::File::open(dir.join(f)).map_err(|e| io(e, "read a data file"))?;
+            let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+                .and_then(|b| b.build())
+                .map_err(|e| Error::internal(format!("cannot read {f}: {e}")))?;
+            for b in reader {
+                let b = b.map_err(|e| Error::internal(format!("cannot read {f}: {e}")))?;
+                let columns: Vec<ArrayRef> = schema
+                    .fields()
+                    .iter()
+                    .map(|field| match b.column_by_name(field.name()) {
+                        Some(c) => c.clone(),
+                        None => datafusion::arrow::array::new_null_array(
+                            field.data_type(),
+                            b.num_rows(),
+                        ),
+                    })
+                    .collect();
+                out.push(
+                    RecordBatch::try_new(schema.clone(), columns)
+                        .map_err(|e| Error::internal(format!("cannot read {f}: {e}")))?,
+                );
+            }
+        }
+        Ok(out)
     }
 
     /// Makes a prepared version visible, atomically.
@@ -679,4 +747,127 @@ fn rejects_batch(version: u64, rejects: &[Reject]) -> Result<RecordBatch, Error>
     ];
     RecordBatch::try_new(rejects_schema(), columns)
         .map_err(|e| Error::internal(format!("rejects: {e}")))
+}
+
+/// The key columns of an upsert, checked against the schema.
+fn key_columns(m: &Manifest, key: &[String]) -> Result<Vec<usize>, Error> {
+    if key.is_empty() {
+        return Err(Error::invalid("an upsert needs key columns")
+            .hint("name them with --key C1,C2 (`key=` in the API)"));
+    }
+    key.iter()
+        .map(|k| {
+            m.columns.iter().position(|c| &c.name == k).ok_or_else(|| {
+                let e = Error::invalid(format!("key column \"{k}\" is not in {}", m.sql_name()));
+                match suggest::did_you_mean(k, m.columns.iter().map(|c| c.name.as_str())) {
+                    Some(s) => e.hint(format!("did you mean \"{s}\"?")),
+                    None => e.hint("name columns of the dataset"),
+                }
+            })
+        })
+        .collect()
+}
+
+/// The key of a row, `None` if a key column is empty.
+fn key_of(batch: &RecordBatch, key: &[usize], row: usize) -> Option<String> {
+    let mut out = String::new();
+    for &k in key {
+        let c = batch.column(k);
+        if c.is_null(row) {
+            return None;
+        }
+        out.push_str(&datafusion::arrow::util::display::array_value_to_string(c, row).ok()?);
+        out.push('\u{1f}');
+    }
+    Some(out)
+}
+
+/// The rows of `batches` for which `keep` holds, as one batch.
+fn keep_rows(
+    batches: &[RecordBatch],
+    keep: impl Fn(&RecordBatch, usize) -> bool,
+) -> Result<RecordBatch, Error> {
+    let mut out = Vec::new();
+    let mut schema = None;
+    for b in batches {
+        schema.get_or_insert_with(|| b.schema());
+        let mask: datafusion::arrow::array::BooleanArray =
+            (0..b.num_rows()).map(|row| Some(keep(b, row))).collect();
+        out.push(
+            datafusion::arrow::compute::filter_record_batch(b, &mask)
+                .map_err(|e| Error::internal(format!("upsert: {e}")))?,
+        );
+    }
+    match schema {
+        Some(s) => datafusion::arrow::compute::concat_batches(&s, &out)
+            .map_err(|e| Error::internal(format!("upsert: {e}"))),
+        None => Ok(RecordBatch::new_empty(Arc::new(Schema::empty()))),
+    }
+}
+
+/// An upsert's rows with an empty key or a key an earlier row of the file has are rejected.
+fn reject_key_conflicts(parsed: &mut csv_import::Parsed, key: &[usize]) -> Result<(), Error> {
+    let batch = &parsed.batch;
+    let mut first_line: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let mut ok = Vec::with_capacity(batch.num_rows());
+    let raw = |row: usize| {
+        (0..batch.num_columns())
+            .map(|c| {
+                datafusion::arrow::util::display::array_value_to_string(batch.column(c), row)
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let names: Vec<String> = key
+        .iter()
+        .map(|&k| batch.schema().field(k).name().clone())
+        .collect();
+    for row in 0..batch.num_rows() {
+        let line = parsed.lines.get(row).copied().unwrap_or(0);
+        match key_of(batch, key, row) {
+            None => {
+                ok.push(false);
+                parsed.rejects.push(Reject {
+                    line,
+                    column: None,
+                    reason: format!("key ({}) is empty", names.join(", ")),
+                    raw: raw(row),
+                });
+            }
+            Some(k) => match first_line.get(&k) {
+                Some(first) => {
+                    ok.push(false);
+                    parsed.rejects.push(Reject {
+                        line,
+                        column: None,
+                        reason: format!(
+                            "key ({}) repeats the row of line {first}",
+                            names.join(", ")
+                        ),
+                        raw: raw(row),
+                    });
+                }
+                None => {
+                    first_line.insert(k, line);
+                    ok.push(true);
+                }
+            },
+        }
+    }
+    if ok.iter().all(|&k| k) {
+        return Ok(());
+    }
+    let mask = datafusion::arrow::array::BooleanArray::from(ok.clone());
+    parsed.batch = datafusion::arrow::compute::filter_record_batch(&parsed.batch, &mask)
+        .map_err(|e| Error::internal(format!("upsert: {e}")))?;
+    parsed.lines = parsed
+        .lines
+        .iter()
+        .zip(&ok)
+        .filter(|(_, k)| **k)
+        .map(|(l, _)| *l)
+        .collect();
+    parsed.rejects.sort_by_key(|r| r.line);
+    Ok(())
 }

@@ -5,8 +5,12 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, new_null_array};
-use datafusion::arrow::compute::{CastOptions, cast_with_options, concat_batches, filter_record_batch};
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, RecordBatch, new_null_array,
+};
+use datafusion::arrow::compute::{
+    CastOptions, cast_with_options, concat_batches, filter_record_batch,
+};
 use datafusion::arrow::datatypes::{DataType, Schema};
 use datafusion::arrow::util::display::array_value_to_string;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -58,8 +62,10 @@ pub fn infer_columns(bytes: &[u8]) -> Result<Vec<Column>, Error> {
     for (i, f) in b.schema().fields().iter().enumerate() {
         let (name, label) = column_name(f.name(), i);
         if !seen.insert(name.clone()) {
-            return Err(Error::invalid(format!("column \"{name}\" appears twice in the file"))
-                .hint("give every column a different name"));
+            return Err(
+                Error::invalid(format!("column \"{name}\" appears twice in the file"))
+                    .hint("give every column a different name"),
+            );
         }
         out.push(Column {
             name,
@@ -110,6 +116,7 @@ pub fn parse(bytes: &[u8], columns: &[Column]) -> Result<Parsed, Error> {
     let mut rejects = Vec::new();
     let mut samples: Vec<Vec<String>> = vec![Vec::new(); columns.len()];
     let mut offset = 0u64;
+    let mut lines = Vec::new();
     for batch in reader {
         let batch = batch.map_err(invalid_file)?;
         let n = batch.num_rows();
@@ -121,8 +128,12 @@ pub fn parse(bytes: &[u8], columns: &[Column]) -> Result<Parsed, Error> {
                 continue;
             };
             let input = batch.column(i);
-            let cast = cast_with_options(input, &c.column_type.arrow(), &safe)
-                .map_err(|e| Error::invalid(format!("column \"{}\" cannot be read as {:?}: {e}", c.name, c.column_type)))?;
+            let cast = cast_with_options(input, &c.column_type.arrow(), &safe).map_err(|e| {
+                Error::invalid(format!(
+                    "column \"{}\" cannot be read as {:?}: {e}",
+                    c.name, c.column_type
+                ))
+            })?;
             for row in 0..n {
                 if ok[row] && input.is_valid(row) && cast.is_null(row) {
                     ok[row] = false;
@@ -138,7 +149,9 @@ pub fn parse(bytes: &[u8], columns: &[Column]) -> Result<Parsed, Error> {
                                 .unwrap_or_default()
                         ),
                         raw: (0..batch.num_columns())
-                            .map(|k| array_value_to_string(batch.column(k), row).unwrap_or_default())
+                            .map(|k| {
+                                array_value_to_string(batch.column(k), row).unwrap_or_default()
+                            })
                             .collect::<Vec<_>>()
                             .join(","),
                     });
@@ -160,6 +173,12 @@ pub fn parse(bytes: &[u8], columns: &[Column]) -> Result<Parsed, Error> {
         }
         let typed = RecordBatch::try_new(target_schema.clone(), out)
             .map_err(|e| Error::internal(format!("parquet import: {e}")))?;
+        lines.extend(
+            ok.iter()
+                .enumerate()
+                .filter(|(_, k)| **k)
+                .map(|(row, _)| offset + row as u64 + 1),
+        );
         let kept = if ok.iter().all(|&k| k) {
             typed
         } else {
@@ -174,6 +193,7 @@ pub fn parse(bytes: &[u8], columns: &[Column]) -> Result<Parsed, Error> {
         .map_err(|e| Error::internal(format!("parquet import: {e}")))?;
     Ok(Parsed {
         batch,
+        lines,
         rejects,
         samples,
         header: true,

@@ -41,6 +41,7 @@ fn spec(name: &str, columns: Vec<Column>) -> DatasetSpec {
 fn strict(mode: Mode) -> ImportOptions {
     ImportOptions {
         mode,
+        key: vec![],
         lenient: false,
         delimiter: None,
         header: None,
@@ -592,7 +593,10 @@ fn parquet_files_are_detected_typed_classified_and_checked() {
             ("seats", ColumnType::Int, ColumnClass::Internal),
         ]
     );
-    assert_eq!(store.get("transport", "owners").unwrap().subject.as_deref(), Some("owner_id"));
+    assert_eq!(
+        store.get("transport", "owners").unwrap().subject.as_deref(),
+        Some("owner_id")
+    );
 
     // Seats as text, one of them not a number; columns in another order; one missing.
     let schema = Arc::new(Schema::new(vec![
@@ -609,9 +613,20 @@ fn parquet_files_are_detected_typed_classified_and_checked() {
     .unwrap();
     let bytes = parquet_bytes(&second);
     let e = store
-        .import_csv("transport", "owners", &bytes, strict(Mode::Append), "x", Utc::now())
+        .import_csv(
+            "transport",
+            "owners",
+            &bytes,
+            strict(Mode::Append),
+            "x",
+            Utc::now(),
+        )
         .unwrap_err();
-    assert!(e.detail.unwrap().contains("line 2, column seats"), "{}", e.message);
+    assert!(
+        e.detail.unwrap().contains("line 2, column seats"),
+        "{}",
+        e.message
+    );
     let r = store
         .import_csv(
             "transport",
@@ -633,7 +648,14 @@ fn parquet_files_are_detected_typed_classified_and_checked() {
     let third =
         RecordBatch::try_new(schema, vec![Arc::new(StringArray::from(vec!["red"]))]).unwrap();
     let e = store
-        .import_csv("transport", "owners", &parquet_bytes(&third), strict(Mode::Append), "x", Utc::now())
+        .import_csv(
+            "transport",
+            "owners",
+            &parquet_bytes(&third),
+            strict(Mode::Append),
+            "x",
+            Utc::now(),
+        )
         .unwrap_err();
     assert!(e.hint.unwrap().contains("add-column"), "{}", e.message);
     let mut cut = parquet_bytes(&first);
@@ -653,4 +675,109 @@ fn parquet_files_are_detected_typed_classified_and_checked() {
         .unwrap_err();
     assert_eq!(e.code, ErrorCode::InvalidInput, "{}", e.message);
     assert_eq!(rows_in(&store, "owners"), 4, "nothing changed");
+}
+
+#[test]
+fn upserts_replace_rows_by_key_and_reject_key_conflicts() {
+    let (_d, store) = store();
+    store.create(spec("vehicles", vec![]), Utc::now()).unwrap();
+    store
+        .import_csv(
+            "transport",
+            "vehicles",
+            VEHICLES.as_bytes(),
+            strict(Mode::Append),
+            "x",
+            Utc::now(),
+        )
+        .unwrap();
+    let upsert = |key: &[&str]| ImportOptions {
+        key: key.iter().map(|k| k.to_string()).collect(),
+        ..strict(Mode::Upsert)
+    };
+    // No key, or a key the dataset does not have: refused, saying what to do.
+    let change = "plate,owner_id,姓名,mobile,seats,registered\n\
+沪B54321,11010519491231002X,李四,13912345678,9,2019-05-06\n\
+浙B00001,11010519491231002X,赵六,13712345678,4,2022-01-01\n";
+    let e = store
+        .import_csv(
+            "transport",
+            "vehicles",
+            change.as_bytes(),
+            upsert(&[]),
+            "x",
+            Utc::now(),
+        )
+        .unwrap_err();
+    assert!(e.hint.unwrap().contains("--key"));
+    let e = store
+        .import_csv(
+            "transport",
+            "vehicles",
+            change.as_bytes(),
+            upsert(&["plat"]),
+            "x",
+            Utc::now(),
+        )
+        .unwrap_err();
+    assert!(e.hint.unwrap().contains("plate"));
+    // One row replaced, one added.
+    let r = store
+        .import_csv(
+            "transport",
+            "vehicles",
+            change.as_bytes(),
+            upsert(&["plate"]),
+            "x",
+            Utc::now(),
+        )
+        .unwrap();
+    assert_eq!((r.rows_imported, r.rows_replaced, r.rows_total), (2, 1, 4));
+    assert_eq!(rows_in(&store, "vehicles"), 4);
+    let m = store.get("transport", "vehicles").unwrap();
+    assert_eq!(m.current().unwrap().mode, "upsert by plate");
+    // A key twice in one file, or an empty key: strict refuses naming the lines; lenient
+    // keeps the first and rejects the rest.
+    let conflict = "plate,owner_id,姓名,mobile,seats,registered\n\
+浙A12345,11010519491231002X,张三,13812345678,6,2020-01-02\n\
+浙A12345,11010519491231002X,张三,13812345678,8,2020-01-02\n\
+,11010519491231002X,无名,13812345678,8,2020-01-02\n";
+    let e = store
+        .import_csv(
+            "transport",
+            "vehicles",
+            conflict.as_bytes(),
+            upsert(&["plate"]),
+            "x",
+            Utc::now(),
+        )
+        .unwrap_err();
+    let detail = e.detail.unwrap();
+    assert!(
+        detail.contains("line 3: key (plate) repeats the row of line 2")
+            && detail.contains("line 4: key (plate) is empty"),
+        "{detail}"
+    );
+    let r = store
+        .import_csv(
+            "transport",
+            "vehicles",
+            conflict.as_bytes(),
+            ImportOptions {
+                lenient: true,
+                ..upsert(&["plate"])
+            },
+            "x",
+            Utc::now(),
+        )
+        .unwrap();
+    assert_eq!(
+        (
+            r.rows_imported,
+            r.rows_rejected,
+            r.rows_replaced,
+            r.rows_total
+        ),
+        (1, 2, 1, 4)
+    );
 }

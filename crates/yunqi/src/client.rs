@@ -13,6 +13,41 @@ pub struct Api {
     token: Option<String>,
 }
 
+/// Files from this size on show a progress bar while they upload.
+const PROGRESS_BYTES_MIN: usize = 8 << 20;
+
+/// Reads a file's bytes for the upload and draws `[#####     ] 48% 123/256 MiB` on stderr.
+struct Progress<'a> {
+    bytes: &'a [u8],
+    sent: usize,
+    shown: usize,
+    show: bool,
+}
+
+impl std::io::Read for Progress<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.bytes.len() - self.sent).min(1 << 20);
+        buf[..n].copy_from_slice(&self.bytes[self.sent..self.sent + n]);
+        self.sent += n;
+        let percent = self.sent * 100 / self.bytes.len().max(1);
+        if self.show && percent != self.shown {
+            self.shown = percent;
+            let bar = "#".repeat(percent / 5) + &" ".repeat(20 - percent / 5);
+            eprint!(
+                "\r[{bar}] {percent:>3}% {}/{} MiB{}",
+                self.sent >> 20,
+                self.bytes.len() >> 20,
+                if self.sent == self.bytes.len() {
+                    " uploaded; importing…"
+                } else {
+                    ""
+                }
+            );
+        }
+        Ok(n)
+    }
+}
+
 /// What the server said: a body, or an error body with its status.
 pub enum Reply {
     Ok(Value),
@@ -42,17 +77,29 @@ impl Api {
         }
     }
 
-    /// POSTs a file as the raw body.
+    /// POSTs a file as the raw body, with a progress bar on a terminal for large files.
     pub fn upload(&self, path: &str, bytes: &[u8]) -> anyhow::Result<Reply> {
+        use std::io::IsTerminal;
         let url = format!("{}{path}", self.base);
         let auth = self.auth()?;
+        let show = std::io::stderr().is_terminal() && bytes.len() >= PROGRESS_BYTES_MIN;
+        let mut reader = Progress {
+            bytes,
+            sent: 0,
+            shown: usize::MAX,
+            show,
+        };
         let mut response = self
             .agent
             .post(&url)
             .header("Authorization", &auth)
-            .header("Content-Type", "text/csv")
-            .send(bytes)
+            .header("Content-Type", "application/octet-stream")
+            .header("Content-Length", bytes.len().to_string())
+            .send(ureq::SendBody::from_reader(&mut reader))
             .with_context(|| format!("cannot reach yunqi at {}\nhint: is `yunqi serve` running? set YUNQI_URL to its address", self.base))?;
+        if show {
+            eprintln!();
+        }
         let status = response.status().as_u16();
         let text = response
             .body_mut()
@@ -770,18 +817,22 @@ pub fn catalog(api: &Api, cmd: CatalogCommand, json: bool) -> anyhow::Result<Exi
 pub struct ImportArgs {
     /// DEPARTMENT.DATASET
     dataset: String,
-    /// A CSV file (UTF-8 or GBK; the delimiter and a header row are detected) or an NDJSON file.
+    /// A CSV file (UTF-8 or GBK; the delimiter and a header row are detected), an NDJSON file
+    /// or a Parquet file.
     file: std::path::PathBuf,
-    /// append (default) or replace.
+    /// append (default), replace, or upsert (with --key).
     #[arg(long, default_value = "append")]
     mode: String,
+    /// Key columns of an upsert, comma-separated: a new row replaces the row with its key.
+    #[arg(long)]
+    key: Option<String>,
     /// Import the good rows and keep the bad ones in the rejects, instead of refusing the file.
     #[arg(long)]
     lenient: bool,
     /// Field delimiter: , ; | or tab.
     #[arg(long)]
     delimiter: Option<String>,
-    /// csv or ndjson (detected when left out).
+    /// csv, ndjson or parquet (detected when left out).
     #[arg(long)]
     format: Option<String>,
 }
@@ -793,6 +844,9 @@ pub fn import(api: &Api, a: ImportArgs, json: bool) -> anyhow::Result<ExitCode> 
     let mut q = vec![format!("mode={}", enc(&a.mode))];
     if a.lenient {
         q.push("lenient=true".into());
+    }
+    if let Some(k) = &a.key {
+        q.push(format!("key={}", enc(k)));
     }
     if let Some(d) = &a.delimiter {
         q.push(format!("delimiter={}", enc(d)));
@@ -811,10 +865,14 @@ pub fn import(api: &Api, a: ImportArgs, json: bool) -> anyhow::Result<ExitCode> 
     )?;
     finish(r, json, |v| {
         println!(
-            "{} version {}: {} rows imported, {} rejected, {} in all ({}, delimiter {:?}{})",
+            "{} version {}: {} rows imported{}, {} rejected, {} in all ({}, delimiter {:?}{})",
             s(&v["dataset"]),
             v["version"],
             v["rows_imported"],
+            match v["rows_replaced"].as_u64() {
+                Some(n) if n > 0 => format!(" ({n} replacing rows with the same key)"),
+                _ => String::new(),
+            },
             v["rows_rejected"],
             v["rows_total"],
             s(&v["encoding"]),
