@@ -263,3 +263,66 @@ fn a_department_publishes_and_queries_its_dataset_and_nobody_else_reads_it() {
     assert!(has("sql.query", "ok", "ann"));
     assert!(has("dataset.write", "denied", "tom"));
 }
+
+#[test]
+fn the_cli_upserts_adds_columns_and_reads_older_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    server.dept("transport");
+    let li = server.principal("li_wei", "steward", Some("transport"));
+    let ann = server.principal("ann", "analyst", Some("transport"));
+    let (code, _, err) = cli(&server, &li, &["dataset", "create", "transport.vehicles"]);
+    assert_eq!(code, 0, "{err}");
+    let file = dir.path().join("vehicles.csv");
+    std::fs::write(&file, VEHICLES).unwrap();
+    let f = file.to_str().unwrap();
+    let (code, _, err) = cli(&server, &li, &["import", "transport.vehicles", f]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = cli(
+        &server,
+        &li,
+        &["dataset", "add-column", "transport.vehicles", "color:text:public"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("color"), "{out}");
+    let change = dir.path().join("change.csv");
+    std::fs::write(
+        &change,
+        "plate,owner_id,姓名,mobile,seats,registered,color\n沪B54321,11010519491231002X,李四,13912345678,9,2019-05-06,red\n",
+    )
+    .unwrap();
+    let (code, _, err) = cli(
+        &server,
+        &li,
+        &["import", "transport.vehicles", change.to_str().unwrap(), "--mode", "upsert"],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("--key"), "{err}");
+    let (code, out, err) = cli(
+        &server,
+        &li,
+        &[
+            "import",
+            "transport.vehicles",
+            change.to_str().unwrap(),
+            "--mode",
+            "upsert",
+            "--key",
+            "plate",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("1 replacing rows with the same key") && out.contains("3 in all"), "{out}");
+    let (status, v) = sql(
+        &server,
+        &ann,
+        "SELECT seats, color FROM transport.vehicles WHERE plate = '沪B54321'",
+    );
+    assert_eq!((status, v["rows"].clone()), (200, serde_json::json!([[9, "red"]])));
+    let (status, v) = sql(
+        &server,
+        &ann,
+        "SELECT seats, color FROM transport.vehicles__v1 WHERE plate = '沪B54321'",
+    );
+    assert_eq!((status, v["rows"].clone()), (200, serde_json::json!([[7, null]])), "{v}");
+}
