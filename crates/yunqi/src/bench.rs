@@ -37,9 +37,42 @@ pub enum BenchCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// CSV import MB/s with validation, classification and Parquet output, against DuckDB's
+    /// CSV-to-Parquet copy of the same file.
+    Import {
+        /// Rows of generated vehicle registrations.
+        #[arg(long, default_value_t = 2_000_000)]
+        rows: usize,
+        /// Runs of each measurement (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// A Python with the `duckdb` package, for the side-by-side figure
+        /// (`benches/share_vs_duckdb.sh` installs one).
+        #[arg(long)]
+        python: Option<PathBuf>,
+        /// Directory to write in (default: a temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Query time governed (a grantee through yunqi's engine: grant, masks, audit) against
+    /// ungoverned (plain DataFusion on the same files), and against DuckDB on the same files.
+    Sql {
+        /// Rows of generated vehicle registrations.
+        #[arg(long, default_value_t = 2_000_000)]
+        rows: usize,
+        /// Runs of each query (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// A Python with the `duckdb` package (see `bench import`).
+        #[arg(long)]
+        python: Option<PathBuf>,
+        /// Directory to write in (default: a temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
@@ -114,13 +147,31 @@ async fn append_run(dir: &Path, writers: usize, seconds: f64) -> anyhow::Result<
 }
 
 pub fn run(cmd: BenchCommand, json_out: bool) -> anyhow::Result<ExitCode> {
-    let BenchCommand::Audit {
-        writers,
-        seconds,
-        runs,
-        verify_records,
-        dir,
-    } = cmd;
+    match cmd {
+        BenchCommand::Audit {
+            writers,
+            seconds,
+            runs,
+            verify_records,
+            dir,
+        } => audit(writers, seconds, runs, verify_records, dir, json_out),
+        BenchCommand::Import { rows, runs, python, dir } => {
+            crate::bench_share::import(rows, runs, python, dir, json_out)
+        }
+        BenchCommand::Sql { rows, runs, python, dir } => {
+            crate::bench_share::sql(rows, runs, python, dir, json_out)
+        }
+    }
+}
+
+fn audit(
+    writers: usize,
+    seconds: f64,
+    runs: usize,
+    verify_records: u64,
+    dir: Option<PathBuf>,
+    json_out: bool,
+) -> anyhow::Result<ExitCode> {
     let tmp;
     let base = match dir {
         Some(d) => {
