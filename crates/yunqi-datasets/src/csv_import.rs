@@ -46,21 +46,89 @@ pub struct Parsed {
     pub delimiter: u8,
 }
 
+/// Text decoded from a file, and the lines that could not be decoded.
+pub type Decoded<'a> = (Cow<'a, str>, &'static str, Vec<Reject>);
+
 /// Decodes file bytes: UTF-8 (a BOM is skipped), else GB18030 (a superset of GBK and GB2312).
-pub fn decode(bytes: &[u8]) -> Result<(Cow<'_, str>, &'static str), Error> {
+/// A file that is UTF-8 but for some lines (a mixed file, e.g. GBK rows pasted into a UTF-8
+/// file) is read as UTF-8, and those lines become rejected rows — never guessed at. Lines are
+/// kept as empty lines so that line numbers stay right.
+pub fn decode(bytes: &[u8]) -> Result<Decoded<'_>, Error> {
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     if let Ok(s) = std::str::from_utf8(bytes) {
-        return Ok((Cow::Borrowed(s), "UTF-8"));
+        return Ok((Cow::Borrowed(s), "UTF-8", Vec::new()));
+    }
+    let lines: Vec<&[u8]> = bytes.split_inclusive(|b| *b == b'\n').collect();
+    let (mut utf8, mut not_utf8) = (0usize, 0usize);
+    for l in &lines {
+        if l.is_ascii() {
+            continue;
+        }
+        if std::str::from_utf8(l).is_ok() {
+            utf8 += 1;
+        } else {
+            not_utf8 += 1;
+        }
+    }
+    let reject = |i: usize, line: &[u8], reason: &str| Reject {
+        line: i as u64 + 1,
+        column: None,
+        reason: reason.to_string(),
+        raw: short_bytes(String::from_utf8_lossy(line).trim_end(), 1024),
+    };
+    if utf8 > 0 && utf8 >= not_utf8 {
+        let mut text = String::with_capacity(bytes.len());
+        let mut bad = Vec::new();
+        for (i, l) in lines.iter().enumerate() {
+            match std::str::from_utf8(l) {
+                Ok(s) => text.push_str(s),
+                Err(_) => {
+                    bad.push(reject(
+                        i,
+                        l,
+                        "the line is not valid UTF-8 (the rest of the file is)",
+                    ));
+                    if l.ends_with(b"\n") {
+                        text.push('\n');
+                    }
+                }
+            }
+        }
+        return Ok((Cow::Owned(text), "UTF-8", bad));
     }
     let (text, _, had_errors) = encoding_rs::GB18030.decode(bytes);
-    if had_errors {
-        let bad = std::str::from_utf8(bytes).unwrap_err().valid_up_to();
-        let line = bytes[..bad].iter().filter(|b| **b == b'\n').count() + 1;
+    if !had_errors {
+        return Ok((text, "GB18030", Vec::new()));
+    }
+    let mut text = String::with_capacity(bytes.len());
+    let mut bad = Vec::new();
+    let mut good_non_ascii = 0;
+    for (i, l) in lines.iter().enumerate() {
+        let (s, _, errors) = encoding_rs::GB18030.decode(l);
+        if errors {
+            bad.push(reject(
+                i,
+                l,
+                "the line is neither UTF-8 nor GBK/GB18030 text",
+            ));
+            if l.ends_with(b"\n") {
+                text.push('\n');
+            }
+        } else {
+            good_non_ascii += usize::from(!l.is_ascii());
+            text.push_str(&s);
+        }
+    }
+    if good_non_ascii == 0 {
         return Err(Error::invalid("file is neither UTF-8 nor GBK/GB18030 text")
-            .detail(format!("the first byte that is not UTF-8 is on line {line}, and GB18030 cannot read the file either"))
+            .detail(format!(
+                "{} lines cannot be read, the first is line {}",
+                bad.len(),
+                bad.first().map_or(0, |r| r.line)
+            ))
             .hint("save the file as UTF-8 (or GBK) text"));
     }
-    Ok((text, "GB18030"))
+    Ok((Cow::Owned(text), "GB18030", bad))
 }
 
 /// Picks the delimiter (`,` tab `;` `|`) that splits the first lines into the same number of

@@ -422,8 +422,8 @@ impl DatasetStore {
             Some(_) => false,
             None => parquet_import::looks_like_parquet(bytes),
         };
-        let (text, encoding) = if parquet {
-            (std::borrow::Cow::Borrowed(""), "binary")
+        let (text, encoding, undecodable) = if parquet {
+            (std::borrow::Cow::Borrowed(""), "binary", Vec::new())
         } else {
             csv_import::decode(bytes)?
         };
@@ -464,6 +464,10 @@ impl DatasetStore {
             }
         };
         let mut parsed = parsed;
+        if !undecodable.is_empty() {
+            parsed.rejects.extend(undecodable);
+            parsed.rejects.sort_by_key(|r| r.line);
+        }
         let key = if options.mode == Mode::Upsert {
             let key = key_columns(&m, &options.key)?;
             reject_key_conflicts(&mut parsed, &key)?;

@@ -781,3 +781,109 @@ fn upserts_replace_rows_by_key_and_reject_key_conflicts() {
         (1, 2, 1, 4)
     );
 }
+
+#[test]
+fn malformed_files_are_refused_or_kept_aside_never_dropped() {
+    let (_d, store) = store();
+    let lenient = ImportOptions {
+        lenient: true,
+        ..strict(Mode::Append)
+    };
+    let import = |name: &str, bytes: &[u8], options: ImportOptions| {
+        if store.get("transport", name).is_err() {
+            store.create(spec(name, vec![]), Utc::now()).unwrap();
+        }
+        store.import_csv("transport", name, bytes, options, "x", Utc::now())
+    };
+
+    // A BOM and CRLF line ends: read as if neither were there.
+    let crlf = format!("\u{feff}{}", VEHICLES.replace('\n', "\r\n"));
+    let r = import("bom", crlf.as_bytes(), strict(Mode::Append)).unwrap();
+    assert_eq!((r.rows_imported, r.encoding.as_str()), (3, "UTF-8"));
+    assert_eq!(
+        r.columns[0].name, "plate",
+        "the BOM is not part of the first header"
+    );
+    assert_eq!(
+        r.columns[5].column_type,
+        ColumnType::Date,
+        "no \\r left in the last field"
+    );
+
+    // A file cut in the middle of its last row: that row is ragged.
+    let cut = &VEHICLES[..VEHICLES.len() - 20];
+    let e = import("cut", cut.as_bytes(), strict(Mode::Append)).unwrap_err();
+    assert!(
+        e.detail
+            .unwrap()
+            .contains("line 4: expected 6 fields, found"),
+        "{}",
+        e.message
+    );
+    let r = import("cut", cut.as_bytes(), lenient.clone()).unwrap();
+    assert_eq!((r.rows_imported, r.rows_rejected), (2, 1));
+
+    // A UTF-8 file with one row pasted from a GBK file: that row is rejected, the rest read
+    // as UTF-8 (never garbled by guessing GBK for the whole file).
+    let (gbk_row, _, _) =
+        encoding_rs::GBK.encode("浙A99999,11010519491231002X,王二,13812345678,5,2020-01-02\n");
+    let mut mixed = VEHICLES.as_bytes().to_vec();
+    mixed.extend_from_slice(&gbk_row);
+    let e = import("mixed", &mixed, strict(Mode::Append)).unwrap_err();
+    assert!(
+        e.detail
+            .unwrap()
+            .contains("line 5: the line is not valid UTF-8"),
+        "{}",
+        e.message
+    );
+    let r = import("mixed", &mixed, lenient.clone()).unwrap();
+    assert_eq!(
+        (r.rows_imported, r.rows_rejected, r.encoding.as_str()),
+        (3, 1, "UTF-8")
+    );
+    let names: Vec<String> = rows_text(&store, "mixed", 2);
+    assert_eq!(names, ["张三", "李四", "王五"]);
+
+    // A huge field is data like any other; a rejected row's raw text is cut at 1 KiB.
+    let huge = "备".repeat(300_000);
+    import("huge", VEHICLES.as_bytes(), strict(Mode::Append)).unwrap();
+    let file = format!(
+        "浙A77777,11010519491231002X,{huge},13812345678,5,2020-01-02\n浙A88888,11010519491231002X,{huge},13812345678,many,2020-01-02\n"
+    );
+    let r = import("huge", file.as_bytes(), lenient).unwrap();
+    assert_eq!((r.rows_imported, r.rows_rejected, r.rows_total), (1, 1, 4));
+    assert_eq!(rows_text(&store, "huge", 2)[3].len(), huge.len());
+    assert!(r.rejects[0].raw.len() <= 1024);
+
+    // Random bytes and an empty file are refused with a reason, not a panic.
+    let noise: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    assert!(import("noise", &noise, strict(Mode::Append)).is_err());
+    let e = import("empty", b"", strict(Mode::Append)).unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidInput, "{}", e.message);
+}
+
+/// The text values of column `column` of a dataset's current version, in file order.
+fn rows_text(store: &DatasetStore, dataset: &str, column: usize) -> Vec<String> {
+    use datafusion::arrow::array::AsArray;
+    let m = store.get("transport", dataset).unwrap();
+    let mut out = Vec::new();
+    for p in store.files(&m, None).unwrap() {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(p).unwrap())
+            .unwrap()
+            .build()
+            .unwrap();
+        for b in reader {
+            let b = b.unwrap();
+            out.extend(
+                b.column(column)
+                    .as_string::<i32>()
+                    .iter()
+                    .map(|v| v.unwrap_or("").to_string()),
+            );
+        }
+    }
+    out
+}

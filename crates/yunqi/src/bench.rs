@@ -155,12 +155,18 @@ pub fn run(cmd: BenchCommand, json_out: bool) -> anyhow::Result<ExitCode> {
             verify_records,
             dir,
         } => audit(writers, seconds, runs, verify_records, dir, json_out),
-        BenchCommand::Import { rows, runs, python, dir } => {
-            crate::bench_share::import(rows, runs, python, dir, json_out)
-        }
-        BenchCommand::Sql { rows, runs, python, dir } => {
-            crate::bench_share::sql(rows, runs, python, dir, json_out)
-        }
+        BenchCommand::Import {
+            rows,
+            runs,
+            python,
+            dir,
+        } => crate::bench_share::import(rows, runs, python, dir, json_out),
+        BenchCommand::Sql {
+            rows,
+            runs,
+            python,
+            dir,
+        } => crate::bench_share::sql(rows, runs, python, dir, json_out),
     }
 }
 

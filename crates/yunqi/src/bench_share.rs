@@ -30,7 +30,16 @@ impl Rng {
 }
 
 const DISTRICTS: [&str; 10] = [
-    "上城区", "拱墅区", "西湖区", "滨江区", "萧山区", "余杭区", "临平区", "钱塘区", "富阳区", "临安区",
+    "上城区",
+    "拱墅区",
+    "西湖区",
+    "滨江区",
+    "萧山区",
+    "余杭区",
+    "临平区",
+    "钱塘区",
+    "富阳区",
+    "临安区",
 ];
 const REGIONS: [&str; 10] = [
     "330102", "330105", "330106", "330108", "330109", "330110", "330113", "330114", "330111",
@@ -60,10 +69,7 @@ fn id_number(rng: &mut Rng, district: usize) -> String {
         .zip(W)
         .map(|(b, w)| u32::from(b - b'0') * w)
         .sum();
-    format!(
-        "{first17}{}",
-        b"10X98765432"[(sum % 11) as usize] as char
-    )
+    format!("{first17}{}", b"10X98765432"[(sum % 11) as usize] as char)
 }
 
 /// `rows` vehicle registrations as CSV: plate, owner_id, owner_name, mobile, district, year,
@@ -113,7 +119,9 @@ fn workdir(dir: Option<PathBuf>) -> anyhow::Result<(Option<tempfile::TempDir>, P
 /// Runs `script` with the given Python (which must have `duckdb`), `args` as JSON on stdin;
 /// returns its JSON output, or why it could not.
 fn duckdb(python: Option<&Path>, script: &str, args: Value) -> Result<Value, String> {
-    let python = python.ok_or("not run: pass --python with the duckdb package (benches/share_vs_duckdb.sh does)")?;
+    let python = python.ok_or(
+        "not run: pass --python with the duckdb package (benches/share_vs_duckdb.sh does)",
+    )?;
     let mut child = Command::new(python)
         .args(["-c", script])
         .stdin(Stdio::piped())
@@ -194,14 +202,16 @@ pub fn import(
     std::fs::write(&csv_path, &csv)?;
     let mb = csv.len() as f64 / 1e6;
     say(format!("{rows} rows, {mb:.1} MB of CSV"));
-    let store = DatasetStore::open(&base.join("datasets"), csv.len() + 1).map_err(crate::user_error)?;
+    let store =
+        DatasetStore::open(&base.join("datasets"), csv.len() + 1).map_err(crate::user_error)?;
     let mut secs = Vec::new();
     for r in 0..runs {
         let name = format!("vehicles{r}");
         store
             .create(
                 DatasetSpec {
-                    department: Name::parse("department", "transport").map_err(crate::user_error)?,
+                    department: Name::parse("department", "transport")
+                        .map_err(crate::user_error)?,
                     name: Name::parse("dataset", &name).map_err(crate::user_error)?,
                     description: String::new(),
                     columns: vec![],
@@ -212,13 +222,32 @@ pub fn import(
             .map_err(crate::user_error)?;
         let t = Instant::now();
         let report = store
-            .import_csv("transport", &name, &csv, ImportOptions::default(), "bench", chrono::Utc::now())
+            .import_csv(
+                "transport",
+                &name,
+                &csv,
+                ImportOptions::default(),
+                "bench",
+                chrono::Utc::now(),
+            )
             .map_err(crate::user_error)?;
         let s = t.elapsed().as_secs_f64();
-        anyhow::ensure!(report.rows_imported as usize == rows, "import lost rows: {report:?}");
-        say(format!("run {}: yunqi import {s:.2} s = {:.0} MB/s ({} columns classified: {})", r + 1, mb / s,
+        anyhow::ensure!(
+            report.rows_imported as usize == rows,
+            "import lost rows: {report:?}"
+        );
+        say(format!(
+            "run {}: yunqi import {s:.2} s = {:.0} MB/s ({} columns classified: {})",
+            r + 1,
+            mb / s,
             report.columns.len(),
-            report.columns.iter().map(|c| format!("{} {}", c.name, c.class)).collect::<Vec<_>>().join(", ")));
+            report
+                .columns
+                .iter()
+                .map(|c| format!("{} {}", c.name, c.class))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
         secs.push(s);
     }
     let yunqi_s = median(secs);
@@ -317,12 +346,16 @@ pub fn sql(
     let mut plain_ms = Vec::new();
     runtime.block_on(async {
         use datafusion::datasource::file_format::parquet::ParquetFormat;
-        use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+        use datafusion::datasource::listing::{
+            ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+        };
         let urls = files
             .iter()
             .map(|f| ListingTableUrl::parse(f.to_string_lossy()))
             .collect::<Result<Vec<_>, _>>()?;
-        let m = gov.catalog_entry(&analyst_owner(&gov)?, "transport", "vehicles").map_err(crate::user_error)?;
+        let m = gov
+            .catalog_entry(&analyst_owner(&gov)?, "transport", "vehicles")
+            .map_err(crate::user_error)?;
         let config = ListingTableConfig::new_with_multi_paths(urls)
             .with_listing_options(ListingOptions::new(Arc::new(ParquetFormat::default())))
             .with_schema(m.arrow_schema());
@@ -330,18 +363,27 @@ pub fn sql(
         for q in QUERIES {
             let pq = q.replace("transport.vehicles", "vehicles");
             plain.sql(&pq).await?.collect().await?;
-            engine.query(&analyst, q, &call()).await.map_err(crate::user_error)?;
+            engine
+                .query(&analyst, q, &call())
+                .await
+                .map_err(crate::user_error)?;
             let (mut p, mut g) = (Vec::new(), Vec::new());
             for _ in 0..runs {
                 let t = Instant::now();
                 plain.sql(&pq).await?.collect().await?;
                 p.push(t.elapsed().as_secs_f64() * 1000.0);
                 let t = Instant::now();
-                engine.query(&analyst, q, &call()).await.map_err(crate::user_error)?;
+                engine
+                    .query(&analyst, q, &call())
+                    .await
+                    .map_err(crate::user_error)?;
                 g.push(t.elapsed().as_secs_f64() * 1000.0);
             }
             let (p, g) = (median(p), median(g));
-            say(format!("{q}\n  ungoverned {p:.1} ms, governed {g:.1} ms ({:+.1}%)", (g / p - 1.0) * 100.0));
+            say(format!(
+                "{q}\n  ungoverned {p:.1} ms, governed {g:.1} ms ({:+.1}%)",
+                (g / p - 1.0) * 100.0
+            ));
             plain_ms.push(p);
             governed_ms.push(g);
         }
@@ -354,7 +396,11 @@ pub fn sql(
         json!({"files": files, "queries": QUERIES, "runs": runs, "threads": threads}),
     );
     let geo = |v: &[f64]| (v.iter().map(|x| x.ln()).sum::<f64>() / v.len() as f64).exp();
-    let overheads: Vec<f64> = governed_ms.iter().zip(&plain_ms).map(|(g, p)| g / p).collect();
+    let overheads: Vec<f64> = governed_ms
+        .iter()
+        .zip(&plain_ms)
+        .map(|(g, p)| g / p)
+        .collect();
     let mut result = json!({
         "benchmark": "sql",
         "rows": rows,
@@ -366,7 +412,12 @@ pub fn sql(
         "governed_over_ungoverned_geomean": geo(&overheads),
     });
     if let Ok(d) = &duck {
-        let dms: Vec<f64> = d["ms"].as_array().into_iter().flatten().filter_map(Value::as_f64).collect();
+        let dms: Vec<f64> = d["ms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_f64)
+            .collect();
         let ratios: Vec<f64> = governed_ms.iter().zip(&dms).map(|(g, d)| g / d).collect();
         let plain_ratios: Vec<f64> = plain_ms.iter().zip(&dms).map(|(p, d)| p / d).collect();
         result["duckdb_version"] = d["version"].clone();
@@ -386,8 +437,12 @@ pub fn sql(
             Ok(_) => println!(
                 "yunqi governed / DuckDB {}: {:.2} geometric mean (ungoverned DataFusion / DuckDB: {:.2})",
                 result["duckdb_version"].as_str().unwrap_or("?"),
-                result["governed_over_duckdb_geomean"].as_f64().unwrap_or(0.0),
-                result["ungoverned_over_duckdb_geomean"].as_f64().unwrap_or(0.0)
+                result["governed_over_duckdb_geomean"]
+                    .as_f64()
+                    .unwrap_or(0.0),
+                result["ungoverned_over_duckdb_geomean"]
+                    .as_f64()
+                    .unwrap_or(0.0)
             ),
             Err(e) => println!("DuckDB: {e}"),
         }
@@ -421,9 +476,8 @@ async fn setup(
         yunqi_audit::AuditChain::open(&base.join("audit"), clock.clone(), &limits)
             .map_err(crate::user_error)?,
     );
-    let store = Arc::new(
-        yunqi_store::SqliteStore::open(&base.join("meta.db")).map_err(crate::user_error)?,
-    );
+    let store =
+        Arc::new(yunqi_store::SqliteStore::open(&base.join("meta.db")).map_err(crate::user_error)?);
     let datasets = DatasetStore::open(&base.join("datasets"), limits.import_bytes_max)
         .map_err(crate::user_error)?;
     let gov = Arc::new(
@@ -433,13 +487,20 @@ async fn setup(
     );
     let e = crate::user_error;
     let admin_token = gov.bootstrap().await.map_err(e)?.expect("fresh");
-    let admin = gov.authenticate(&admin_token.token).map_err(|(x, _)| e(x))?;
+    let admin = gov
+        .authenticate(&admin_token.token)
+        .map_err(|(x, _)| e(x))?;
     let n = |s: &str| Name::parse("name", s).map_err(crate::user_error);
     for d in ["transport", "police"] {
-        gov.create_department(&admin, n(d)?, d.into(), &call()).await.map_err(e)?;
+        gov.create_department(&admin, n(d)?, d.into(), &call())
+            .await
+            .map_err(e)?;
     }
     let mut actors = Vec::new();
-    for (name, role, dept) in [("ts", Role::Steward, "transport"), ("pa", Role::Analyst, "police")] {
+    for (name, role, dept) in [
+        ("ts", Role::Steward, "transport"),
+        ("pa", Role::Analyst, "police"),
+    ] {
         let spec = PrincipalSpec {
             name: n(name)?,
             role,
@@ -448,7 +509,10 @@ async fn setup(
             display_name: None,
             token_expires_at: None,
         };
-        let (_, t) = gov.create_principal(&admin, spec, &call()).await.map_err(e)?;
+        let (_, t) = gov
+            .create_principal(&admin, spec, &call())
+            .await
+            .map_err(e)?;
         actors.push(gov.authenticate(&t.token).map_err(|(x, _)| e(x))?);
     }
     let (ts, pa) = (actors[0].clone(), actors[1].clone());
@@ -465,9 +529,16 @@ async fn setup(
     )
     .await
     .map_err(e)?;
-    gov.import_dataset(&ts, "transport", "vehicles", csv, ImportOptions::default(), &call())
-        .await
-        .map_err(e)?;
+    gov.import_dataset(
+        &ts,
+        "transport",
+        "vehicles",
+        csv,
+        ImportOptions::default(),
+        &call(),
+    )
+    .await
+    .map_err(e)?;
     let grant = gov
         .request_grant(
             &pa,
@@ -484,7 +555,9 @@ async fn setup(
         )
         .await
         .map_err(e)?;
-    gov.approve_grant(&ts, &grant.id, &call()).await.map_err(e)?;
+    gov.approve_grant(&ts, &grant.id, &call())
+        .await
+        .map_err(e)?;
     let files = gov
         .version_files(&ts, "transport", "vehicles", 1)
         .map_err(e)?

@@ -281,7 +281,12 @@ fn the_cli_upserts_adds_columns_and_reads_older_versions() {
     let (code, out, err) = cli(
         &server,
         &li,
-        &["dataset", "add-column", "transport.vehicles", "color:text:public"],
+        &[
+            "dataset",
+            "add-column",
+            "transport.vehicles",
+            "color:text:public",
+        ],
     );
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("color"), "{out}");
@@ -294,7 +299,13 @@ fn the_cli_upserts_adds_columns_and_reads_older_versions() {
     let (code, _, err) = cli(
         &server,
         &li,
-        &["import", "transport.vehicles", change.to_str().unwrap(), "--mode", "upsert"],
+        &[
+            "import",
+            "transport.vehicles",
+            change.to_str().unwrap(),
+            "--mode",
+            "upsert",
+        ],
     );
     assert_eq!(code, 1);
     assert!(err.contains("--key"), "{err}");
@@ -312,17 +323,27 @@ fn the_cli_upserts_adds_columns_and_reads_older_versions() {
         ],
     );
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("1 replacing rows with the same key") && out.contains("3 in all"), "{out}");
+    assert!(
+        out.contains("1 replacing rows with the same key") && out.contains("3 in all"),
+        "{out}"
+    );
     let (status, v) = sql(
         &server,
         &ann,
         "SELECT seats, color FROM transport.vehicles WHERE plate = '沪B54321'",
     );
-    assert_eq!((status, v["rows"].clone()), (200, serde_json::json!([[9, "red"]])));
+    assert_eq!(
+        (status, v["rows"].clone()),
+        (200, serde_json::json!([[9, "red"]]))
+    );
     let (status, v) = sql(
         &server,
         &ann,
         "SELECT seats, color FROM transport.vehicles__v1 WHERE plate = '沪B54321'",
     );
-    assert_eq!((status, v["rows"].clone()), (200, serde_json::json!([[7, null]])), "{v}");
+    assert_eq!(
+        (status, v["rows"].clone()),
+        (200, serde_json::json!([[7, null]])),
+        "{v}"
+    );
 }
