@@ -19,6 +19,7 @@
 #![deny(missing_docs)]
 
 pub mod convert;
+mod pg_catalog;
 pub mod secure;
 pub mod subject;
 mod system;
@@ -144,12 +145,22 @@ pub struct QueryResult {
 pub struct SqlEngine {
     gov: Arc<Governance>,
     limits: Limits,
+    /// Rewrites what PostgreSQL clients send about their catalog (`::regclass`,
+    /// `OPERATOR(pg_catalog.~)`, …) into SQL DataFusion plans.
+    compat: datafusion_pg_catalog::sql::PostgresCompatibilityParser,
+    /// pg_catalog's fixed tables (pg_type, pg_proc, …), read once.
+    pg_static: std::sync::OnceLock<Arc<datafusion_pg_catalog::pg_catalog::PgCatalogStaticTables>>,
 }
 
 impl SqlEngine {
     /// An engine over what governance knows.
     pub fn new(gov: Arc<Governance>, limits: Limits) -> Self {
-        SqlEngine { gov, limits }
+        SqlEngine {
+            gov,
+            limits,
+            compat: datafusion_pg_catalog::sql::PostgresCompatibilityParser::new(),
+            pg_static: std::sync::OnceLock::new(),
+        }
     }
 
     /// The limits in force.
@@ -167,23 +178,35 @@ impl SqlEngine {
             )
             .hint("send a shorter statement"));
         }
-        let statements =
-            datafusion::sql::parser::DFParser::parse_sql_with_dialect(sql, &PostgreSqlDialect {})
-                .map_err(|e| syntax_error(&e.to_string()))?;
+        // PostgreSQL's own syntax first (with the rewrites of what clients send about their
+        // catalog), then DataFusion's, whose error is the one to show.
+        let statements: Vec<DfStatement> = match self.compat.parse(sql) {
+            Ok(s) => s
+                .into_iter()
+                .map(|s| DfStatement::Statement(Box::new(s)))
+                .collect(),
+            Err(_) => datafusion::sql::parser::DFParser::parse_sql_with_dialect(
+                sql,
+                &PostgreSqlDialect {},
+            )
+            .map_err(|e| syntax_error(&e.to_string()))?
+            .into_iter()
+            .collect(),
+        };
         Ok(statements
             .into_iter()
             .map(|s| {
                 use datafusion::sql::sqlparser::ast::Statement as S;
-                match &s {
+                match s {
                     DfStatement::Statement(inner) => match inner.as_ref() {
                         S::Set(_) => StatementKind::Session("SET"),
                         S::Discard { .. } => StatementKind::Session("DISCARD ALL"),
                         S::StartTransaction { .. } => StatementKind::Begin,
                         S::Commit { .. } => StatementKind::End("COMMIT"),
                         S::Rollback { .. } => StatementKind::End("ROLLBACK"),
-                        _ => StatementKind::Query(s.to_string()),
+                        _ => StatementKind::Query(self.compat.rewrite(*inner).to_string()),
                     },
-                    _ => StatementKind::Query(s.to_string()),
+                    other => StatementKind::Query(other.to_string()),
                 }
             })
             .collect())
@@ -239,6 +262,26 @@ impl SqlEngine {
             .map_err(|e| map_error(e, &visible))?;
         if let Ok(references) = state.resolve_table_references(&statement) {
             system::register_versions(&ctx, &self.gov, actor, &references)?;
+            // pg_catalog, for psql's \d and BI tools, built from this session's own catalog:
+            // it lists only what the principal may see. Set up only when a query asks.
+            if references.iter().any(|r| {
+                r.schema() == Some("pg_catalog")
+                    || (r.schema().is_none() && r.table().starts_with("pg_"))
+            }) {
+                let static_tables = match self.pg_static.get() {
+                    Some(t) => t.clone(),
+                    None => {
+                        let t = Arc::new(
+                            datafusion_pg_catalog::pg_catalog::PgCatalogStaticTables::try_new()
+                                .map_err(|e| {
+                                    Error::internal(format!("cannot read pg_catalog tables: {e}"))
+                                })?,
+                        );
+                        self.pg_static.get_or_init(|| t).clone()
+                    }
+                };
+                pg_catalog::install(&ctx, CATALOG, &static_tables).await?;
+            }
         }
         let state = ctx.state();
         let plan = state

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Server, cli, cli_with_input};
+use common::{Server, cli, cli_with_input, psql};
 use serde_json::{Value, json};
 use tokio_postgres::SimpleQueryMessage;
 
@@ -433,6 +433,14 @@ async fn grants_govern_what_another_department_reads_over_postgres() {
     .await
     .unwrap();
     assert_eq!(column(&cols, 0), ["plate", "owner_id", "district", "year"]);
+    case("psql's \\dt and \\d show only what was granted");
+    let (code, out, err) = psql(s, "pa", &c.pa, "yunqi", "\\dt transport.*");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "transport|vehicles|table|postgres", "{out}");
+    let (code, out, err) = psql(s, "pa", &c.pa, "yunqi", "\\d transport.vehicles");
+    assert_eq!(code, 0, "{err}");
+    let columns: Vec<&str> = out.lines().map(|l| l.split('|').next().unwrap()).collect();
+    assert_eq!(columns, ["plate", "owner_id", "district", "year"], "{out}");
     case("the owner's rejects and other datasets stay hidden");
     for q in [
         "SELECT * FROM transport.vehicles__rejects",
