@@ -37,4 +37,6 @@ if ! port_open 4222; then
 fi
 # The pg endpoint's tests drive it with psql, a real PostgreSQL client.
 if ! command -v psql >/dev/null; then apt_install postgresql-client; fi
-echo "services: PostgreSQL :5432 and NATS :4222 are up; psql is installed"
+# The TLS test makes a self-signed certificate with openssl.
+if ! command -v openssl >/dev/null; then apt_install openssl; fi
+echo "services: PostgreSQL :5432 and NATS :4222 are up; psql and openssl are installed"

@@ -443,6 +443,7 @@ pub async fn create_dataset(
         description,
         columns,
         subject,
+        tags: req.tags,
     };
     let m = state
         .gov
@@ -475,6 +476,7 @@ pub async fn list_datasets(
         .filter(|m| {
             let text = std::iter::once(m.sql_name())
                 .chain(std::iter::once(m.description.clone()))
+                .chain(m.tags.iter().cloned())
                 .chain(
                     m.columns
                         .iter()
@@ -826,6 +828,24 @@ pub async fn add_column(
     let m = state
         .gov
         .add_column(&auth.actor, &department, &name, column, &auth.ctx())
+        .await?;
+    Ok(axum::Json(m.into()))
+}
+
+/// Replaces a dataset's tags (searchable in the catalog).
+#[utoipa::path(post, path = "/api/v1/datasets/{department}/{name}/tags", tag = "datasets", security(("bearer" = [])),
+    params(("department" = String, Path), ("name" = String, Path)),
+    request_body = SetTags,
+    responses((status = 200, body = DatasetView), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn set_tags(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path((department, name)): Path<(String, String)>,
+    Json(req): Json<SetTags>,
+) -> ApiResult<axum::Json<DatasetView>> {
+    let m = state
+        .gov
+        .set_tags(&auth.actor, &department, &name, req.tags, &auth.ctx())
         .await?;
     Ok(axum::Json(m.into()))
 }

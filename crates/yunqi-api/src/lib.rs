@@ -68,7 +68,7 @@ impl AppState {
         handlers::import_dataset, handlers::set_class,
         handlers::request_grant, handlers::list_grants, handlers::get_grant,
         handlers::approve_grant, handlers::refuse_grant, handlers::revoke_grant,
-        handlers::set_subject, handlers::my_accesses, handlers::add_column,
+        handlers::set_subject, handlers::my_accesses, handlers::add_column, handlers::set_tags,
     ),
     modifiers(&BearerAuth),
     tags(
@@ -140,6 +140,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/datasets/{department}/{name}/columns",
             post(handlers::add_column),
+        )
+        .route(
+            "/api/v1/datasets/{department}/{name}/tags",
+            post(handlers::set_tags),
         )
         .route("/api/v1/grants/{id}/approve", post(handlers::approve_grant))
         .route("/api/v1/grants/{id}/refuse", post(handlers::refuse_grant))

@@ -404,6 +404,17 @@ pub struct CreateDataset {
     /// The column naming the person each row is about (a resident ID number column).
     #[serde(default)]
     pub subject: Option<String>,
+    /// Tags (searchable).
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// `POST /api/v1/datasets/{department}/{name}/tags`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetTags {
+    /// The dataset's tags (replacing the ones it had).
+    pub tags: Vec<String>,
 }
 
 /// `POST /api/v1/datasets/{department}/{name}/subject`.
@@ -489,6 +500,8 @@ pub struct DatasetView {
     pub created_at: DateTime<Utc>,
     /// The subject column, if any.
     pub subject: Option<String>,
+    /// Tags.
+    pub tags: Vec<String>,
     /// Grants and requests on it that the caller may see (one dataset's page only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grants: Option<Vec<GrantView>>,
@@ -507,6 +520,7 @@ impl From<yunqi_datasets::Manifest> for DatasetView {
             versions: m.versions,
             created_at: m.created_at,
             subject: m.subject,
+            tags: m.tags,
             grants: None,
         }
     }

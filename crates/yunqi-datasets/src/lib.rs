@@ -126,6 +126,8 @@ pub struct DatasetSpec {
     pub columns: Vec<Column>,
     /// The subject column, if declared.
     pub subject: Option<String>,
+    /// Tags.
+    pub tags: Vec<String>,
 }
 
 /// Rejected rows shown in an error or a report.
@@ -255,7 +257,9 @@ impl DatasetStore {
             );
         }
         fs::create_dir_all(dir.join("data")).map_err(|e| io(e, "create dataset directory"))?;
+        let tags = check_tags(spec.tags)?;
         let m = Manifest {
+            tags,
             subject_declared: spec.subject.is_some(),
             subject: spec.subject,
             format: schema::MANIFEST_FORMAT,
@@ -633,6 +637,20 @@ impl DatasetStore {
         }
     }
 
+    /// Replaces a dataset's tags.
+    pub fn set_tags(
+        &self,
+        department: &str,
+        name: &str,
+        tags: Vec<String>,
+    ) -> Result<Manifest, Error> {
+        let _guard = self.imports.lock().expect("imports lock");
+        let mut m = self.get(department, name)?;
+        m.tags = check_tags(tags)?;
+        self.write_manifest(&m)?;
+        Ok(m)
+    }
+
     /// Sets (or, with `None`, clears) the subject column, as a steward declares it.
     pub fn set_subject(
         &self,
@@ -874,4 +892,27 @@ fn reject_key_conflicts(parsed: &mut csv_import::Parsed, key: &[usize]) -> Resul
         .collect();
     parsed.rejects.sort_by_key(|r| r.line);
     Ok(())
+}
+
+/// Most tags on a dataset.
+pub const TAGS_MAX: usize = 32;
+
+/// Tags trimmed, checked and made unique, in the order given.
+fn check_tags(tags: Vec<String>) -> Result<Vec<String>, Error> {
+    let mut out: Vec<String> = Vec::new();
+    for t in tags {
+        let t = t.trim().to_string();
+        if t.is_empty() || t.chars().count() > 64 || t.chars().any(char::is_control) {
+            return Err(Error::invalid(format!("invalid tag \"{t}\""))
+                .hint("a tag is 1 to 64 characters without control characters"));
+        }
+        if !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    if out.len() > TAGS_MAX {
+        return Err(Error::invalid(format!("{} tags given", out.len()))
+            .hint(format!("a dataset has at most {TAGS_MAX} tags")));
+    }
+    Ok(out)
 }

@@ -116,6 +116,9 @@ pub struct Manifest {
     /// Description (searchable).
     #[serde(default)]
     pub description: String,
+    /// Tags (searchable), e.g. `车辆`, `open-data`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
     /// Columns.
     pub columns: Vec<Column>,
     /// Versions, oldest first; version 0 (empty) is implied.

@@ -35,6 +35,7 @@ fn spec(name: &str, columns: Vec<Column>) -> DatasetSpec {
         description: "registered vehicles".into(),
         columns,
         subject: None,
+        tags: vec![],
     }
 }
 

@@ -192,6 +192,40 @@ impl Governance {
             .set_class(department.as_str(), name, column, class)
     }
 
+    /// Replaces a dataset's tags (stewards of its department, admins).
+    pub async fn set_tags(
+        &self,
+        actor: &Actor,
+        department: &str,
+        name: &str,
+        tags: Vec<String>,
+        ctx: &CallContext,
+    ) -> Result<Manifest, Error> {
+        let department = Name::parse("department", department)?;
+        let dataset = format!("{department}.{name}");
+        self.authorize(
+            actor,
+            &Action::DatasetWrite {
+                dataset: &dataset,
+                department: &department,
+            },
+            ctx,
+        )
+        .await?;
+        let _guard = self.dataset_lock.lock().await;
+        self.datasets.get(department.as_str(), name)?;
+        let event = self.dataset_event(
+            actor,
+            "dataset.tags",
+            &dataset,
+            Outcome::Ok,
+            format!("tags {}", tags.join(", ")),
+            ctx,
+        );
+        self.audit.append(vec![event]).await?;
+        self.datasets.set_tags(department.as_str(), name, tags)
+    }
+
     /// Adds a column to a dataset's schema (stewards of its department, admins).
     pub async fn add_column(
         &self,

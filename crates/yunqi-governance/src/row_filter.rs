@@ -114,6 +114,7 @@ mod tests {
             department: "transport".into(),
             name: "vehicles".into(),
             description: String::new(),
+            tags: vec![],
             columns: vec![col("plate"), col("district")],
             versions: vec![],
             subject: None,

@@ -535,9 +535,44 @@ impl PgWireServerHandlers for PgHandlers {
 
 /// Accepts connections on `listener` until `shutdown` resolves, at most
 /// `pg_connections_max` at once (more are refused with SQLSTATE 53300).
+/// A TLS acceptor from a PEM certificate chain and a PEM private key (PKCS#8, PKCS#1 or
+/// SEC1). Clients then connect with `sslmode=require` (or `verify-full` with the CA).
+pub fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<pgwire::tokio::TlsAcceptor, Error> {
+    use pgwire::tokio::tokio_rustls::rustls;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &str, path: &std::path::Path, e: &dyn std::fmt::Display| {
+        Error::invalid(format!("cannot read the TLS {what} {}", path.display()))
+            .detail(e.to_string())
+            .hint("give PEM files: --pg-tls-cert CHAIN.pem --pg-tls-key KEY.pem")
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| bad("certificate", cert, &e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad("certificate", cert, &e))?;
+    if chain.is_empty() {
+        return Err(bad("certificate", cert, &"no certificate in the file"));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad("key", key, &e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::internal(format!("TLS set-up: {e}")))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key_der)
+        .map_err(|e| bad("certificate and key", cert, &e))?;
+    config.alpn_protocols = vec![b"postgresql".to_vec()];
+    Ok(pgwire::tokio::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Accepts PostgreSQL connections until `shutdown`, with TLS offered when `tls` is given.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     server: Arc<PgServer>,
+    tls: Option<pgwire::tokio::TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) {
     let handlers = Arc::new(PgHandlers {
@@ -570,8 +605,9 @@ pub async fn serve(
             continue;
         };
         let handlers = handlers.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(e) = pgwire::tokio::process_socket(socket, None, handlers).await {
+            if let Err(e) = pgwire::tokio::process_socket(socket, tls, handlers).await {
                 tracing::debug!(%peer, error = %e, "pg connection ended with an error");
             }
             drop(permit);

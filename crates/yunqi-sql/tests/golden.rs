@@ -113,6 +113,7 @@ async fn city(dir: &Path) -> (Arc<Governance>, BTreeMap<String, Actor>) {
             description: String::new(),
             columns: vec![],
             subject: None,
+            tags: vec![],
         };
         gov.create_dataset(by, spec, &call()).await.unwrap();
         gov.import_dataset(
@@ -133,6 +134,7 @@ async fn city(dir: &Path) -> (Arc<Governance>, BTreeMap<String, Actor>) {
         description: String::new(),
         columns: vec![],
         subject: None,
+        tags: vec![],
     };
     gov.create_dataset(&ts, spec, &call()).await.unwrap();
     let csv = "plate,amount\n浙A10000,200\n沪B10003,50\n";

@@ -216,6 +216,7 @@ pub fn import(
                     description: String::new(),
                     columns: vec![],
                     subject: None,
+                    tags: vec![],
                 },
                 chrono::Utc::now(),
             )
@@ -524,6 +525,7 @@ async fn setup(
             description: String::new(),
             columns: vec![],
             subject: None,
+            tags: vec![],
         },
         &call(),
     )

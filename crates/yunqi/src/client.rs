@@ -564,6 +564,16 @@ pub enum DatasetCommand {
         /// from the first import.
         #[arg(long = "column")]
         columns: Vec<String>,
+        /// A tag (searchable); repeat for more.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    /// Replace a dataset's tags.
+    Tag {
+        /// DEPARTMENT.DATASET
+        name: String,
+        /// The tags.
+        tags: Vec<String>,
     },
     /// The catalog: every dataset with its rows and versions.
     List {
@@ -609,6 +619,15 @@ pub enum DatasetCommand {
 
 pub fn dataset(api: &Api, cmd: DatasetCommand, json: bool) -> anyhow::Result<ExitCode> {
     match cmd {
+        DatasetCommand::Tag { name, tags } => {
+            let (department, name) = dataset_name(&name)?;
+            let r = api.call(
+                "POST",
+                &format!("/api/v1/datasets/{}/{}/tags", enc(&department), enc(&name)),
+                Some(json!({ "tags": tags })),
+            )?;
+            finish(r, json, print_dataset)
+        }
         DatasetCommand::AddColumn { name, column } => {
             let (department, name) = dataset_name(&name)?;
             let spec = match column.split(':').collect::<Vec<_>>().as_slice() {
@@ -649,6 +668,7 @@ pub fn dataset(api: &Api, cmd: DatasetCommand, json: bool) -> anyhow::Result<Exi
             name,
             description,
             columns,
+            tags,
         } => {
             let (department, name) = dataset_name(&name)?;
             let mut cols = Vec::new();
@@ -662,7 +682,7 @@ pub fn dataset(api: &Api, cmd: DatasetCommand, json: bool) -> anyhow::Result<Exi
                     ),
                 }
             }
-            let body = json!({"department": department, "name": name, "description": description, "columns": cols});
+            let body = json!({"department": department, "name": name, "description": description, "columns": cols, "tags": tags});
             let r = api.call("POST", "/api/v1/datasets", Some(body))?;
             finish(r, json, |v| {
                 println!("created dataset {}", s(&v["sql_name"]))
@@ -730,6 +750,15 @@ pub fn dataset(api: &Api, cmd: DatasetCommand, json: bool) -> anyhow::Result<Exi
 
 fn print_dataset(v: &Value) {
     println!("{}  {}", s(&v["sql_name"]), s(&v["description"]));
+    let tags: Vec<&str> = v["tags"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if !tags.is_empty() {
+        println!("tags: {}", tags.join(", "));
+    }
     if let Some(subject) = v["subject"].as_str() {
         println!("subject column: {subject} (queries returning few rows record whose rows)");
     }

@@ -36,6 +36,12 @@ pub struct ServeArgs {
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
+    /// PEM certificate chain for TLS on the PostgreSQL endpoint (with --pg-tls-key).
+    #[arg(long, requires = "pg_tls_key")]
+    pg_tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS on the PostgreSQL endpoint (with --pg-tls-cert).
+    #[arg(long, requires = "pg_tls_cert")]
+    pg_tls_key: Option<PathBuf>,
 }
 
 /// Holds the data directory's lock for as long as it lives.
@@ -143,6 +149,17 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let data = args.data.clone();
+    let tls = match (&args.pg_tls_cert, &args.pg_tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(yunqi_pg::tls_acceptor(cert, key).map_err(crate::user_error)?)
+        }
+        _ => None,
+    };
+    let tls_note = if tls.is_some() {
+        "TLS offered"
+    } else {
+        "no TLS"
+    };
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -200,7 +217,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     println!("  API         http://{http_addr}/api/v1/  (OpenAPI: /api/v1/openapi.json)");
     println!("  health      http://{http_addr}/healthz   metrics: http://{http_addr}/metrics");
     println!(
-        "  PostgreSQL  psql \"postgresql://admin@{}:{}/yunqi\"  (password: a principal's token)",
+        "  PostgreSQL  psql \"postgresql://admin@{}:{}/yunqi\"  (password: a principal's token; {tls_note})",
         pg_addr.ip(),
         pg_addr.port()
     );
@@ -224,6 +241,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let pg_task = tokio::spawn(yunqi_pg::serve(
         pg,
         yunqi_pg::PgServer::new(gov.clone(), engine.clone()),
+        tls,
         stopped(stop_rx.clone()),
     ));
     let state = yunqi_api::AppState::new(gov.clone(), engine, limits);

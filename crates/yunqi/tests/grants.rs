@@ -773,6 +773,25 @@ fn the_cli_asks_decides_and_queries() {
     );
     assert_eq!(code, 0);
     assert!(out.contains("transport.vehicles"), "{out}");
+    // Tags, set by the owner's steward, are searched too.
+    let (code, out, err) = cli(
+        s,
+        &c.ts,
+        &[
+            "dataset",
+            "tag",
+            "transport.vehicles",
+            "机动车",
+            "open-data",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("tags: 机动车, open-data"), "{out}");
+    let (code, _, _) = cli(s, &c.pa, &["dataset", "tag", "transport.vehicles", "x"]);
+    assert_eq!(code, 1, "only the owner's steward tags");
+    let (code, out, _) = cli(s, &c.pa, &["catalog", "search", "机动车"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("transport.vehicles"), "{out}");
     let (code, _, err) = cli(s, &c.ts, &["grant", "revoke", &id, "--reason", "done"]);
     assert_eq!(code, 0, "{err}");
     let (code, _, err) = cli(s, &c.pa, &["sql", "SELECT 1 FROM transport.vehicles"]);

@@ -320,3 +320,100 @@ fn sql_over_http_returns_typed_rows_and_clear_errors() {
         "every query that reached planning is audited (parse errors are edge validation): {audited:?}"
     );
 }
+
+#[test]
+fn tls_is_offered_when_a_certificate_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("pg.crt"), dir.path().join("pg.key"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (scripts/services.sh installs it)");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let data = dir.path().join("data");
+    let server = Server::start_with(
+        &data,
+        &[
+            "--pg-tls-cert",
+            cert.to_str().unwrap(),
+            "--pg-tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let admin = server.admin_token.clone();
+    let (host, port) = server.pg.rsplit_once(':').unwrap();
+    let run = |sslmode: &str| {
+        std::process::Command::new("psql")
+            .arg(format!(
+                "host={host} port={port} user=admin dbname=yunqi sslmode={sslmode}"
+            ))
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-c",
+                "\\conninfo",
+                "-c",
+                "SELECT count(*) FROM system.departments",
+            ])
+            .env("PGPASSWORD", &admin)
+            .output()
+            .expect("psql")
+    };
+    let out = run("require");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("SSL connection (protocol: TLSv1.3"), "{text}");
+    assert!(text.trim_end().ends_with('0'), "{text}");
+    // Plain connections still work for clients that do not ask for TLS.
+    let out = run("disable");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("SSL connection"));
+    // A missing key file stops the server at start with a clear message.
+    let out = std::process::Command::new(common::BIN)
+        .args(["serve", "--data"])
+        .arg(dir.path().join("other"))
+        .args([
+            "--http",
+            "127.0.0.1:0",
+            "--pg",
+            "127.0.0.1:0",
+            "--pg-tls-cert",
+        ])
+        .arg(&cert)
+        .args(["--pg-tls-key", "/nonexistent/key.pem"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot read the TLS key"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -31,10 +31,16 @@ pub fn agent() -> ureq::Agent {
 impl Server {
     /// Starts a server on `data` and waits until it is ready.
     pub fn start(data: &Path) -> Server {
+        Server::start_with(data, &[])
+    }
+
+    /// Like [`Server::start`], with more arguments to `yunqi serve`.
+    pub fn start_with(data: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(BIN)
             .args(["serve", "--data"])
             .arg(data)
             .args(["--http", "127.0.0.1:0", "--pg", "127.0.0.1:0"])
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
