@@ -13,7 +13,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use datafusion::arrow::array::{AsArray, StringArray};
+use datafusion::arrow::array::{Array, AsArray, StringBuilder};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::catalog::{Session, TableProvider};
@@ -56,12 +56,19 @@ impl ScalarUDFImpl for MaskUdf {
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
         let input = args.args[0].clone().into_array(args.number_rows)?;
         let text = cast(&input, &DataType::Utf8)?;
-        let out: StringArray = text
-            .as_string::<i32>()
-            .iter()
-            .map(|v| v.map(|v| mask::by_kind(self.kind, v)))
-            .collect();
-        Ok(ColumnarValue::Array(Arc::new(out)))
+        let text = text.as_string::<i32>();
+        let mut out = StringBuilder::with_capacity(text.len(), text.value_data().len());
+        let mut buf = String::new();
+        for v in text.iter() {
+            match v {
+                Some(v) => {
+                    mask::by_kind_into(self.kind, v, &mut buf);
+                    out.append_value(&buf);
+                }
+                None => out.append_null(),
+            }
+        }
+        Ok(ColumnarValue::Array(Arc::new(out.finish())))
     }
 }
 
