@@ -393,6 +393,18 @@ pub fn parse(
     columns: &[Column],
     header: Option<bool>,
 ) -> Result<Parsed, Error> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    parse_on(text, delimiter, columns, header, threads)
+}
+
+/// [`parse`] on up to `threads` threads (files under [`PARALLEL_BYTES_MIN`] on one).
+fn parse_on(
+    text: &str,
+    delimiter: u8,
+    columns: &[Column],
+    header: Option<bool>,
+    threads: usize,
+) -> Result<Parsed, Error> {
     let mut records = reader(text, delimiter).into_records().peekable();
     // Field i of each row goes to column mapping[i].
     let mut mapping: Vec<usize> = (0..columns.len()).collect();
@@ -437,13 +449,54 @@ pub fn parse(
     if first_is_header {
         records.next();
     }
+    let data_start = if first_is_header {
+        let mut r = reader(text, delimiter);
+        let mut header_record = csv::StringRecord::new();
+        let _ = r.read_record(&mut header_record);
+        r.position().byte() as usize
+    } else {
+        0
+    };
+    if threads > 1
+        && text.len() - data_start >= PARALLEL_BYTES_MIN
+        && text.is_char_boundary(data_start)
+    {
+        return parse_parallel(
+            text,
+            data_start,
+            threads,
+            delimiter,
+            columns,
+            &mapping,
+            first_is_header,
+        );
+    }
+    let (owned, rejects) = read_records(records, 0);
+    type_rows(
+        &owned,
+        rejects,
+        columns,
+        &mapping,
+        delimiter,
+        first_is_header,
+    )
+}
+
+/// Files from this size on are parsed on several threads.
+pub const PARALLEL_BYTES_MIN: usize = 4 << 20;
+
+/// The records of a reader, and the ones it could not read (line numbers + `line_offset`).
+fn read_records(
+    records: impl Iterator<Item = csv::Result<csv::StringRecord>>,
+    line_offset: u64,
+) -> (Vec<csv::StringRecord>, Vec<Reject>) {
     let mut rejects = Vec::new();
     let mut owned: Vec<csv::StringRecord> = Vec::new();
     for record in records {
         match record {
             Ok(r) => owned.push(r),
             Err(e) => {
-                let line = e.position().map_or(0, |p| p.line());
+                let line = e.position().map_or(0, |p| p.line()) + line_offset;
                 rejects.push(Reject {
                     line,
                     column: None,
@@ -453,14 +506,116 @@ pub fn parse(
             }
         }
     }
-    type_rows(
-        &owned,
-        rejects,
-        columns,
-        &mapping,
-        delimiter,
-        first_is_header,
-    )
+    (owned, rejects)
+}
+
+/// Splits `data` into about `parts` pieces that end at record boundaries: at a line end that
+/// is not inside a quoted field (quotes are counted; `""` inside a field counts twice).
+fn chunk_bounds(data: &str, parts: usize) -> Vec<(usize, usize)> {
+    let bytes = data.as_bytes();
+    let mut bounds = Vec::with_capacity(parts);
+    let mut start = 0;
+    if !bytes.contains(&b'"') {
+        for i in 1..parts {
+            let target = (bytes.len() * i / parts).max(start);
+            match bytes[target..].iter().position(|b| *b == b'\n') {
+                Some(p) if target + p + 1 < bytes.len() => {
+                    bounds.push((start, target + p + 1));
+                    start = target + p + 1;
+                }
+                _ => break,
+            }
+        }
+    } else {
+        let mut quoted = false;
+        let mut next = 1;
+        let mut target = bytes.len() / parts;
+        for (i, &b) in bytes.iter().enumerate() {
+            if b == b'"' {
+                quoted = !quoted;
+            } else if b == b'\n' && !quoted && i >= target && i + 1 < bytes.len() {
+                bounds.push((start, i + 1));
+                start = i + 1;
+                next += 1;
+                if next >= parts {
+                    break;
+                }
+                target = bytes.len() * next / parts;
+            }
+        }
+    }
+    bounds.push((start, bytes.len()));
+    bounds
+}
+
+/// [`parse`] of the rows after `data_start`, a piece per thread; line numbers stay those of
+/// the file.
+fn parse_parallel(
+    text: &str,
+    data_start: usize,
+    threads: usize,
+    delimiter: u8,
+    columns: &[Column],
+    mapping: &[usize],
+    header: bool,
+) -> Result<Parsed, Error> {
+    let data = &text[data_start..];
+    let base = text.as_bytes()[..data_start]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count() as u64;
+    let bounds = chunk_bounds(data, threads);
+    let pieces: Vec<Result<(Parsed, u64), Error>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = bounds
+            .iter()
+            .map(|&(a, b)| {
+                let chunk = &data[a..b];
+                scope.spawn(move || {
+                    let newlines = chunk.as_bytes().iter().filter(|c| **c == b'\n').count() as u64;
+                    let (owned, rejects) = read_records(reader(chunk, delimiter).into_records(), 0);
+                    type_rows(&owned, rejects, columns, mapping, delimiter, header)
+                        .map(|p| (p, newlines))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::internal("an import thread panicked")))
+            })
+            .collect()
+    });
+    let mut offset = base;
+    let mut batches = Vec::with_capacity(pieces.len());
+    let mut merged: Option<Parsed> = None;
+    for piece in pieces {
+        let (mut p, newlines) = piece?;
+        for r in &mut p.rejects {
+            r.line += offset;
+        }
+        for l in &mut p.lines {
+            *l += offset;
+        }
+        offset += newlines;
+        batches.push(p.batch.clone());
+        match &mut merged {
+            None => merged = Some(p),
+            Some(m) => {
+                m.rejects.append(&mut p.rejects);
+                m.lines.append(&mut p.lines);
+                for (s, more) in m.samples.iter_mut().zip(p.samples) {
+                    let room = SAMPLE_ROWS.saturating_sub(s.len());
+                    s.extend(more.into_iter().take(room));
+                }
+            }
+        }
+    }
+    let mut merged = merged.ok_or_else(|| Error::internal("no pieces to import"))?;
+    merged.batch = datafusion::arrow::compute::concat_batches(&merged.batch.schema(), &batches)
+        .map_err(|e| Error::internal(format!("cannot assemble rows: {e}")))?;
+    merged.rejects.sort_by_key(|r| r.line);
+    Ok(merged)
 }
 
 /// Types raw rows into Arrow columns. Field `i` of a row goes to column `mapping[i]`; a row
@@ -579,5 +734,53 @@ pub fn update_classes(columns: &mut [Column], samples: &[Vec<String>]) {
         } else if s.class == c.class && c.detected.is_none() {
             c.detected = s.detected;
         }
+    }
+}
+
+#[cfg(test)]
+mod parallel_tests {
+    use super::*;
+    use crate::schema::ColumnType;
+
+    #[test]
+    fn pieces_give_the_rows_rejects_and_lines_of_one_pass() {
+        let columns: Vec<Column> = [
+            ("plate", ColumnType::Text),
+            ("note", ColumnType::Text),
+            ("n", ColumnType::Int),
+        ]
+        .into_iter()
+        .map(|(name, t)| Column {
+            name: name.into(),
+            label: None,
+            column_type: t,
+            class: yunqi_types::ColumnClass::Internal,
+            class_declared: false,
+            detected: None,
+        })
+        .collect();
+        let mut text = String::from("plate,note,n\n");
+        for i in 0..200_000 {
+            match i % 5_000 {
+                // A quoted field over two lines, with a quote inside.
+                7 => text.push_str(&format!("浙A{i:05},\"two\nlines, \"\"quoted\"\"\",{i}\r\n")),
+                // A bad number and a ragged row.
+                11 => text.push_str(&format!("浙A{i:05},x,not-a-number\n")),
+                13 => text.push_str(&format!("浙A{i:05},x\n")),
+                _ => text.push_str(&format!("浙A{i:05},some note,{i}\n")),
+            }
+        }
+        assert!(text.len() > PARALLEL_BYTES_MIN);
+        let one = parse_on(&text, b',', &columns, None, 1).unwrap();
+        for threads in [2, 3, 7] {
+            let many = parse_on(&text, b',', &columns, None, threads).unwrap();
+            assert_eq!(many.batch, one.batch, "{threads} threads");
+            assert_eq!(many.rejects, one.rejects, "{threads} threads");
+            assert_eq!(many.lines, one.lines, "{threads} threads");
+        }
+        assert_eq!(one.rejects.len(), 80);
+        assert_eq!(one.batch.num_rows(), 200_000 - 80);
+        // Line numbers count the quoted field's extra line.
+        assert_eq!(one.rejects[0].line, 2 + 11 + 1);
     }
 }

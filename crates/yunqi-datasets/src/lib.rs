@@ -130,6 +130,9 @@ pub struct DatasetSpec {
     pub tags: Vec<String>,
 }
 
+/// Imports of this many rows or more are written as one Parquet file per core, in parallel.
+pub const PARALLEL_ROWS_MIN: u64 = 256 * 1024;
+
 /// Rejected rows shown in an error or a report.
 pub const REJECTS_SHOWN: usize = 10;
 
@@ -527,10 +530,44 @@ impl DatasetStore {
             }
         }
         if imported > 0 {
-            let rel = format!("data/v{number:06}-{}.parquet", random_suffix());
-            written.push(dir.join(&rel));
-            bytes_total += self.write_parquet(&dir.join(&rel), &parsed.batch)?;
-            files.push(rel);
+            // Large versions are written as one file per core, in parallel.
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+            let parts = if imported >= PARALLEL_ROWS_MIN {
+                threads
+            } else {
+                1
+            };
+            let rows = parsed.batch.num_rows();
+            let slices: Vec<(String, RecordBatch)> = (0..parts)
+                .map(|i| {
+                    let (a, b) = (rows * i / parts, rows * (i + 1) / parts);
+                    (
+                        format!("data/v{number:06}-{}.parquet", random_suffix()),
+                        parsed.batch.slice(a, b - a),
+                    )
+                })
+                .collect();
+            written.extend(slices.iter().map(|(rel, _)| dir.join(rel)));
+            let sizes: Vec<Result<u64, Error>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = slices
+                    .iter()
+                    .map(|(rel, batch)| {
+                        let path = dir.join(rel);
+                        scope.spawn(move || self.write_parquet(&path, batch))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(Error::internal("a writer thread panicked")))
+                    })
+                    .collect()
+            });
+            for (size, (rel, _)) in sizes.into_iter().zip(slices) {
+                bytes_total += size?;
+                files.push(rel);
+            }
             rows_total += imported;
         }
         let rejects_file = if parsed.rejects.is_empty() {

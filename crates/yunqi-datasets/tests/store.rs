@@ -346,13 +346,34 @@ fn gbk_files_tabs_and_headers_in_another_order_are_read() {
         (r.rows_total, r.delimiter.as_str(), r.encoding.as_str()),
         (3, ";", "UTF-8")
     );
-    // A two-byte GBK character cut in half at the end: readable as neither encoding.
+    // A two-byte GBK character cut in half at the end: that line is readable as neither
+    // encoding, and is a bad row (the rest of the file is GBK).
     let garbage = b"plate;days;ok\n\xd5\xe3A1;1;true\n\xd5";
     let e = store
         .import_csv(
             "transport",
             "permits",
             garbage,
+            strict(Mode::Append),
+            "x",
+            Utc::now(),
+        )
+        .unwrap_err();
+    assert!(
+        e.detail
+            .as_deref()
+            .unwrap_or("")
+            .contains("line 3: the line is neither UTF-8 nor GBK"),
+        "{} {:?}",
+        e.message,
+        e.detail
+    );
+    // Nothing readable at all is refused whole.
+    let e = store
+        .import_csv(
+            "transport",
+            "permits",
+            b"\xd5",
             strict(Mode::Append),
             "x",
             Utc::now(),
@@ -887,4 +908,35 @@ fn rows_text(store: &DatasetStore, dataset: &str, column: usize) -> Vec<String> 
         }
     }
     out
+}
+
+#[test]
+fn a_large_import_is_split_over_files_and_cores_without_losing_a_row() {
+    let (_d, store) = store();
+    store.create(spec("big", vec![]), Utc::now()).unwrap();
+    let rows = yunqi_datasets::PARALLEL_ROWS_MIN as usize + 1000;
+    let mut csv = String::from("plate,seats\n");
+    for i in 0..rows {
+        csv.push_str(&format!("浙A{:05},{}\n", i % 100_000, i % 9));
+    }
+    csv.push_str("浙A99999,many\n");
+    let r = store
+        .import_csv(
+            "transport",
+            "big",
+            csv.as_bytes(),
+            ImportOptions {
+                lenient: true,
+                ..strict(Mode::Append)
+            },
+            "x",
+            Utc::now(),
+        )
+        .unwrap();
+    assert_eq!((r.rows_imported as usize, r.rows_rejected), (rows, 1));
+    assert_eq!(r.rejects[0].line as usize, rows + 2);
+    assert_eq!(rows_in(&store, "big"), rows);
+    let m = store.get("transport", "big").unwrap();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    assert_eq!(m.current().unwrap().files.len(), threads);
 }

@@ -71,7 +71,10 @@ fn keep_into(value: &str, head: usize, tail: usize, out: &mut String) {
         out.extend(std::iter::repeat_n('*', len));
         return;
     }
-    let start = value.char_indices().nth(head).map_or(value.len(), |(i, _)| i);
+    let start = value
+        .char_indices()
+        .nth(head)
+        .map_or(value.len(), |(i, _)| i);
     let end = value
         .char_indices()
         .nth(len - tail)
@@ -109,7 +112,10 @@ pub fn by_kind_into(kind: Option<crate::Detected>, value: &str, out: &mut String
                 2 | 3 => 1,
                 _ => 2,
             };
-            let cut = value.char_indices().nth(keep).map_or(value.len(), |(i, _)| i);
+            let cut = value
+                .char_indices()
+                .nth(keep)
+                .map_or(value.len(), |(i, _)| i);
             out.push_str(&value[..cut]);
             out.extend(std::iter::repeat_n('*', n - keep));
         }
@@ -158,8 +164,19 @@ mod tests {
             Some(D::CreditCode),
         ];
         let values = [
-            "", "a", "张", "张三", "欧阳娜娜", "浙A12345", "13812345678", "11010519491231002X",
-            "6222021234567890123", "wang@hz.gov.cn", "no-at-sign", "91330106MA2B3C4D5E", "123",
+            "",
+            "a",
+            "张",
+            "张三",
+            "欧阳娜娜",
+            "浙A12345",
+            "13812345678",
+            "11010519491231002X",
+            "6222021234567890123",
+            "wang@hz.gov.cn",
+            "no-at-sign",
+            "91330106MA2B3C4D5E",
+            "123",
         ];
         let mut out = String::new();
         for k in kinds {

@@ -266,7 +266,7 @@ pub fn import(
         "runs": runs,
         "yunqi_seconds": yunqi_s,
         "yunqi_mb_per_s": yunqi_mbps,
-        "yunqi_threads": 1,
+        "yunqi_threads": threads.min(8),
         "machine_threads": threads,
     });
     match &duck {
@@ -285,7 +285,8 @@ pub fn import(
         println!("{result}");
     } else {
         println!(
-            "yunqi CSV import (validate, type, classify, Parquet): {yunqi_mbps:.0} MB/s on one thread, median of {runs} ({rows} rows, {mb:.0} MB)"
+            "yunqi CSV import (validate, type, classify, Parquet): {yunqi_mbps:.0} MB/s on {} threads, median of {runs} ({rows} rows, {mb:.0} MB)",
+            threads.min(8)
         );
         match duck {
             Ok(_) => println!(
