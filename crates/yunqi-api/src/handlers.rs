@@ -513,8 +513,21 @@ pub async fn get_dataset(
         .into_iter()
         .map(|g| GrantView::new(g, now))
         .collect();
+    let name = m.sql_name();
+    let used_by = state
+        .gov
+        .catalog(&auth.actor)?
+        .into_iter()
+        .filter(|d| {
+            d.derived_from
+                .as_ref()
+                .is_some_and(|x| x.sources.contains(&name))
+        })
+        .map(|d| d.sql_name())
+        .collect();
     let mut view: DatasetView = m.into();
     view.grants = Some(grants);
+    view.used_by = Some(used_by);
     Ok(axum::Json(view))
 }
 
@@ -846,6 +859,26 @@ pub async fn set_tags(
     let m = state
         .gov
         .set_tags(&auth.actor, &department, &name, req.tags, &auth.ctx())
+        .await?;
+    Ok(axum::Json(m.into()))
+}
+
+/// Derives the dataset from a query over the department's own datasets: the result becomes
+/// its next version (the dataset is created if needed), and the query and the datasets it read
+/// are kept as its lineage.
+#[utoipa::path(post, path = "/api/v1/datasets/{department}/{name}/derive", tag = "datasets", security(("bearer" = [])),
+    params(("department" = String, Path), ("name" = String, Path)),
+    request_body = Derive,
+    responses((status = 200, body = DatasetView), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
+pub async fn derive(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path((department, name)): Path<(String, String)>,
+    Json(req): Json<Derive>,
+) -> ApiResult<axum::Json<DatasetView>> {
+    let m = state
+        .sql
+        .derive(&auth.actor, &department, &name, &req.sql, &auth.ctx())
         .await?;
     Ok(axum::Json(m.into()))
 }

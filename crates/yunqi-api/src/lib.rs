@@ -68,7 +68,7 @@ impl AppState {
         handlers::import_dataset, handlers::set_class,
         handlers::request_grant, handlers::list_grants, handlers::get_grant,
         handlers::approve_grant, handlers::refuse_grant, handlers::revoke_grant,
-        handlers::set_subject, handlers::my_accesses, handlers::add_column, handlers::set_tags,
+        handlers::set_subject, handlers::my_accesses, handlers::add_column, handlers::set_tags, handlers::derive,
     ),
     modifiers(&BearerAuth),
     tags(
@@ -144,6 +144,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/datasets/{department}/{name}/tags",
             post(handlers::set_tags),
+        )
+        .route(
+            "/api/v1/datasets/{department}/{name}/derive",
+            post(handlers::derive),
         )
         .route("/api/v1/grants/{id}/approve", post(handlers::approve_grant))
         .route("/api/v1/grants/{id}/refuse", post(handlers::refuse_grant))

@@ -409,6 +409,14 @@ pub struct CreateDataset {
     pub tags: Vec<String>,
 }
 
+/// `POST /api/v1/datasets/{department}/{name}/derive`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Derive {
+    /// One query over the department's own datasets; its result becomes the dataset.
+    pub sql: String,
+}
+
 /// `POST /api/v1/datasets/{department}/{name}/tags`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -502,6 +510,12 @@ pub struct DatasetView {
     pub subject: Option<String>,
     /// Tags.
     pub tags: Vec<String>,
+    /// Lineage: the query and datasets its current version was derived from, if it was.
+    #[schema(value_type = Option<Object>)]
+    pub derived_from: Option<yunqi_datasets::Derivation>,
+    /// Lineage: datasets derived from this one (one dataset's page only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub used_by: Option<Vec<String>>,
     /// Grants and requests on it that the caller may see (one dataset's page only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grants: Option<Vec<GrantView>>,
@@ -521,6 +535,8 @@ impl From<yunqi_datasets::Manifest> for DatasetView {
             created_at: m.created_at,
             subject: m.subject,
             tags: m.tags,
+            derived_from: m.derived_from,
+            used_by: None,
             grants: None,
         }
     }

@@ -30,7 +30,7 @@ use parquet::file::properties::WriterProperties;
 use yunqi_types::{ColumnClass, Error, Name, suggest};
 
 pub use csv_import::Reject;
-pub use schema::{Column, ColumnType, Manifest, Version};
+pub use schema::{Column, ColumnType, Derivation, Manifest, Version};
 
 /// How an import combines with what is there.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -262,6 +262,7 @@ impl DatasetStore {
         fs::create_dir_all(dir.join("data")).map_err(|e| io(e, "create dataset directory"))?;
         let tags = check_tags(spec.tags)?;
         let m = Manifest {
+            derived_from: None,
             tags,
             subject_declared: spec.subject.is_some(),
             subject: spec.subject,
@@ -579,6 +580,8 @@ impl DatasetStore {
             Some(rel)
         };
         csv_import::update_classes(&mut m.columns, &parsed.samples);
+        // The new version is what was imported; a derivation records itself afterwards.
+        m.derived_from = None;
         if !m.subject_declared {
             let ids: Vec<&Column> = m
                 .columns
@@ -672,6 +675,20 @@ impl DatasetStore {
         for f in staged.written {
             let _ = fs::remove_file(f);
         }
+    }
+
+    /// Records how a dataset's current version was derived (or, with `None`, that it was not).
+    pub fn set_derivation(
+        &self,
+        department: &str,
+        name: &str,
+        derivation: Option<Derivation>,
+    ) -> Result<Manifest, Error> {
+        let _guard = self.imports.lock().expect("imports lock");
+        let mut m = self.get(department, name)?;
+        m.derived_from = derivation;
+        self.write_manifest(&m)?;
+        Ok(m)
     }
 
     /// Replaces a dataset's tags.

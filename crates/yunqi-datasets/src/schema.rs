@@ -104,6 +104,21 @@ pub struct Version {
     pub rejects_file: Option<String>,
 }
 
+/// A dataset derived by a query: its lineage.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Derivation {
+    /// The query.
+    pub sql: String,
+    /// The datasets it read, `department.dataset`.
+    pub sources: Vec<String>,
+    /// The version it made.
+    pub version: u64,
+    /// Who ran it.
+    pub by: String,
+    /// When.
+    pub at: DateTime<Utc>,
+}
+
 /// Everything known about a dataset.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Manifest {
@@ -131,6 +146,9 @@ pub struct Manifest {
     /// Whether a steward set `subject` (imports never change it then).
     #[serde(default)]
     pub subject_declared: bool,
+    /// How the current version was derived by SQL from other datasets, if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub derived_from: Option<Derivation>,
     /// When the dataset was created.
     pub created_at: DateTime<Utc>,
 }

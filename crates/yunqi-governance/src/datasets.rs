@@ -192,6 +192,67 @@ impl Governance {
             .set_class(department.as_str(), name, column, class)
     }
 
+    /// Checks that `actor` may write the dataset (auditing a denial), before work is done for
+    /// a write: a derivation runs its query only if its result may be stored.
+    pub async fn check_dataset_write(
+        &self,
+        actor: &Actor,
+        department: &str,
+        name: &str,
+        ctx: &CallContext,
+    ) -> Result<(), Error> {
+        let department = Name::parse("department", department)?;
+        Name::parse("dataset", name)?;
+        let dataset = format!("{department}.{name}");
+        self.authorize(
+            actor,
+            &Action::DatasetWrite {
+                dataset: &dataset,
+                department: &department,
+            },
+            ctx,
+        )
+        .await
+    }
+
+    /// Records that the dataset's current version was derived by a query (lineage).
+    pub async fn record_derivation(
+        &self,
+        actor: &Actor,
+        department: &str,
+        name: &str,
+        derivation: yunqi_datasets::Derivation,
+        ctx: &CallContext,
+    ) -> Result<Manifest, Error> {
+        let department = Name::parse("department", department)?;
+        let dataset = format!("{department}.{name}");
+        self.authorize(
+            actor,
+            &Action::DatasetWrite {
+                dataset: &dataset,
+                department: &department,
+            },
+            ctx,
+        )
+        .await?;
+        let _guard = self.dataset_lock.lock().await;
+        let event = self.dataset_event(
+            actor,
+            "dataset.derive",
+            &dataset,
+            Outcome::Ok,
+            format!(
+                "version {} derived from {}",
+                derivation.version,
+                derivation.sources.join(", ")
+            ),
+            ctx,
+        );
+        self.audit.append(vec![event]).await?;
+        self.datasets
+            .set_derivation(department.as_str(), name, Some(derivation))
+    }
+
     /// Replaces a dataset's tags (stewards of its department, admins).
     pub async fn set_tags(
         &self,

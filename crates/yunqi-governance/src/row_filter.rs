@@ -119,6 +119,7 @@ mod tests {
             versions: vec![],
             subject: None,
             subject_declared: false,
+            derived_from: None,
             created_at: chrono::Utc::now(),
         }
     }

@@ -87,6 +87,28 @@ pub fn to_csv(
     Ok(out)
 }
 
+/// A result as a Parquet file (snappy).
+pub fn to_parquet(
+    schema: &datafusion::arrow::datatypes::SchemaRef,
+    batches: &[RecordBatch],
+) -> Result<Vec<u8>, yunqi_types::Error> {
+    let fail = |e: datafusion::parquet::errors::ParquetError| {
+        yunqi_types::Error::internal(format!("cannot write the result as Parquet: {e}"))
+    };
+    let props = datafusion::parquet::file::properties::WriterProperties::builder()
+        .set_compression(datafusion::parquet::basic::Compression::SNAPPY)
+        .build();
+    let mut out = Vec::new();
+    let mut w =
+        datafusion::parquet::arrow::ArrowWriter::try_new(&mut out, schema.clone(), Some(props))
+            .map_err(fail)?;
+    for b in batches {
+        w.write(b).map_err(fail)?;
+    }
+    w.close().map_err(fail)?;
+    Ok(out)
+}
+
 /// A result as an Arrow IPC stream.
 pub fn to_arrow_ipc(
     schema: &datafusion::arrow::datatypes::SchemaRef,

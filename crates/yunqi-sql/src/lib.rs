@@ -502,6 +502,90 @@ impl SqlEngine {
         .await
     }
 
+    /// Derives a dataset of `actor`'s department from a query: the result becomes the
+    /// dataset's next version (replacing the rows it had; the dataset is created if needed) and
+    /// the query and the datasets it read are recorded as its lineage. The query runs as `actor`
+    /// and may read only the department's own datasets: a grant lets a department read another's
+    /// data, not keep a copy of it.
+    pub async fn derive(
+        &self,
+        actor: &Actor,
+        department: &str,
+        name: &str,
+        sql: &str,
+        call: &CallContext,
+    ) -> Result<yunqi_datasets::Manifest, Error> {
+        self.gov
+            .check_dataset_write(actor, department, name, call)
+            .await?;
+        let query = match self.split(sql)?.as_slice() {
+            [StatementKind::Query(q)] => q.clone(),
+            _ => {
+                return Err(Error::invalid("a derivation is one query")
+                    .hint("give a single SELECT whose result becomes the dataset"));
+            }
+        };
+        let planned = self.plan(actor, &query, call).await?;
+        if let Some(g) = planned.grants.first() {
+            let e = Error::denied(format!(
+                "{} is read under grant {}, which does not allow keeping a copy",
+                g.dataset, g.id
+            ))
+            .hint("derive datasets from your own department's datasets; query granted ones where they are");
+            self.audit(actor, &planned, Outcome::Denied, &e.message, call)
+                .await?;
+            return Err(e);
+        }
+        let result = self
+            .execute(actor, &planned, Vec::new(), None, call)
+            .await?;
+        let bytes = convert::to_parquet(&result.schema, &result.batches)?;
+        if self.gov.catalog_entry(actor, department, name).is_err() {
+            let spec = yunqi_datasets::DatasetSpec {
+                department: yunqi_types::Name::parse("department", department)?,
+                name: yunqi_types::Name::parse("dataset", name)?,
+                description: format!(
+                    "derived by SQL: {}",
+                    query.chars().take(200).collect::<String>()
+                ),
+                columns: vec![],
+                subject: None,
+                tags: vec![],
+            };
+            self.gov.create_dataset(actor, spec, call).await?;
+        }
+        let options = yunqi_datasets::ImportOptions {
+            mode: yunqi_datasets::Mode::Replace,
+            format: Some(yunqi_datasets::Format::Parquet),
+            ..Default::default()
+        };
+        let report = self
+            .gov
+            .import_dataset(actor, department, name, bytes, options, call)
+            .await?;
+        let sources = planned
+            .tables
+            .iter()
+            .filter(|t| !t.starts_with("system.") && !t.starts_with("information_schema."))
+            .cloned()
+            .collect();
+        self.gov
+            .record_derivation(
+                actor,
+                department,
+                name,
+                yunqi_datasets::Derivation {
+                    sql: query,
+                    sources,
+                    version: report.version,
+                    by: actor.principal.name.to_string(),
+                    at: self.gov.now(),
+                },
+                call,
+            )
+            .await
+    }
+
     async fn audit(
         &self,
         actor: &Actor,

@@ -568,6 +568,14 @@ pub enum DatasetCommand {
         #[arg(long = "tag")]
         tags: Vec<String>,
     },
+    /// Derive a dataset from a query over your department's datasets (its lineage is kept).
+    Derive {
+        /// DEPARTMENT.DATASET (created if needed).
+        name: String,
+        /// The query.
+        #[arg(long)]
+        sql: String,
+    },
     /// Replace a dataset's tags.
     Tag {
         /// DEPARTMENT.DATASET
@@ -619,6 +627,19 @@ pub enum DatasetCommand {
 
 pub fn dataset(api: &Api, cmd: DatasetCommand, json: bool) -> anyhow::Result<ExitCode> {
     match cmd {
+        DatasetCommand::Derive { name, sql } => {
+            let (department, name) = dataset_name(&name)?;
+            let r = api.call(
+                "POST",
+                &format!(
+                    "/api/v1/datasets/{}/{}/derive",
+                    enc(&department),
+                    enc(&name)
+                ),
+                Some(json!({ "sql": sql })),
+            )?;
+            finish(r, json, print_dataset)
+        }
         DatasetCommand::Tag { name, tags } => {
             let (department, name) = dataset_name(&name)?;
             let r = api.call(
@@ -758,6 +779,31 @@ fn print_dataset(v: &Value) {
         .collect();
     if !tags.is_empty() {
         println!("tags: {}", tags.join(", "));
+    }
+    if let Some(d) = v["derived_from"].as_object() {
+        let sources: Vec<&str> = d["sources"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        println!(
+            "derived from: {} (version {}, by {} at {}): {}",
+            sources.join(", "),
+            d["version"],
+            d["by"].as_str().unwrap_or(""),
+            d["at"].as_str().unwrap_or(""),
+            d["sql"].as_str().unwrap_or("")
+        );
+    }
+    let used: Vec<&str> = v["used_by"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if !used.is_empty() {
+        println!("used by: {}", used.join(", "));
     }
     if let Some(subject) = v["subject"].as_str() {
         println!("subject column: {subject} (queries returning few rows record whose rows)");

@@ -773,6 +773,65 @@ fn the_cli_asks_decides_and_queries() {
     );
     assert_eq!(code, 0);
     assert!(out.contains("transport.vehicles"), "{out}");
+    // Derived datasets: the owner derives from its own data and the lineage shows both ways;
+    // a grantee cannot keep a copy of what it reads under a grant, nor an analyst write.
+    let (code, _, err) = cli(
+        s,
+        &c.ps,
+        &[
+            "dataset",
+            "derive",
+            "police.copy",
+            "--sql",
+            "SELECT * FROM transport.vehicles",
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("does not allow keeping a copy"), "{err}");
+    let by_district =
+        "SELECT district, count(*) AS vehicles FROM transport.vehicles GROUP BY district";
+    let (code, _, err) = cli(
+        s,
+        &c.ta,
+        &[
+            "dataset",
+            "derive",
+            "transport.by_district",
+            "--sql",
+            by_district,
+        ],
+    );
+    assert_eq!(code, 1, "analysts do not write datasets");
+    assert!(err.contains("permission denied"), "{err}");
+    let (code, out, err) = cli(
+        s,
+        &c.ts,
+        &[
+            "dataset",
+            "derive",
+            "transport.by_district",
+            "--sql",
+            by_district,
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("derived from: transport.vehicles (version 1"),
+        "{out}"
+    );
+    let (code, out, _) = cli(s, &c.ts, &["catalog", "show", "transport.vehicles"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("used by: transport.by_district"), "{out}");
+    let (status, v) = s.call(
+        "POST",
+        "/api/v1/sql",
+        Some(&c.ta),
+        Some(
+            r#"{"sql": "SELECT district, vehicles FROM transport.by_district ORDER BY district"}"#,
+        ),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["rows"], json!([["上城区", 15], ["西湖区", 15]]));
     // Tags, set by the owner's steward, are searched too.
     let (code, out, err) = cli(
         s,
