@@ -134,9 +134,9 @@ pub fn parse(bytes: &[u8], columns: &[Column]) -> Result<Parsed, Error> {
                     c.name, c.column_type
                 ))
             })?;
-            for row in 0..n {
-                if ok[row] && input.is_valid(row) && cast.is_null(row) {
-                    ok[row] = false;
+            for (row, row_ok) in ok.iter_mut().enumerate() {
+                if *row_ok && input.is_valid(row) && cast.is_null(row) {
+                    *row_ok = false;
                     rejects.push(Reject {
                         line: offset + row as u64 + 1,
                         column: Some(c.name.clone()),
