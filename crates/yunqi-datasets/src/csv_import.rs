@@ -572,9 +572,26 @@ fn parse_parallel(
                 let chunk = &data[a..b];
                 scope.spawn(move || {
                     let newlines = chunk.as_bytes().iter().filter(|c| **c == b'\n').count() as u64;
-                    let (owned, rejects) = read_records(reader(chunk, delimiter).into_records(), 0);
-                    type_rows(&owned, rejects, columns, mapping, delimiter, header)
-                        .map(|p| (p, newlines))
+                    let mut rdr = reader(chunk, delimiter);
+                    type_stream(
+                        |record, rejects| loop {
+                            match rdr.read_record(record) {
+                                Ok(more) => return more,
+                                Err(e) => rejects.push(Reject {
+                                    line: e.position().map_or(0, |p| p.line()),
+                                    column: None,
+                                    reason: format!("cannot be read: {e}"),
+                                    raw: String::new(),
+                                }),
+                            }
+                        },
+                        Vec::new(),
+                        columns,
+                        mapping,
+                        delimiter,
+                        header,
+                    )
+                    .map(|p| (p, newlines))
                 })
             })
             .collect();
@@ -622,6 +639,33 @@ fn parse_parallel(
 /// with a bad field is rejected whole.
 pub(crate) fn type_rows(
     owned: &[csv::StringRecord],
+    rejects: Vec<Reject>,
+    columns: &[Column],
+    mapping: &[usize],
+    delimiter: u8,
+    header: bool,
+) -> Result<Parsed, Error> {
+    let mut records = owned.iter();
+    type_stream(
+        |record, _| match records.next() {
+            Some(r) => {
+                record.clone_from(r);
+                true
+            }
+            None => false,
+        },
+        rejects,
+        columns,
+        mapping,
+        delimiter,
+        header,
+    )
+}
+
+/// [`type_rows`] of records as `next` reads them into one reused record (`next` returns false
+/// at the end, and keeps rows it cannot read as rejects).
+pub(crate) fn type_stream(
+    mut next: impl FnMut(&mut csv::StringRecord, &mut Vec<Reject>) -> bool,
     mut rejects: Vec<Reject>,
     columns: &[Column],
     mapping: &[usize],
@@ -633,10 +677,11 @@ pub(crate) fn type_rows(
         .map(|c| Builder::new(c.column_type))
         .collect();
     let mut samples: Vec<Vec<String>> = vec![Vec::new(); columns.len()];
-    let mut cells: Vec<Cell<'_>> = Vec::with_capacity(columns.len());
     let mut rows = 0usize;
     let mut lines = Vec::new();
-    'rows: for record in owned {
+    let mut reused = csv::StringRecord::new();
+    'rows: while next(&mut reused, &mut rejects) {
+        let record = &reused;
         let line = record.position().map_or(0, |p| p.line());
         let raw = || {
             let joined = record
@@ -657,8 +702,7 @@ pub(crate) fn type_rows(
             });
             continue;
         }
-        cells.clear();
-        cells.resize(columns.len(), Cell::Null);
+        let mut cells: Vec<Cell<'_>> = vec![Cell::Null; columns.len()];
         for (i, field) in record.iter().enumerate() {
             let c = mapping[i];
             match parse_cell(field, columns[c].column_type) {
