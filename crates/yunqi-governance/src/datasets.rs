@@ -155,16 +155,19 @@ impl Governance {
         Ok(staged.report)
     }
 
-    /// Declares a column's class (stewards of its department, admins); imports never change a
-    /// declared class.
-    pub async fn classify_column(
+    /// A change to a dataset's description (not its data) by a steward of its department or
+    /// an admin: authorised as a dataset write, audited, then applied by `apply` (given the
+    /// department's name).
+    #[allow(clippy::too_many_arguments)]
+    async fn change_dataset(
         &self,
         actor: &Actor,
         department: &str,
         name: &str,
-        column: &str,
-        class: ColumnClass,
+        action: &str,
+        detail: String,
         ctx: &CallContext,
+        apply: impl FnOnce(&yunqi_datasets::DatasetStore, &str) -> Result<Manifest, Error>,
     ) -> Result<Manifest, Error> {
         let department = Name::parse("department", department)?;
         let dataset = format!("{department}.{name}");
@@ -179,17 +182,33 @@ impl Governance {
         .await?;
         let _guard = self.dataset_lock.lock().await;
         self.datasets.get(department.as_str(), name)?;
-        let event = self.dataset_event(
-            actor,
-            "dataset.classify",
-            &dataset,
-            Outcome::Ok,
-            format!("column {column} is {class}"),
-            ctx,
-        );
+        let event = self.dataset_event(actor, action, &dataset, Outcome::Ok, detail, ctx);
         self.audit.append(vec![event]).await?;
-        self.datasets
-            .set_class(department.as_str(), name, column, class)
+        apply(&self.datasets, department.as_str())
+    }
+
+    /// Declares a column's class (stewards of its department, admins); imports never change a
+    /// declared class.
+    pub async fn classify_column(
+        &self,
+        actor: &Actor,
+        department: &str,
+        name: &str,
+        column: &str,
+        class: ColumnClass,
+        ctx: &CallContext,
+    ) -> Result<Manifest, Error> {
+        let detail = format!("column {column} is {class}");
+        self.change_dataset(
+            actor,
+            department,
+            name,
+            "dataset.classify",
+            detail,
+            ctx,
+            |d, dept| d.set_class(dept, name, column, class),
+        )
+        .await
     }
 
     /// Checks that `actor` may write the dataset (auditing a denial), before work is done for
@@ -224,33 +243,21 @@ impl Governance {
         derivation: yunqi_datasets::Derivation,
         ctx: &CallContext,
     ) -> Result<Manifest, Error> {
-        let department = Name::parse("department", department)?;
-        let dataset = format!("{department}.{name}");
-        self.authorize(
-            actor,
-            &Action::DatasetWrite {
-                dataset: &dataset,
-                department: &department,
-            },
-            ctx,
-        )
-        .await?;
-        let _guard = self.dataset_lock.lock().await;
-        let event = self.dataset_event(
-            actor,
-            "dataset.derive",
-            &dataset,
-            Outcome::Ok,
-            format!(
-                "version {} derived from {}",
-                derivation.version,
-                derivation.sources.join(", ")
-            ),
-            ctx,
+        let detail = format!(
+            "version {} derived from {}",
+            derivation.version,
+            derivation.sources.join(", ")
         );
-        self.audit.append(vec![event]).await?;
-        self.datasets
-            .set_derivation(department.as_str(), name, Some(derivation))
+        self.change_dataset(
+            actor,
+            department,
+            name,
+            "dataset.derive",
+            detail,
+            ctx,
+            |d, dept| d.set_derivation(dept, name, Some(derivation)),
+        )
+        .await
     }
 
     /// Replaces a dataset's tags (stewards of its department, admins).
@@ -262,29 +269,17 @@ impl Governance {
         tags: Vec<String>,
         ctx: &CallContext,
     ) -> Result<Manifest, Error> {
-        let department = Name::parse("department", department)?;
-        let dataset = format!("{department}.{name}");
-        self.authorize(
+        let detail = format!("tags {}", tags.join(", "));
+        self.change_dataset(
             actor,
-            &Action::DatasetWrite {
-                dataset: &dataset,
-                department: &department,
-            },
-            ctx,
-        )
-        .await?;
-        let _guard = self.dataset_lock.lock().await;
-        self.datasets.get(department.as_str(), name)?;
-        let event = self.dataset_event(
-            actor,
+            department,
+            name,
             "dataset.tags",
-            &dataset,
-            Outcome::Ok,
-            format!("tags {}", tags.join(", ")),
+            detail,
             ctx,
-        );
-        self.audit.append(vec![event]).await?;
-        self.datasets.set_tags(department.as_str(), name, tags)
+            |d, dept| d.set_tags(dept, name, tags),
+        )
+        .await
     }
 
     /// Adds a column to a dataset's schema (stewards of its department, admins).
@@ -296,32 +291,20 @@ impl Governance {
         column: yunqi_datasets::Column,
         ctx: &CallContext,
     ) -> Result<Manifest, Error> {
-        let department = Name::parse("department", department)?;
-        let dataset = format!("{department}.{name}");
-        self.authorize(
-            actor,
-            &Action::DatasetWrite {
-                dataset: &dataset,
-                department: &department,
-            },
-            ctx,
-        )
-        .await?;
-        let _guard = self.dataset_lock.lock().await;
-        self.datasets.get(department.as_str(), name)?;
-        let event = self.dataset_event(
-            actor,
-            "dataset.add_column",
-            &dataset,
-            Outcome::Ok,
-            format!(
-                "column {} {:?} {}",
-                column.name, column.column_type, column.class
-            ),
-            ctx,
+        let detail = format!(
+            "column {} {:?} {}",
+            column.name, column.column_type, column.class
         );
-        self.audit.append(vec![event]).await?;
-        self.datasets.add_column(department.as_str(), name, column)
+        self.change_dataset(
+            actor,
+            department,
+            name,
+            "dataset.add_column",
+            detail,
+            ctx,
+            |d, dept| d.add_column(dept, name, column),
+        )
+        .await
     }
 
     /// Declares (or clears) a dataset's subject column (stewards of its department, admins).
@@ -333,32 +316,20 @@ impl Governance {
         column: Option<&str>,
         ctx: &CallContext,
     ) -> Result<Manifest, Error> {
-        let department = Name::parse("department", department)?;
-        let dataset = format!("{department}.{name}");
-        self.authorize(
+        let detail = match column {
+            Some(c) => format!("subject column {c}"),
+            None => "no subject column".into(),
+        };
+        self.change_dataset(
             actor,
-            &Action::DatasetWrite {
-                dataset: &dataset,
-                department: &department,
-            },
-            ctx,
-        )
-        .await?;
-        let _guard = self.dataset_lock.lock().await;
-        self.datasets.get(department.as_str(), name)?;
-        let event = self.dataset_event(
-            actor,
+            department,
+            name,
             "dataset.subject",
-            &dataset,
-            Outcome::Ok,
-            match column {
-                Some(c) => format!("subject column {c}"),
-                None => "no subject column".into(),
-            },
+            detail,
             ctx,
-        );
-        self.audit.append(vec![event]).await?;
-        self.datasets.set_subject(department.as_str(), name, column)
+            |d, dept| d.set_subject(dept, name, column),
+        )
+        .await
     }
 
     /// The catalog: every dataset's description, schema, classes and versions (not its data).
