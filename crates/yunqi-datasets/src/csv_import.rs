@@ -32,8 +32,11 @@ pub struct Reject {
 /// What parsing produced.
 #[derive(Debug)]
 pub struct Parsed {
-    /// The good rows.
+    /// The good rows (empty while they are still in `pieces`).
     pub batch: RecordBatch,
+    /// The good rows in pieces, as a parallel parse left them, when `batch` has not been made;
+    /// see [`Parsed::unify`].
+    pub pieces: Vec<RecordBatch>,
     /// The line (row number for Parquet) each good row came from.
     pub lines: Vec<u64>,
     /// The rejected rows.
@@ -629,8 +632,8 @@ fn parse_parallel(
         }
     }
     let mut merged = merged.ok_or_else(|| Error::internal("no pieces to import"))?;
-    merged.batch = datafusion::arrow::compute::concat_batches(&merged.batch.schema(), &batches)
-        .map_err(|e| Error::internal(format!("cannot assemble rows: {e}")))?;
+    merged.batch = RecordBatch::new_empty(merged.batch.schema());
+    merged.pieces = batches;
     merged.rejects.sort_by_key(|r| r.line);
     Ok(merged)
 }
@@ -744,12 +747,32 @@ pub(crate) fn type_stream(
     debug_assert_eq!(batch.num_rows(), rows);
     Ok(Parsed {
         batch,
+        pieces: Vec::new(),
         lines,
         rejects,
         samples,
         header,
         delimiter,
     })
+}
+
+impl Parsed {
+    /// Good rows.
+    pub fn rows(&self) -> usize {
+        self.batch.num_rows() + self.pieces.iter().map(RecordBatch::num_rows).sum::<usize>()
+    }
+
+    /// Puts the pieces together into `batch` (a copy), for work that needs one batch.
+    pub fn unify(&mut self) -> Result<(), Error> {
+        if self.pieces.is_empty() {
+            return Ok(());
+        }
+        let mut all = vec![self.batch.clone()];
+        all.append(&mut self.pieces);
+        self.batch = datafusion::arrow::compute::concat_batches(&self.batch.schema(), &all)
+            .map_err(|e| Error::internal(format!("cannot assemble rows: {e}")))?;
+        Ok(())
+    }
 }
 
 fn short_bytes(s: &str, max: usize) -> String {
@@ -817,7 +840,9 @@ mod parallel_tests {
         assert!(text.len() > PARALLEL_BYTES_MIN);
         let one = parse_on(&text, b',', &columns, None, 1).unwrap();
         for threads in [2, 3, 7] {
-            let many = parse_on(&text, b',', &columns, None, threads).unwrap();
+            let mut many = parse_on(&text, b',', &columns, None, threads).unwrap();
+            assert_eq!(many.rows(), one.rows());
+            many.unify().unwrap();
             assert_eq!(many.batch, one.batch, "{threads} threads");
             assert_eq!(many.rejects, one.rejects, "{threads} threads");
             assert_eq!(many.lines, one.lines, "{threads} threads");

@@ -477,6 +477,7 @@ impl DatasetStore {
             parsed.rejects.sort_by_key(|r| r.line);
         }
         let key = if options.mode == Mode::Upsert {
+            parsed.unify()?;
             let key = key_columns(&m, &options.key)?;
             reject_key_conflicts(&mut parsed, &key)?;
             Some(key)
@@ -497,7 +498,7 @@ impl DatasetStore {
                 "import into dataset \"{}\" refused: {} of {} rows are invalid",
                 m.sql_name(),
                 parsed.rejects.len(),
-                parsed.rejects.len() + parsed.batch.num_rows()
+                parsed.rejects.len() + parsed.rows()
             ))
             .detail(shown.join("; "))
             .hint("fix those rows, or import with --lenient to take the good rows and keep the bad ones in the rejects"));
@@ -509,7 +510,7 @@ impl DatasetStore {
             (Mode::Append, Some(p)) => (p.files.clone(), p.rows, p.bytes),
             _ => (Vec::new(), 0, 0),
         };
-        let imported = parsed.batch.num_rows() as u64;
+        let imported = parsed.rows() as u64;
         let mut written = Vec::new();
         let mut rows_replaced = 0;
         if let (Some(key), Some(p)) = (&key, &previous) {
@@ -539,15 +540,30 @@ impl DatasetStore {
                 1
             };
             let rows = parsed.batch.num_rows();
-            let slices: Vec<(String, RecordBatch)> = (0..parts)
-                .map(|i| {
-                    let (a, b) = (rows * i / parts, rows * (i + 1) / parts);
-                    (
-                        format!("data/v{number:06}-{}.parquet", random_suffix()),
-                        parsed.batch.slice(a, b - a),
-                    )
-                })
-                .collect();
+            let slices: Vec<(String, RecordBatch)> = if parsed.pieces.is_empty() {
+                (0..parts)
+                    .map(|i| {
+                        let (a, b) = (rows * i / parts, rows * (i + 1) / parts);
+                        (
+                            format!("data/v{number:06}-{}.parquet", random_suffix()),
+                            parsed.batch.slice(a, b - a),
+                        )
+                    })
+                    .collect()
+            } else {
+                // A parallel parse's pieces, written as they are.
+                parsed
+                    .pieces
+                    .iter()
+                    .filter(|p| p.num_rows() > 0)
+                    .map(|p| {
+                        (
+                            format!("data/v{number:06}-{}.parquet", random_suffix()),
+                            p.clone(),
+                        )
+                    })
+                    .collect()
+            };
             written.extend(slices.iter().map(|(rel, _)| dir.join(rel)));
             let sizes: Vec<Result<u64, Error>> = std::thread::scope(|scope| {
                 let handles: Vec<_> = slices

@@ -193,6 +193,7 @@ pub fn parse(bytes: &[u8], columns: &[Column]) -> Result<Parsed, Error> {
         .map_err(|e| Error::internal(format!("parquet import: {e}")))?;
     Ok(Parsed {
         batch,
+        pieces: Vec::new(),
         lines,
         rejects,
         samples,
