@@ -683,6 +683,7 @@ pub(crate) fn type_stream(
     let mut rows = 0usize;
     let mut lines = Vec::new();
     let mut reused = csv::StringRecord::new();
+    let mut spare: Vec<Cell<'static>> = Vec::with_capacity(columns.len());
     'rows: while next(&mut reused, &mut rejects) {
         let record = &reused;
         let line = record.position().map_or(0, |p| p.line());
@@ -705,24 +706,36 @@ pub(crate) fn type_stream(
             });
             continue;
         }
-        let mut cells: Vec<Cell<'_>> = vec![Cell::Null; columns.len()];
+        // One allocation for the cells of every row: `spare` lends it to this row's cells
+        // (which borrow from the record) and gets it back empty.
+        let mut cells: Vec<Cell<'_>> = std::mem::take(&mut spare);
+        cells.resize(columns.len(), Cell::Null);
+        let mut bad = None;
         for (i, field) in record.iter().enumerate() {
             let c = mapping[i];
             match parse_cell(field, columns[c].column_type) {
                 Ok(cell) => cells[c] = cell,
                 Err(reason) => {
-                    rejects.push(Reject {
-                        line,
-                        column: Some(columns[c].name.clone()),
-                        reason,
-                        raw: raw(),
-                    });
-                    continue 'rows;
+                    bad = Some((c, reason));
+                    break;
                 }
             }
         }
-        for (c, cell) in cells.iter().enumerate() {
-            builders[c].append(*cell);
+        if bad.is_none() {
+            for (c, cell) in cells.iter().enumerate() {
+                builders[c].append(*cell);
+            }
+        }
+        cells.clear();
+        spare = cells.into_iter().map(|_| Cell::Null).collect();
+        if let Some((c, reason)) = bad {
+            rejects.push(Reject {
+                line,
+                column: Some(columns[c].name.clone()),
+                reason,
+                raw: raw(),
+            });
+            continue 'rows;
         }
         for (i, field) in record.iter().enumerate() {
             let s = &mut samples[mapping[i]];
