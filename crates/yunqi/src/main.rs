@@ -6,6 +6,7 @@ mod bench;
 mod bench_share;
 mod client;
 mod serve;
+mod simulate;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -76,6 +77,16 @@ enum Command {
     /// Benchmarks; figures go to BENCHMARKS.md.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Simulated city data: `yunqi simulate traffic` writes vehicle detections as NDJSON.
+    #[command(subcommand)]
+    Simulate(SimulateCommand),
+}
+
+#[derive(Subcommand)]
+enum SimulateCommand {
+    /// Vehicle detections of the simulated city (deterministic for a seed), out of order
+    /// within --max-delay-ms, as NDJSON.
+    Traffic(simulate::TrafficArgs),
 }
 
 #[derive(Subcommand)]
@@ -113,6 +124,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Audit(AuditCommand::Verify { data, threads }) => verify(&data, threads, json),
         Command::Bench(cmd) => bench::run(cmd, json),
+        Command::Simulate(SimulateCommand::Traffic(args)) => simulate::traffic(args),
         other => {
             let api = client::Api::new(&cli.url, cli.token.as_deref());
             match other {
