@@ -940,7 +940,7 @@ pub fn import(api: &Api, a: ImportArgs, json: bool) -> anyhow::Result<ExitCode> 
     )?;
     finish(r, json, |v| {
         println!(
-            "{} version {}: {} rows imported{}, {} rejected, {} in all ({}, delimiter {:?}{})",
+            "{} version {}: {} rows imported{}, {} rejected, {} in all ({})",
             s(&v["dataset"]),
             v["version"],
             v["rows_imported"],
@@ -950,12 +950,15 @@ pub fn import(api: &Api, a: ImportArgs, json: bool) -> anyhow::Result<ExitCode> 
             },
             v["rows_rejected"],
             v["rows_total"],
-            s(&v["encoding"]),
-            s(&v["delimiter"]),
-            if v["header"] == true {
-                ", header row"
-            } else {
-                ""
+            match s(&v["format"]) {
+                "csv" => format!(
+                    "CSV, {}, delimiter {:?}{}",
+                    s(&v["encoding"]),
+                    s(&v["delimiter"]),
+                    if v["header"] == true { ", header row" } else { "" }
+                ),
+                "ndjson" => format!("NDJSON, {}", s(&v["encoding"])),
+                other => other.to_string(),
             }
         );
         for r in v["rejects"].as_array().into_iter().flatten() {
