@@ -955,7 +955,11 @@ pub fn import(api: &Api, a: ImportArgs, json: bool) -> anyhow::Result<ExitCode> 
                     "CSV, {}, delimiter {:?}{}",
                     s(&v["encoding"]),
                     s(&v["delimiter"]),
-                    if v["header"] == true { ", header row" } else { "" }
+                    if v["header"] == true {
+                        ", header row"
+                    } else {
+                        ""
+                    }
                 ),
                 "ndjson" => format!("NDJSON, {}", s(&v["encoding"])),
                 other => other.to_string(),
