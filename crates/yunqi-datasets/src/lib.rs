@@ -693,6 +693,20 @@ impl DatasetStore {
         }
     }
 
+    /// Changes a dataset's manifest (not its data) under the imports lock, and writes it.
+    fn update(
+        &self,
+        department: &str,
+        name: &str,
+        change: impl FnOnce(&mut Manifest) -> Result<(), Error>,
+    ) -> Result<Manifest, Error> {
+        let _guard = self.imports.lock().expect("imports lock");
+        let mut m = self.get(department, name)?;
+        change(&mut m)?;
+        self.write_manifest(&m)?;
+        Ok(m)
+    }
+
     /// Records how a dataset's current version was derived (or, with `None`, that it was not).
     pub fn set_derivation(
         &self,
@@ -700,11 +714,10 @@ impl DatasetStore {
         name: &str,
         derivation: Option<Derivation>,
     ) -> Result<Manifest, Error> {
-        let _guard = self.imports.lock().expect("imports lock");
-        let mut m = self.get(department, name)?;
-        m.derived_from = derivation;
-        self.write_manifest(&m)?;
-        Ok(m)
+        self.update(department, name, |m| {
+            m.derived_from = derivation;
+            Ok(())
+        })
     }
 
     /// Replaces a dataset's tags.
@@ -714,11 +727,10 @@ impl DatasetStore {
         name: &str,
         tags: Vec<String>,
     ) -> Result<Manifest, Error> {
-        let _guard = self.imports.lock().expect("imports lock");
-        let mut m = self.get(department, name)?;
-        m.tags = check_tags(tags)?;
-        self.write_manifest(&m)?;
-        Ok(m)
+        self.update(department, name, |m| {
+            m.tags = check_tags(tags)?;
+            Ok(())
+        })
     }
 
     /// Sets (or, with `None`, clears) the subject column, as a steward declares it.
@@ -728,22 +740,16 @@ impl DatasetStore {
         name: &str,
         column: Option<&str>,
     ) -> Result<Manifest, Error> {
-        let _guard = self.imports.lock().expect("imports lock");
-        let mut m = self.get(department, name)?;
-        if let Some(c) = column
-            && !m.columns.iter().any(|col| col.name == c)
-        {
-            let names: Vec<&str> = m.columns.iter().map(|c| c.name.as_str()).collect();
-            let e = Error::not_found("column", &format!("{}.{c}", m.sql_name()));
-            return Err(match suggest::did_you_mean(c, names.iter().copied()) {
-                Some(s) => e.hint(format!("did you mean \"{s}\"?")),
-                None => e.hint(format!("columns: {}", names.join(", "))),
-            });
-        }
-        m.subject = column.map(str::to_string);
-        m.subject_declared = true;
-        self.write_manifest(&m)?;
-        Ok(m)
+        self.update(department, name, |m| {
+            if let Some(c) = column
+                && m.column_index(c).is_none()
+            {
+                return Err(unknown_column(m, c));
+            }
+            m.subject = column.map(str::to_string);
+            m.subject_declared = true;
+            Ok(())
+        })
     }
 
     /// Adds a column at the end of the schema. Rows of earlier versions read it as NULL.
@@ -753,26 +759,25 @@ impl DatasetStore {
         name: &str,
         column: Column,
     ) -> Result<Manifest, Error> {
-        let _guard = self.imports.lock().expect("imports lock");
-        let mut m = self.get(department, name)?;
         Name::parse("column", &column.name)?;
-        if m.columns.iter().any(|c| c.name == column.name) {
-            return Err(Error::already_exists(
-                "column",
-                &format!("{}.{}", m.sql_name(), column.name),
-            )
-            .hint("pick another name"));
-        }
-        if m.columns.is_empty() {
-            return Err(Error::invalid(format!(
-                "dataset {} has no columns yet",
-                m.sql_name()
-            ))
-            .hint("import a file first (its columns become the schema), or declare them at creation"));
-        }
-        m.columns.push(column);
-        self.write_manifest(&m)?;
-        Ok(m)
+        self.update(department, name, |m| {
+            if m.column_index(&column.name).is_some() {
+                return Err(Error::already_exists(
+                    "column",
+                    &format!("{}.{}", m.sql_name(), column.name),
+                )
+                .hint("pick another name"));
+            }
+            if m.columns.is_empty() {
+                return Err(Error::invalid(format!(
+                    "dataset {} has no columns yet",
+                    m.sql_name()
+                ))
+                .hint("import a file first (its columns become the schema), or declare them at creation"));
+            }
+            m.columns.push(column);
+            Ok(())
+        })
     }
 
     /// Sets a column's class, as a steward declares it.
@@ -783,25 +788,22 @@ impl DatasetStore {
         column: &str,
         class: ColumnClass,
     ) -> Result<Manifest, Error> {
-        let _guard = self.imports.lock().expect("imports lock");
-        let mut m = self.get(department, name)?;
-        let sql_name = m.sql_name();
-        let names: Vec<String> = m.columns.iter().map(|c| c.name.clone()).collect();
-        let c = m
-            .columns
-            .iter_mut()
-            .find(|c| c.name == column)
-            .ok_or_else(|| {
-                let e = Error::not_found("column", &format!("{sql_name}.{column}"));
-                match suggest::did_you_mean(column, names.iter().map(String::as_str)) {
-                    Some(s) => e.hint(format!("did you mean \"{s}\"?")),
-                    None => e.hint(format!("columns: {}", names.join(", "))),
-                }
-            })?;
-        c.class = class;
-        c.class_declared = true;
-        self.write_manifest(&m)?;
-        Ok(m)
+        self.update(department, name, |m| {
+            let i = m.column_index(column).ok_or_else(|| unknown_column(m, column))?;
+            m.columns[i].class = class;
+            m.columns[i].class_declared = true;
+            Ok(())
+        })
+    }
+}
+
+/// `column` is not a column of `m`: with the closest name, or the list of names.
+fn unknown_column(m: &Manifest, column: &str) -> Error {
+    let names: Vec<&str> = m.columns.iter().map(|c| c.name.as_str()).collect();
+    let e = Error::not_found("column", &format!("{}.{column}", m.sql_name()));
+    match suggest::did_you_mean(column, names.iter().copied()) {
+        Some(s) => e.hint(format!("did you mean \"{s}\"?")),
+        None => e.hint(format!("columns: {}", names.join(", "))),
     }
 }
 
@@ -849,7 +851,7 @@ fn key_columns(m: &Manifest, key: &[String]) -> Result<Vec<usize>, Error> {
     }
     key.iter()
         .map(|k| {
-            m.columns.iter().position(|c| &c.name == k).ok_or_else(|| {
+            m.column_index(k).ok_or_else(|| {
                 let e = Error::invalid(format!("key column \"{k}\" is not in {}", m.sql_name()));
                 match suggest::did_you_mean(k, m.columns.iter().map(|c| c.name.as_str())) {
                     Some(s) => e.hint(format!("did you mean \"{s}\"?")),

@@ -189,6 +189,11 @@ impl Manifest {
         ))
     }
 
+    /// The position of the column named exactly `name`.
+    pub fn column_index(&self, name: &str) -> Option<usize> {
+        self.columns.iter().position(|c| c.name == name)
+    }
+
     /// The column named `name` (or labelled so).
     pub fn column(&self, name: &str) -> Option<&Column> {
         self.columns

@@ -42,6 +42,29 @@ impl Governance {
         )
     }
 
+    /// Authorises a write to `department.name` (auditing a denial); returns the department's
+    /// name and the dataset's SQL name.
+    async fn authorize_write(
+        &self,
+        actor: &Actor,
+        department: &str,
+        name: &str,
+        ctx: &CallContext,
+    ) -> Result<(Name, String), Error> {
+        let department = Name::parse("department", department)?;
+        let dataset = format!("{department}.{name}");
+        self.authorize(
+            actor,
+            &Action::DatasetWrite {
+                dataset: &dataset,
+                department: &department,
+            },
+            ctx,
+        )
+        .await?;
+        Ok((department, dataset))
+    }
+
     /// Creates a dataset (stewards of its department, admins).
     pub async fn create_dataset(
         &self,
@@ -96,13 +119,7 @@ impl Governance {
         options: ImportOptions,
         ctx: &CallContext,
     ) -> Result<ImportReport, Error> {
-        let department = Name::parse("department", department)?;
-        let dataset = format!("{department}.{name}");
-        let action = Action::DatasetWrite {
-            dataset: &dataset,
-            department: &department,
-        };
-        self.authorize(actor, &action, ctx).await?;
+        let (department, dataset) = self.authorize_write(actor, department, name, ctx).await?;
         let _guard = self.dataset_lock.lock().await;
         let store = self.datasets.clone();
         let (d, n, by, now) = (
@@ -169,17 +186,7 @@ impl Governance {
         ctx: &CallContext,
         apply: impl FnOnce(&yunqi_datasets::DatasetStore, &str) -> Result<Manifest, Error>,
     ) -> Result<Manifest, Error> {
-        let department = Name::parse("department", department)?;
-        let dataset = format!("{department}.{name}");
-        self.authorize(
-            actor,
-            &Action::DatasetWrite {
-                dataset: &dataset,
-                department: &department,
-            },
-            ctx,
-        )
-        .await?;
+        let (department, dataset) = self.authorize_write(actor, department, name, ctx).await?;
         let _guard = self.dataset_lock.lock().await;
         self.datasets.get(department.as_str(), name)?;
         let event = self.dataset_event(actor, action, &dataset, Outcome::Ok, detail, ctx);
@@ -220,18 +227,10 @@ impl Governance {
         name: &str,
         ctx: &CallContext,
     ) -> Result<(), Error> {
-        let department = Name::parse("department", department)?;
         Name::parse("dataset", name)?;
-        let dataset = format!("{department}.{name}");
-        self.authorize(
-            actor,
-            &Action::DatasetWrite {
-                dataset: &dataset,
-                department: &department,
-            },
-            ctx,
-        )
-        .await
+        self.authorize_write(actor, department, name, ctx)
+            .await
+            .map(|_| ())
     }
 
     /// Records that the dataset's current version was derived by a query (lineage).
