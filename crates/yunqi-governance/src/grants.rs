@@ -258,6 +258,21 @@ impl Governance {
         Ok(grant)
     }
 
+    /// The grant a steward is about to approve or refuse, read again under the write lock
+    /// (held until the guard is dropped) once the decision is authorised.
+    async fn begin_decision(
+        &self,
+        actor: &Actor,
+        id: &str,
+        ctx: &CallContext,
+    ) -> Result<(Grant, tokio::sync::MutexGuard<'_, ()>), Error> {
+        let owner = self.grant_by_id(id)?.owner;
+        self.authorize(actor, &Action::GrantDecide { id, owner: &owner }, ctx)
+            .await?;
+        let guard = self.write_lock.lock().await;
+        Ok((self.grant_by_id(id)?, guard))
+    }
+
     /// Approves a pending request (a steward of the owning department). A grant the same
     /// department held on the same dataset is superseded.
     pub async fn approve_grant(
@@ -266,15 +281,10 @@ impl Governance {
         id: &str,
         ctx: &CallContext,
     ) -> Result<Grant, Error> {
-        let grant = self.grant_by_id(id)?;
-        let action = Action::GrantDecide {
-            id,
-            owner: &grant.owner,
-        };
-        self.authorize(actor, &action, ctx).await?;
-        let _guard = self.write_lock.lock().await;
+        let (mut grant, _guard) = self.begin_decision(actor, id, ctx).await?;
+        let owner = grant.owner.clone();
+        let action = Action::GrantDecide { id, owner: &owner };
         let now = self.now();
-        let mut grant = self.grant_by_id(id)?;
         let checked = (|| {
             match grant.state(now) {
                 GrantState::Pending => {}
@@ -347,15 +357,10 @@ impl Governance {
         reason: &str,
         ctx: &CallContext,
     ) -> Result<Grant, Error> {
-        let grant = self.grant_by_id(id)?;
-        let action = Action::GrantDecide {
-            id,
-            owner: &grant.owner,
-        };
-        self.authorize(actor, &action, ctx).await?;
-        let _guard = self.write_lock.lock().await;
+        let (mut grant, _guard) = self.begin_decision(actor, id, ctx).await?;
+        let owner = grant.owner.clone();
+        let action = Action::GrantDecide { id, owner: &owner };
         let now = self.now();
-        let mut grant = self.grant_by_id(id)?;
         let checked = (|| {
             let reason = text_field("reason", reason, "--reason TEXT")?;
             match grant.state(now) {
