@@ -789,7 +789,9 @@ impl DatasetStore {
         class: ColumnClass,
     ) -> Result<Manifest, Error> {
         self.update(department, name, |m| {
-            let i = m.column_index(column).ok_or_else(|| unknown_column(m, column))?;
+            let i = m
+                .column_index(column)
+                .ok_or_else(|| unknown_column(m, column))?;
             m.columns[i].class = class;
             m.columns[i].class_declared = true;
             Ok(())

@@ -72,6 +72,32 @@ pub enum BenchCommand {
     },
 }
 
+/// The directory a benchmark writes in: `dir`, or a temporary one removed with the guard.
+pub(crate) fn workdir(
+    dir: Option<PathBuf>,
+) -> anyhow::Result<(Option<tempfile::TempDir>, PathBuf)> {
+    Ok(match dir {
+        Some(d) => {
+            std::fs::create_dir_all(&d)?;
+            (None, d)
+        }
+        None => {
+            let t = tempfile::Builder::new().prefix("yunqi-bench-").tempdir()?;
+            let p = t.path().to_path_buf();
+            (Some(t), p)
+        }
+    })
+}
+
+/// Prints a benchmark's progress on stderr, unless the result is asked for as JSON.
+pub(crate) fn progress(json_out: bool) -> impl Fn(String) {
+    move |s| {
+        if !json_out {
+            eprintln!("{s}");
+        }
+    }
+}
+
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -178,26 +204,12 @@ fn audit(
     dir: Option<PathBuf>,
     json_out: bool,
 ) -> anyhow::Result<ExitCode> {
-    let tmp;
-    let base = match dir {
-        Some(d) => {
-            std::fs::create_dir_all(&d)?;
-            d
-        }
-        None => {
-            tmp = tempfile::Builder::new().prefix("yunqi-bench-").tempdir()?;
-            tmp.path().to_path_buf()
-        }
-    };
+    let (_tmp, base) = workdir(dir)?;
     let runs = runs.max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let say = |s: String| {
-        if !json_out {
-            eprintln!("{s}");
-        }
-    };
+    let say = progress(json_out);
 
     let latency = fsync_latency(&base)?;
     let fsync_bound = 1.0 / latency.as_secs_f64();

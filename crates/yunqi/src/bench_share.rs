@@ -12,35 +12,9 @@ use yunqi_datasets::{DatasetSpec, DatasetStore, ImportOptions};
 use yunqi_governance::{Actor, CallContext, Governance, GrantRequest, PrincipalSpec};
 use yunqi_types::{Limits, Name, Role, SystemClock};
 
-use crate::bench::median;
+use crate::bench::{median, progress, workdir};
+use crate::simulate::{DISTRICTS, Rng};
 
-/// A small deterministic generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-const DISTRICTS: [&str; 10] = [
-    "上城区",
-    "拱墅区",
-    "西湖区",
-    "滨江区",
-    "萧山区",
-    "余杭区",
-    "临平区",
-    "钱塘区",
-    "富阳区",
-    "临安区",
-];
 const REGIONS: [&str; 10] = [
     "330102", "330105", "330106", "330108", "330109", "330110", "330113", "330114", "330111",
     "330112",
@@ -100,20 +74,6 @@ pub fn vehicles_csv(rows: usize) -> Vec<u8> {
         );
     }
     out
-}
-
-fn workdir(dir: Option<PathBuf>) -> anyhow::Result<(Option<tempfile::TempDir>, PathBuf)> {
-    Ok(match dir {
-        Some(d) => {
-            std::fs::create_dir_all(&d)?;
-            (None, d)
-        }
-        None => {
-            let t = tempfile::Builder::new().prefix("yunqi-bench-").tempdir()?;
-            let p = t.path().to_path_buf();
-            (Some(t), p)
-        }
-    })
 }
 
 /// Runs `script` with the given Python (which must have `duckdb`), `args` as JSON on stdin;
@@ -192,11 +152,7 @@ pub fn import(
 ) -> anyhow::Result<ExitCode> {
     let (_tmp, base) = workdir(dir)?;
     let runs = runs.max(1);
-    let say = |s: String| {
-        if !json_out {
-            eprintln!("{s}");
-        }
-    };
+    let say = progress(json_out);
     let csv = vehicles_csv(rows);
     let csv_path = base.join("vehicles.csv");
     std::fs::write(&csv_path, &csv)?;
@@ -329,11 +285,7 @@ pub fn sql(
 ) -> anyhow::Result<ExitCode> {
     let (_tmp, base) = workdir(dir)?;
     let runs = runs.max(1);
-    let say = |s: String| {
-        if !json_out {
-            eprintln!("{s}");
-        }
-    };
+    let say = progress(json_out);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
