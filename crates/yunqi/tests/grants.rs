@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Server, cli, cli_with_input, psql};
+use common::{Server, cli, cli_with_input, connect, psql};
 use serde_json::{Value, json};
 use tokio_postgres::SimpleQueryMessage;
 
@@ -43,20 +43,6 @@ fn vehicles_csv() -> (String, Vec<String>) {
         ids.push(id);
     }
     (csv, ids)
-}
-
-async fn connect(
-    server: &Server,
-    user: &str,
-    password: &str,
-) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (host, port) = server.pg.rsplit_once(':').unwrap();
-    let config = format!(
-        "host={host} port={port} user={user} password={password} dbname=yunqi connect_timeout=10"
-    );
-    let (client, connection) = tokio_postgres::connect(&config, tokio_postgres::NoTls).await?;
-    tokio::spawn(connection);
-    Ok(client)
 }
 
 /// Rows of a simple query as text.

@@ -4,22 +4,8 @@
 
 mod common;
 
-use common::{Server, psql};
+use common::{Server, connect, psql};
 use serde_json::Value;
-
-async fn connect(
-    server: &Server,
-    user: &str,
-    password: &str,
-) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (host, port) = server.pg.rsplit_once(':').unwrap();
-    let config = format!(
-        "host={host} port={port} user={user} password={password} dbname=yunqi connect_timeout=10"
-    );
-    let (client, connection) = tokio_postgres::connect(&config, tokio_postgres::NoTls).await?;
-    tokio::spawn(connection);
-    Ok(client)
-}
 
 #[test]
 fn psql_logs_in_with_a_token_and_sees_what_the_principal_may_see() {

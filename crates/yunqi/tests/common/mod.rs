@@ -344,3 +344,18 @@ pub fn cli_with_input(
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A tokio-postgres client logged in to the server's PostgreSQL endpoint.
+pub async fn connect(
+    server: &Server,
+    user: &str,
+    password: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (host, port) = server.pg.rsplit_once(':').unwrap();
+    let config = format!(
+        "host={host} port={port} user={user} password={password} dbname=yunqi connect_timeout=10"
+    );
+    let (client, connection) = tokio_postgres::connect(&config, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
