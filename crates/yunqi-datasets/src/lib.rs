@@ -130,6 +130,18 @@ pub struct DatasetSpec {
     pub tags: Vec<String>,
 }
 
+/// Files written for a version that is not staged yet: removed if the import stops on an error
+/// (a failed write, a full disk), so nothing half-written stays behind.
+struct Unstaged(Vec<PathBuf>);
+
+impl Drop for Unstaged {
+    fn drop(&mut self) {
+        for f in &self.0 {
+            let _ = fs::remove_file(f);
+        }
+    }
+}
+
 /// Imports of this many rows or more are written as one Parquet file per core, in parallel.
 pub const PARALLEL_ROWS_MIN: u64 = 256 * 1024;
 
@@ -511,7 +523,8 @@ impl DatasetStore {
             _ => (Vec::new(), 0, 0),
         };
         let imported = parsed.rows() as u64;
-        let mut written = Vec::new();
+        // Removed again if the import stops on an error before it is staged.
+        let mut written = Unstaged(Vec::new());
         let mut rows_replaced = 0;
         if let (Some(key), Some(p)) = (&key, &previous) {
             // The previous rows whose key no new row has, rewritten as one file.
@@ -525,7 +538,7 @@ impl DatasetStore {
             rows_replaced = p.rows - kept.num_rows() as u64;
             if kept.num_rows() > 0 {
                 let rel = format!("data/v{number:06}-kept-{}.parquet", random_suffix());
-                written.push(dir.join(&rel));
+                written.0.push(dir.join(&rel));
                 bytes_total += self.write_parquet(&dir.join(&rel), &kept)?;
                 files.push(rel);
                 rows_total += kept.num_rows() as u64;
@@ -564,7 +577,7 @@ impl DatasetStore {
                     })
                     .collect()
             };
-            written.extend(slices.iter().map(|(rel, _)| dir.join(rel)));
+            written.0.extend(slices.iter().map(|(rel, _)| dir.join(rel)));
             let sizes: Vec<Result<u64, Error>> = std::thread::scope(|scope| {
                 let handles: Vec<_> = slices
                     .iter()
@@ -591,7 +604,7 @@ impl DatasetStore {
             None
         } else {
             let rel = format!("data/v{number:06}-rejects-{}.parquet", random_suffix());
-            written.push(dir.join(&rel));
+            written.0.push(dir.join(&rel));
             self.write_parquet(&dir.join(&rel), &rejects_batch(number, &parsed.rejects)?)?;
             Some(rel)
         };
@@ -643,7 +656,7 @@ impl DatasetStore {
         Ok(Staged {
             manifest: m,
             report,
-            written,
+            written: std::mem::take(&mut written.0),
         })
     }
 
