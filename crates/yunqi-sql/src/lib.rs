@@ -148,7 +148,9 @@ pub struct SqlEngine {
     /// Rewrites what PostgreSQL clients send about their catalog (`::regclass`,
     /// `OPERATOR(pg_catalog.~)`, …) into SQL DataFusion plans.
     compat: datafusion_pg_catalog::sql::PostgresCompatibilityParser,
-    /// pg_catalog's fixed tables (pg_type, pg_proc, …), read once.
+    /// pg_catalog's fixed tables (pg_type, pg_proc, …) for yunqi's sorted pg_catalog, read
+    /// once (the library's set-up, which registers the catalog functions, still reads its own
+    /// copy on each catalog query; only those queries pay for it).
     pg_static: std::sync::OnceLock<Arc<datafusion_pg_catalog::pg_catalog::PgCatalogStaticTables>>,
 }
 
