@@ -474,10 +474,18 @@ fn parse_on(
             first_is_header,
         );
     }
-    let (owned, rejects) = read_records(records, 0);
-    type_rows(
-        &owned,
-        rejects,
+    type_stream(
+        |record, rejects| loop {
+            match records.next() {
+                Some(Ok(r)) => {
+                    *record = r;
+                    return true;
+                }
+                Some(Err(e)) => rejects.push(unreadable(&e)),
+                None => return false,
+            }
+        },
+        Vec::new(),
         columns,
         &mapping,
         delimiter,
@@ -488,28 +496,14 @@ fn parse_on(
 /// Files from this size on are parsed on several threads.
 pub const PARALLEL_BYTES_MIN: usize = 4 << 20;
 
-/// The records of a reader, and the ones it could not read (line numbers + `line_offset`).
-fn read_records(
-    records: impl Iterator<Item = csv::Result<csv::StringRecord>>,
-    line_offset: u64,
-) -> (Vec<csv::StringRecord>, Vec<Reject>) {
-    let mut rejects = Vec::new();
-    let mut owned: Vec<csv::StringRecord> = Vec::new();
-    for record in records {
-        match record {
-            Ok(r) => owned.push(r),
-            Err(e) => {
-                let line = e.position().map_or(0, |p| p.line()) + line_offset;
-                rejects.push(Reject {
-                    line,
-                    column: None,
-                    reason: format!("cannot be read: {e}"),
-                    raw: String::new(),
-                });
-            }
-        }
+/// A record the CSV reader could not read (not UTF-8, say), as a rejected row.
+fn unreadable(e: &csv::Error) -> Reject {
+    Reject {
+        line: e.position().map_or(0, |p| p.line()),
+        column: None,
+        reason: format!("cannot be read: {e}"),
+        raw: String::new(),
     }
-    (owned, rejects)
 }
 
 /// Splits `data` into about `parts` pieces that end at record boundaries: at a line end that
@@ -580,12 +574,7 @@ fn parse_parallel(
                         |record, rejects| loop {
                             match rdr.read_record(record) {
                                 Ok(more) => return more,
-                                Err(e) => rejects.push(Reject {
-                                    line: e.position().map_or(0, |p| p.line()),
-                                    column: None,
-                                    reason: format!("cannot be read: {e}"),
-                                    raw: String::new(),
-                                }),
+                                Err(e) => rejects.push(unreadable(&e)),
                             }
                         },
                         Vec::new(),

@@ -577,7 +577,9 @@ impl DatasetStore {
                     })
                     .collect()
             };
-            written.0.extend(slices.iter().map(|(rel, _)| dir.join(rel)));
+            written
+                .0
+                .extend(slices.iter().map(|(rel, _)| dir.join(rel)));
             let sizes: Vec<Result<u64, Error>> = std::thread::scope(|scope| {
                 let handles: Vec<_> = slices
                     .iter()
