@@ -14,6 +14,7 @@ pub mod csv_import;
 pub mod ndjson_import;
 pub mod parquet_import;
 pub mod schema;
+pub mod streams;
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -31,6 +32,7 @@ use yunqi_types::{ColumnClass, Error, Name, suggest};
 
 pub use csv_import::Reject;
 pub use schema::{Column, ColumnType, Derivation, Manifest, Version};
+pub use streams::{StreamCatalog, StreamManifest};
 
 /// How an import combines with what is there.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

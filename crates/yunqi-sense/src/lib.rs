@@ -1,0 +1,20 @@
+//! Sense, the city brain: continuous SQL views over event streams.
+//!
+//! - [`plan`]: `CREATE STREAM` and `CREATE CONTINUOUS VIEW` from SQL to a [`plan::ViewPlan`],
+//!   with errors that name what is not supported;
+//! - [`engine`]: yunqi's incremental engine — windows in event time, the finest grouping set
+//!   updated per event, coarser levels merged from it at window close, late events counted;
+//! - [`ingest`]: NDJSON and CSV events decoded to the stream's columns, bad events rejected
+//!   one by one;
+//! - [`hll`]: the mergeable approximate distinct count;
+//! - [`keys`]: group keys to dense group numbers.
+#![deny(missing_docs)]
+
+pub mod engine;
+pub mod hll;
+pub mod ingest;
+pub mod keys;
+pub mod plan;
+
+pub use engine::{Closed, Engine, EngineStats, Late};
+pub use plan::{DdlKind, ViewPlan, ddl_kind, parse_create_stream};
