@@ -31,7 +31,7 @@ use parquet::file::properties::WriterProperties;
 use yunqi_types::{ColumnClass, Error, Name, suggest};
 
 pub use csv_import::Reject;
-pub use schema::{Column, ColumnType, Derivation, Manifest, Version};
+pub use schema::{Column, ColumnType, Derivation, Manifest, Version, ViewSource};
 pub use streams::{StreamCatalog, StreamManifest};
 
 /// How an import combines with what is there.
@@ -146,6 +146,13 @@ impl Drop for Unstaged {
 
 /// Imports of this many rows or more are written as one Parquet file per core, in parallel.
 pub const PARALLEL_ROWS_MIN: u64 = 256 * 1024;
+
+/// Versions a continuous view's manifest keeps (older ones' files are removed at the next
+/// start).
+pub const VIEW_VERSIONS_KEPT: usize = 32;
+
+/// A continuous view's version is compacted into one file when it would have more files.
+pub const VIEW_FILES_MAX: usize = 32;
 
 /// Rejected rows shown in an error or a report.
 pub const REJECTS_SHOWN: usize = 10;
@@ -287,6 +294,7 @@ impl DatasetStore {
             columns: spec.columns,
             versions: Vec::new(),
             created_at: now,
+            view: None,
         };
         self.write_manifest(&m)?;
         Ok(m)
@@ -639,6 +647,7 @@ impl DatasetStore {
             bytes: bytes_total,
             rejected: parsed.rejects.len() as u64,
             rejects_file,
+            through_us: None,
         });
         let report = ImportReport {
             dataset: m.sql_name(),
@@ -721,6 +730,110 @@ impl DatasetStore {
         let mut m = self.get(department, name)?;
         change(&mut m)?;
         self.write_manifest(&m)?;
+        Ok(m)
+    }
+
+    /// Marks a dataset as a continuous view's result (or late table).
+    pub fn set_view(
+        &self,
+        department: &str,
+        name: &str,
+        view: Option<ViewSource>,
+    ) -> Result<Manifest, Error> {
+        self.update(department, name, |m| {
+            m.view = view;
+            Ok(())
+        })
+    }
+
+    /// Appends a continuous view's newly closed windows as a new version marked `through_us`
+    /// (the end of the last window written). Views write often, so the manifest keeps the last
+    /// [`VIEW_VERSIONS_KEPT`] versions and the rows are compacted into one file once the
+    /// version has [`VIEW_FILES_MAX`] files.
+    pub fn append_view_rows(
+        &self,
+        department: &str,
+        name: &str,
+        batch: &RecordBatch,
+        through_us: i64,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Manifest, Error> {
+        self.write_view_version(department, name, batch, Some(through_us), false, by, now)
+    }
+
+    /// Replaces a view's late table with `batch`, as a new version.
+    pub fn replace_view_rows(
+        &self,
+        department: &str,
+        name: &str,
+        batch: &RecordBatch,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Manifest, Error> {
+        self.write_view_version(department, name, batch, None, true, by, now)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_view_version(
+        &self,
+        department: &str,
+        name: &str,
+        batch: &RecordBatch,
+        through_us: Option<i64>,
+        replace: bool,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Manifest, Error> {
+        let _guard = self.imports.lock().expect("imports lock");
+        let mut m = self.get(department, name)?;
+        if m.view.is_none() {
+            return Err(Error::invalid(format!(
+                "{} is not a continuous view",
+                m.sql_name()
+            )));
+        }
+        let dir = self.dir(department, name);
+        let number = m.versions.last().map_or(1, |v| v.version + 1);
+        let (mut files, mut rows, mut bytes) = match (replace, m.current()) {
+            (false, Some(v)) => (v.files.clone(), v.rows, v.bytes),
+            _ => (Vec::new(), 0, 0),
+        };
+        let mut written = Unstaged(Vec::new());
+        if batch.num_rows() > 0 {
+            let rel = format!("data/v{number:06}-{}.parquet", random_suffix());
+            written.0.push(dir.join(&rel));
+            if files.len() >= VIEW_FILES_MAX {
+                let mut all = self.read_files(&m, &files)?;
+                all.push(batch.clone());
+                let merged = datafusion::arrow::compute::concat_batches(&m.arrow_schema(), &all)
+                    .map_err(|e| Error::internal(format!("compact view rows: {e}")))?;
+                bytes = self.write_parquet(&dir.join(&rel), &merged)?;
+                files = vec![rel];
+            } else {
+                bytes += self.write_parquet(&dir.join(&rel), batch)?;
+                files.push(rel);
+            }
+            rows += batch.num_rows() as u64;
+        }
+        m.versions.push(Version {
+            version: number,
+            created_at: now,
+            created_by: by.to_string(),
+            mode: if replace { "replace" } else { "append" }.into(),
+            files,
+            rows,
+            bytes,
+            rejected: 0,
+            rejects_file: None,
+            through_us: through_us.or_else(|| m.current().and_then(|v| v.through_us)),
+        });
+        if m.versions.len() > VIEW_VERSIONS_KEPT {
+            let extra = m.versions.len() - VIEW_VERSIONS_KEPT;
+            m.versions.drain(..extra);
+        }
+        self.write_manifest(&m)?;
+        written.0.clear();
         Ok(m)
     }
 

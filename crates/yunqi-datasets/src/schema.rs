@@ -102,6 +102,22 @@ pub struct Version {
     /// File of the rejected rows, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rejects_file: Option<String>,
+    /// For a continuous view's rows: the end of the last window this version holds
+    /// (microseconds), so that a view resuming after a crash knows what it already wrote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub through_us: Option<i64>,
+}
+
+/// What a continuous view (or its late table) computes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ViewSource {
+    /// The `CREATE CONTINUOUS VIEW` statement.
+    pub sql: String,
+    /// The stream it reads, `department.stream`.
+    pub stream: String,
+    /// For a late table: the view whose late events it counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub late_table_of: Option<String>,
 }
 
 /// A dataset derived by a query: its lineage.
@@ -151,6 +167,10 @@ pub struct Manifest {
     pub derived_from: Option<Derivation>,
     /// When the dataset was created.
     pub created_at: DateTime<Utc>,
+    /// Set when the dataset is the result of a continuous view: its rows are written by the
+    /// view, never imported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub view: Option<ViewSource>,
 }
 
 impl Manifest {

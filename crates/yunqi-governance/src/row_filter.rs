@@ -121,6 +121,7 @@ mod tests {
             subject_declared: false,
             derived_from: None,
             created_at: chrono::Utc::now(),
+            view: None,
         }
     }
 
