@@ -353,6 +353,13 @@ pub async fn sql(
         None if accept.contains(ARROW) => "arrow",
         None => "json",
     };
+    if yunqi_sense::ddl_kind(&req.sql).is_some() {
+        let out = state
+            .sense
+            .execute_ddl(&auth.actor, &req.sql, &auth.ctx())
+            .await?;
+        return Ok(axum::Json(out).into_response());
+    }
     let result = state.sql.query(&auth.actor, &req.sql, &auth.ctx()).await?;
     let truncated = if result.truncated { "true" } else { "false" };
     let (content_type, body) = match format {

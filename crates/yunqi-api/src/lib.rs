@@ -10,6 +10,7 @@ pub mod error;
 pub mod extract;
 pub mod handlers;
 pub mod metrics;
+pub mod streams;
 pub mod wire;
 
 use std::sync::{Arc, OnceLock};
@@ -37,6 +38,8 @@ pub struct AppState {
     pub limits: Arc<Limits>,
     /// The governed SQL engine.
     pub sql: Arc<yunqi_sql::SqlEngine>,
+    /// Streams and continuous views.
+    pub sense: Arc<yunqi_sense::Sense>,
     /// HTTP metrics.
     pub metrics: Arc<metrics::Metrics>,
     in_flight: Arc<tokio::sync::Semaphore>,
@@ -44,9 +47,15 @@ pub struct AppState {
 
 impl AppState {
     /// New state.
-    pub fn new(gov: Arc<Governance>, sql: Arc<yunqi_sql::SqlEngine>, limits: Limits) -> Self {
+    pub fn new(
+        gov: Arc<Governance>,
+        sql: Arc<yunqi_sql::SqlEngine>,
+        sense: Arc<yunqi_sense::Sense>,
+        limits: Limits,
+    ) -> Self {
         AppState {
             sql,
+            sense,
             in_flight: Arc::new(tokio::sync::Semaphore::new(limits.requests_in_flight_max)),
             gov,
             limits: Arc::new(limits),
@@ -69,6 +78,8 @@ impl AppState {
         handlers::request_grant, handlers::list_grants, handlers::get_grant,
         handlers::approve_grant, handlers::refuse_grant, handlers::revoke_grant,
         handlers::set_subject, handlers::my_accesses, handlers::add_column, handlers::set_tags, handlers::derive,
+        streams::create_stream, streams::list_streams, streams::get_stream, streams::append_events,
+        streams::list_views, streams::get_view, streams::live,
     ),
     modifiers(&BearerAuth),
     tags(
@@ -76,6 +87,7 @@ impl AppState {
         (name = "audit", description = "The audit chain"),
         (name = "sql", description = "Governed SQL over what the caller may see"),
         (name = "datasets", description = "Datasets, imports and the catalog"),
+        (name = "streams", description = "Event streams and continuous views (the city brain)"),
         (name = "grants", description = "Requests for other departments' data and their decisions"),
         (name = "operations", description = "Health, metrics, this document"),
     )
@@ -169,6 +181,22 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/datasets/{department}/{name}/columns/{column}/class",
             post(handlers::set_class),
         )
+        .route(
+            "/api/v1/streams",
+            get(streams::list_streams).post(streams::create_stream),
+        )
+        .route(
+            "/api/v1/streams/{department}/{name}",
+            get(streams::get_stream),
+        )
+        .route(
+            "/api/v1/streams/{department}/{name}/events",
+            post(streams::append_events)
+                .layer(DefaultBodyLimit::max(state.limits.import_bytes_max)),
+        )
+        .route("/api/v1/views", get(streams::list_views))
+        .route("/api/v1/views/{department}/{name}", get(streams::get_view))
+        .route("/api/v1/views/{department}/{name}/live", get(streams::live))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed);
     api.layer(DefaultBodyLimit::max(state.limits.request_body_bytes_max))

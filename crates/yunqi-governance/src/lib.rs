@@ -11,6 +11,7 @@ mod datasets;
 mod grants;
 pub mod policy;
 pub mod row_filter;
+mod streams;
 pub mod tokens;
 
 use std::collections::{BTreeMap, HashMap};
@@ -27,6 +28,7 @@ use yunqi_types::{
 pub use datasets::Queryable;
 pub use grants::{GRANT_TEXT_CHARS_MAX, GrantFilter, GrantRequest};
 pub use policy::{Action, authorize};
+pub use streams::NewView;
 pub use tokens::NewToken;
 
 /// The name under which yunqi itself appears in the audit chain (bootstrap, start, stop).
@@ -164,6 +166,8 @@ pub struct Governance {
     /// Serialises changes so that check-then-write is atomic.
     write_lock: tokio::sync::Mutex<()>,
     limits: Limits,
+    /// Stream definitions, when streams are enabled.
+    streams: Option<Arc<yunqi_datasets::StreamCatalog>>,
 }
 
 impl Governance {
@@ -184,6 +188,7 @@ impl Governance {
             state: RwLock::new(State::from_snapshot(snapshot)),
             write_lock: tokio::sync::Mutex::new(()),
             limits: Limits::default(),
+            streams: None,
         })
     }
 

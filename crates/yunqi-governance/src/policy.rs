@@ -89,6 +89,13 @@ pub enum Action<'a> {
         /// The department holding the grant.
         grantee: &'a str,
     },
+    /// Send events to a stream.
+    StreamAppend {
+        /// `department.name`.
+        stream: &'a str,
+        /// Its department.
+        department: &'a str,
+    },
     /// Read the audit chain for everyone (admin), a department (steward) or oneself.
     AuditRead {
         /// The department the query is restricted to, if any.
@@ -116,6 +123,7 @@ impl Action<'_> {
             Action::GrantRevoke { .. } => "grant.revoke",
             Action::GrantRead { .. } => "grant.read",
             Action::GrantUse { .. } => "grant.use",
+            Action::StreamAppend { .. } => "stream.append",
         }
     }
 
@@ -137,6 +145,7 @@ impl Action<'_> {
             | Action::GrantRevoke { id, .. }
             | Action::GrantRead { id, .. }
             | Action::GrantUse { id, .. } => format!("grant:{id}"),
+            Action::StreamAppend { stream, .. } => format!("stream:{stream}"),
         }
     }
 }
@@ -163,7 +172,8 @@ pub fn authorize(actor: &Principal, action: &Action<'_>) -> Result<(), Error> {
             Action::DatasetQuery { .. }
             | Action::GrantRequest { .. }
             | Action::GrantDecide { .. }
-            | Action::GrantUse { .. },
+            | Action::GrantUse { .. }
+            | Action::StreamAppend { .. },
         ) => false,
         (Role::Admin, _) => true,
         (_, Action::DepartmentRead) => true,
@@ -202,6 +212,11 @@ pub fn authorize(actor: &Principal, action: &Action<'_>) -> Result<(), Error> {
         (Role::Steward, Action::DatasetWrite { department, .. }) => {
             same_department(Some(department))
         }
+        // Devices and agents send events with a service account of the stream's department.
+        (Role::Steward | Role::Service, Action::StreamAppend { department, .. }) => actor
+            .department
+            .as_ref()
+            .is_some_and(|d| d.as_str() == *department),
         (Role::Citizen, Action::CatalogRead) => false,
         (_, Action::CatalogRead) => true,
         (
@@ -283,6 +298,12 @@ pub fn authorize(actor: &Principal, action: &Action<'_>) -> Result<(), Error> {
         } => (
             format!("permission denied for dataset \"{dataset}\""),
             format!("only stewards of department \"{department}\" manage its datasets"),
+        ),
+        Action::StreamAppend { stream, department } => (
+            format!("permission denied to send events to stream \"{stream}\""),
+            format!(
+                "events are sent by service accounts (or stewards) of department \"{department}\""
+            ),
         ),
         Action::CatalogRead => (
             "permission denied to read the catalog".to_string(),

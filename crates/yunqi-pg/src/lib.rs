@@ -77,19 +77,26 @@ fn fatal(code: &str, e: &Error) -> PgWireError {
 pub struct PgServer {
     gov: Arc<Governance>,
     engine: Arc<SqlEngine>,
+    sense: Arc<yunqi_sense::Sense>,
     params: DefaultServerParameterProvider,
     pid: RandomPidSecretKeyGenerator,
     requests: AtomicU64,
 }
 
 impl PgServer {
-    /// A server over governance and the SQL engine.
-    pub fn new(gov: Arc<Governance>, engine: Arc<SqlEngine>) -> Arc<PgServer> {
+    /// A server over governance, the SQL engine and the streams (for `CREATE STREAM` and
+    /// `CREATE CONTINUOUS VIEW`).
+    pub fn new(
+        gov: Arc<Governance>,
+        engine: Arc<SqlEngine>,
+        sense: Arc<yunqi_sense::Sense>,
+    ) -> Arc<PgServer> {
         let mut params = DefaultServerParameterProvider::default();
         params.server_version = "16.0 (yunqi)".to_string();
         Arc::new(PgServer {
             gov,
             engine,
+            sense,
             params,
             pid: RandomPidSecretKeyGenerator::default(),
             requests: AtomicU64::new(0),
@@ -262,6 +269,19 @@ impl SimpleQueryHandler for PgServer {
     {
         let actor = actor_of(client)?;
         let call = self.call(client);
+        let ddl = query.trim().trim_end_matches(';');
+        if let Some(kind) = yunqi_sense::ddl_kind(ddl) {
+            let tag = match kind {
+                yunqi_sense::DdlKind::CreateStream => "CREATE STREAM",
+                yunqi_sense::DdlKind::CreateContinuousView => "CREATE CONTINUOUS VIEW",
+            };
+            return Ok(vec![
+                match self.sense.execute_ddl(&actor, ddl, &call).await {
+                    Ok(_) => Response::Execution(Tag::new(tag)),
+                    Err(e) => Response::Error(Box::new(error_info("ERROR", sqlstate(&e), &e))),
+                },
+            ]);
+        }
         let statements = match self.engine.split(query) {
             Ok(s) => s,
             Err(e) => {

@@ -744,6 +744,77 @@ pub fn decode_csv(m: &StreamManifest, bytes: &[u8]) -> Result<Decoded, Error> {
     })
 }
 
+/// Decodes an Arrow IPC stream of events: columns are matched by name and cast to the
+/// declared types (a column that cannot be cast refuses the batch); an event without an event
+/// time is rejected.
+pub fn decode_arrow(m: &StreamManifest, bytes: &[u8]) -> Result<Decoded, Error> {
+    use datafusion::arrow::array::{Array, BooleanArray};
+    use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch};
+    let reader =
+        datafusion::arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
+            .map_err(|e| {
+                Error::invalid(format!("not an Arrow IPC stream: {e}")).hint(
+                    "send the Arrow IPC streaming format (application/vnd.apache.arrow.stream)",
+                )
+            })?;
+    let schema = m.arrow_schema();
+    let et = m.column_index(&m.event_time).expect("checked stream");
+    let mut batches = Vec::new();
+    let mut rejected = Vec::new();
+    let mut base = 0usize;
+    for b in reader {
+        let b = b.map_err(|e| Error::invalid(format!("Arrow IPC stream: {e}")))?;
+        let mut cols = Vec::with_capacity(schema.fields().len());
+        for f in schema.fields() {
+            let c = match b.column_by_name(f.name()) {
+                Some(c) => cast(c, f.data_type()).map_err(|e| {
+                    Error::invalid(format!(
+                        "column \"{}\" cannot be read as {}: {e}",
+                        f.name(),
+                        f.data_type()
+                    ))
+                })?,
+                None => datafusion::arrow::array::new_null_array(f.data_type(), b.num_rows()),
+            };
+            cols.push(c);
+        }
+        let ts = cols[et].clone();
+        if ts.null_count() > 0 {
+            for i in 0..ts.len() {
+                if ts.is_null(i) {
+                    rejected.push(Rejected {
+                        index: base + i,
+                        reason: format!("{}: every event needs its event time", m.event_time),
+                    });
+                }
+            }
+        }
+        let nullable = std::sync::Arc::new(datafusion::arrow::datatypes::Schema::new(
+            schema
+                .fields()
+                .iter()
+                .map(|f| f.as_ref().clone().with_nullable(true))
+                .collect::<Vec<_>>(),
+        ));
+        let batch = RecordBatch::try_new(nullable, cols)
+            .map_err(|e| Error::invalid(format!("Arrow IPC stream: {e}")))?;
+        let batch = if ts.null_count() > 0 {
+            let keep: BooleanArray = (0..ts.len()).map(|i| Some(ts.is_valid(i))).collect();
+            filter_record_batch(&batch, &keep)
+                .map_err(|e| Error::internal(format!("filter: {e}")))?
+        } else {
+            batch
+        };
+        let batch = RecordBatch::try_new(schema.clone(), batch.columns().to_vec())
+            .map_err(|e| Error::invalid(format!("Arrow IPC stream: {e}")))?;
+        base += b.num_rows();
+        batches.push(batch);
+    }
+    let batch = concat_batches(&schema, &batches)
+        .map_err(|e| Error::internal(format!("events batch: {e}")))?;
+    Ok(Decoded { batch, rejected })
+}
+
 /// A CSV field as a value of the column's type (text as text, numbers parsed).
 fn csv_value(t: ColumnType, raw: &str) -> Value<'_> {
     match t {

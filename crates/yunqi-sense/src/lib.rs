@@ -6,6 +6,8 @@
 //!   updated per event, coarser levels merged from it at window close, late events counted;
 //! - [`ingest`]: NDJSON and CSV events decoded to the stream's columns, bad events rejected
 //!   one by one;
+//! - [`runtime`]: events in (audited, durable), one runner per view (log → engine → the
+//!   view's dataset, live feed, checkpoint), exactly once across crashes;
 //! - [`hll`]: the mergeable approximate distinct count;
 //! - [`keys`]: group keys to dense group numbers.
 #![deny(missing_docs)]
@@ -15,6 +17,9 @@ pub mod hll;
 pub mod ingest;
 pub mod keys;
 pub mod plan;
+pub mod runtime;
+pub mod validate;
 
 pub use engine::{Closed, Engine, EngineStats, Late};
 pub use plan::{DdlKind, ViewPlan, ddl_kind, parse_create_stream};
+pub use runtime::{AppendReport, DdlOutcome, EventFormat, Sense, ViewStatus};

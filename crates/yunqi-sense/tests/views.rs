@@ -153,7 +153,7 @@ fn unsupported_sql_names_the_construct() {
         (format!("{base} GROUP BY window_start HAVING count(*) > 1"), "HAVING"),
         (format!("{base} GROUP BY window_start LIMIT 3"), "LIMIT"),
         (format!("{base} GROUP BY window_start, upper(plate)"), "upper(plate)"),
-        (format!("{base}"), "groups by window"),
+        (base.to_string(), "groups by window"),
         (
             "CREATE CONTINUOUS VIEW traffic.v AS SELECT window_start, median(speed) AS m FROM TUMBLE(traffic.detections, ts, INTERVAL '1' MINUTE) GROUP BY window_start".into(),
             "median",

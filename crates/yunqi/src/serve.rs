@@ -176,11 +176,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let datasets =
         yunqi_datasets::DatasetStore::open(&data.join("datasets"), limits.import_bytes_max)
             .map_err(crate::user_error)?;
+    let streams_catalog = Arc::new(
+        yunqi_datasets::StreamCatalog::open(&data.join("streams").join("catalog"))
+            .map_err(crate::user_error)?,
+    );
+    let log = yunqi_stream::SegmentLog::open(
+        &data.join("streams").join("log"),
+        yunqi_stream::LogConfig::default(),
+        clock.clone(),
+    )
+    .map_err(crate::user_error)?;
     let gov = Arc::new(
         Governance::open(store, datasets, audit.clone(), clock)
             .map_err(crate::user_error)?
-            .with_limits(limits.clone()),
+            .with_limits(limits.clone())
+            .with_streams(streams_catalog),
     );
+    let sense = yunqi_sense::Sense::open(gov.clone(), log.clone(), &data.join("views"))
+        .map_err(crate::user_error)?;
 
     let token_path = data.join("admin.token");
     if let Some(token) = gov.bootstrap().await.map_err(crate::user_error)? {
@@ -231,22 +244,32 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let engine = Arc::new(yunqi_sql::SqlEngine::new(gov.clone(), limits.clone()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
+    {
+        let sense = sense.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            // Live feeds end first: graceful shutdown waits for open connections.
+            sense.begin_shutdown();
+            let _ = stop_tx.send(true);
+        });
+    }
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let pg_task = tokio::spawn(yunqi_pg::serve(
         pg,
-        yunqi_pg::PgServer::new(gov.clone(), engine.clone()),
+        yunqi_pg::PgServer::new(gov.clone(), engine.clone(), sense.clone()),
         tls,
         stopped(stop_rx.clone()),
     ));
-    let state = yunqi_api::AppState::new(gov.clone(), engine, limits);
+    let state = yunqi_api::AppState::new(gov.clone(), engine, sense.clone(), limits);
     yunqi_api::serve(http, yunqi_api::router(state), stopped(stop_rx)).await?;
     let _ = pg_task.await;
+    {
+        let sense = sense.clone();
+        let _ = tokio::task::spawn_blocking(move || sense.shutdown()).await;
+    }
+    yunqi_stream::StreamLog::shutdown(log.as_ref()).await;
 
     let _ = gov
         .record_system("yunqi.stop", "graceful shutdown".into())
