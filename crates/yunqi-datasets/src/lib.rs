@@ -447,6 +447,14 @@ impl DatasetStore {
             .hint("split the file and import the parts with --mode append"));
         }
         let mut m = self.get(department, name)?;
+        if let Some(v) = &m.view {
+            return Err(Error::invalid(format!(
+                "{} is written by a continuous view, not by imports",
+                m.sql_name()
+            ))
+            .detail(format!("it holds the results of: {}", v.sql))
+            .hint("send events to the stream it reads instead"));
+        }
         let parquet = match options.format {
             Some(Format::Parquet) => true,
             Some(_) => false,

@@ -639,8 +639,20 @@ fn bytecount_lines(b: &[u8]) -> usize {
 pub fn decode_csv(m: &StreamManifest, bytes: &[u8]) -> Result<Decoded, Error> {
     let text = std::str::from_utf8(bytes)
         .map_err(|e| Error::invalid(format!("events are not UTF-8 (byte {})", e.valid_up_to())))?;
-    let mut lines = text.split('\n');
-    let header = lines.next().unwrap_or("").trim_end_matches('\r');
+    let (header, body) = text.split_once('\n').unwrap_or((text, ""));
+    decode_csv_with_header(m, header, body)
+}
+
+/// Decodes CSV lines (no header line) whose columns `header` names: a large file is decoded
+/// in pieces that share the file's header.
+pub fn decode_csv_with_header(
+    m: &StreamManifest,
+    header: &str,
+    text: &str,
+) -> Result<Decoded, Error> {
+    let bytes = text.as_bytes();
+    let lines = text.split('\n');
+    let header = header.trim_end_matches('\r');
     let names: Vec<&str> = header
         .split(',')
         .map(|h| h.trim().trim_matches('"'))

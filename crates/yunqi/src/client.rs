@@ -115,6 +115,27 @@ impl Api {
         })
     }
 
+    /// POSTs a body with its content type.
+    pub fn post_raw(&self, path: &str, content_type: &str, body: &[u8]) -> anyhow::Result<Reply> {
+        let url = format!("{}{path}", self.base);
+        let auth = self.auth()?;
+        let mut response = self
+            .agent
+            .post(&url)
+            .header("Authorization", &auth)
+            .header("Content-Type", content_type)
+            .send(body)
+            .with_context(|| format!("cannot reach yunqi at {}\nhint: is `yunqi serve` running? set YUNQI_URL to its address", self.base))?;
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok(if (200..300).contains(&status) {
+            Reply::Ok(value)
+        } else {
+            Reply::Error(status, value)
+        })
+    }
+
     pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Reply> {
         let url = format!("{}{path}", self.base);
         let auth = self.auth()?;
@@ -147,7 +168,11 @@ impl Api {
 }
 
 /// Prints a reply: `ok` renders a success in text mode. Returns the exit code.
-fn finish(reply: Reply, json: bool, ok: impl FnOnce(&Value)) -> anyhow::Result<ExitCode> {
+pub(crate) fn finish(
+    reply: Reply,
+    json: bool,
+    ok: impl FnOnce(&Value),
+) -> anyhow::Result<ExitCode> {
     match reply {
         Reply::Ok(v) => {
             if json {
@@ -180,11 +205,11 @@ fn finish(reply: Reply, json: bool, ok: impl FnOnce(&Value)) -> anyhow::Result<E
     }
 }
 
-fn s(v: &Value) -> &str {
+pub(crate) fn s(v: &Value) -> &str {
     v.as_str().unwrap_or("")
 }
 
-fn enc(s: &str) -> String {
+pub(crate) fn enc(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'*' | b':') {
@@ -539,7 +564,7 @@ pub fn whoami(api: &Api, json: bool) -> anyhow::Result<ExitCode> {
 }
 
 /// Splits `department.dataset`.
-fn dataset_name(raw: &str) -> anyhow::Result<(String, String)> {
+pub(crate) fn dataset_name(raw: &str) -> anyhow::Result<(String, String)> {
     match raw.split_once('.') {
         Some((d, n)) if !d.is_empty() && !n.is_empty() && !n.contains('.') => {
             Ok((d.to_string(), n.to_string()))

@@ -4,7 +4,9 @@
 
 mod bench;
 mod bench_share;
+mod bench_stream;
 mod client;
+mod client_stream;
 mod serve;
 mod simulate;
 
@@ -69,6 +71,12 @@ enum Command {
     /// The catalog: search datasets, show one with its grants.
     #[command(subcommand)]
     Catalog(client::CatalogCommand),
+    /// Streams of events (the city brain): list, show, replay a file.
+    #[command(subcommand)]
+    Stream(client_stream::StreamCommand),
+    /// Continuous views over streams: list, show progress.
+    #[command(subcommand)]
+    View(client_stream::ViewCommand),
     /// The audit chain.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -85,7 +93,7 @@ enum Command {
 #[derive(Subcommand)]
 enum SimulateCommand {
     /// Vehicle detections of the simulated city (deterministic for a seed), out of order
-    /// within --max-delay-ms, as NDJSON.
+    /// within --max-delay-ms, as NDJSON or CSV.
     Traffic(simulate::TrafficArgs),
 }
 
@@ -137,6 +145,8 @@ fn main() -> ExitCode {
                 Command::Sql(a) => client::sql(&api, a, json),
                 Command::Accesses => client::accesses(&api, json),
                 Command::Catalog(c) => client::catalog(&api, c, json),
+                Command::Stream(c) => client_stream::stream(&api, c, json),
+                Command::View(c) => client_stream::view(&api, c, json),
                 Command::Audit(AuditCommand::List(a)) => client::audit_list(&api, a, json),
                 Command::Whoami => client::whoami(&api, json),
                 _ => unreachable!("handled above"),

@@ -53,9 +53,21 @@ pub struct TrafficArgs {
     /// Seed of the generator.
     #[arg(long, default_value_t = 2026)]
     pub seed: u64,
-    /// Write NDJSON to this file ("-": standard output).
+    /// Write to this file ("-": standard output).
     #[arg(long, default_value = "-")]
     pub out: String,
+    /// `ndjson` (one event per line) or `csv` (with a header).
+    #[arg(long, value_enum, default_value_t = OutFormat::Ndjson)]
+    pub format: OutFormat,
+}
+
+/// How `yunqi simulate` writes events.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutFormat {
+    /// One JSON object per line, timestamps in RFC 3339.
+    Ndjson,
+    /// `plate,segment,district,speed,ts` with a header line.
+    Csv,
 }
 
 /// A small deterministic generator (splitmix64), shared with the benchmarks' data.
@@ -199,16 +211,23 @@ pub fn traffic(args: TrafficArgs) -> anyhow::Result<ExitCode> {
     };
     let mut out = std::io::BufWriter::with_capacity(1 << 20, out);
     let t = std::time::Instant::now();
+    if args.format == OutFormat::Csv {
+        writeln!(out, "plate,segment,district,speed,ts")?;
+    }
     let written = detections(&args, start, |d| {
-        writeln!(
-            out,
-            r#"{{"plate":"{}","segment":{},"district":"{}","speed":{},"ts":"{}"}}"#,
-            d.plate,
-            d.segment,
-            d.district,
-            d.speed,
-            d.ts.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-        )
+        let ts = d.ts.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        match args.format {
+            OutFormat::Ndjson => writeln!(
+                out,
+                r#"{{"plate":"{}","segment":{},"district":"{}","speed":{},"ts":"{ts}"}}"#,
+                d.plate, d.segment, d.district, d.speed
+            ),
+            OutFormat::Csv => writeln!(
+                out,
+                "{},{},{},{},{ts}",
+                d.plate, d.segment, d.district, d.speed
+            ),
+        }
     })
     .and_then(|n| out.flush().map(|_| n));
     let n = match written {
@@ -240,6 +259,7 @@ mod tests {
             max_delay_ms: 2_000,
             seed: 7,
             out: "-".into(),
+            format: OutFormat::Ndjson,
         }
     }
 
