@@ -349,6 +349,51 @@ async fn streams_and_continuous_views_end_to_end() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
+    // The CLI: replay a file (bad lines named by line number), show the view; a view's
+    // dataset takes no imports.
+    let file = dir.path().join("more.ndjson");
+    let mut more = events(200, 3700.0, 20.0, 77);
+    more.insert(3, "{\"plate\":\"x\"}".into());
+    std::fs::write(&file, more.join("\n")).unwrap();
+    let (code, out, err) = common::cli(
+        &s,
+        &camera,
+        &[
+            "stream",
+            "replay",
+            "traffic.detections",
+            file.to_str().unwrap(),
+            "--batch",
+            "64",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("200 events sent and durable, 1 rejected"),
+        "{out}"
+    );
+    assert!(
+        out.contains("line 4: ts: every event needs its event time"),
+        "{out}"
+    );
+    let (code, out, err) = common::cli(&s, &steward, &["view", "show", "traffic.flow_1m"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("traffic.flow_1m  over traffic.detections"),
+        "{out}"
+    );
+    let (code, out, err) = common::cli(&s, &steward, &["stream", "list"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("traffic.detections (plate text"), "{out}");
+    let mut r = common::agent()
+        .post(format!("{}/api/v1/datasets/traffic/flow_1m/import", s.url))
+        .header("Authorization", format!("Bearer {steward}"))
+        .send("window_start,vehicles\n2026-11-26T00:00:00Z,1\n")
+        .unwrap();
+    let text = r.body_mut().read_to_string().unwrap();
+    assert_eq!(r.status().as_u16(), 400, "{text}");
+    assert!(text.contains("written by a continuous view"), "{text}");
+
     // A restart resumes where the view was: nothing written twice, new windows still close.
     let before = sql(&s, &steward, "SELECT count(*) AS n FROM traffic.flow_1m")["rows"][0][0]
         .as_i64()
@@ -357,8 +402,8 @@ async fn streams_and_continuous_views_end_to_end() {
     let s = Server::start(dir.path());
     let (status, v) = post_events(&s, &camera, "", &events(1, 10_800.0, 1.0, 4)[0]);
     assert_eq!(status, 200);
-    assert_eq!(v["end_offset"], 3104, "{v}");
-    wait_view(&s, &steward, "traffic/flow_1m", 3104);
+    assert_eq!(v["end_offset"], 3304, "{v}");
+    wait_view(&s, &steward, "traffic/flow_1m", 3304);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let all = sql(
