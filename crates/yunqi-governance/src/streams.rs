@@ -113,6 +113,11 @@ impl Governance {
         self.stream_catalog()?.get(name)
     }
 
+    /// Every stream's definition, for yunqi's own use (retention).
+    pub fn stream_definitions(&self) -> Vec<StreamManifest> {
+        self.streams.as_ref().map(|c| c.list()).unwrap_or_default()
+    }
+
     /// Authorises sending events to a stream (auditing a denial); returns its definition.
     pub async fn authorize_append(
         &self,

@@ -219,10 +219,9 @@ impl Sense {
         Ok(sense)
     }
 
+    /// Trims every stream's log to its declared retention.
     fn apply_retention(&self) {
-        let Ok(streams) = self.gov.dataset_store().list().map(|_| self.stream_names()) else {
-            return;
-        };
+        let streams = self.gov.stream_definitions();
         let now = chrono::Utc::now().timestamp_micros();
         for m in streams {
             let r = Retention {
@@ -236,17 +235,6 @@ impl Sense {
                 tracing::warn!(stream = %m.sql_name(), error = %e.message, "retention failed");
             }
         }
-    }
-
-    fn stream_names(&self) -> Vec<StreamManifest> {
-        let views = self.views.read().expect("views lock");
-        let mut names: Vec<String> = views.values().map(|v| v.plan.stream.clone()).collect();
-        names.sort();
-        names.dedup();
-        names
-            .iter()
-            .filter_map(|n| self.gov.stream_definition(n).ok())
-            .collect()
     }
 
     /// Runs `CREATE STREAM` or `CREATE CONTINUOUS VIEW`.
@@ -587,6 +575,8 @@ struct Runner {
     checkpoint: PathBuf,
     late_written: usize,
     late_events_written: u64,
+    /// Events removed by retention before this view read them (since start).
+    lost: u64,
 }
 
 impl Runner {
@@ -632,6 +622,7 @@ impl Runner {
             checkpoint,
             late_written: usize::MAX,
             late_events_written,
+            lost: 0,
         })
     }
 
@@ -647,6 +638,16 @@ impl Runner {
             if self.offset < end {
                 match self.step(&stream) {
                     Ok(()) => progressed = true,
+                    Err(_) if self.offset < self.sense.log.start_offset(&stream) => {
+                        // Retention removed events this view had not read: say so and go on
+                        // from what is left, rather than stop for good.
+                        let start = self.sense.log.start_offset(&stream);
+                        let lost = start - self.offset;
+                        tracing::error!(view = %self.handle.plan.sql_name(), lost, "events were removed by retention before the view read them");
+                        self.lost += lost;
+                        self.offset = start;
+                        continue;
+                    }
                     Err(e) => {
                         tracing::error!(view = %self.handle.plan.sql_name(), error = %e.message, "view stopped on an error; retrying");
                         self.status(Some(e.message.clone()));
@@ -801,7 +802,14 @@ impl Runner {
         st.events_filtered = s.events_filtered;
         st.open_windows = s.open_windows;
         st.windows_written = self.windows_written;
-        st.error = error;
+        st.error = error.or_else(|| {
+            (self.lost > 0).then(|| {
+                format!(
+                    "{} events were removed by the stream's retention before this view read them",
+                    self.lost
+                )
+            })
+        });
     }
 }
 
