@@ -134,29 +134,6 @@ impl Governance {
         Ok(m)
     }
 
-    /// Records a batch of events sent to a stream (before they are appended: no event is
-    /// visible before its audit record is durable).
-    pub async fn record_append(
-        &self,
-        actor: &Actor,
-        name: &str,
-        outcome: Outcome,
-        detail: String,
-        ctx: &CallContext,
-    ) -> Result<(), Error> {
-        self.audit
-            .append(vec![Self::actor_event(
-                actor,
-                "stream.append",
-                format!("stream:{name}"),
-                outcome,
-                detail,
-                ctx,
-            )])
-            .await
-            .map(|_| ())
-    }
-
     /// Creates a continuous view's result dataset and its late table (stewards of the
     /// department, admins). `sql` is the view's statement, already checked by the planner.
     pub async fn create_view(
@@ -195,20 +172,19 @@ impl Governance {
             }
         }
         let description = format!("continuous view over {}", source.stream);
-        let view = self
-            .create_dataset(
-                actor,
-                DatasetSpec {
-                    department: department.clone(),
-                    name: name.clone(),
-                    description: description.clone(),
-                    columns,
-                    subject: None,
-                    tags: vec!["stream".into()],
-                },
-                ctx,
-            )
-            .await?;
+        self.create_dataset(
+            actor,
+            DatasetSpec {
+                department: department.clone(),
+                name: name.clone(),
+                description: description.clone(),
+                columns,
+                subject: None,
+                tags: vec!["stream".into()],
+            },
+            ctx,
+        )
+        .await?;
         self.create_dataset(
             actor,
             DatasetSpec {
@@ -240,7 +216,6 @@ impl Governance {
         })
         .await
         .map_err(|e| Error::internal(format!("view task failed: {e}")))??;
-        let _ = view;
         self.audit
             .append(vec![Self::actor_event(
                 actor,

@@ -519,13 +519,6 @@ impl Engine {
         }))
     }
 
-    /// The current (partial) contents of the open windows, as the view's rows.
-    pub fn open_rows(&self) -> Result<RecordBatch, Error> {
-        let mut open = self.s.windows.clone();
-        open.sort_by_key(|w| w.index);
-        self.emit(&open)
-    }
-
     /// The late table: one row per window that received late events.
     pub fn late_rows(&self) -> Result<RecordBatch, Error> {
         let size = self.plan.window.size_us;
@@ -548,11 +541,6 @@ impl Engine {
         ];
         RecordBatch::try_new(late_schema(), cols)
             .map_err(|e| Error::internal(format!("late table: {e}")))
-    }
-
-    /// The late counts, by window start.
-    pub fn late(&self) -> &BTreeMap<i64, Late> {
-        &self.s.late
     }
 
     fn emit(&self, windows: &[Window]) -> Result<RecordBatch, Error> {
@@ -582,7 +570,6 @@ impl Engine {
                     }
                 } else {
                     let mut at: crate::keys::FxMap<Vec<u32>, usize> = Default::default();
-                    let first = rows.len();
                     for (g, &c) in w.rows.iter().enumerate() {
                         if c == 0 {
                             continue;
@@ -608,7 +595,6 @@ impl Engine {
                             }
                         }
                     }
-                    let _ = first;
                 }
             }
         }

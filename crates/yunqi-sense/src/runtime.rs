@@ -321,6 +321,16 @@ impl Sense {
         };
         let accepted = decoded.batch.num_rows() as u64;
         let rejected = decoded.rejected.len() as u64;
+        // Checked before anything is audited or written: a batch is one log entry.
+        let count = u32::try_from(accepted).map_err(|_| {
+            Error::limit(
+                "events_per_batch",
+                u32::MAX as u64,
+                "too many events in one batch",
+            )
+            .hint("send the events in several requests")
+        })?;
+        let object = format!("stream:{stream}");
         if atomic && rejected > 0 {
             let first: Vec<String> = decoded
                 .rejected
@@ -329,9 +339,10 @@ impl Sense {
                 .map(|r| format!("event {}: {}", r.index, r.reason))
                 .collect();
             self.gov
-                .record_append(
+                .record_access(
                     actor,
-                    stream,
+                    "stream.append",
+                    &object,
                     Outcome::Failed,
                     format!(
                         "batch refused: {rejected} of {} events bad",
@@ -347,10 +358,12 @@ impl Sense {
             .detail(first.join("; "))
             .hint("fix the events named, or send without atomic=true to accept the good ones"));
         }
+        // Audited before the append: no event is visible before its record is durable.
         self.gov
-            .record_append(
+            .record_access(
                 actor,
-                stream,
+                "stream.append",
+                &object,
                 Outcome::Ok,
                 format!("{accepted} events accepted, {rejected} rejected"),
                 ctx,
@@ -358,13 +371,6 @@ impl Sense {
             .await?;
         let (first, end) = if accepted > 0 {
             let payload = encode_ipc(&decoded.batch)?;
-            let count = u32::try_from(accepted).map_err(|_| {
-                Error::limit(
-                    "events_per_batch",
-                    u32::MAX as u64,
-                    "too many events in one batch",
-                )
-            })?;
             let a = self.log.append(stream, count, payload).await?;
             self.wake.notify();
             (a.first, a.end)
@@ -382,18 +388,6 @@ impl Sense {
             first_offset: first,
             end_offset: end,
         })
-    }
-
-    /// Appends an already decoded batch (benchmarks, replay), without audit: the caller is
-    /// yunqi itself.
-    pub async fn append_batch(&self, stream: &str, batch: &RecordBatch) -> Result<u64, Error> {
-        let payload = encode_ipc(batch)?;
-        let a = self
-            .log
-            .append(stream, batch.num_rows() as u32, payload)
-            .await?;
-        self.wake.notify();
-        Ok(a.end)
     }
 
     /// Views, with their progress (anyone who may read the catalog).
@@ -451,28 +445,6 @@ impl Sense {
     /// Whether `stream` is the key of a declared stream the log knows.
     pub fn end_offset(&self, stream: &str) -> u64 {
         self.log.end_offset(stream)
-    }
-
-    /// Waits until every view of `stream` has processed the log up to `offset` (tests,
-    /// benchmarks, replay). Returns false on timeout.
-    pub fn wait_processed(&self, stream: &str, offset: u64, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let done = {
-                let views = self.views.read().expect("views lock");
-                views
-                    .values()
-                    .filter(|v| v.plan.stream == stream)
-                    .all(|v| v.status.lock().expect("status lock").offset >= offset)
-            };
-            if done {
-                return true;
-            }
-            if Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
     }
 
     fn start(self: &Arc<Self>, plan: Arc<ViewPlan>) -> Result<(), Error> {
@@ -555,6 +527,15 @@ pub fn decode_ipc(bytes: &[u8]) -> Result<Vec<RecordBatch>, Error> {
         .map_err(|e| Error::internal(format!("decode events: {e}")))
 }
 
+/// A checkpoint that cannot be read. The view can be recomputed: its written windows stay
+/// (the dataset's mark skips them) and the rest is re-read from the log, while it still holds
+/// the stream from its start.
+fn damaged_checkpoint(path: &Path, why: &str) -> Error {
+    Error::internal(format!("checkpoint {} is unreadable: {why}", path.display())).hint(
+        "stop yunqi and move the file aside: the view then recomputes from the start of the stream's log, without writing a window twice",
+    )
+}
+
 /// The checkpoint file's first line.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct CheckpointHeader {
@@ -585,13 +566,15 @@ impl Runner {
         let checkpoint = sense.dir.join(format!("{}.checkpoint", plan.sql_name()));
         let (engine, offset, windows_written) = match std::fs::read(&checkpoint) {
             Ok(bytes) => {
-                let nl = bytes.iter().position(|&b| b == b'\n').ok_or_else(|| {
-                    Error::internal(format!("checkpoint {} is damaged", checkpoint.display()))
-                })?;
+                let nl = bytes
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .ok_or_else(|| damaged_checkpoint(&checkpoint, "no header line"))?;
                 let header: CheckpointHeader = serde_json::from_slice(&bytes[..nl])
-                    .map_err(|e| Error::internal(format!("checkpoint header: {e}")))?;
+                    .map_err(|e| damaged_checkpoint(&checkpoint, &e.to_string()))?;
                 (
-                    Engine::restore(plan.clone(), &bytes[nl + 1..])?,
+                    Engine::restore(plan.clone(), &bytes[nl + 1..])
+                        .map_err(|e| damaged_checkpoint(&checkpoint, &e.message))?,
                     header.offset,
                     header.windows_written,
                 )

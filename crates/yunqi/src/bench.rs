@@ -57,29 +57,7 @@ pub enum BenchCommand {
     /// Events per second per core into the city brain's three-level rollup: in-process Arrow
     /// batches, CSV and NDJSON files, NDJSON over HTTP (durable), and how soon a closed window
     /// reaches a live subscriber.
-    Stream {
-        /// Generated detections for the in-process and file runs.
-        #[arg(long, default_value_t = 10_000_000)]
-        events: u64,
-        /// Runs of each in-process measurement (the median is reported).
-        #[arg(long, default_value_t = 3)]
-        runs: usize,
-        /// Measure this CSV or NDJSON file instead of generated ones.
-        #[arg(long)]
-        file: Option<PathBuf>,
-        /// Events sent over HTTP (0 to skip).
-        #[arg(long, default_value_t = 2_000_000)]
-        http_events: u64,
-        /// Concurrent HTTP clients.
-        #[arg(long, default_value_t = 4)]
-        http_clients: usize,
-        /// Events per HTTP request.
-        #[arg(long, default_value_t = 50_000)]
-        http_batch: usize,
-        /// Directory to write in (default: a temporary directory).
-        #[arg(long)]
-        dir: Option<PathBuf>,
-    },
+    Stream(crate::bench_stream::StreamBench),
     /// Query time governed (a grantee through yunqi's engine: grant, masks, audit) against
     /// ungoverned (plain DataFusion on the same files), and against DuckDB on the same files.
     Sql {
@@ -219,26 +197,7 @@ pub fn run(cmd: BenchCommand, json_out: bool) -> anyhow::Result<ExitCode> {
             python,
             dir,
         } => crate::bench_share::sql(rows, runs, python, dir, json_out),
-        BenchCommand::Stream {
-            events,
-            runs,
-            file,
-            http_events,
-            http_clients,
-            http_batch,
-            dir,
-        } => crate::bench_stream::stream(
-            crate::bench_stream::StreamBench {
-                events,
-                runs,
-                file,
-                http_events,
-                http_clients,
-                http_batch,
-                dir,
-            },
-            json_out,
-        ),
+        BenchCommand::Stream(o) => crate::bench_stream::stream(o, json_out),
     }
 }
 

@@ -18,7 +18,7 @@ use serde_json::json;
 use yunqi_sense::{Engine, ViewPlan, parse_create_stream};
 
 use crate::bench::{median, progress, workdir};
-use crate::simulate::{Detection, TrafficArgs, detections};
+use crate::simulate::{Detection, OutFormat, TrafficArgs, detections};
 
 const STREAM: &str = "CREATE STREAM traffic.detections (plate TEXT, segment INT, district TEXT, speed DOUBLE, ts TIMESTAMP) WITH (event_time = 'ts', watermark = '5 seconds')";
 /// The city brain's rollup: road segment → district → city, per minute.
@@ -29,13 +29,28 @@ pub const SEGMENT_COUNT: &str = "CREATE CONTINUOUS VIEW traffic.seg_1m AS SELECT
 const BATCH_ROWS: usize = 65_536;
 
 /// Options of `yunqi bench stream`.
+#[derive(clap::Args)]
 pub struct StreamBench {
+    /// Generated detections for the in-process and file runs.
+    #[arg(long, default_value_t = 10_000_000)]
     pub events: u64,
+    /// Runs of each in-process measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Measure this CSV or NDJSON file instead of generated ones.
+    #[arg(long)]
     pub file: Option<PathBuf>,
+    /// Events sent over HTTP (0 to skip).
+    #[arg(long, default_value_t = 2_000_000)]
     pub http_events: u64,
+    /// Concurrent HTTP clients.
+    #[arg(long, default_value_t = 4)]
     pub http_clients: usize,
+    /// Events per HTTP request.
+    #[arg(long, default_value_t = 50_000)]
     pub http_batch: usize,
+    /// Directory to write in (default: a temporary directory).
+    #[arg(long)]
     pub dir: Option<PathBuf>,
 }
 
@@ -60,7 +75,7 @@ fn generate(events: u64, seconds: u64) -> anyhow::Result<Vec<Detection>> {
         max_delay_ms: 2_000,
         seed: 2026,
         out: String::new(),
-        format: crate::simulate::OutFormat::Ndjson,
+        format: OutFormat::Ndjson,
     };
     let start = chrono::DateTime::parse_from_rfc3339("2026-11-26T08:00:00+08:00")?.to_utc();
     let mut out = Vec::with_capacity(events as usize);
@@ -199,28 +214,6 @@ fn run_file(plan: &Arc<ViewPlan>, text: &str, csv: bool) -> anyhow::Result<(f64,
     Ok((t.elapsed().as_secs_f64(), parse.as_secs_f64(), rows))
 }
 
-fn csv_line(d: &Detection) -> String {
-    format!(
-        "{},{},{},{},{}\n",
-        d.plate,
-        d.segment,
-        d.district,
-        d.speed,
-        d.ts.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-    )
-}
-
-fn ndjson_line(d: &Detection) -> String {
-    format!(
-        "{{\"plate\":\"{}\",\"segment\":{},\"district\":\"{}\",\"speed\":{},\"ts\":\"{}\"}}\n",
-        d.plate,
-        d.segment,
-        d.district,
-        d.speed,
-        d.ts.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-    )
-}
-
 pub fn stream(o: StreamBench, json_out: bool) -> anyhow::Result<ExitCode> {
     let say = progress(json_out);
     let (_guard, dir) = workdir(o.dir.clone())?;
@@ -264,13 +257,13 @@ pub fn stream(o: StreamBench, json_out: bool) -> anyhow::Result<ExitCode> {
             let mut w = std::io::BufWriter::new(std::fs::File::create(&csv)?);
             w.write_all(b"plate,segment,district,speed,ts\n")?;
             for d in &ev {
-                w.write_all(csv_line(d).as_bytes())?;
+                w.write_all(d.line(OutFormat::Csv).as_bytes())?;
             }
             w.flush()?;
             let nd = dir.join("detections.ndjson");
             let mut w = std::io::BufWriter::new(std::fs::File::create(&nd)?);
             for d in &ev {
-                w.write_all(ndjson_line(d).as_bytes())?;
+                w.write_all(d.line(OutFormat::Ndjson).as_bytes())?;
             }
             w.flush()?;
             vec![("csv".into(), csv, true), ("ndjson".into(), nd, false)]
@@ -463,7 +456,12 @@ fn http(
         .chunks(o.http_batch)
         .map(|c| {
             let max = c.iter().map(|d| d.ts.timestamp_micros()).max().unwrap_or(0);
-            (c.iter().map(ndjson_line).collect::<String>(), max)
+            (
+                c.iter()
+                    .map(|d| d.line(OutFormat::Ndjson))
+                    .collect::<String>(),
+                max,
+            )
         })
         .collect();
     let bytes: usize = bodies.iter().map(|b| b.0.len()).sum();
@@ -510,7 +508,7 @@ fn http(
         &events_url,
         &camera,
         "application/x-ndjson",
-        &ndjson_line(&flush),
+        &flush.line(OutFormat::Ndjson),
     )?;
     let deadline = Instant::now() + Duration::from_secs(60);
     let last_end = {

@@ -129,6 +129,23 @@ pub struct Detection {
     pub ts: DateTime<Utc>,
 }
 
+impl Detection {
+    /// The detection as one line of `format` (with its newline; CSV without the header).
+    pub fn line(&self, format: OutFormat) -> String {
+        let ts = self.ts.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        match format {
+            OutFormat::Ndjson => format!(
+                "{{\"plate\":\"{}\",\"segment\":{},\"district\":\"{}\",\"speed\":{},\"ts\":\"{ts}\"}}\n",
+                self.plate, self.segment, self.district, self.speed
+            ),
+            OutFormat::Csv => format!(
+                "{},{},{},{},{ts}\n",
+                self.plate, self.segment, self.district, self.speed
+            ),
+        }
+    }
+}
+
 /// The detections of `args`, in delivery order (out of order in event time, within the delay).
 pub fn detections(
     args: &TrafficArgs,
@@ -215,19 +232,7 @@ pub fn traffic(args: TrafficArgs) -> anyhow::Result<ExitCode> {
         writeln!(out, "plate,segment,district,speed,ts")?;
     }
     let written = detections(&args, start, |d| {
-        let ts = d.ts.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-        match args.format {
-            OutFormat::Ndjson => writeln!(
-                out,
-                r#"{{"plate":"{}","segment":{},"district":"{}","speed":{},"ts":"{ts}"}}"#,
-                d.plate, d.segment, d.district, d.speed
-            ),
-            OutFormat::Csv => writeln!(
-                out,
-                "{},{},{},{},{ts}",
-                d.plate, d.segment, d.district, d.speed
-            ),
-        }
+        out.write_all(d.line(args.format).as_bytes())
     })
     .and_then(|n| out.flush().map(|_| n));
     let n = match written {

@@ -39,20 +39,8 @@ fn verify(dir: &std::path::Path) -> Value {
 
 #[test]
 fn kill_9_under_load_loses_nothing_acknowledged() {
-    let seed: u64 = std::env::var("YUNQI_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
-    let iterations: usize = std::env::var("YUNQI_CRASH_ITERATIONS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
+    let seed = common::test_seed();
+    let iterations: usize = common::env_or("YUNQI_CRASH_ITERATIONS", 20);
     println!("crash test seed {seed} ({iterations} kills); replay with YUNQI_TEST_SEED={seed}");
     let mut rng = Rng(seed);
     let dir = tempfile::tempdir().unwrap();

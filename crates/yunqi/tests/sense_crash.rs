@@ -125,20 +125,8 @@ fn final_rows(s: &Server, token: &str, end: u64) -> BTreeMap<String, String> {
 
 #[test]
 fn kill_9_at_random_points_gives_the_uninterrupted_results() {
-    let seed: u64 = std::env::var("YUNQI_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
-    let kills: u64 = std::env::var("YUNQI_SENSE_KILLS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(50);
+    let seed = common::test_seed();
+    let kills: u64 = common::env_or("YUNQI_SENSE_KILLS", 50);
     println!("sense crash test seed {seed} ({kills} kills); replay with YUNQI_TEST_SEED={seed}");
     let mut rng = Rng(seed);
     let batches_per_round = 3;

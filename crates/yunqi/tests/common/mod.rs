@@ -359,3 +359,23 @@ pub async fn connect(
     tokio::spawn(connection);
     Ok(client)
 }
+
+/// The seed of a randomised test: `YUNQI_TEST_SEED` to replay one, else from the clock.
+pub fn test_seed() -> u64 {
+    env_or(
+        "YUNQI_TEST_SEED",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+            | 1,
+    )
+}
+
+/// A number from the environment, or `default`.
+pub fn env_or<T: std::str::FromStr>(var: &str, default: T) -> T {
+    std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
