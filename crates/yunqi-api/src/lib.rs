@@ -10,6 +10,7 @@ pub mod error;
 pub mod extract;
 pub mod handlers;
 pub mod metrics;
+pub mod ngsi;
 pub mod streams;
 pub mod wire;
 
@@ -21,7 +22,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, patch, post};
 use utoipa::OpenApi;
 use yunqi_governance::Governance;
 use yunqi_types::{Error, Limits};
@@ -197,6 +198,21 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/views", get(streams::list_views))
         .route("/api/v1/views/{department}/{name}", get(streams::get_view))
         .route("/api/v1/views/{department}/{name}/live", get(streams::live))
+        .route(
+            "/ngsi-ld/v1/entities",
+            get(ngsi::query_entities).post(ngsi::create_entity),
+        )
+        .route("/ngsi-ld/v1/entities/{id}", get(ngsi::get_entity))
+        .route("/ngsi-ld/v1/entities/{id}/attrs", patch(ngsi::patch_attrs))
+        .route(
+            "/ngsi-ld/v1/entityOperations/create",
+            post(ngsi::batch_create).layer(DefaultBodyLimit::max(ENTITY_BATCH_BYTES_MAX)),
+        )
+        .route(
+            "/ngsi-ld/v1/entityOperations/upsert",
+            post(ngsi::batch_upsert).layer(DefaultBodyLimit::max(ENTITY_BATCH_BYTES_MAX)),
+        )
+        .route("/ngsi-ld/v1/types", get(ngsi::types))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed);
     api.layer(DefaultBodyLimit::max(state.limits.request_body_bytes_max))
@@ -206,6 +222,9 @@ pub fn router(state: AppState) -> Router {
         ))
         .with_state(state)
 }
+
+/// Largest body of an NGSI-LD batch operation (up to 10,000 entities).
+const ENTITY_BATCH_BYTES_MAX: usize = 32 << 20;
 
 fn new_request_id() -> String {
     let mut b = [0u8; 8];
@@ -265,7 +284,12 @@ async fn request_middleware(
         Some(PendingError(error)) => {
             let status = response.status();
             let headers = std::mem::take(response.headers_mut());
-            let mut rendered = (status, axum::Json(error_body(&error, &info.id))).into_response();
+            let body = if path.starts_with("/ngsi-ld/") {
+                ngsi::problem_body(&error, &info.id)
+            } else {
+                error_body(&error, &info.id)
+            };
+            let mut rendered = (status, axum::Json(body)).into_response();
             for (k, v) in headers.iter() {
                 if k != axum::http::header::CONTENT_LENGTH && k != axum::http::header::CONTENT_TYPE
                 {

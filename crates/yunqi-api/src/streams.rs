@@ -51,6 +51,11 @@ pub struct NewStream {
     /// Retention by age, e.g. `7 days` (default), or `forever`.
     #[serde(default)]
     pub retention: Option<String>,
+    /// The NGSI-LD entity type this stream records (it then needs a TEXT column `id`); its
+    /// entities are served under `/ngsi-ld/v1`, their latest state is the dataset
+    /// `<name>_latest`.
+    #[serde(default)]
+    pub ngsi_type: Option<String>,
 }
 
 /// Declares a stream.
@@ -99,10 +104,14 @@ pub async fn create_stream(
         watermark_ms,
         retention_secs,
         retention_bytes: None,
+        ngsi_type: req.ngsi_type,
         created_at: state.gov.now(),
         created_by: auth.actor.principal.name.to_string(),
     };
-    let m = state.gov.create_stream(&auth.actor, m, &auth.ctx()).await?;
+    let m = state
+        .sense
+        .create_stream(&auth.actor, m, &auth.ctx())
+        .await?;
     Ok((axum::http::StatusCode::CREATED, axum::Json(m)))
 }
 

@@ -782,6 +782,38 @@ impl DatasetStore {
         self.write_view_version(department, name, batch, None, true, by, now)
     }
 
+    /// Replaces an entity table's rows with `batch`, the latest state of every entity as of
+    /// log offset `offset` (kept in the version's `through_us`, read back by
+    /// [`DatasetStore::entity_rows`]).
+    pub fn replace_entity_rows(
+        &self,
+        department: &str,
+        name: &str,
+        batch: &RecordBatch,
+        offset: u64,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Manifest, Error> {
+        let offset = i64::try_from(offset)
+            .map_err(|_| Error::internal("entity table offset out of range"))?;
+        self.write_view_version(department, name, batch, Some(offset), true, by, now)
+    }
+
+    /// An entity table's current rows and the log offset they reflect (0 and no rows before
+    /// the first snapshot).
+    pub fn entity_rows(
+        &self,
+        department: &str,
+        name: &str,
+    ) -> Result<(Vec<RecordBatch>, u64), Error> {
+        let m = self.get(department, name)?;
+        let Some(v) = m.current() else {
+            return Ok((Vec::new(), 0));
+        };
+        let batches = self.read_files(&m, &v.files)?;
+        Ok((batches, v.through_us.unwrap_or(0).max(0) as u64))
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn write_view_version(
         &self,
@@ -836,12 +868,22 @@ impl DatasetStore {
             rejects_file: None,
             through_us: through_us.or_else(|| m.current().and_then(|v| v.through_us)),
         });
+        let mut dropped = Vec::new();
         if m.versions.len() > VIEW_VERSIONS_KEPT {
             let extra = m.versions.len() - VIEW_VERSIONS_KEPT;
-            m.versions.drain(..extra);
+            dropped = m.versions.drain(..extra).collect::<Vec<_>>();
         }
         self.write_manifest(&m)?;
         written.0.clear();
+        // Files only the dropped versions held are removed (replaced tables would otherwise
+        // keep one file per version forever).
+        for v in dropped {
+            for f in v.files {
+                if !m.versions.iter().any(|k| k.files.contains(&f)) {
+                    let _ = fs::remove_file(dir.join(&f));
+                }
+            }
+        }
         Ok(m)
     }
 

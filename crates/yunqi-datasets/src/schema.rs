@@ -118,6 +118,10 @@ pub struct ViewSource {
     /// For a late table: the view whose late events it counts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub late_table_of: Option<String>,
+    /// For an entity table: the NGSI-LD stream whose latest state per entity it holds
+    /// (`sql` is then empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entities_of: Option<String>,
 }
 
 /// A dataset derived by a query: its lineage.

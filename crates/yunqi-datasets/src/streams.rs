@@ -42,6 +42,10 @@ pub struct StreamManifest {
     /// The log is trimmed, oldest first, to this size; `None` for no limit.
     #[serde(default)]
     pub retention_bytes: Option<u64>,
+    /// The NGSI-LD entity type whose entities this stream records (one event per change,
+    /// holding the entity's whole state); `None` for a plain stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ngsi_type: Option<String>,
     /// When it was declared.
     pub created_at: DateTime<Utc>,
     /// Who declared it.
@@ -107,7 +111,48 @@ impl StreamManifest {
             ))
             .hint("declare the event-time column as TIMESTAMP")),
             Some(_) => Ok(()),
+        }?;
+        if let Some(t) = &self.ngsi_type {
+            check_ngsi_type(t)?;
+            match self.columns.iter().find(|c| c.name == "id") {
+                Some(c) if c.column_type == ColumnType::Text => {}
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "stream {} records NGSI-LD entities but has no TEXT column \"id\"",
+                        self.sql_name()
+                    ))
+                    .hint("add the column: CREATE STREAM d.s (id TEXT, ...)"));
+                }
+            }
         }
+        Ok(())
+    }
+
+    /// The name of the dataset holding the latest state of each entity of an NGSI-LD stream.
+    pub fn entities_table(&self) -> Option<String> {
+        self.ngsi_type
+            .as_ref()
+            .map(|_| format!("{}_latest", self.name))
+    }
+}
+
+/// Longest NGSI-LD entity type name.
+pub const NGSI_TYPE_BYTES_MAX: usize = 256;
+
+/// Checks an NGSI-LD entity type name: 1 to [`NGSI_TYPE_BYTES_MAX`] characters, letters,
+/// digits and `_ - . : / #` (a short name such as `TrafficFlowObserved` or an expanded URI).
+pub fn check_ngsi_type(t: &str) -> Result<(), Error> {
+    let ok = !t.is_empty()
+        && t.len() <= NGSI_TYPE_BYTES_MAX
+        && t.chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | ':' | '/' | '#'));
+    if ok {
+        Ok(())
+    } else {
+        Err(
+            Error::invalid(format!("\"{t}\" is not an NGSI-LD entity type"))
+                .hint("name it like TrafficFlowObserved: letters and digits, or a URI"),
+        )
     }
 }
 

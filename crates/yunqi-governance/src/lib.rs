@@ -364,6 +364,24 @@ impl Governance {
             .map(|_| ())
     }
 
+    /// [`Governance::record_access`] for several accesses at once (one durable append):
+    /// `(actor, action, object, outcome, detail, context)` each.
+    pub async fn record_accesses(
+        &self,
+        accesses: Vec<(&Actor, &str, String, Outcome, String, &CallContext)>,
+    ) -> Result<(), Error> {
+        if accesses.is_empty() {
+            return Ok(());
+        }
+        let events = accesses
+            .into_iter()
+            .map(|(actor, action, object, outcome, detail, ctx)| {
+                Self::actor_event(actor, action, object, outcome, detail, ctx)
+            })
+            .collect();
+        self.audit.append(events).await.map(|_| ())
+    }
+
     /// Audits a query: like [`Governance::record_access`], with the purposes of the grants it
     /// used.
     pub async fn record_query(

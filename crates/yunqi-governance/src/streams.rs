@@ -72,6 +72,26 @@ impl Governance {
             return Err(self.fail(actor, &action, e, ctx).await);
         }
         m.check()?;
+        if let (Some(t), Some(table)) = (&m.ngsi_type, m.entities_table()) {
+            if let Some(other) = catalog
+                .list()
+                .into_iter()
+                .find(|o| o.ngsi_type.as_deref() == Some(t.as_str()))
+            {
+                let e = Error::already_exists("NGSI-LD entity type", t).hint(format!(
+                    "stream {} already records it; an entity type maps to one stream",
+                    other.sql_name()
+                ));
+                return Err(self.fail(actor, &action, e, ctx).await);
+            }
+            if self.datasets.get(&m.department, &table).is_ok() {
+                let e = Error::already_exists("dataset", &format!("{}.{table}", m.department))
+                    .hint(
+                        "the stream's entity table would take that name; pick another stream name",
+                    );
+                return Err(self.fail(actor, &action, e, ctx).await);
+            }
+        }
         let columns: Vec<String> = m
             .columns
             .iter()
@@ -93,7 +113,128 @@ impl Governance {
                 ctx,
             )])
             .await?;
-        catalog.create(m)
+        let m = catalog.create(m)?;
+        if let (Some(t), Some(table)) = (&m.ngsi_type, m.entities_table()) {
+            let name = Name::parse("dataset", &table)?;
+            self.create_dataset(
+                actor,
+                DatasetSpec {
+                    department: department.clone(),
+                    name: name.clone(),
+                    description: format!(
+                        "latest state of each NGSI-LD entity of type {t} (stream {})",
+                        m.sql_name()
+                    ),
+                    columns: m.columns.clone(),
+                    subject: None,
+                    tags: vec!["stream".into(), "ngsi-ld".into()],
+                },
+                ctx,
+            )
+            .await?;
+            let store = self.datasets.clone();
+            let source = ViewSource {
+                sql: String::new(),
+                stream: m.sql_name(),
+                late_table_of: None,
+                entities_of: Some(m.sql_name()),
+            };
+            let d = department.to_string();
+            tokio::task::spawn_blocking(move || store.set_view(&d, name.as_str(), Some(source)))
+                .await
+                .map_err(|e| Error::internal(format!("entity table task failed: {e}")))??;
+        }
+        Ok(m)
+    }
+
+    /// The stream recording NGSI-LD entities of `entity_type`.
+    pub fn ngsi_stream(&self, entity_type: &str) -> Result<StreamManifest, Error> {
+        self.stream_catalog()?
+            .list()
+            .into_iter()
+            .find(|m| m.ngsi_type.as_deref() == Some(entity_type))
+            .ok_or_else(|| {
+                Error::not_found("NGSI-LD entity type", entity_type).hint(
+                    "a steward maps a type to a stream: CREATE STREAM d.s (id TEXT, ...) \
+                     WITH (event_time = '...', ngsi_type = 'Type')",
+                )
+            })
+    }
+
+    /// Every NGSI-LD stream's definition, for yunqi's own use.
+    pub fn ngsi_streams(&self) -> Vec<StreamManifest> {
+        self.stream_definitions()
+            .into_iter()
+            .filter(|m| m.ngsi_type.is_some())
+            .collect()
+    }
+
+    /// Authorises reading a stream's entities outside SQL (the NGSI-LD API), auditing a
+    /// denial: the stream's department reads them whole; another department under its active
+    /// grant on the entity table, whose columns and masks then apply. A grant with a row
+    /// filter, or an entity table with a subject column, is read through SQL only, where the
+    /// filter is planned and the subjects recorded.
+    pub async fn authorize_entity_read(
+        &self,
+        actor: &Actor,
+        m: &StreamManifest,
+        ctx: &CallContext,
+    ) -> Result<(Manifest, Option<yunqi_types::Grant>), Error> {
+        let table = m.entities_table().ok_or_else(|| {
+            Error::invalid(format!("stream {} does not record entities", m.sql_name()))
+        })?;
+        let manifest = self.datasets.get(&m.department, &table)?;
+        let dataset = manifest.sql_name();
+        let action = Action::DatasetQuery {
+            dataset: &dataset,
+            department: &m.department,
+        };
+        if crate::authorize(&actor.principal, &action).is_ok() {
+            return Ok((manifest, None));
+        }
+        let own = actor.principal.department.as_ref().map(|d| d.as_str());
+        let grant = own.and_then(|own| self.active_grant(&dataset, own));
+        let Some(grant) = grant else {
+            // Denied: audited with the reason the policy gives.
+            self.authorize(actor, &action, ctx).await?;
+            return Err(Error::denied(format!("no grant on {dataset}")));
+        };
+        let usable = crate::authorize(
+            &actor.principal,
+            &Action::GrantUse {
+                id: &grant.id,
+                grantee: &grant.grantee,
+            },
+        );
+        let refused = if let Err(e) = usable {
+            Some(e)
+        } else if grant.rows.is_some() || manifest.subject.is_some() {
+            Some(
+                Error::denied(format!(
+                    "the entities of {dataset} are readable to you only through SQL"
+                ))
+                .detail(if grant.rows.is_some() {
+                    "your grant limits the rows you see"
+                } else {
+                    "the table has a subject column, whose accesses are recorded by SQL queries"
+                })
+                .hint(format!("query it: SELECT * FROM {dataset}")),
+            )
+        } else {
+            None
+        };
+        if let Some(e) = refused {
+            self.record_denial(
+                Some(&actor.principal),
+                "entity.read",
+                &format!("dataset:{dataset}"),
+                &e,
+                ctx,
+            )
+            .await?;
+            return Err(e);
+        }
+        Ok((manifest, Some(grant)))
     }
 
     /// Every stream (anyone who may read the catalog).

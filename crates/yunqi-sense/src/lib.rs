@@ -8,18 +8,25 @@
 //!   one by one;
 //! - [`runtime`]: events in (audited, durable), one runner per view (log → engine → the
 //!   view's dataset, live feed, checkpoint), exactly once across crashes;
+//! - [`ngsi`], [`q`], [`entities`]: NGSI-LD entities on a stream — attributes mapped to
+//!   columns, the `q` query language, the latest state per entity (written through the log,
+//!   snapshotted as the stream's entity table);
 //! - [`hll`]: the mergeable approximate distinct count;
 //! - [`keys`]: group keys to dense group numbers.
 #![deny(missing_docs)]
 
 pub mod engine;
+pub mod entities;
 pub mod hll;
 pub mod ingest;
 pub mod keys;
+pub mod ngsi;
 pub mod plan;
+pub mod q;
 pub mod runtime;
 pub mod validate;
 
 pub use engine::{Closed, Engine, EngineStats, Late};
+pub use entities::{EntityOutcome, EntityQuery, WriteMode};
 pub use plan::{DdlKind, ViewPlan, ddl_kind, parse_create_stream};
 pub use runtime::{AppendReport, DdlOutcome, EventFormat, Sense, ViewStatus};

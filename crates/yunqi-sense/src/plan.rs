@@ -196,6 +196,7 @@ pub fn parse_create_stream(
         watermark_ms: 0,
         retention_secs: Some(7 * 86_400),
         retention_bytes: None,
+        ngsi_type: None,
         created_at: now,
         created_by: by.to_string(),
     };
@@ -219,10 +220,12 @@ pub fn parse_create_stream(
                 })?)
             }
             "description" => m.description = v,
+            "ngsi_type" => m.ngsi_type = Some(v),
             other => {
                 return Err(
                     Error::invalid(format!("unknown stream option \"{other}\"")).hint(
-                        "options: event_time, watermark, retention, retention_bytes, description",
+                        "options: event_time, watermark, retention, retention_bytes, description, \
+                         ngsi_type",
                     ),
                 );
             }

@@ -108,13 +108,13 @@ pub struct ViewStatus {
 
 /// Wakes runners when events arrive.
 #[derive(Default)]
-struct Wake {
+pub(crate) struct Wake {
     seq: Mutex<u64>,
     cv: Condvar,
 }
 
 impl Wake {
-    fn notify(&self) {
+    pub(crate) fn notify(&self) {
         *self.seq.lock().expect("wake lock") += 1;
         self.cv.notify_all();
     }
@@ -142,11 +142,13 @@ struct ViewHandle {
 
 /// Streams and continuous views of a server.
 pub struct Sense {
-    gov: Arc<Governance>,
-    log: Arc<dyn StreamLog>,
+    pub(crate) gov: Arc<Governance>,
+    pub(crate) log: Arc<dyn StreamLog>,
     dir: PathBuf,
     views: RwLock<BTreeMap<String, Arc<ViewHandle>>>,
-    wake: Arc<Wake>,
+    /// The entities of each NGSI-LD stream, by stream.
+    pub(crate) entities: RwLock<BTreeMap<String, Arc<crate::entities::EntityStore>>>,
+    pub(crate) wake: Arc<Wake>,
     stop: Arc<AtomicBool>,
     /// Set when the server begins to stop: live feeds end so connections can close.
     closing: tokio::sync::watch::Sender<bool>,
@@ -183,15 +185,19 @@ impl Sense {
             log,
             dir: dir.to_path_buf(),
             views: RwLock::new(BTreeMap::new()),
+            entities: RwLock::new(BTreeMap::new()),
             wake: Arc::new(Wake::default()),
             stop: Arc::new(AtomicBool::new(false)),
             closing: tokio::sync::watch::channel(false).0,
             maintenance: Mutex::new(None),
         });
+        for m in sense.gov.ngsi_streams() {
+            sense.start_entities(&m)?;
+        }
         let manifests = sense.gov.dataset_store().list()?;
         for m in manifests {
             let Some(v) = &m.view else { continue };
-            if v.late_table_of.is_some() {
+            if v.late_table_of.is_some() || v.entities_of.is_some() {
                 continue;
             }
             let plan = ViewPlan::parse(&v.sql, &|name| sense.gov.stream_definition(name))
@@ -247,7 +253,7 @@ impl Sense {
         match ddl_kind(sql) {
             Some(DdlKind::CreateStream) => {
                 let m = parse_create_stream(sql, actor.principal.name.as_str(), self.gov.now())?;
-                let m = self.gov.create_stream(actor, m, ctx).await?;
+                let m = self.create_stream(actor, m, ctx).await?;
                 Ok(DdlOutcome::Stream {
                     stream: Box::new(m),
                 })
@@ -260,6 +266,7 @@ impl Sense {
                     sql: plan.sql.clone(),
                     stream: plan.stream.clone(),
                     late_table_of: None,
+                    entities_of: None,
                 };
                 let late_columns = late_schema()
                     .fields()
@@ -302,6 +309,20 @@ impl Sense {
         }
     }
 
+    /// Declares a stream; an NGSI-LD stream's entities are served from then on.
+    pub async fn create_stream(
+        &self,
+        actor: &Actor,
+        m: StreamManifest,
+        ctx: &CallContext,
+    ) -> Result<StreamManifest, Error> {
+        let m = self.gov.create_stream(actor, m, ctx).await?;
+        if m.ngsi_type.is_some() {
+            self.start_entities(&m)?;
+        }
+        Ok(m)
+    }
+
     /// Decodes, validates, audits and durably appends a batch of events. With `atomic`, one
     /// bad event refuses the batch whole.
     pub async fn append(
@@ -314,6 +335,13 @@ impl Sense {
         ctx: &CallContext,
     ) -> Result<AppendReport, Error> {
         let m = self.gov.authorize_append(actor, stream, ctx).await?;
+        if let Some(t) = &m.ngsi_type {
+            return Err(Error::invalid(format!(
+                "stream {stream} records NGSI-LD entities of type {t}"
+            ))
+            .detail("its events are entity states, written through the NGSI-LD API")
+            .hint("send entities to POST /ngsi-ld/v1/entityOperations/upsert"));
+        }
         let decoded = match format {
             EventFormat::Ndjson => ingest::decode_ndjson(&m, body)?,
             EventFormat::Csv => ingest::decode_csv(&m, body)?,
@@ -483,6 +511,7 @@ impl Sense {
     /// Stops the runners (each checkpoints first) and the maintenance thread.
     pub fn shutdown(&self) {
         self.begin_shutdown();
+        self.shutdown_entities();
         self.stop.store(true, Ordering::Release);
         self.wake.notify();
         let handles: Vec<Arc<ViewHandle>> = self

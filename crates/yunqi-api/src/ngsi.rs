@@ -1,0 +1,373 @@
+//! The NGSI-LD API subset FIWARE devices and agents use, under `/ngsi-ld/v1`: create an
+//! entity, batch create and upsert, patch attributes, retrieve an entity, query entities by
+//! type with `q`, list types. Entities live on their type's stream (see `yunqi_sense::ngsi`);
+//! the caller's bearer token is checked like everywhere else, writes need the right to send
+//! events to the stream, reads the right to query its entity table. Errors are NGSI-LD
+//! ProblemDetails (`{"type", "title", "detail"}`, rendered by the request middleware).
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use yunqi_sense::ngsi::{CORE_CONTEXT, Problem};
+use yunqi_sense::{EntityOutcome, EntityQuery, WriteMode};
+use yunqi_types::{Error, ErrorCode};
+
+use crate::AppState;
+use crate::error::ApiError;
+use crate::extract::{Authed, Query, RawBody};
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Default page size of a query (NGSI-LD's).
+const DEFAULT_LIMIT: usize = 20;
+
+/// An error as NGSI-LD ProblemDetails.
+pub fn problem_body(error: &Error, request_id: &str) -> Value {
+    let kind = match error.code {
+        ErrorCode::InvalidInput | ErrorCode::LimitExceeded => "BadRequestData",
+        ErrorCode::NotFound => "ResourceNotFound",
+        ErrorCode::AlreadyExists | ErrorCode::Conflict => "AlreadyExists",
+        ErrorCode::Internal => "InternalError",
+        ErrorCode::Unauthenticated => "Unauthorized",
+        ErrorCode::PermissionDenied => "Forbidden",
+        ErrorCode::Unavailable => "ServiceUnavailable",
+    };
+    let uri = match error.code {
+        ErrorCode::Unauthenticated | ErrorCode::PermissionDenied | ErrorCode::Unavailable => {
+            format!("urn:yunqi:error:{}", error.code.as_str())
+        }
+        _ => format!("https://uri.etsi.org/ngsi-ld/errors/{kind}"),
+    };
+    json!({
+        "type": uri,
+        "title": error.message,
+        "detail": error.detail.clone().unwrap_or_else(|| error.message.clone()),
+        "hint": error.hint,
+        "request_id": request_id,
+    })
+}
+
+fn problem_json(p: &Problem) -> Value {
+    json!({"type": p.type_uri(), "title": p.title, "status": p.status(), "detail": p.detail})
+}
+
+fn parse_body(body: &[u8]) -> Result<Value, Error> {
+    serde_json::from_slice(body).map_err(|e| {
+        Error::invalid("request body is not valid JSON")
+            .detail(e.to_string())
+            .hint("send an NGSI-LD entity (or an array of them for entityOperations) as JSON")
+    })
+}
+
+fn json_response(status: StatusCode, body: Value) -> Response {
+    let mut r = (status, axum::Json(body)).into_response();
+    link_header(r.headers_mut());
+    r
+}
+
+fn link_header(h: &mut HeaderMap) {
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "<{CORE_CONTEXT}>; rel=\"http://www.w3.org/ns/json-ld#context\"; type=\"application/ld+json\""
+    )) {
+        h.insert(header::LINK, v);
+    }
+}
+
+/// `options` and `format` parameters.
+#[derive(Debug, Default, Deserialize)]
+pub struct Options {
+    /// Comma-separated: `keyValues`, `update`, `replace`, ...
+    #[serde(default)]
+    options: Option<String>,
+    /// `simplified` (= keyValues) or `normalized`.
+    #[serde(default)]
+    format: Option<String>,
+    /// Comma-separated attribute names.
+    #[serde(default)]
+    attrs: Option<String>,
+    /// Comma-separated attribute names (NGSI-LD 1.8 name of `attrs`).
+    #[serde(default)]
+    pick: Option<String>,
+}
+
+impl Options {
+    fn has(&self, o: &str) -> bool {
+        self.options
+            .as_deref()
+            .is_some_and(|s| s.split(',').any(|x| x.trim() == o))
+    }
+
+    fn key_values(&self) -> bool {
+        self.has("keyValues")
+            || self.has("simplified")
+            || matches!(self.format.as_deref(), Some("simplified" | "keyValues"))
+    }
+
+    fn attrs(&self) -> Option<Vec<String>> {
+        self.attrs.as_deref().or(self.pick.as_deref()).map(|s| {
+            s.split(',')
+                .map(|a| a.trim().to_string())
+                .filter(|a| !a.is_empty())
+                .collect()
+        })
+    }
+}
+
+/// `POST /ngsi-ld/v1/entities`: creates one entity; 201 with its location, 409 if it exists.
+pub async fn create_entity(
+    State(state): State<AppState>,
+    auth: Authed,
+    RawBody(body): RawBody,
+) -> ApiResult<Response> {
+    let v = parse_body(&body)?;
+    let out = state
+        .sense
+        .ngsi_write(&auth.actor, vec![v], WriteMode::Create, None, &auth.ctx())
+        .await?;
+    let o = out
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::internal("no outcome"))?;
+    match o.result {
+        Ok(_) => {
+            let mut r = StatusCode::CREATED.into_response();
+            if let Ok(loc) = HeaderValue::from_str(&format!("/ngsi-ld/v1/entities/{}", o.id)) {
+                r.headers_mut().insert(header::LOCATION, loc);
+            }
+            Ok(r)
+        }
+        Err(p) => Ok(json_response(
+            StatusCode::from_u16(p.status()).unwrap_or(StatusCode::BAD_REQUEST),
+            problem_json(&p),
+        )),
+    }
+}
+
+/// The response of a batch operation: 201 with the created ids, 204 when every entity existed
+/// already, 207 with `{"success", "errors"}` when some failed.
+fn batch_response(out: Vec<EntityOutcome>, created_only: bool) -> Response {
+    let mut success = Vec::new();
+    let mut errors = Vec::new();
+    let mut any_created = false;
+    for o in out {
+        match o.result {
+            Ok(created) => {
+                any_created |= created;
+                success.push(Value::String(o.id));
+            }
+            Err(p) => errors.push(json!({"entityId": o.id, "error": problem_json(&p)})),
+        }
+    }
+    if !errors.is_empty() {
+        json_response(
+            StatusCode::MULTI_STATUS,
+            json!({"success": success, "errors": errors}),
+        )
+    } else if any_created || created_only {
+        json_response(StatusCode::CREATED, Value::Array(success))
+    } else {
+        StatusCode::NO_CONTENT.into_response()
+    }
+}
+
+fn entity_array(body: &[u8]) -> Result<Vec<Value>, Error> {
+    match parse_body(body)? {
+        Value::Array(a) => Ok(a),
+        _ => Err(
+            Error::invalid("a batch operation takes a JSON array of entities")
+                .hint("send [{\"id\": ..., \"type\": ...}, ...]"),
+        ),
+    }
+}
+
+/// `POST /ngsi-ld/v1/entityOperations/create`.
+pub async fn batch_create(
+    State(state): State<AppState>,
+    auth: Authed,
+    RawBody(body): RawBody,
+) -> ApiResult<Response> {
+    let entities = entity_array(&body)?;
+    let out = state
+        .sense
+        .ngsi_write(&auth.actor, entities, WriteMode::Create, None, &auth.ctx())
+        .await?;
+    Ok(batch_response(out, true))
+}
+
+/// `POST /ngsi-ld/v1/entityOperations/upsert?options=replace|update`.
+pub async fn batch_upsert(
+    State(state): State<AppState>,
+    auth: Authed,
+    Query(opts): Query<Options>,
+    RawBody(body): RawBody,
+) -> ApiResult<Response> {
+    let entities = entity_array(&body)?;
+    let replace = !opts.has("update");
+    let out = state
+        .sense
+        .ngsi_write(
+            &auth.actor,
+            entities,
+            WriteMode::Upsert { replace },
+            None,
+            &auth.ctx(),
+        )
+        .await?;
+    Ok(batch_response(out, false))
+}
+
+/// `PATCH /ngsi-ld/v1/entities/{id}/attrs`: changes the attributes sent; 204, or 207 with
+/// `{"updated", "notUpdated"}` when some are not recorded by the type's stream.
+pub async fn patch_attrs(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path(id): Path<String>,
+    RawBody(body): RawBody,
+) -> ApiResult<Response> {
+    let v = parse_body(&body)?;
+    if !v.is_object() {
+        return Err(Error::invalid("PATCH …/attrs takes a JSON object of attributes").into());
+    }
+    let names: Vec<String> = v
+        .as_object()
+        .map(|o| {
+            o.keys()
+                .filter(|k| !matches!(k.as_str(), "id" | "type" | "@context" | "@id" | "@type"))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    let out = state
+        .sense
+        .ngsi_write(
+            &auth.actor,
+            vec![v],
+            WriteMode::Patch,
+            Some(&id),
+            &auth.ctx(),
+        )
+        .await?;
+    let o = out
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::internal("no outcome"))?;
+    if let Err(p) = &o.result {
+        return Ok(json_response(
+            StatusCode::from_u16(p.status()).unwrap_or(StatusCode::BAD_REQUEST),
+            problem_json(p),
+        ));
+    }
+    if o.not_updated.is_empty() {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let updated: Vec<&String> = names
+        .iter()
+        .filter(|n| !o.not_updated.iter().any(|(u, _)| u == *n))
+        .collect();
+    let not_updated: Vec<Value> = o
+        .not_updated
+        .iter()
+        .map(|(a, r)| json!({"attributeName": a, "reason": r}))
+        .collect();
+    Ok(json_response(
+        StatusCode::MULTI_STATUS,
+        json!({"updated": updated, "notUpdated": not_updated}),
+    ))
+}
+
+/// `GET /ngsi-ld/v1/entities/{id}?attrs=&options=keyValues`.
+pub async fn get_entity(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path(id): Path<String>,
+    Query(opts): Query<Options>,
+) -> ApiResult<Response> {
+    let attrs = opts.attrs();
+    let v = state
+        .sense
+        .ngsi_get(
+            &auth.actor,
+            &id,
+            attrs.as_deref(),
+            opts.key_values(),
+            &auth.ctx(),
+        )
+        .await?;
+    Ok(json_response(StatusCode::OK, v))
+}
+
+/// Query parameters of `GET /ngsi-ld/v1/entities`.
+#[derive(Debug, Default, Deserialize)]
+pub struct QueryParams {
+    #[serde(rename = "type")]
+    entity_type: Option<String>,
+    id: Option<String>,
+    #[serde(rename = "idPattern")]
+    id_pattern: Option<String>,
+    q: Option<String>,
+    limit: Option<usize>,
+    offset: Option<usize>,
+    count: Option<bool>,
+    #[serde(flatten)]
+    options: Options,
+}
+
+/// `GET /ngsi-ld/v1/entities?type=T&q=…&attrs=&limit=&offset=&count=true&options=keyValues`:
+/// entities of a type in id order; `NGSILD-Results-Count` with `count=true`.
+pub async fn query_entities(
+    State(state): State<AppState>,
+    auth: Authed,
+    Query(p): Query<QueryParams>,
+) -> ApiResult<Response> {
+    let Some(entity_type) = p.entity_type.clone() else {
+        return Err(Error::invalid("a query needs type")
+            .hint("add ?type=TrafficFlowObserved; GET /ngsi-ld/v1/types lists the types")
+            .into());
+    };
+    let limit = p.limit.unwrap_or(DEFAULT_LIMIT);
+    if limit > yunqi_sense::entities::QUERY_LIMIT_MAX {
+        return Err(Error::invalid(format!(
+            "limit {limit} is above {}",
+            yunqi_sense::entities::QUERY_LIMIT_MAX
+        ))
+        .hint("page with offset")
+        .into());
+    }
+    let query = EntityQuery {
+        entity_type,
+        ids: p
+            .id
+            .as_deref()
+            .map(|s| s.split(',').map(str::to_string).collect()),
+        id_pattern: p.id_pattern.clone(),
+        q: p.q.clone(),
+        attrs: p.options.attrs(),
+        offset: p.offset.unwrap_or(0),
+        limit,
+        key_values: p.options.key_values(),
+    };
+    let (entities, total) = state
+        .sense
+        .ngsi_query(&auth.actor, &query, &auth.ctx())
+        .await?;
+    let mut r = json_response(StatusCode::OK, Value::Array(entities));
+    if p.count == Some(true)
+        && let Ok(v) = HeaderValue::from_str(&total.to_string())
+    {
+        r.headers_mut().insert("ngsild-results-count", v);
+    }
+    Ok(r)
+}
+
+/// `GET /ngsi-ld/v1/types`: the entity types served, with their streams and tables.
+pub async fn types(State(state): State<AppState>, auth: Authed) -> ApiResult<Response> {
+    let types = state.sense.ngsi_types(&auth.actor)?;
+    Ok(json_response(
+        StatusCode::OK,
+        json!({"id": "urn:yunqi:EntityTypeList", "type": "EntityTypeList",
+               "typeList": types.iter().map(|t| t["typeName"].clone()).collect::<Vec<_>>(),
+               "types": types}),
+    ))
+}

@@ -1,0 +1,845 @@
+//! NGSI-LD entities: the latest state of each entity of a type, kept in memory, changed only
+//! through the type's stream, snapshotted as the stream's entity table.
+//!
+//! One writer thread per entity type takes the requests waiting for it, computes each
+//! entity's new state, audits every request, appends the new states to the stream as one log
+//! entry (durable before anyone is answered), then publishes them to readers. The log is the
+//! truth: the entity table (`<stream>_latest`) is a snapshot of the state written at most once
+//! a second with the log offset it reflects; at start the state is that snapshot plus the log
+//! after its offset. Readers see only durable states.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use serde_json::Value;
+use yunqi_datasets::Column;
+use yunqi_governance::{Actor, CallContext, Governance, SYSTEM_PRINCIPAL};
+use yunqi_stream::StreamLog;
+use yunqi_types::{Error, Outcome};
+
+use crate::ngsi::{self, EntitySchema, Incoming, Problem, Row, View};
+use crate::runtime::{Sense, decode_ipc, encode_ipc};
+
+/// Most entities in one write request.
+pub const ENTITIES_PER_REQUEST_MAX: usize = 10_000;
+
+/// Most entities a query returns at once.
+pub const QUERY_LIMIT_MAX: usize = 1000;
+
+/// Entities taken into one log entry at most.
+const ROUND_ENTITIES_MAX: usize = 20_000;
+
+/// How a write treats existing entities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteMode {
+    /// New entities only: an existing id is refused (`AlreadyExists`).
+    Create,
+    /// Create or change; with `replace` the attributes not sent are cleared.
+    Upsert {
+        /// Replace the whole entity (NGSI-LD's default) rather than merge attributes.
+        replace: bool,
+    },
+    /// Change attributes of existing entities only (`ResourceNotFound` otherwise).
+    Patch,
+}
+
+/// What happened to one entity of a write.
+#[derive(Debug, Clone)]
+pub struct EntityOutcome {
+    /// Its id (as sent, when it had one).
+    pub id: String,
+    /// `Ok(true)` created, `Ok(false)` changed, or why not.
+    pub result: Result<bool, Problem>,
+    /// Attributes not taken (the stream does not record them): `(name, reason)`.
+    pub not_updated: Vec<(String, String)>,
+}
+
+/// A query over the entities of a type.
+#[derive(Debug, Clone, Default)]
+pub struct EntityQuery {
+    /// The entity type (required).
+    pub entity_type: String,
+    /// Only these ids.
+    pub ids: Option<Vec<String>>,
+    /// An `idPattern` (regular expression over ids).
+    pub id_pattern: Option<String>,
+    /// The `q` filter.
+    pub q: Option<String>,
+    /// Only these attributes.
+    pub attrs: Option<Vec<String>>,
+    /// Skip this many matches.
+    pub offset: usize,
+    /// Return at most this many (≤ [`QUERY_LIMIT_MAX`]).
+    pub limit: usize,
+    /// Key-value rendering.
+    pub key_values: bool,
+}
+
+struct Table {
+    rows: BTreeMap<Box<str>, Row>,
+    /// Log offset the rows reflect.
+    offset: u64,
+    /// Bumped by each published round.
+    version: u64,
+}
+
+struct WriteOp {
+    actor: Actor,
+    ctx: CallContext,
+    mode: WriteMode,
+    entities: Vec<Incoming>,
+    /// Entities refused before the writer (reported in the audit record).
+    refused_early: usize,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<Result<bool, Problem>>, Error>>,
+}
+
+/// The entities of one type.
+pub(crate) struct EntityStore {
+    pub(crate) schema: Arc<EntitySchema>,
+    table: String,
+    state: RwLock<Table>,
+    tx: Mutex<Option<tokio::sync::mpsc::Sender<WriteOp>>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    stop: AtomicBool,
+    /// Events the log had dropped by retention before the snapshot read them (lost changes).
+    lost: u64,
+}
+
+fn now_us() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+impl EntityStore {
+    /// Rebuilds the state (snapshot + log after it) and starts the writer and the snapshotter.
+    pub(crate) fn open(
+        gov: Arc<Governance>,
+        log: Arc<dyn StreamLog>,
+        wake: Arc<dyn Fn() + Send + Sync>,
+        m: &yunqi_datasets::StreamManifest,
+    ) -> Result<Arc<EntityStore>, Error> {
+        let schema = Arc::new(EntitySchema::new(m)?);
+        let table = m
+            .entities_table()
+            .ok_or_else(|| Error::internal("NGSI-LD stream without an entity table"))?;
+        let stream = m.sql_name();
+        let store = gov.dataset_store().clone();
+        let (batches, from) = store.entity_rows(&m.department, &table)?;
+        let mut rows = BTreeMap::new();
+        for b in &batches {
+            for r in ngsi::batch_to_rows(&schema, b)? {
+                rows.insert(id_of(&schema, &r), r);
+            }
+        }
+        let start = log.start_offset(&stream);
+        let lost = start.saturating_sub(from);
+        if lost > 0 {
+            tracing::warn!(%stream, lost, "retention removed entity changes the snapshot had not read");
+        }
+        let mut offset = from.max(start);
+        loop {
+            let entries = log.read(&stream, offset, 8 << 20)?;
+            if entries.is_empty() {
+                break;
+            }
+            for e in entries {
+                let skip = offset.saturating_sub(e.first) as usize;
+                for b in decode_ipc(&e.payload)? {
+                    for r in ngsi::batch_to_rows(&schema, &b)?.into_iter().skip(skip) {
+                        rows.insert(id_of(&schema, &r), r);
+                    }
+                }
+                offset = e.end();
+            }
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let es = Arc::new(EntityStore {
+            schema,
+            table,
+            state: RwLock::new(Table {
+                rows,
+                offset,
+                version: 1,
+            }),
+            tx: Mutex::new(Some(tx)),
+            threads: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
+            lost,
+        });
+        let writer = {
+            let (es, gov, log) = (es.clone(), gov.clone(), log.clone());
+            std::thread::Builder::new()
+                .name(format!("entities {stream}"))
+                .spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_time()
+                        .build()
+                        .expect("writer runtime");
+                    rt.block_on(es.write_loop(rx, gov, log, wake));
+                })
+                .map_err(|e| Error::internal(format!("start entity writer: {e}")))?
+        };
+        let snapshotter = {
+            let es = es.clone();
+            std::thread::Builder::new()
+                .name(format!("snapshot {stream}"))
+                .spawn(move || es.snapshot_loop(gov))
+                .map_err(|e| Error::internal(format!("start entity snapshots: {e}")))?
+        };
+        es.threads
+            .lock()
+            .expect("threads lock")
+            .extend([writer, snapshotter]);
+        Ok(es)
+    }
+
+    async fn write_loop(
+        self: Arc<Self>,
+        mut rx: tokio::sync::mpsc::Receiver<WriteOp>,
+        gov: Arc<Governance>,
+        log: Arc<dyn StreamLog>,
+        wake: Arc<dyn Fn() + Send + Sync>,
+    ) {
+        let stream = self.schema.stream.sql_name();
+        let object = format!("stream:{stream}");
+        while let Some(first) = rx.recv().await {
+            let mut ops = vec![first];
+            let mut n = ops[0].entities.len();
+            while n < ROUND_ENTITIES_MAX {
+                match rx.try_recv() {
+                    Ok(op) => {
+                        n += op.entities.len();
+                        ops.push(op);
+                    }
+                    Err(_) => break,
+                }
+            }
+            // New states, against the published state and this round's earlier changes.
+            let now = now_us();
+            let mut overlay: HashMap<Box<str>, Row> = HashMap::new();
+            let mut changed: Vec<Box<str>> = Vec::new();
+            let mut results: Vec<Vec<Result<bool, Problem>>> = Vec::with_capacity(ops.len());
+            {
+                let st = self.state.read().expect("entities lock");
+                for op in &ops {
+                    let mut out = Vec::with_capacity(op.entities.len());
+                    for inc in &op.entities {
+                        let prev = overlay
+                            .get(inc.id.as_str())
+                            .or_else(|| st.rows.get(inc.id.as_str()));
+                        let r = match (op.mode, prev) {
+                            (WriteMode::Create, Some(_)) => Err(Problem {
+                                kind: "AlreadyExists",
+                                title: "entity already exists".into(),
+                                detail: format!("entity {} already exists", inc.id),
+                            }),
+                            (WriteMode::Patch, None) => Err(not_found(&inc.id)),
+                            (mode, prev) => {
+                                let replace = matches!(mode, WriteMode::Upsert { replace: true });
+                                let row = ngsi::merge(&self.schema, prev, inc, replace, now);
+                                let created = prev.is_none();
+                                let id: Box<str> = inc.id.as_str().into();
+                                if overlay.insert(id.clone(), row).is_none() {
+                                    changed.push(id);
+                                }
+                                Ok(created)
+                            }
+                        };
+                        out.push(r);
+                    }
+                    results.push(out);
+                }
+            }
+            // Every request is audited before its changes are durable or visible.
+            let audit: Vec<_> = ops
+                .iter()
+                .zip(&results)
+                .map(|(op, res)| {
+                    let created = res.iter().filter(|r| matches!(r, Ok(true))).count();
+                    let updated = res.iter().filter(|r| matches!(r, Ok(false))).count();
+                    let refused = res.len() - created - updated + op.refused_early;
+                    let outcome = if created + updated == 0 && refused > 0 {
+                        Outcome::Failed
+                    } else {
+                        Outcome::Ok
+                    };
+                    (
+                        &op.actor,
+                        "entity.write",
+                        object.clone(),
+                        outcome,
+                        format!(
+                            "{}: {created} created, {updated} changed, {refused} refused",
+                            mode_word(op.mode)
+                        ),
+                        &op.ctx,
+                    )
+                })
+                .collect();
+            let committed = self
+                .commit(&gov, log.as_ref(), &stream, audit, &changed, overlay)
+                .await;
+            if committed.is_ok() && !changed.is_empty() {
+                wake();
+            }
+            for (op, res) in ops.into_iter().zip(results) {
+                let _ = op.reply.send(match &committed {
+                    Ok(()) => Ok(res),
+                    Err(e) => Err(e.clone()),
+                });
+            }
+        }
+    }
+
+    /// Audits a round's requests, appends its new states durably, then publishes them.
+    async fn commit(
+        &self,
+        gov: &Governance,
+        log: &dyn StreamLog,
+        stream: &str,
+        audit: Vec<(&Actor, &str, String, Outcome, String, &CallContext)>,
+        changed: &[Box<str>],
+        overlay: HashMap<Box<str>, Row>,
+    ) -> Result<(), Error> {
+        gov.record_accesses(audit).await?;
+        if changed.is_empty() {
+            return Ok(());
+        }
+        // One event per changed entity: its state after the round.
+        let payload = {
+            let rows: Vec<&Row> = changed.iter().map(|id| &overlay[id]).collect();
+            encode_ipc(&ngsi::rows_to_batch(&self.schema, &rows)?)?
+        };
+        let count =
+            u32::try_from(changed.len()).map_err(|_| Error::internal("entity round too large"))?;
+        let appended = log.append(stream, count, payload).await?;
+        let mut st = self.state.write().expect("entities lock");
+        st.rows.extend(overlay);
+        st.offset = appended.end;
+        st.version += 1;
+        Ok(())
+    }
+
+    fn snapshot_loop(self: Arc<Self>, gov: Arc<Governance>) {
+        let m = &self.schema.stream;
+        let mut saved = 0u64;
+        loop {
+            let stopping = self.stop.load(Ordering::Acquire);
+            let (version, offset, batch) = {
+                let st = self.state.read().expect("entities lock");
+                if st.version == saved {
+                    (st.version, st.offset, None)
+                } else {
+                    let rows: Vec<&Row> = st.rows.values().collect();
+                    (
+                        st.version,
+                        st.offset,
+                        Some(ngsi::rows_to_batch(&self.schema, &rows)),
+                    )
+                }
+            };
+            match batch {
+                None => {}
+                Some(Err(e)) => tracing::error!(error = %e.message, "entity snapshot"),
+                Some(Ok(batch)) => {
+                    match gov.dataset_store().replace_entity_rows(
+                        &m.department,
+                        &self.table,
+                        &batch,
+                        offset,
+                        SYSTEM_PRINCIPAL,
+                        chrono::Utc::now(),
+                    ) {
+                        Ok(_) => saved = version,
+                        Err(e) => tracing::error!(
+                            table = %self.table, error = %e.message, "entity snapshot not written"
+                        ),
+                    }
+                }
+            }
+            if stopping {
+                break;
+            }
+            for _ in 0..10 {
+                if self.stop.load(Ordering::Acquire) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// Sends a write to the writer and waits for its outcome.
+    async fn submit(
+        &self,
+        actor: &Actor,
+        ctx: &CallContext,
+        mode: WriteMode,
+        entities: Vec<Incoming>,
+        refused_early: usize,
+    ) -> Result<Vec<Result<bool, Problem>>, Error> {
+        let tx = self
+            .tx
+            .lock()
+            .expect("tx lock")
+            .clone()
+            .ok_or_else(|| Error::unavailable("the server is stopping"))?;
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        tx.send(WriteOp {
+            actor: actor.clone(),
+            ctx: ctx.clone(),
+            mode,
+            entities,
+            refused_early,
+            reply,
+        })
+        .await
+        .map_err(|_| Error::unavailable("the server is stopping"))?;
+        rx.await
+            .map_err(|_| Error::unavailable("the server is stopping"))?
+    }
+
+    fn get(&self, id: &str) -> Option<Row> {
+        self.state
+            .read()
+            .expect("entities lock")
+            .rows
+            .get(id)
+            .cloned()
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.state
+            .read()
+            .expect("entities lock")
+            .rows
+            .contains_key(id)
+    }
+
+    /// Entities in the store, and the log offset they reflect.
+    pub(crate) fn counts(&self) -> (usize, u64, u64) {
+        let st = self.state.read().expect("entities lock");
+        (st.rows.len(), st.offset, self.lost)
+    }
+
+    /// Stops the writer (after the requests it holds) and writes a last snapshot.
+    pub(crate) fn shutdown(&self) {
+        self.tx.lock().expect("tx lock").take();
+        self.stop.store(true, Ordering::Release);
+        let threads: Vec<_> = self
+            .threads
+            .lock()
+            .expect("threads lock")
+            .drain(..)
+            .collect();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn id_of(schema: &EntitySchema, r: &Row) -> Box<str> {
+    match &r[schema.id_col] {
+        ngsi::Val::Text(s) => s.clone(),
+        _ => "".into(),
+    }
+}
+
+fn mode_word(m: WriteMode) -> &'static str {
+    match m {
+        WriteMode::Create => "create",
+        WriteMode::Upsert { replace: true } => "upsert (replace)",
+        WriteMode::Upsert { replace: false } => "upsert (update)",
+        WriteMode::Patch => "patch",
+    }
+}
+
+fn not_found(id: &str) -> Problem {
+    Problem {
+        kind: "ResourceNotFound",
+        title: "entity not found".into(),
+        detail: format!("no entity {id}"),
+    }
+}
+
+/// The entity type of a body, when it names one.
+fn type_of(v: &Value) -> Option<&str> {
+    v.get("type")
+        .or_else(|| v.get("@type"))
+        .and_then(Value::as_str)
+}
+
+impl Sense {
+    fn entity_store(&self, entity_type: &str) -> Result<Arc<EntityStore>, Error> {
+        let m = self.gov.ngsi_stream(entity_type)?;
+        self.entities
+            .read()
+            .expect("entities lock")
+            .get(&m.sql_name())
+            .cloned()
+            .ok_or_else(|| Error::unavailable(format!("entities of {entity_type} are not loaded")))
+    }
+
+    /// The store holding entity `id`, if any.
+    fn store_of(&self, id: &str) -> Option<Arc<EntityStore>> {
+        self.entities
+            .read()
+            .expect("entities lock")
+            .values()
+            .find(|s| s.contains(id))
+            .cloned()
+    }
+
+    /// Starts serving the entities of an NGSI-LD stream.
+    pub(crate) fn start_entities(&self, m: &yunqi_datasets::StreamManifest) -> Result<(), Error> {
+        let wake = self.wake.clone();
+        let store = EntityStore::open(
+            self.gov.clone(),
+            self.log.clone(),
+            Arc::new(move || wake.notify()),
+            m,
+        )?;
+        self.entities
+            .write()
+            .expect("entities lock")
+            .insert(m.sql_name(), store);
+        Ok(())
+    }
+
+    /// Creates, upserts or patches entities (NGSI-LD). Entities may be of several types, each
+    /// mapped to its stream; the actor must be allowed to send events to each. With `url_id`
+    /// (a patch), `bodies` is one object of attributes. Returns one outcome per entity, in
+    /// order; an error only when nothing could be done (denied, unknown type, stopping).
+    pub async fn ngsi_write(
+        &self,
+        actor: &Actor,
+        bodies: Vec<Value>,
+        mode: WriteMode,
+        url_id: Option<&str>,
+        ctx: &CallContext,
+    ) -> Result<Vec<EntityOutcome>, Error> {
+        if bodies.len() > ENTITIES_PER_REQUEST_MAX {
+            return Err(Error::limit(
+                "entities_per_request",
+                ENTITIES_PER_REQUEST_MAX as u64,
+                "too many entities in one request",
+            )
+            .hint("send them in several requests"));
+        }
+        // Each entity to its type's store; the stores' streams authorised once each.
+        let mut outcomes: Vec<EntityOutcome> = Vec::with_capacity(bodies.len());
+        let mut groups: BTreeMap<String, (Arc<EntityStore>, Vec<(usize, Incoming)>, usize)> =
+            BTreeMap::new();
+        for body in &bodies {
+            let i = outcomes.len();
+            let id_sent = url_id
+                .map(str::to_string)
+                .or_else(|| body.get("id").and_then(Value::as_str).map(str::to_string))
+                .unwrap_or_default();
+            outcomes.push(EntityOutcome {
+                id: id_sent.clone(),
+                result: Ok(false),
+                not_updated: Vec::new(),
+            });
+            let store = match (url_id, type_of(body)) {
+                (Some(id), None) => match self.store_of(id) {
+                    Some(s) => s,
+                    None => {
+                        outcomes[i].result = Err(not_found(id));
+                        continue;
+                    }
+                },
+                (_, Some(t)) => match self.entity_store(t) {
+                    Ok(s) => s,
+                    Err(e) if bodies.len() == 1 => return Err(e),
+                    Err(e) => {
+                        outcomes[i].result = Err(Problem::bad(
+                            "unknown entity type",
+                            format!("{}; {}", e.message, e.hint.unwrap_or_default()),
+                        ));
+                        continue;
+                    }
+                },
+                (None, None) => {
+                    outcomes[i].result = Err(Problem::bad(
+                        "entity without type",
+                        "every entity needs a \"type\" (e.g. TrafficFlowObserved)",
+                    ));
+                    continue;
+                }
+            };
+            let key = store.schema.stream.sql_name();
+            let group = groups
+                .entry(key)
+                .or_insert_with(|| (store.clone(), Vec::new(), 0));
+            match ngsi::parse_entity(&store.schema, body, url_id) {
+                Err(p) => {
+                    outcomes[i].result = Err(p);
+                    group.2 += 1;
+                }
+                Ok(inc) if !inc.unknown.is_empty() && mode != WriteMode::Patch => {
+                    let (name, reason) = &inc.unknown[0];
+                    outcomes[i].result = Err(Problem::bad(
+                        "unknown attribute",
+                        format!("{name}: {reason}"),
+                    ));
+                    group.2 += 1;
+                }
+                Ok(mut inc) => {
+                    outcomes[i].not_updated = std::mem::take(&mut inc.unknown);
+                    if mode != WriteMode::Patch || !inc.attrs.is_empty() {
+                        group.1.push((i, inc));
+                    }
+                }
+            }
+        }
+        // Ids new to a type must not name an entity of another type.
+        if mode != WriteMode::Patch {
+            for (key, (_, incs, refused)) in groups.iter_mut() {
+                let others: Vec<Arc<EntityStore>> = self
+                    .entities
+                    .read()
+                    .expect("entities lock")
+                    .iter()
+                    .filter(|(k, _)| *k != key)
+                    .map(|(_, s)| s.clone())
+                    .collect();
+                incs.retain(
+                    |(i, inc)| match others.iter().find(|s| s.contains(&inc.id)) {
+                        Some(s) => {
+                            outcomes[*i].result = Err(Problem {
+                                kind: "AlreadyExists",
+                                title: "entity already exists".into(),
+                                detail: format!(
+                                    "entity {} exists with type {}",
+                                    inc.id, s.schema.entity_type
+                                ),
+                            });
+                            *refused += 1;
+                            false
+                        }
+                        None => true,
+                    },
+                );
+            }
+        }
+        for (key, (store, incs, refused)) in groups {
+            self.gov.authorize_append(actor, &key, ctx).await?;
+            let (idx, incs): (Vec<usize>, Vec<Incoming>) = incs.into_iter().unzip();
+            let results = store.submit(actor, ctx, mode, incs, refused).await?;
+            for (i, r) in idx.into_iter().zip(results) {
+                outcomes[i].result = r;
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// One entity, as `actor` may see it (NGSI-LD retrieve).
+    pub async fn ngsi_get(
+        &self,
+        actor: &Actor,
+        id: &str,
+        attrs: Option<&[String]>,
+        key_values: bool,
+        ctx: &CallContext,
+    ) -> Result<Value, Error> {
+        ngsi::check_entity_id(id).map_err(|p| Error::invalid(p.detail))?;
+        let Some(store) = self.store_of(id) else {
+            return Err(Error::not_found("entity", id));
+        };
+        let (table, view) = self.entity_view(actor, &store, ctx).await?;
+        let attrs = attr_columns(&store.schema, attrs)?;
+        let row = store
+            .get(id)
+            .ok_or_else(|| Error::not_found("entity", id))?;
+        let out = ngsi::render(
+            &store.schema,
+            &table,
+            &row,
+            attrs.as_deref(),
+            key_values,
+            &view,
+        );
+        self.gov
+            .record_access(
+                actor,
+                "entity.read",
+                &format!("dataset:{}.{}", store.schema.stream.department, store.table),
+                Outcome::Ok,
+                format!("entity {id}"),
+                ctx,
+            )
+            .await?;
+        Ok(out)
+    }
+
+    /// Entities of a type matching a query, as `actor` may see them, in id order; with the
+    /// number of matches in all.
+    pub async fn ngsi_query(
+        &self,
+        actor: &Actor,
+        query: &EntityQuery,
+        ctx: &CallContext,
+    ) -> Result<(Vec<Value>, usize), Error> {
+        let store = self.entity_store(&query.entity_type)?;
+        let (table, view) = self.entity_view(actor, &store, ctx).await?;
+        let schema = &store.schema;
+        let q = match &query.q {
+            Some(q) => Some(crate::q::parse(schema, q).map_err(|p| {
+                Error::invalid(p.detail).hint("q is like intensity>100;district==\"西湖\"")
+            })?),
+            None => None,
+        };
+        if let Some(q) = &q {
+            let mut cols = Vec::new();
+            q.columns(&mut cols);
+            if let Some(c) = cols.iter().find(|c| !view.sees(**c)) {
+                return Err(Error::denied(format!(
+                    "q reads attribute {}, which your grant does not include",
+                    schema.cols[*c].attr
+                )));
+            }
+        }
+        let pattern = match &query.id_pattern {
+            Some(p) => Some(regex::Regex::new(p).map_err(|e| {
+                Error::invalid(format!("idPattern is not a regular expression: {e}"))
+            })?),
+            None => None,
+        };
+        let attrs = attr_columns(schema, query.attrs.as_deref())?;
+        let limit = query.limit.min(QUERY_LIMIT_MAX);
+        let mut total = 0usize;
+        let mut out = Vec::new();
+        {
+            let st = store.state.read().expect("entities lock");
+            let matches = |id: &str, row: &Row| {
+                pattern.as_ref().is_none_or(|p| p.is_match(id))
+                    && q.as_ref().is_none_or(|q| q.matches(row))
+            };
+            let mut take = |id: &str, row: &Row| {
+                if matches(id, row) {
+                    if total >= query.offset && out.len() < limit {
+                        out.push(ngsi::render(
+                            schema,
+                            &table,
+                            row,
+                            attrs.as_deref(),
+                            query.key_values,
+                            &view,
+                        ));
+                    }
+                    total += 1;
+                }
+            };
+            match &query.ids {
+                Some(ids) => {
+                    let mut ids: Vec<&String> = ids.iter().collect();
+                    ids.sort();
+                    ids.dedup();
+                    for id in ids {
+                        if let Some(row) = st.rows.get(id.as_str()) {
+                            take(id, row);
+                        }
+                    }
+                }
+                None => st.rows.iter().for_each(|(id, row)| take(id, row)),
+            }
+        }
+        self.gov
+            .record_access(
+                actor,
+                "entity.read",
+                &format!("dataset:{}.{}", schema.stream.department, store.table),
+                Outcome::Ok,
+                format!(
+                    "query type={}{}: {} of {total} returned",
+                    query.entity_type,
+                    query
+                        .q
+                        .as_ref()
+                        .map(|q| format!(" q={q}"))
+                        .unwrap_or_default(),
+                    out.len()
+                ),
+                ctx,
+            )
+            .await?;
+        Ok((out, total))
+    }
+
+    /// The entity types served, with their streams and entity counts.
+    pub fn ngsi_types(&self, actor: &Actor) -> Result<Vec<Value>, Error> {
+        yunqi_governance::authorize(&actor.principal, &yunqi_governance::Action::CatalogRead)?;
+        let stores = self.entities.read().expect("entities lock");
+        Ok(stores
+            .values()
+            .map(|s| {
+                let (entities, offset, lost) = s.counts();
+                serde_json::json!({
+                    "id": s.schema.entity_type,
+                    "type": "EntityType",
+                    "typeName": s.schema.entity_type,
+                    "attributeNames": s.schema.cols.iter().enumerate()
+                        .filter(|(i, _)| *i != s.schema.id_col)
+                        .map(|(_, c)| c.attr.clone()).collect::<Vec<_>>(),
+                    "stream": s.schema.stream.sql_name(),
+                    "table": format!("{}.{}", s.schema.stream.department, s.table),
+                    "entityCount": entities,
+                    "logOffset": offset,
+                    "changesLostToRetention": lost,
+                })
+            })
+            .collect())
+    }
+
+    async fn entity_view(
+        &self,
+        actor: &Actor,
+        store: &EntityStore,
+        ctx: &CallContext,
+    ) -> Result<(Vec<Column>, View), Error> {
+        let (manifest, grant) = self
+            .gov
+            .authorize_entity_read(actor, &store.schema.stream, ctx)
+            .await?;
+        let view = match &grant {
+            None => View::whole(&store.schema),
+            Some(g) => View::granted(&store.schema, &manifest.columns, g),
+        };
+        Ok((manifest.columns, view))
+    }
+
+    pub(crate) fn shutdown_entities(&self) {
+        let stores: Vec<_> = self
+            .entities
+            .read()
+            .expect("entities lock")
+            .values()
+            .cloned()
+            .collect();
+        for s in stores {
+            s.shutdown();
+        }
+    }
+}
+
+/// The columns of an `attrs` list.
+fn attr_columns(
+    schema: &EntitySchema,
+    attrs: Option<&[String]>,
+) -> Result<Option<Vec<usize>>, Error> {
+    let Some(attrs) = attrs else { return Ok(None) };
+    attrs
+        .iter()
+        .map(|a| {
+            schema.column_of(a).ok_or_else(|| {
+                Error::invalid(format!(
+                    "attrs names \"{a}\", which stream {} does not record",
+                    schema.stream.sql_name()
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
