@@ -200,9 +200,23 @@ pub async fn append_events(
         None => EventFormat::Ndjson,
     };
     let stream = format!("{department}.{name}");
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(v.to_str().map_err(|_| {
+            Error::invalid("invalid idempotency key").hint("use printable ASCII, e.g. a UUID")
+        })?),
+    };
     let report = state
         .sense
-        .append(&auth.actor, &stream, format, &body, p.atomic, &auth.ctx())
+        .append(
+            &auth.actor,
+            &stream,
+            format,
+            &body,
+            p.atomic,
+            key,
+            &auth.ctx(),
+        )
         .await?;
     Ok(axum::Json(report))
 }

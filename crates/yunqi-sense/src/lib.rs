@@ -15,6 +15,7 @@
 //! - [`keys`]: group keys to dense group numbers.
 #![deny(missing_docs)]
 
+pub mod dedup;
 pub mod engine;
 pub mod entities;
 pub mod hll;

@@ -57,6 +57,9 @@ pub struct AppendReport {
     pub first_offset: u64,
     /// See `first_offset`.
     pub end_offset: u64,
+    /// The batch's idempotency key had been sent before: nothing was appended, and this is
+    /// what the first attempt did (its rejections are not listed again).
+    pub duplicate: bool,
 }
 
 /// What a DDL statement did.
@@ -149,6 +152,7 @@ pub struct Sense {
     /// The entities of each NGSI-LD stream, by stream.
     pub(crate) entities: RwLock<BTreeMap<String, Arc<crate::entities::EntityStore>>>,
     pub(crate) wake: Arc<Wake>,
+    dedup: Arc<crate::dedup::Dedup>,
     stop: Arc<AtomicBool>,
     /// Set when the server begins to stop: live feeds end so connections can close.
     closing: tokio::sync::watch::Sender<bool>,
@@ -187,6 +191,7 @@ impl Sense {
             views: RwLock::new(BTreeMap::new()),
             entities: RwLock::new(BTreeMap::new()),
             wake: Arc::new(Wake::default()),
+            dedup: Arc::default(),
             stop: Arc::new(AtomicBool::new(false)),
             closing: tokio::sync::watch::channel(false).0,
             maintenance: Mutex::new(None),
@@ -324,7 +329,9 @@ impl Sense {
     }
 
     /// Decodes, validates, audits and durably appends a batch of events. With `atomic`, one
-    /// bad event refuses the batch whole.
+    /// bad event refuses the batch whole. With an idempotency `key`, a batch sent again (a
+    /// retry) is not appended again: the answer is the first attempt's (see [`crate::dedup`]).
+    #[allow(clippy::too_many_arguments)]
     pub async fn append(
         &self,
         actor: &Actor,
@@ -332,6 +339,7 @@ impl Sense {
         format: EventFormat,
         body: &[u8],
         atomic: bool,
+        key: Option<&str>,
         ctx: &CallContext,
     ) -> Result<AppendReport, Error> {
         let m = self.gov.authorize_append(actor, stream, ctx).await?;
@@ -342,6 +350,40 @@ impl Sense {
             .detail("its events are entity states, written through the NGSI-LD API")
             .hint("send entities to POST /ngsi-ld/v1/entityOperations/upsert"));
         }
+        let object = format!("stream:{stream}");
+        let ticket = match key {
+            None => None,
+            Some(k) => {
+                crate::dedup::check_key(k)?;
+                match self.dedup.claim(&self.log, stream, k).await? {
+                    crate::dedup::Claim::First(t) => Some(t),
+                    crate::dedup::Claim::Duplicate(d) => {
+                        self.gov
+                            .record_access(
+                                actor,
+                                "stream.append",
+                                &object,
+                                Outcome::Ok,
+                                format!(
+                                    "duplicate of idempotency key {k}: nothing appended (events {}..{})",
+                                    d.first, d.end
+                                ),
+                                ctx,
+                            )
+                            .await?;
+                        return Ok(AppendReport {
+                            stream: stream.to_string(),
+                            accepted: d.end - d.first,
+                            rejected: d.rejected,
+                            rejections: Vec::new(),
+                            first_offset: d.first,
+                            end_offset: d.end,
+                            duplicate: true,
+                        });
+                    }
+                }
+            }
+        };
         let decoded = match format {
             EventFormat::Ndjson => ingest::decode_ndjson(&m, body)?,
             EventFormat::Csv => ingest::decode_csv(&m, body)?,
@@ -358,7 +400,6 @@ impl Sense {
             )
             .hint("send the events in several requests")
         })?;
-        let object = format!("stream:{stream}");
         if atomic && rejected > 0 {
             let first: Vec<String> = decoded
                 .rejected
@@ -398,9 +439,40 @@ impl Sense {
             )
             .await?;
         let (first, end) = if accepted > 0 {
-            let payload = encode_ipc(&decoded.batch)?;
+            let payload = match key {
+                // The key goes into the entry, so the log alone knows it after a restart.
+                Some(k) => {
+                    let metadata = std::collections::HashMap::from([
+                        (crate::dedup::KEY_METADATA.to_string(), k.to_string()),
+                        (
+                            crate::dedup::REJECTED_METADATA.to_string(),
+                            rejected.to_string(),
+                        ),
+                    ]);
+                    let schema = decoded
+                        .batch
+                        .schema()
+                        .as_ref()
+                        .clone()
+                        .with_metadata(metadata);
+                    let keyed = decoded
+                        .batch
+                        .clone()
+                        .with_schema(Arc::new(schema))
+                        .map_err(|e| Error::internal(format!("keyed batch: {e}")))?;
+                    encode_ipc(&keyed)?
+                }
+                None => encode_ipc(&decoded.batch)?,
+            };
             let a = self.log.append(stream, count, payload).await?;
             self.wake.notify();
+            if let Some(t) = ticket {
+                t.done(crate::dedup::Done {
+                    first: a.first,
+                    end: a.end,
+                    rejected,
+                });
+            }
             (a.first, a.end)
         } else {
             let end = self.log.end_offset(stream);
@@ -415,6 +487,7 @@ impl Sense {
             rejections,
             first_offset: first,
             end_offset: end,
+            duplicate: false,
         })
     }
 
@@ -551,9 +624,23 @@ pub fn decode_ipc(bytes: &[u8]) -> Result<Vec<RecordBatch>, Error> {
     let reader =
         datafusion::arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
             .map_err(|e| Error::internal(format!("decode events: {e}")))?;
-    reader
+    let batches = reader
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Error::internal(format!("decode events: {e}")))
+        .map_err(|e| Error::internal(format!("decode events: {e}")))?;
+    // Entry metadata (an idempotency key) is the log's business, not the events'.
+    batches
+        .into_iter()
+        .map(|b| {
+            if b.schema().metadata().is_empty() {
+                return Ok(b);
+            }
+            let plain = Arc::new(datafusion::arrow::datatypes::Schema::new(
+                b.schema().fields().clone(),
+            ));
+            RecordBatch::try_new(plain, b.columns().to_vec())
+                .map_err(|e| Error::internal(format!("decode events: {e}")))
+        })
+        .collect()
 }
 
 /// A checkpoint that cannot be read. The view can be recomputed: its written windows stay

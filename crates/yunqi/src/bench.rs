@@ -58,6 +58,9 @@ pub enum BenchCommand {
     /// batches, CSV and NDJSON files, NDJSON over HTTP (durable), and how soon a closed window
     /// reaches a live subscriber.
     Stream(crate::bench_stream::StreamBench),
+    /// NGSI-LD entity updates per second over HTTP, durable: batch upserts and single-entity
+    /// attribute patches, against the published Orion-LD figure.
+    Ngsi(crate::bench_ngsi::NgsiBench),
     /// Query time governed (a grantee through yunqi's engine: grant, masks, audit) against
     /// ungoverned (plain DataFusion on the same files), and against DuckDB on the same files.
     Sql {
@@ -198,6 +201,7 @@ pub fn run(cmd: BenchCommand, json_out: bool) -> anyhow::Result<ExitCode> {
             dir,
         } => crate::bench_share::sql(rows, runs, python, dir, json_out),
         BenchCommand::Stream(o) => crate::bench_stream::stream(o, json_out),
+        BenchCommand::Ngsi(o) => crate::bench_ngsi::ngsi(o, json_out),
     }
 }
 

@@ -312,7 +312,9 @@ pub fn stream(o: StreamBench, json_out: bool) -> anyhow::Result<ExitCode> {
 }
 
 /// A server of this binary on a fresh data directory: (child, base URL, admin token).
-fn start_server(data: &std::path::Path) -> anyhow::Result<(std::process::Child, String, String)> {
+pub(crate) fn start_server(
+    data: &std::path::Path,
+) -> anyhow::Result<(std::process::Child, String, String)> {
     let mut child = Command::new(std::env::current_exe()?)
         .args(["serve", "--data"])
         .arg(data)
@@ -344,7 +346,7 @@ fn start_server(data: &std::path::Path) -> anyhow::Result<(std::process::Child, 
     Ok((child, url, token))
 }
 
-fn post(
+pub(crate) fn post(
     agent: &ureq::Agent,
     url: &str,
     token: &str,

@@ -116,14 +116,24 @@ impl Api {
     }
 
     /// POSTs a body with its content type.
-    pub fn post_raw(&self, path: &str, content_type: &str, body: &[u8]) -> anyhow::Result<Reply> {
+    pub fn post_raw(
+        &self,
+        path: &str,
+        content_type: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> anyhow::Result<Reply> {
         let url = format!("{}{path}", self.base);
         let auth = self.auth()?;
-        let mut response = self
+        let mut request = self
             .agent
             .post(&url)
             .header("Authorization", &auth)
-            .header("Content-Type", content_type)
+            .header("Content-Type", content_type);
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let mut response = request
             .send(body)
             .with_context(|| format!("cannot reach yunqi at {}\nhint: is `yunqi serve` running? set YUNQI_URL to its address", self.base))?;
         let status = response.status().as_u16();

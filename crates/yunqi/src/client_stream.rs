@@ -32,6 +32,11 @@ pub enum StreamCommand {
         /// Refuse a batch whole if any event in it is bad.
         #[arg(long)]
         atomic: bool,
+        /// Send the events even if this file was replayed before. Without it each batch
+        /// carries an idempotency key made of the file's content and the batch's place in it,
+        /// so re-running an interrupted replay appends only what is missing.
+        #[arg(long)]
+        again: bool,
     },
 }
 
@@ -129,7 +134,8 @@ pub fn stream(api: &Api, c: StreamCommand, json: bool) -> anyhow::Result<ExitCod
             file,
             batch,
             atomic,
-        } => replay(api, &name, &file, batch.max(1), atomic, json),
+            again,
+        } => replay(api, &name, &file, batch.max(1), atomic, again, json),
     }
 }
 
@@ -139,6 +145,7 @@ fn replay(
     file: &std::path::Path,
     batch: usize,
     atomic: bool,
+    again: bool,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let (d, n) = dataset_name(name)?;
@@ -163,7 +170,15 @@ fn replay(
         if atomic { "&atomic=true" } else { "" }
     );
     let lines: Vec<&str> = body.lines().filter(|l| !l.trim().is_empty()).collect();
-    let (mut accepted, mut rejected, mut end) = (0u64, 0u64, 0u64);
+    let file_key = {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(text.as_bytes());
+        digest[..12]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let (mut accepted, mut rejected, mut end, mut duplicates) = (0u64, 0u64, 0u64, 0u64);
     let mut shown = Vec::new();
     let started = std::time::Instant::now();
     for (k, chunk) in lines.chunks(batch).enumerate() {
@@ -182,7 +197,17 @@ fn replay(
         } else {
             "application/x-ndjson"
         };
-        match api.post_raw(&path, ct, payload.as_bytes())? {
+        let key = format!("replay-{file_key}-{batch}-{k}");
+        let headers: &[(&str, &str)] = if again {
+            &[]
+        } else {
+            &[("Idempotency-Key", key.as_str())]
+        };
+        match api.post_raw(&path, ct, headers, payload.as_bytes())? {
+            Reply::Ok(v) if v["duplicate"] == true => {
+                duplicates += v["accepted"].as_u64().unwrap_or(0);
+                end = v["end_offset"].as_u64().unwrap_or(end);
+            }
             Reply::Ok(v) => {
                 accepted += v["accepted"].as_u64().unwrap_or(0);
                 rejected += v["rejected"].as_u64().unwrap_or(0);
@@ -202,12 +227,17 @@ fn replay(
     }
     let secs = started.elapsed().as_secs_f64();
     let out = serde_json::json!({"stream": name, "accepted": accepted, "rejected": rejected,
-        "end_offset": end, "seconds": secs});
+        "already_sent": duplicates, "end_offset": end, "seconds": secs});
     finish(Reply::Ok(out), json, |_| {
         println!(
             "{name}: {accepted} events sent and durable, {rejected} rejected, in {secs:.1} s ({:.0} events/s); the stream ends at offset {end}",
             accepted as f64 / secs.max(1e-9)
         );
+        if duplicates > 0 {
+            println!(
+                "{duplicates} events of this file were in the stream already (an earlier replay sent them; --again sends them anyway)"
+            );
+        }
         for l in &shown {
             println!("{l}");
         }

@@ -432,3 +432,161 @@ async fn streams_and_continuous_views_end_to_end() {
     assert!(audit.iter().any(|r| r["action"] == "view.create"));
     assert!(audit.iter().any(|r| r["action"] == "stream.create"));
 }
+
+fn post_keyed(s: &Server, token: &str, key: &str, body: &str) -> (u16, Value) {
+    let mut r = common::agent()
+        .post(format!(
+            "{}/api/v1/streams/traffic/detections/events",
+            s.url
+        ))
+        .header("Authorization", format!("Bearer {token}"))
+        .header("Content-Type", "application/x-ndjson")
+        .header("Idempotency-Key", key)
+        .send(body)
+        .expect("post events");
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// A producer that retries — at once, concurrently, or after the server crashed — appends each
+/// keyed batch once; views read keyed entries like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_batches_are_appended_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Server::start(dir.path());
+    s.dept("traffic");
+    let steward = s.principal("tsteward", "steward", Some("traffic"));
+    let camera = s.principal("cameras", "service", Some("traffic"));
+    sql(&s, &steward, STREAM);
+    sql(
+        &s,
+        &steward,
+        "CREATE CONTINUOUS VIEW traffic.seg_1m AS SELECT window_start, window_end, segment, count(*) AS vehicles FROM TUMBLE(traffic.detections, ts, INTERVAL '1' MINUTE) GROUP BY window_start, window_end, segment",
+    );
+    let end = |s: &Server| {
+        s.call(
+            "GET",
+            "/api/v1/streams/traffic/detections",
+            Some(&steward),
+            None,
+        )
+        .1["events"]
+            .as_u64()
+            .unwrap()
+    };
+
+    // Sent twice: appended once, the second answer is the first's.
+    let mut first = events(500, 0.0, 60.0, 1);
+    first.push("not json".into());
+    let body = first.join("\n");
+    let (status, a) = post_keyed(&s, &camera, "batch-0001", &body);
+    assert_eq!(status, 200, "{a}");
+    assert_eq!(
+        (
+            a["accepted"].as_u64(),
+            a["rejected"].as_u64(),
+            a["duplicate"].as_bool()
+        ),
+        (Some(500), Some(1), Some(false)),
+        "{a}"
+    );
+    let (_, b) = post_keyed(&s, &camera, "batch-0001", &body);
+    assert_eq!(b["duplicate"], true, "{b}");
+    assert_eq!(
+        (&b["first_offset"], &b["end_offset"], &b["rejected"]),
+        (&a["first_offset"], &a["end_offset"], &a["rejected"])
+    );
+    assert_eq!(end(&s), 500);
+
+    // Eight retries at once: one appends, seven get its answer.
+    let second = events(300, 60.0, 60.0, 2).join("\n");
+    let answers: Vec<Value> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..8)
+            .map(|_| sc.spawn(|| post_keyed(&s, &camera, "batch-0002", &second).1))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(
+        answers.iter().filter(|v| v["duplicate"] == false).count(),
+        1,
+        "{answers:?}"
+    );
+    assert!(
+        answers
+            .iter()
+            .all(|v| v["first_offset"] == 500 && v["end_offset"] == 800),
+        "{answers:?}"
+    );
+    assert_eq!(end(&s), 800);
+    let (status, v) = post_keyed(&s, &camera, "bad key", "{}");
+    assert_eq!(status, 400, "{v}");
+
+    // After kill -9 the log alone remembers the keys.
+    s.kill9();
+    let s = Server::start(dir.path());
+    let (_, c) = post_keyed(&s, &camera, "batch-0001", &body);
+    assert_eq!(
+        (
+            c["duplicate"].as_bool(),
+            c["end_offset"].as_u64(),
+            c["rejected"].as_u64()
+        ),
+        (Some(true), Some(500), Some(1)),
+        "{c}"
+    );
+    let (_, d) = post_keyed(
+        &s,
+        &camera,
+        "batch-0003",
+        &events(100, 120.0, 60.0, 3).join("\n"),
+    );
+    assert_eq!(
+        (d["duplicate"].as_bool(), d["end_offset"].as_u64()),
+        (Some(false), Some(900)),
+        "{d}"
+    );
+
+    // `stream replay` keys its batches by the file: a second run appends nothing.
+    let file = dir.path().join("again.ndjson");
+    std::fs::write(&file, events(250, 180.0, 60.0, 4).join("\n")).unwrap();
+    let args = [
+        "stream",
+        "replay",
+        "traffic.detections",
+        file.to_str().unwrap(),
+        "--batch",
+        "100",
+    ];
+    let (code, out, err) = common::cli(&s, &camera, &args);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("250 events sent and durable"), "{out}");
+    let (code, out, err) = common::cli(&s, &camera, &args);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("0 events sent and durable")
+            && out.contains("250 events of this file were in the stream already"),
+        "{out}"
+    );
+    assert_eq!(end(&s), 1150);
+
+    // The view read every keyed entry once.
+    let v = wait_view(&s, &steward, "traffic/seg_1m", 1150);
+    assert_eq!(
+        v["events_in"].as_u64().unwrap() + v["events_late"].as_u64().unwrap(),
+        1150,
+        "{v}"
+    );
+    let audit = s.audit_all();
+    assert!(
+        audit.iter().any(|r| r["action"] == "stream.append"
+            && r["detail"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("duplicate of idempotency key batch-0001")),
+        "duplicates are audited"
+    );
+}
