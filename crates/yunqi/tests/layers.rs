@@ -14,9 +14,10 @@ const LAYERS: &[(&str, u8)] = &[
     ("yunqi-governance", 2),
     ("yunqi-sql", 3),
     ("yunqi-sense", 3),
-    ("yunqi-api", 4),
-    ("yunqi-pg", 4),
-    ("yunqi", 5),
+    ("yunqi-serve", 4),
+    ("yunqi-api", 5),
+    ("yunqi-pg", 5),
+    ("yunqi", 6),
 ];
 
 #[test]

@@ -1,0 +1,12 @@
+//! Serve, the one-stop services pillar (一网通办): services declared once, decided by rules over
+//! what the city already knows, with quotas no concurrency or crash can over-spend.
+//!
+//! Built so far (see `docs/design/2026-11-26-serve.md` for the whole):
+//! - [`calendar`]: quota periods (natural day, month, year) and permit validity windows in the
+//!   city's time zone, checked against a holiday calendar with make-up working days;
+//! - [`ledger`]: quota counters and money lines, changed a round of decisions at a time against
+//!   the published state, so that one writer can decide a round, make it durable, then publish.
+#![deny(missing_docs)]
+
+pub mod calendar;
+pub mod ledger;
