@@ -48,7 +48,16 @@ struct Acc {
     f: Vec<f64>,
     /// Distinct-count sketches.
     h: Vec<Hll>,
+    /// Hashes not yet in their group's sketch. A sketch's 4 KiB of registers is a cache miss
+    /// per event when thousands of groups are updated in turn; folding a group's hashes
+    /// [`PENDING_MAX`] at a time loads its registers once for all of them. The result is the
+    /// same: a sketch does not depend on the order of its inserts.
+    #[serde(default)]
+    p: Vec<Vec<u64>>,
 }
+
+/// Hashes a group buffers before they go into its sketch.
+const PENDING_MAX: usize = 256;
 
 /// How an aggregate is computed, by function and input type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +123,16 @@ impl Acc {
             Kind::Distinct => {
                 self.n.resize(groups, 0);
                 self.h.resize(groups, Hll::default());
+                self.p.resize(groups, Vec::new());
+            }
+        }
+    }
+
+    /// Puts every buffered hash into its sketch.
+    fn flush(&mut self) {
+        for (h, p) in self.h.iter_mut().zip(self.p.iter_mut()) {
+            for x in p.drain(..) {
+                h.insert(x);
             }
         }
     }
@@ -508,6 +527,9 @@ impl Engine {
             return Ok(None);
         }
         closing.sort_by_key(|w| w.index);
+        for w in &mut closing {
+            w.accs.iter_mut().for_each(Acc::flush);
+        }
         let through_end_us = closing.last().expect("one").index * self.plan.window.slide_us
             + self.plan.window.size_us;
         let windows = closing.len();
@@ -869,7 +891,14 @@ fn fold(
                 let acc = &mut wins[s as usize].accs[a];
                 let g = gids[i] as usize;
                 acc.n[g] += 1;
-                acc.h[g].insert(hashes[i]);
+                let p = &mut acc.p[g];
+                p.push(hashes[i]);
+                if p.len() >= PENDING_MAX {
+                    let h = &mut acc.h[g];
+                    for x in p.drain(..) {
+                        h.insert(x);
+                    }
+                }
             }
         }
     }
