@@ -5,8 +5,11 @@
 //! - [`calendar`]: quota periods (natural day, month, year) and permit validity windows in the
 //!   city's time zone, checked against a holiday calendar with make-up working days;
 //! - [`ledger`]: quota counters and money lines, changed a round of decisions at a time against
-//!   the published state, so that one writer can decide a round, make it durable, then publish.
+//!   the published state, so that one writer can decide a round, make it durable, then publish;
+//! - [`rules`]: the rule language (typed expressions over inputs, lookups, quotas and live
+//!   values, with errors that say where).
 #![deny(missing_docs)]
 
 pub mod calendar;
 pub mod ledger;
+pub mod rules;
