@@ -4,6 +4,8 @@
 //! Built so far (see `docs/design/2026-11-26-serve.md` for the whole):
 //! - [`calendar`]: quota periods (natural day, month, year) and permit validity windows in the
 //!   city's time zone, checked against a holiday calendar with make-up working days;
+//! - [`definition`]: service definitions (TOML), checked whole with every problem named by
+//!   its line;
 //! - [`ledger`]: quota counters and money lines, changed a round of decisions at a time against
 //!   the published state, so that one writer can decide a round, make it durable, then publish;
 //! - [`rules`]: the rule language (typed expressions over inputs, lookups, quotas and live
@@ -11,5 +13,6 @@
 #![deny(missing_docs)]
 
 pub mod calendar;
+pub mod definition;
 pub mod ledger;
 pub mod rules;

@@ -1,0 +1,827 @@
+//! Service definitions: one TOML file per service (事项), read and checked whole before it is
+//! applied. Every problem is reported with the line it is on and what to do; nothing is
+//! half-applied.
+//!
+//! ```toml
+//! [service]
+//! department = "traffic"
+//! name = "urgent-entry-permit"
+//! title = "非浙A急事通"
+//! applicants = ["citizen"]
+//!
+//! [[inputs]]
+//! name = "plate"
+//! type = "plate"
+//!
+//! [[lookups]]
+//! name = "vehicle"
+//! sql = "SELECT plate, owner_id FROM transport.vehicles WHERE plate = :plate"
+//!
+//! [[quotas]]
+//! name = "monthly"
+//! key = "plate"
+//! limit = 3
+//! period = "month"
+//! date = "date"
+//!
+//! [[rules]]
+//! name = "non_local"
+//! require = "not starts_with(plate, '浙A')"
+//! reason = "浙A号牌无需办理"
+//!
+//! [outcome]
+//! decide = "automatic"
+//! ```
+//!
+//! Names a rule may read: every input by name; `<lookup>.found` and `<lookup>.<column>`;
+//! `quota.<name>.used`, `.left` and `.limit`. Lookup columns are checked when the lookup's SQL
+//! is planned, as the service's department.
+
+use std::collections::HashSet;
+use std::ops::Range;
+
+use serde::Deserialize;
+use toml::Spanned;
+use yunqi_types::Error;
+
+use crate::calendar::Period;
+use crate::rules::{self, Expr};
+
+/// Longest service name.
+pub const SERVICE_NAME_BYTES_MAX: usize = 64;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    service: Header,
+    #[serde(default)]
+    inputs: Vec<InputDef>,
+    #[serde(default)]
+    lookups: Vec<LookupDef>,
+    #[serde(default)]
+    quotas: Vec<QuotaDef>,
+    #[serde(default)]
+    rules: Vec<RuleDef>,
+    outcome: OutcomeDef,
+    #[serde(default)]
+    document: Option<DocumentDef>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Header {
+    department: Spanned<String>,
+    name: Spanned<String>,
+    title: String,
+    #[serde(default)]
+    title_en: Option<String>,
+    #[serde(default)]
+    description: String,
+    applicants: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    calendar: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InputDef {
+    name: Spanned<String>,
+    #[serde(rename = "type")]
+    kind: Spanned<String>,
+    #[serde(default)]
+    label: Option<String>,
+    #[serde(default = "yes")]
+    required: bool,
+    #[serde(default)]
+    values: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    min_days: Option<i64>,
+    #[serde(default)]
+    max_days: Option<i64>,
+    #[serde(default)]
+    max_chars: Option<usize>,
+    #[serde(default)]
+    max_yuan: Option<f64>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LookupDef {
+    name: Spanned<String>,
+    sql: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuotaDef {
+    name: Spanned<String>,
+    key: Spanned<String>,
+    limit: u32,
+    period: Spanned<String>,
+    #[serde(default)]
+    date: Option<Spanned<String>>,
+    reason: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleDef {
+    name: Spanned<String>,
+    require: Spanned<String>,
+    reason: String,
+    #[serde(default)]
+    reason_en: Option<String>,
+    #[serde(default)]
+    otherwise: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutcomeDef {
+    decide: Spanned<String>,
+    #[serde(default)]
+    review_hours: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DocumentDef {
+    title: String,
+    fields: Spanned<Vec<String>>,
+    #[serde(default)]
+    valid_window: Option<Spanned<String>>,
+}
+
+/// Who may apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Applicant {
+    /// A citizen, for themself.
+    Citizen,
+    /// An enterprise's account.
+    Enterprise,
+    /// An officer, on someone's behalf.
+    Officer,
+}
+
+/// The type of an input.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum InputType {
+    /// A Chinese vehicle plate.
+    Plate,
+    /// A resident ID number (checksum verified).
+    IdNumber,
+    /// A date `YYYY-MM-DD`, within `[today + min_days, today + max_days]` when given.
+    Date {
+        /// Earliest, days from today.
+        min_days: Option<i64>,
+        /// Latest, days from today.
+        max_days: Option<i64>,
+    },
+    /// One of the values.
+    Enum {
+        /// The values.
+        values: Vec<String>,
+    },
+    /// Money in yuan (kept in fen), up to a maximum.
+    Money {
+        /// Largest amount, yuan.
+        max_yuan: Option<f64>,
+    },
+    /// Free text, up to a length.
+    Text {
+        /// Longest, characters.
+        max_chars: usize,
+    },
+}
+
+/// An input.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Input {
+    /// Its name (what rules read).
+    pub name: String,
+    /// Its type and limits.
+    pub kind: InputType,
+    /// Shown to applicants.
+    pub label: Option<String>,
+    /// Whether it must be given.
+    pub required: bool,
+}
+
+/// A lookup: SQL with `:input` parameters, run as the service's department.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Lookup {
+    /// Its name (rules read `<name>.found`, `<name>.<column>`).
+    pub name: String,
+    /// The SQL.
+    pub sql: String,
+    /// The inputs its parameters name.
+    pub params: Vec<String>,
+}
+
+/// A quota.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Quota {
+    /// Its name (rules read `quota.<name>.used|left|limit`).
+    pub name: String,
+    /// The input it counts by.
+    pub key: String,
+    /// Units per period.
+    pub limit: u32,
+    /// The period.
+    pub period: Period,
+    /// The date input that says which period a grant counts in (default: today).
+    pub date: Option<String>,
+    /// Shown when it is used up.
+    pub reason: String,
+}
+
+/// What happens when a rule is not met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Otherwise {
+    /// The application is refused.
+    Refuse,
+    /// An officer reviews it.
+    Review,
+}
+
+/// A rule.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Rule {
+    /// Its name.
+    pub name: String,
+    /// The condition, as written.
+    pub require: String,
+    /// Parsed.
+    #[serde(skip)]
+    pub expr: Expr,
+    /// Shown when it is not met.
+    pub reason: String,
+    /// The same in English.
+    pub reason_en: Option<String>,
+    /// What happens when it is not met.
+    pub otherwise: Otherwise,
+}
+
+/// How applications are decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "decide", rename_all = "snake_case")]
+pub enum Outcome {
+    /// By the rules alone.
+    Automatic,
+    /// By an officer, within a deadline.
+    Review {
+        /// Hours an officer has (办结时限).
+        hours: u32,
+    },
+}
+
+/// The document a granted application gets.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Document {
+    /// Its title.
+    pub title: String,
+    /// The inputs it shows.
+    pub fields: Vec<String>,
+    /// The `window`-like input that sets its validity, if any.
+    pub valid_window: Option<String>,
+}
+
+/// A checked service definition.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Service {
+    /// Department.
+    pub department: String,
+    /// Name (`urgent-entry-permit`).
+    pub name: String,
+    /// Title.
+    pub title: String,
+    /// Title in English.
+    pub title_en: Option<String>,
+    /// Description.
+    pub description: String,
+    /// Who may apply.
+    pub applicants: Vec<Applicant>,
+    /// The dataset of holidays and make-up working days (`day` DATE, `kind` 'holiday' or
+    /// 'workday') that `is_rest_day` reads, `department.dataset`.
+    pub calendar: Option<String>,
+    /// Inputs.
+    pub inputs: Vec<Input>,
+    /// Lookups.
+    pub lookups: Vec<Lookup>,
+    /// Quotas.
+    pub quotas: Vec<Quota>,
+    /// Rules, in the order they are evaluated.
+    pub rules: Vec<Rule>,
+    /// How it decides.
+    pub outcome: Outcome,
+    /// What it issues.
+    pub document: Option<Document>,
+}
+
+impl Service {
+    /// `department.name`.
+    pub fn full_name(&self) -> String {
+        format!("{}.{}", self.department, self.name)
+    }
+}
+
+/// Problems found in a definition, each on its line.
+struct Problems<'a> {
+    src: &'a str,
+    list: Vec<String>,
+}
+
+impl Problems<'_> {
+    fn line(&self, at: usize) -> usize {
+        self.src[..at.min(self.src.len())].matches('\n').count() + 1
+    }
+    fn add(&mut self, span: Range<usize>, what: impl Into<String>) {
+        let line = self.line(span.start);
+        self.list.push(format!("line {line}: {}", what.into()));
+    }
+}
+
+fn check_name(kind: &str, raw: &str) -> Result<(), String> {
+    let ok = !raw.is_empty()
+        && raw.len() <= SERVICE_NAME_BYTES_MAX
+        && raw.as_bytes()[0].is_ascii_lowercase()
+        && raw
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{kind} \"{raw}\" is not a valid name: use lowercase letters, digits, '-' and '_', starting with a letter"
+        ))
+    }
+}
+
+/// The `:name` parameters of a lookup's SQL (outside quoted text).
+fn params(sql: &str) -> Vec<String> {
+    let b = sql.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    let mut quote: Option<u8> = None;
+    while i < b.len() {
+        let c = b[i];
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == b'\'' || c == b'"' => quote = Some(c),
+            None if c == b':' && i + 1 < b.len() && b[i + 1] == b':' => i += 1, // a cast
+            None if c == b':' => {
+                let start = i + 1;
+                let mut j = start;
+                while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_') {
+                    j += 1;
+                }
+                if j > start {
+                    let p = sql[start..j].to_string();
+                    if !out.contains(&p) {
+                        out.push(p);
+                    }
+                }
+                i = j;
+                continue;
+            }
+            None => {}
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Reads and checks a definition. The error lists every problem found, each with its line.
+pub fn parse(src: &str) -> Result<Service, Error> {
+    let file: File = toml::from_str(src).map_err(|e| {
+        let line = e
+            .span()
+            .map(|s| src[..s.start.min(src.len())].matches('\n').count() + 1);
+        Error::invalid(match line {
+            Some(l) => format!("the definition is not valid at line {l}"),
+            None => "the definition is not valid".to_string(),
+        })
+        .detail(e.message().to_string())
+        .hint("see the services/ directory of the repository for complete examples")
+    })?;
+    let mut p = Problems {
+        src,
+        list: Vec::new(),
+    };
+    let h = &file.service;
+    if let Err(e) = yunqi_types::Name::parse("department", h.department.get_ref()) {
+        p.add(h.department.span(), e.message);
+    }
+    if let Err(e) = check_name("service", h.name.get_ref()) {
+        p.add(h.name.span(), e);
+    }
+    let mut applicants = Vec::new();
+    for a in h.applicants.get_ref() {
+        match a.get_ref().as_str() {
+            "citizen" => applicants.push(Applicant::Citizen),
+            "enterprise" => applicants.push(Applicant::Enterprise),
+            "officer" => applicants.push(Applicant::Officer),
+            other => p.add(
+                a.span(),
+                format!("unknown applicant \"{other}\": use citizen, enterprise or officer"),
+            ),
+        }
+    }
+    if let Some(c) = &h.calendar
+        && c.get_ref().split('.').count() != 2
+    {
+        p.add(
+            c.span(),
+            "calendar names a dataset: calendar = \"city.holidays\"",
+        );
+    }
+    if h.applicants.get_ref().is_empty() {
+        p.add(
+            h.applicants.span(),
+            "say who may apply: applicants = [\"citizen\"]",
+        );
+    }
+
+    let mut taken: HashSet<String> = HashSet::new();
+    let mut claim = |p: &mut Problems, name: &Spanned<String>, what: &str| {
+        if let Err(e) = check_name(what, name.get_ref()) {
+            p.add(name.span(), e);
+        } else if !taken.insert(name.get_ref().clone()) {
+            p.add(
+                name.span(),
+                format!(
+                    "\"{}\" is declared twice (inputs, lookups and quotas share names)",
+                    name.get_ref()
+                ),
+            );
+        } else if name.get_ref() == "quota" {
+            p.add(
+                name.span(),
+                "\"quota\" is reserved: rules read quota.<name>.left",
+            );
+        }
+    };
+
+    let mut inputs = Vec::new();
+    for i in &file.inputs {
+        claim(&mut p, &i.name, "input");
+        let kind = match i.kind.get_ref().as_str() {
+            "plate" => InputType::Plate,
+            "id_number" => InputType::IdNumber,
+            "date" => InputType::Date {
+                min_days: i.min_days,
+                max_days: i.max_days,
+            },
+            "enum" => match &i.values {
+                Some(v) if !v.get_ref().is_empty() => InputType::Enum {
+                    values: v.get_ref().clone(),
+                },
+                _ => {
+                    p.add(
+                        i.kind.span(),
+                        format!("input {}: an enum needs values = [\"…\"]", i.name.get_ref()),
+                    );
+                    continue;
+                }
+            },
+            "money" => InputType::Money {
+                max_yuan: i.max_yuan,
+            },
+            "text" => InputType::Text {
+                max_chars: i.max_chars.unwrap_or(500),
+            },
+            other => {
+                p.add(
+                    i.kind.span(),
+                    format!("unknown input type \"{other}\": use plate, id_number, date, enum, money or text"),
+                );
+                continue;
+            }
+        };
+        if let (Some(a), Some(b)) = (i.min_days, i.max_days)
+            && a > b
+        {
+            p.add(
+                i.name.span(),
+                format!("input {}: min_days is after max_days", i.name.get_ref()),
+            );
+        }
+        inputs.push(Input {
+            name: i.name.get_ref().clone(),
+            kind,
+            label: i.label.clone(),
+            required: i.required,
+        });
+    }
+    let input_names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
+
+    let mut lookups = Vec::new();
+    for l in &file.lookups {
+        claim(&mut p, &l.name, "lookup");
+        let ps = params(l.sql.get_ref());
+        for q in &ps {
+            if !input_names.contains(&q.as_str()) {
+                p.add(
+                    l.sql.span(),
+                    format!(
+                        "lookup {}: :{q} is not an input; inputs: {}",
+                        l.name.get_ref(),
+                        input_names.join(", ")
+                    ),
+                );
+            }
+        }
+        lookups.push(Lookup {
+            name: l.name.get_ref().clone(),
+            sql: l.sql.get_ref().clone(),
+            params: ps,
+        });
+    }
+
+    let mut quotas = Vec::new();
+    for q in &file.quotas {
+        claim(&mut p, &q.name, "quota");
+        if !input_names.contains(&q.key.get_ref().as_str()) {
+            p.add(
+                q.key.span(),
+                format!(
+                    "quota {}: key {} is not an input",
+                    q.name.get_ref(),
+                    q.key.get_ref()
+                ),
+            );
+        }
+        if let Some(d) = &q.date {
+            match inputs.iter().find(|i| &i.name == d.get_ref()) {
+                Some(Input {
+                    kind: InputType::Date { .. },
+                    ..
+                }) => {}
+                _ => p.add(
+                    d.span(),
+                    format!(
+                        "quota {}: date {} is not a date input",
+                        q.name.get_ref(),
+                        d.get_ref()
+                    ),
+                ),
+            }
+        }
+        if q.limit == 0 {
+            p.add(
+                q.name.span(),
+                format!("quota {}: a limit of 0 grants nothing", q.name.get_ref()),
+            );
+        }
+        // A bad period is reported; the quota is still declared, so rules reading it are not
+        // reported as well.
+        let period = Period::parse(q.period.get_ref()).unwrap_or_else(|e| {
+            p.add(q.period.span(), e.message);
+            Period::Total
+        });
+        quotas.push(Quota {
+            name: q.name.get_ref().clone(),
+            key: q.key.get_ref().clone(),
+            limit: q.limit,
+            period,
+            date: q.date.as_ref().map(|d| d.get_ref().clone()),
+            reason: q.reason.clone(),
+        });
+    }
+
+    let lookup_names: Vec<&str> = lookups.iter().map(|l| l.name.as_str()).collect();
+    let quota_names: Vec<&str> = quotas.iter().map(|q| q.name.as_str()).collect();
+    let mut rules_out = Vec::new();
+    let mut rule_names = HashSet::new();
+    for r in &file.rules {
+        if let Err(e) = check_name("rule", r.name.get_ref()) {
+            p.add(r.name.span(), e);
+        } else if !rule_names.insert(r.name.get_ref().clone()) {
+            p.add(
+                r.name.span(),
+                format!("rule \"{}\" is declared twice", r.name.get_ref()),
+            );
+        }
+        let expr = match rules::parse(r.require.get_ref()) {
+            Ok(e) => e,
+            Err(e) => {
+                // The span covers the quotes: the expression starts one byte in.
+                let at = r.require.span().start + 1 + e.at.unwrap_or(0);
+                p.add(at..at, format!("rule {}: {}", r.name.get_ref(), e.message));
+                continue;
+            }
+        };
+        let mut names = Vec::new();
+        expr.names(&mut names);
+        for n in names {
+            let known = match n.as_slice() {
+                [one] => input_names.contains(&one.as_str()),
+                [q, name, what] if q == "quota" => {
+                    quota_names.contains(&name.as_str())
+                        && matches!(what.as_str(), "used" | "left" | "limit")
+                }
+                [l, _] => lookup_names.contains(&l.as_str()),
+                _ => false,
+            };
+            if !known {
+                p.add(
+                    r.require.span(),
+                    format!(
+                        "rule {}: {} is not something a rule can read (inputs: {}; lookups: {}; quotas: {})",
+                        r.name.get_ref(),
+                        n.join("."),
+                        input_names.join(", "),
+                        lookup_names.iter().map(|l| format!("{l}.<column>")).collect::<Vec<_>>().join(", "),
+                        quota_names.iter().map(|q| format!("quota.{q}.left")).collect::<Vec<_>>().join(", "),
+                    ),
+                );
+            }
+        }
+        let otherwise = match r.otherwise.as_ref().map(|o| o.get_ref().as_str()) {
+            None | Some("refuse") => Otherwise::Refuse,
+            Some("review") => Otherwise::Review,
+            Some(other) => {
+                if let Some(o) = &r.otherwise {
+                    p.add(
+                        o.span(),
+                        format!("otherwise = \"{other}\": use refuse or review"),
+                    );
+                }
+                Otherwise::Refuse
+            }
+        };
+        rules_out.push(Rule {
+            name: r.name.get_ref().clone(),
+            require: r.require.get_ref().clone(),
+            expr,
+            reason: r.reason.clone(),
+            reason_en: r.reason_en.clone(),
+            otherwise,
+        });
+    }
+
+    let outcome = match file.outcome.decide.get_ref().as_str() {
+        "automatic" => Outcome::Automatic,
+        "review" => Outcome::Review {
+            hours: file.outcome.review_hours.unwrap_or(24),
+        },
+        other => {
+            p.add(
+                file.outcome.decide.span(),
+                format!("decide = \"{other}\": use automatic or review"),
+            );
+            Outcome::Automatic
+        }
+    };
+    let document = file.document.as_ref().map(|d| {
+        for f in d.fields.get_ref() {
+            if !input_names.contains(&f.as_str()) {
+                p.add(
+                    d.fields.span(),
+                    format!("document field {f} is not an input"),
+                );
+            }
+        }
+        if let Some(w) = &d.valid_window
+            && !input_names.contains(&w.get_ref().as_str())
+        {
+            p.add(
+                w.span(),
+                format!("valid_window {} is not an input", w.get_ref()),
+            );
+        }
+        Document {
+            title: d.title.clone(),
+            fields: d.fields.get_ref().clone(),
+            valid_window: d.valid_window.as_ref().map(|w| w.get_ref().clone()),
+        }
+    });
+
+    if !p.list.is_empty() {
+        let n = p.list.len();
+        return Err(Error::invalid(format!(
+            "the definition has {n} problem{}",
+            if n == 1 { "" } else { "s" }
+        ))
+        .detail(p.list.join("\n"))
+        .hint("fix the lines named and apply it again; nothing was applied"));
+    }
+    Ok(Service {
+        department: h.department.get_ref().clone(),
+        name: h.name.get_ref().clone(),
+        title: h.title.clone(),
+        title_en: h.title_en.clone(),
+        description: h.description.clone(),
+        applicants,
+        calendar: h.calendar.as_ref().map(|c| c.get_ref().clone()),
+        inputs,
+        lookups,
+        quotas,
+        rules: rules_out,
+        outcome,
+        document,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PERMIT: &str = include_str!("../../../services/traffic.urgent-entry-permit.toml");
+
+    #[test]
+    fn the_permit_service_reads() {
+        let s = parse(PERMIT).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(s.full_name(), "traffic.urgent-entry-permit");
+        assert_eq!(s.applicants, vec![Applicant::Citizen]);
+        let names: Vec<&str> = s.inputs.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["plate", "date", "window", "reason"]);
+        assert_eq!(
+            s.quotas
+                .iter()
+                .map(|q| (q.name.as_str(), q.limit, q.period))
+                .collect::<Vec<_>>(),
+            [("yearly", 12, Period::Year), ("monthly", 3, Period::Month)]
+        );
+        assert!(s.rules.len() >= 4);
+        assert_eq!(s.lookups[0].params, ["plate"]);
+    }
+
+    #[test]
+    fn problems_are_named_with_their_lines() {
+        let bad = r#"[service]
+department = "traffic"
+name = "Urgent Permit"
+title = "x"
+applicants = ["citizen", "robot"]
+
+[[inputs]]
+name = "plate"
+type = "plate"
+
+[[inputs]]
+name = "plate"
+type = "colour"
+
+[[lookups]]
+name = "vehicle"
+sql = "SELECT * FROM transport.vehicles WHERE plate = :plat AND x::text = 'a:b'"
+
+[[quotas]]
+name = "monthly"
+key = "plates"
+limit = 3
+period = "week"
+reason = "used up"
+
+[[rules]]
+name = "local"
+require = "starts_with(plate, '浙A') and quota.monthly.left > 0 and vehicle.kind == 'car'"
+reason = "x"
+
+[[rules]]
+name = "typo"
+require = "plate = 'x'"
+reason = "x"
+
+[[rules]]
+name = "unknown"
+require = "vehicel.kind == 'car' or quota.yearly.left > 0"
+reason = "x"
+
+[outcome]
+decide = "sometimes"
+"#;
+        let e = parse(bad).unwrap_err();
+        let d = e.detail.unwrap();
+        for want in [
+            "line 3: service \"Urgent Permit\" is not a valid name",
+            "line 5: unknown applicant \"robot\"",
+            "line 12: \"plate\" is declared twice",
+            "line 13: unknown input type \"colour\"",
+            "line 17: lookup vehicle: :plat is not an input",
+            "line 21: quota monthly: key plates is not an input",
+            "line 23: unknown quota period \"week\"",
+            "line 33: rule typo: use `==` to compare",
+            "line 38: rule unknown: vehicel.kind is not something a rule can read",
+            "line 38: rule unknown: quota.yearly.left is not something",
+            "line 42: decide = \"sometimes\"",
+        ] {
+            assert!(d.contains(want), "missing {want:?} in:\n{d}");
+        }
+        assert!(!d.contains("rule local"), "the good rule is fine:\n{d}");
+        assert!(e.message.contains("problems"));
+        // Syntax and unknown fields: the TOML error, with its line.
+        let e = parse("[service]\ndepartment = \"traffic\"\nname = \"x\"\ntitle = \"x\"\napplicants = [\"citizen\"]\ncolour = 1\n[outcome]\ndecide = \"automatic\"\n").unwrap_err();
+        assert!(e.message.contains("line 6"), "{e:?}");
+        assert!(e.detail.unwrap().contains("colour"));
+    }
+}
