@@ -8,11 +8,15 @@
 //!   its line;
 //! - [`ledger`]: quota counters and money lines, changed a round of decisions at a time against
 //!   the published state, so that one writer can decide a round, make it durable, then publish;
+//! - [`decider`]: one writer per service deciding applications in order — rules, quotas spent
+//!   all or nothing, idempotency keys — each round audited and logged durably before it is
+//!   answered, the log replayed at start;
 //! - [`rules`]: the rule language (typed expressions over inputs, lookups, quotas and live
 //!   values, with errors that say where).
 #![deny(missing_docs)]
 
 pub mod calendar;
+pub mod decider;
 pub mod definition;
 pub mod ledger;
 pub mod rules;
