@@ -37,7 +37,39 @@ pub type Row = BTreeMap<String, Value>;
 /// Makes a round's decisions part of the audit chain, durably, before they are logged.
 pub trait Recorder: Send + Sync + 'static {
     /// Records the decisions.
-    fn record<'a>(&'a self, decisions: &'a [Decision]) -> BoxFuture<'a, Result<(), Error>>;
+    fn record<'a>(&'a self, decisions: &'a [&'a Decision]) -> BoxFuture<'a, Result<(), Error>>;
+}
+
+/// Records each decision in the audit chain: who applied, the service, the decision and its
+/// reasons.
+pub struct AuditRecorder(pub yunqi_audit::SharedAuditLog);
+
+impl Recorder for AuditRecorder {
+    fn record<'a>(&'a self, decisions: &'a [&'a Decision]) -> BoxFuture<'a, Result<(), Error>> {
+        let events = decisions
+            .iter()
+            .map(|d| yunqi_types::AuditEvent {
+                principal: d.applicant.clone(),
+                department: String::new(),
+                action: "service.decide".into(),
+                object: format!("service:{}", d.service),
+                outcome: Some(yunqi_types::Outcome::Ok),
+                purpose: String::new(),
+                detail: format!(
+                    "{} {:?}{}",
+                    d.id,
+                    d.decision,
+                    if d.reasons.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", d.reasons.join("; "))
+                    }
+                ),
+                request_id: String::new(),
+            })
+            .collect();
+        Box::pin(async move { self.0.append(events).await.map(|_| ()) })
+    }
 }
 
 /// An application, checked and looked up.
@@ -275,12 +307,12 @@ pub fn check_inputs(
 
 struct Job {
     app: Application,
-    reply: tokio::sync::oneshot::Sender<Result<Decision, Error>>,
+    reply: tokio::sync::oneshot::Sender<Result<Arc<Decision>, Error>>,
 }
 
 struct State {
     ledger: Ledger,
-    by_key: HashMap<String, Decision>,
+    by_key: HashMap<String, Arc<Decision>>,
     decided: u64,
 }
 
@@ -384,7 +416,7 @@ impl Decider {
                     d.changes.iter().for_each(|c| state.ledger.replay(c));
                     state.decided += 1;
                     if let Some(k) = &d.key {
-                        state.by_key.insert(k.clone(), d);
+                        state.by_key.insert(k.clone(), Arc::new(d));
                     }
                 }
                 from = e.end();
@@ -420,7 +452,7 @@ impl Decider {
     }
 
     /// Decides an application; resolves once the decision is durable.
-    pub async fn decide(&self, app: Application) -> Result<Decision, Error> {
+    pub async fn decide(&self, app: Application) -> Result<Arc<Decision>, Error> {
         let tx = self
             .tx
             .lock()
@@ -494,7 +526,7 @@ async fn run(
             let st = state.read().expect("state lock");
             let mut round = st.ledger.round();
             let mut keys: HashMap<&str, usize> = HashMap::new();
-            let mut decisions: Vec<Decision> = Vec::with_capacity(jobs.len());
+            let mut decisions: Vec<Arc<Decision>> = Vec::with_capacity(jobs.len());
             let mut fresh: Vec<bool> = Vec::with_capacity(jobs.len());
             let mut number = st.decided;
             for job in &jobs {
@@ -512,7 +544,9 @@ async fn run(
                     }
                 }
                 number += 1;
-                let d = decide_one(&service, &calendar, app, &mut round, today, now, number);
+                let d = Arc::new(decide_one(
+                    &service, &calendar, app, &mut round, today, now, number,
+                ));
                 if let Some(k) = &app.key {
                     keys.insert(k.as_str(), decisions.len());
                 }
@@ -521,7 +555,7 @@ async fn run(
             }
             (decisions, round.finish(), fresh)
         };
-        let new: Vec<Decision> = decisions
+        let new: Vec<Arc<Decision>> = decisions
             .iter()
             .zip(&fresh)
             .filter(|(_, f)| **f)
@@ -531,10 +565,11 @@ async fn run(
             if new.is_empty() {
                 return Ok(());
             }
-            recorder.record(&new).await?;
+            let owned: Vec<&Decision> = new.iter().map(|d| d.as_ref()).collect();
+            recorder.record(&owned).await?;
             let mut payload = Vec::with_capacity(new.len() * 512);
             for d in &new {
-                serde_json::to_writer(&mut payload, d)
+                serde_json::to_writer(&mut payload, d.as_ref())
                     .map_err(|e| Error::internal(format!("encode a decision: {e}")))?;
                 payload.push(b'\n');
             }

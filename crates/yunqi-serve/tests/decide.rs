@@ -20,7 +20,7 @@ struct Audit(Mutex<Vec<String>>);
 impl Recorder for Audit {
     fn record<'a>(
         &'a self,
-        decisions: &'a [Decision],
+        decisions: &'a [&'a Decision],
     ) -> yunqi_serve::decider::BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
             let mut a = self.0.lock().unwrap();
@@ -232,7 +232,7 @@ async fn retries_and_restarts_decide_once() {
         let ids: Vec<String> = futures_join(&d, apps)
             .await
             .into_iter()
-            .map(|r| r.id)
+            .map(|r| r.id.clone())
             .collect();
         assert!(ids.iter().all(|i| i == &ids[0]), "{ids:?}");
         d.decide(w.app("沪B12345", "2026-12-03", "day", None))
@@ -265,7 +265,7 @@ async fn retries_and_restarts_decide_once() {
     );
 }
 
-async fn futures_join(d: &Decider, apps: Vec<Application>) -> Vec<Decision> {
+async fn futures_join(d: &Decider, apps: Vec<Application>) -> Vec<Arc<Decision>> {
     let mut out = Vec::new();
     std::thread::scope(|s| {
         let hs: Vec<_> = apps

@@ -61,6 +61,9 @@ pub enum BenchCommand {
     /// NGSI-LD entity updates per second over HTTP, durable: batch upserts and single-entity
     /// attribute patches, against the published Orion-LD figure.
     Ngsi(crate::bench_ngsi::NgsiBench),
+    /// Durable decisions per second for the urgent entry permit (rules, quotas contended,
+    /// audit, decision log), against the same quota transaction on PostgreSQL.
+    Decide(crate::bench_decide::DecideBench),
     /// Query time governed (a grantee through yunqi's engine: grant, masks, audit) against
     /// ungoverned (plain DataFusion on the same files), and against DuckDB on the same files.
     Sql {
@@ -202,6 +205,7 @@ pub fn run(cmd: BenchCommand, json_out: bool) -> anyhow::Result<ExitCode> {
         } => crate::bench_share::sql(rows, runs, python, dir, json_out),
         BenchCommand::Stream(o) => crate::bench_stream::stream(o, json_out),
         BenchCommand::Ngsi(o) => crate::bench_ngsi::ngsi(o, json_out),
+        BenchCommand::Decide(o) => crate::bench_decide::decide(o, json_out),
     }
 }
 

@@ -3,6 +3,7 @@
 //! (`YUNQI_URL`, `YUNQI_TOKEN`). Every command that prints a result accepts `--json`.
 
 mod bench;
+mod bench_decide;
 mod bench_ngsi;
 mod bench_share;
 mod bench_stream;
