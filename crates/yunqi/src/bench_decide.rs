@@ -1,9 +1,9 @@
 //! `yunqi bench decide`: durable decisions per second for the urgent entry permit — inputs
 //! checked, four rules, a yearly and a monthly quota per plate, each decision audited and
 //! logged durably before it is answered — with many callers contending for the same plates;
-//! and, side by side on the same applications, the same quota transaction on PostgreSQL
-//! (conditional upserts of the two counters and an insert of the permit, one transaction per
-//! application, durable commits).
+//! and, side by side in the same run, the same quota transaction on PostgreSQL driven by
+//! pgbench (conditional upserts of the two counters and an insert of the permit, one
+//! transaction per application, durable commits).
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::ExitCode;
@@ -42,7 +42,7 @@ pub struct DecideBench {
     /// PostgreSQL clients.
     #[arg(long, default_value_t = 16)]
     pub pg_clients: usize,
-    /// PostgreSQL connection string.
+    /// PostgreSQL to compare with (psql and pgbench are run with these settings).
     #[arg(
         long,
         default_value = "host=127.0.0.1 port=5432 user=postgres dbname=test"
@@ -203,101 +203,134 @@ fn in_process(
     })
 }
 
-fn postgres(conn: &str, apps: &[(String, String)], clients: usize) -> anyhow::Result<Run> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+/// The same decision as one PostgreSQL transaction: both counters spent by conditional
+/// upserts (the row lock serialises a plate; `used < limit` is checked on the locked row, so
+/// READ COMMITTED cannot over-spend), the monthly refusal undoing the yearly spend, the permit
+/// inserted, the commit durable. Driven by pgbench, `clients` connections.
+const PG_SETUP: &str = "
+DROP SCHEMA IF EXISTS {schema} CASCADE;
+CREATE SCHEMA {schema};
+CREATE TABLE {schema}.quota_usage (quota text, key text, bucket int, used int NOT NULL,
+    PRIMARY KEY (quota, key, bucket));
+CREATE TABLE {schema}.permits (id bigserial PRIMARY KEY, plate text NOT NULL, day date NOT NULL,
+    time_window text NOT NULL, reason text NOT NULL, decided_at timestamptz NOT NULL DEFAULT now());
+CREATE FUNCTION {schema}.decide(p text, d date) RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE used_now int;
+BEGIN
+  INSERT INTO {schema}.quota_usage VALUES ('yearly', p, extract(year FROM d)::int, 1)
+    ON CONFLICT (quota, key, bucket) DO UPDATE SET used = quota_usage.used + 1
+    WHERE quota_usage.used < 12 RETURNING used INTO used_now;
+  IF used_now IS NULL THEN RETURN false; END IF;
+  BEGIN
+    INSERT INTO {schema}.quota_usage VALUES ('monthly', p,
+        (extract(year FROM d) * 12 + extract(month FROM d) - 1)::int, 1)
+      ON CONFLICT (quota, key, bucket) DO UPDATE SET used = quota_usage.used + 1
+      WHERE quota_usage.used < 3 RETURNING used INTO used_now;
+    IF used_now IS NULL THEN RAISE EXCEPTION 'monthly quota used'; END IF;
+  EXCEPTION WHEN raise_exception THEN
+    -- undo the yearly spend of this refused application
+    UPDATE {schema}.quota_usage SET used = used - 1
+      WHERE quota = 'yearly' AND key = p AND bucket = extract(year FROM d)::int;
+    RETURN false;
+  END;
+  INSERT INTO {schema}.permits (plate, day, time_window, reason) VALUES (p, d, 'day', '送货');
+  RETURN true;
+END $$;
+";
+
+fn pg_args(conn: &str) -> Vec<String> {
+    // "host=… port=… user=… dbname=…" → psql/pgbench options.
+    let mut out = Vec::new();
+    for part in conn.split_whitespace() {
+        if let Some((k, v)) = part.split_once('=') {
+            let flag = match k {
+                "host" => "-h",
+                "port" => "-p",
+                "user" => "-U",
+                "dbname" => "-d",
+                _ => continue,
+            };
+            out.push(flag.to_string());
+            out.push(v.to_string());
+        }
+    }
+    out
+}
+
+fn postgres(
+    conn: &str,
+    dir: &std::path::Path,
+    plates: usize,
+    transactions: usize,
+    clients: usize,
+) -> anyhow::Result<(f64, f64, f64)> {
+    use std::process::Command;
     let schema = format!("yunqi_bench_{}", std::process::id());
-    rt.block_on(async {
-        let connect = || async {
-            let (c, connection) = tokio_postgres::connect(conn, tokio_postgres::NoTls).await?;
-            tokio::spawn(connection);
-            Ok::<_, tokio_postgres::Error>(c)
-        };
-        let admin = connect().await.map_err(|e| {
-            anyhow::anyhow!("cannot reach PostgreSQL at \"{conn}\": {e} (pass --pg, or --pg-applications 0 to skip)")
-        })?;
-        admin
-            .batch_execute(&format!(
-                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema};
-                 CREATE TABLE {schema}.quota_usage (quota text, key text, bucket int, used int NOT NULL,
-                     PRIMARY KEY (quota, key, bucket));
-                 CREATE TABLE {schema}.permits (id bigserial PRIMARY KEY, plate text NOT NULL,
-                     day date NOT NULL, time_window text NOT NULL, reason text NOT NULL,
-                     decided_at timestamptz NOT NULL DEFAULT now());"
-            ))
-            .await?;
-        let apps = Arc::new(apps.to_vec());
-        let next = Arc::new(AtomicUsize::new(0));
-        let t = Instant::now();
-        let mut tasks = Vec::new();
-        for _ in 0..clients {
-            let mut c = connect().await?;
-            let (apps, next, schema) = (apps.clone(), next.clone(), schema.clone());
-            tasks.push(tokio::spawn(async move {
-                let spend = c
-                    .prepare(&format!(
-                        "INSERT INTO {schema}.quota_usage VALUES ($1, $2, $3, 1)
-                         ON CONFLICT (quota, key, bucket) DO UPDATE SET used = quota_usage.used + 1
-                         WHERE quota_usage.used < $4 RETURNING used"
-                    ))
-                    .await?;
-                let permit = c
-                    .prepare(&format!(
-                        "INSERT INTO {schema}.permits (plate, day, time_window, reason) VALUES ($1, $2::text::date, 'day', '送货')"
-                    ))
-                    .await?;
-                let mut out = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some((plate, date)) = apps.get(i) else {
-                        return Ok::<_, tokio_postgres::Error>(out);
-                    };
-                    let sent = Instant::now();
-                    let year: i32 = date[..4].parse().unwrap_or(0);
-                    let month: i32 = year * 12 + date[5..7].parse::<i32>().unwrap_or(1) - 1;
-                    let tx = c.transaction().await?;
-                    let ok = !tx.query(&spend, &[&"yearly", plate, &year, &12i32]).await?.is_empty()
-                        && !tx.query(&spend, &[&"monthly", plate, &month, &3i32]).await?.is_empty();
-                    if ok {
-                        tx.execute(&permit, &[plate, date]).await?;
-                        tx.commit().await?;
-                    } else {
-                        tx.rollback().await?;
-                    }
-                    out.push((sent.elapsed().as_secs_f64() * 1e3, ok));
-                }
-            }));
-        }
-        let mut all = Vec::new();
-        for t in tasks {
-            all.extend(t.await.map_err(|e| anyhow::anyhow!("client failed: {e}"))??);
-        }
-        let secs = t.elapsed().as_secs_f64();
-        let over: i64 = admin
-            .query_one(
-                &format!(
-                    "SELECT count(*) FROM {schema}.quota_usage
-                     WHERE (quota = 'monthly' AND used > 3) OR (quota = 'yearly' AND used > 12)"
-                ),
-                &[],
-            )
-            .await?
-            .get(0);
-        admin
-            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-            .await?;
-        anyhow::ensure!(over == 0, "PostgreSQL over-spent {over} quotas");
-        let mut lat: Vec<f64> = all.iter().map(|r| r.0).collect();
-        lat.sort_by(|a, b| a.total_cmp(b));
-        let pct = |q: f64| lat[((lat.len() as f64 - 1.0) * q).round() as usize];
-        Ok(Run {
-            per_s: all.len() as f64 / secs,
-            p50_ms: pct(0.5),
-            p99_ms: pct(0.99),
-            approved: all.iter().filter(|r| r.1).count(),
-        })
-    })
+    let psql = |sql: &str| -> anyhow::Result<String> {
+        let out = Command::new("psql")
+            .args(pg_args(conn))
+            .args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output()
+            .map_err(|e| {
+                anyhow::anyhow!("cannot run psql: {e} (scripts/services.sh installs it)")
+            })?;
+        anyhow::ensure!(
+            out.status.success(),
+            "psql: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    psql(&PG_SETUP.replace("{schema}", &schema))?;
+    let script = dir.join("decide.pgbench");
+    std::fs::write(
+        &script,
+        format!(
+            "\\set p random(0, {})\n\\set d random(0, 40)\nSELECT {schema}.decide('沪B' || lpad(:p::text, 5, '0'), current_date + :d);\n",
+            plates.max(1) - 1
+        ),
+    )?;
+    let per_client = transactions.div_ceil(clients.max(1));
+    let out = Command::new("pgbench")
+        .args(pg_args(conn))
+        .args([
+            "-n",
+            "-r",
+            "-c",
+            &clients.to_string(),
+            "-j",
+            "2",
+            "-t",
+            &per_client.to_string(),
+            "-f",
+        ])
+        .arg(&script)
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run pgbench: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let over = psql(&format!(
+        "SELECT count(*) FROM {schema}.quota_usage WHERE (quota = 'monthly' AND used > 3) OR (quota = 'yearly' AND used > 12)"
+    ));
+    let _ = psql(&format!("DROP SCHEMA {schema} CASCADE"));
+    anyhow::ensure!(
+        out.status.success(),
+        "pgbench failed: {}{}",
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    anyhow::ensure!(over? == "0", "PostgreSQL over-spent a quota");
+    let number = |key: &str| -> Option<f64> {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(key))
+            .and_then(|l| l.split('=').nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    };
+    let tps =
+        number("tps").ok_or_else(|| anyhow::anyhow!("no tps in pgbench's output:\n{text}"))?;
+    let latency = number("latency average").unwrap_or(0.0);
+    let stddev = number("latency stddev").unwrap_or(0.0);
+    Ok((tps, latency, stddev))
 }
 
 pub fn decide(o: DecideBench, json_out: bool) -> anyhow::Result<ExitCode> {
@@ -324,18 +357,15 @@ pub fn decide(o: DecideBench, json_out: bool) -> anyhow::Result<ExitCode> {
     }
     let mut pg = None;
     if o.pg_applications > 0 {
-        let pg_apps = &apps[..o.pg_applications.min(apps.len())];
         say(format!(
-            "PostgreSQL: {} applications, {} clients, one transaction each…",
-            pg_apps.len(),
-            o.pg_clients
+            "PostgreSQL (pgbench): {} applications from {} plates, {} clients, one durable transaction each…",
+            o.pg_applications, o.plates, o.pg_clients
         ));
-        let run = postgres(&o.pg, pg_apps, o.pg_clients)?;
+        let (tps, avg, sd) = postgres(&o.pg, &dir, o.plates, o.pg_applications, o.pg_clients)?;
         say(format!(
-            "    {:.0} decisions/s; p50 {:.2} ms, p99 {:.2} ms; {} approved",
-            run.per_s, run.p50_ms, run.p99_ms, run.approved
+            "    {tps:.0} decisions/s; latency average {avg:.2} ms (stddev {sd:.2})"
         ));
-        pg = Some(run);
+        pg = Some((tps, avg));
     }
     let rate = median(ours.iter().map(|r| r.per_s).collect());
     let p50 = median(ours.iter().map(|r| r.p50_ms).collect());
@@ -343,7 +373,7 @@ pub fn decide(o: DecideBench, json_out: bool) -> anyhow::Result<ExitCode> {
     say(format!(
         "yunqi in process: {rate:.0} durable decisions/s (median of {runs}); p50 {p50:.2} ms, p99 {p99:.2} ms{}",
         pg.as_ref()
-            .map(|p| format!("; PostgreSQL {:.0}/s → {:.1}×", p.per_s, rate / p.per_s))
+            .map(|p| format!("; PostgreSQL {:.0}/s → {:.1}×", p.0, rate / p.0))
             .unwrap_or_default()
     ));
     if json_out {
@@ -353,7 +383,7 @@ pub fn decide(o: DecideBench, json_out: bool) -> anyhow::Result<ExitCode> {
                    "callers": o.callers, "runs": runs,
                    "in_process": {"decisions_per_s": rate, "p50_ms": p50, "p99_ms": p99},
                    "postgres": pg.map(|p| json!({"applications": o.pg_applications, "clients": o.pg_clients,
-                       "decisions_per_s": p.per_s, "p50_ms": p.p50_ms, "p99_ms": p.p99_ms}))})
+                       "decisions_per_s": p.0, "latency_avg_ms": p.1}))})
         );
     }
     Ok(ExitCode::SUCCESS)
