@@ -472,13 +472,21 @@ fn type_of(v: &Value) -> Option<&str> {
 
 impl Sense {
     fn entity_store(&self, entity_type: &str) -> Result<Arc<EntityStore>, Error> {
-        let m = self.gov.ngsi_stream(entity_type)?;
-        self.entities
+        // By the stores' own types: no catalog read per entity of a batch.
+        if let Some(s) = self
+            .entities
             .read()
             .expect("entities lock")
-            .get(&m.sql_name())
-            .cloned()
-            .ok_or_else(|| Error::unavailable(format!("entities of {entity_type} are not loaded")))
+            .values()
+            .find(|s| s.schema.entity_type == entity_type)
+        {
+            return Ok(s.clone());
+        }
+        let m = self.gov.ngsi_stream(entity_type)?;
+        Err(Error::unavailable(format!(
+            "the entities of {entity_type} (stream {}) are not loaded",
+            m.sql_name()
+        )))
     }
 
     /// The store holding entity `id`, if any.
