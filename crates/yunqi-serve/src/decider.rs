@@ -9,6 +9,10 @@
 //! decision log as one entry (JSON lines, with their ledger changes), and only then published
 //! to the ledger and answered. Start-up replays the log: the ledger, the decisions by key and
 //! the decision numbers come back exactly.
+//!
+//! A pending decision (a rule sends it to review, or the service decides by review) holds its
+//! quota units like a granted one: an officer's later refusal will give them back with a
+//! logged change of its own (review is not built yet).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
