@@ -463,6 +463,10 @@ fn not_found(id: &str) -> Problem {
     }
 }
 
+/// A write's entities of one type: the store, the entities with their place in the request,
+/// and how many were refused before reaching the writer.
+type Group = (Arc<EntityStore>, Vec<(usize, Incoming)>, usize);
+
 /// The entity type of a body, when it names one.
 fn type_of(v: &Value) -> Option<&str> {
     v.get("type")
@@ -537,8 +541,7 @@ impl Sense {
         }
         // Each entity to its type's store; the stores' streams authorised once each.
         let mut outcomes: Vec<EntityOutcome> = Vec::with_capacity(bodies.len());
-        let mut groups: BTreeMap<String, (Arc<EntityStore>, Vec<(usize, Incoming)>, usize)> =
-            BTreeMap::new();
+        let mut groups: BTreeMap<String, Group> = BTreeMap::new();
         for body in &bodies {
             let i = outcomes.len();
             let id_sent = url_id
