@@ -87,6 +87,10 @@ impl Drop for Ticket {
             let mut keys = self.dedup.keys.lock().expect("dedup lock");
             if let Some(k) = keys.get_mut(&self.stream) {
                 k.map.remove(&self.key);
+                // Rare (a failed append): a scan keeps the order free of forgotten keys.
+                if let Some(i) = k.order.iter().rposition(|x| x == &self.key) {
+                    k.order.remove(i);
+                }
             }
         }
     }
