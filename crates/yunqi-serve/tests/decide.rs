@@ -82,13 +82,10 @@ impl World {
                 ("vehicle_type".to_string(), Value::Text("小型汽车".into())),
             ])
         });
-        let zone = BTreeMap::from([
-            (
-                "vehicles".to_string(),
-                Value::Int(if plate == "苏E00001" { 95 } else { 40 }),
-            ),
-            ("capacity".to_string(), Value::Int(100)),
-        ]);
+        let zone = BTreeMap::from([(
+            "vehicles".to_string(),
+            Value::Int(if plate == "苏E00001" { 6000 } else { 400 }),
+        )]);
         Application {
             applicant: "citizen1".into(),
             key: key.map(str::to_string),

@@ -121,10 +121,7 @@ fn in_process(
             ("vehicle_type".to_string(), Value::Text("小型汽车".into())),
         ]))
     };
-    let zone = Some(BTreeMap::from([
-        ("vehicles".to_string(), Value::Int(40)),
-        ("capacity".to_string(), Value::Int(100)),
-    ]));
+    let zone = Some(BTreeMap::from([("vehicles".to_string(), Value::Int(400))]));
     let apps = Arc::new(apps.to_vec());
     let next = Arc::new(AtomicUsize::new(0));
     let t = Instant::now();
