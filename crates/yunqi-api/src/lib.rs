@@ -11,6 +11,7 @@ pub mod extract;
 pub mod handlers;
 pub mod metrics;
 pub mod ngsi;
+pub mod services;
 pub mod streams;
 pub mod wire;
 
@@ -41,6 +42,8 @@ pub struct AppState {
     pub sql: Arc<yunqi_sql::SqlEngine>,
     /// Streams and continuous views.
     pub sense: Arc<yunqi_sense::Sense>,
+    /// Citizen services.
+    pub serve: Arc<yunqi_serve::Serve>,
     /// HTTP metrics.
     pub metrics: Arc<metrics::Metrics>,
     in_flight: Arc<tokio::sync::Semaphore>,
@@ -52,11 +55,13 @@ impl AppState {
         gov: Arc<Governance>,
         sql: Arc<yunqi_sql::SqlEngine>,
         sense: Arc<yunqi_sense::Sense>,
+        serve: Arc<yunqi_serve::Serve>,
         limits: Limits,
     ) -> Self {
         AppState {
             sql,
             sense,
+            serve,
             in_flight: Arc::new(tokio::sync::Semaphore::new(limits.requests_in_flight_max)),
             gov,
             limits: Arc::new(limits),
@@ -213,6 +218,15 @@ pub fn router(state: AppState) -> Router {
             post(ngsi::batch_upsert).layer(DefaultBodyLimit::max(ENTITY_BATCH_BYTES_MAX)),
         )
         .route("/ngsi-ld/v1/types", get(ngsi::types))
+        .route(
+            "/api/v1/services",
+            get(services::list).post(services::apply),
+        )
+        .route("/api/v1/services/{department}/{name}", get(services::get))
+        .route(
+            "/api/v1/services/{department}/{name}/applications",
+            get(services::my_applications).post(services::apply_for),
+        )
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed);
     api.layer(DefaultBodyLimit::max(state.limits.request_body_bytes_max))

@@ -382,6 +382,16 @@ impl Governance {
         self.audit.append(events).await.map(|_| ())
     }
 
+    /// Authorises `action` for `actor`, auditing a denial (for engines built on governance).
+    pub async fn authorize_action(
+        &self,
+        actor: &Actor,
+        action: &Action<'_>,
+        ctx: &CallContext,
+    ) -> Result<(), Error> {
+        self.authorize(actor, action, ctx).await
+    }
+
     /// Audits a query: like [`Governance::record_access`], with the purposes of the grants it
     /// used.
     pub async fn record_query(

@@ -89,6 +89,20 @@ pub enum Action<'a> {
         /// The department holding the grant.
         grantee: &'a str,
     },
+    /// Apply (declare or change) a citizen service's definition.
+    ServiceManage {
+        /// `department.name`.
+        service: &'a str,
+        /// Its department.
+        department: &'a str,
+    },
+    /// Apply for a service, as one of the applicants it names.
+    ServiceApply {
+        /// `department.name`.
+        service: &'a str,
+        /// The roles the service takes applications from.
+        applicants: &'a [Role],
+    },
     /// Send events to a stream.
     StreamAppend {
         /// `department.name`.
@@ -124,6 +138,8 @@ impl Action<'_> {
             Action::GrantRead { .. } => "grant.read",
             Action::GrantUse { .. } => "grant.use",
             Action::StreamAppend { .. } => "stream.append",
+            Action::ServiceManage { .. } => "service.apply_definition",
+            Action::ServiceApply { .. } => "service.apply",
         }
     }
 
@@ -146,6 +162,9 @@ impl Action<'_> {
             | Action::GrantRead { id, .. }
             | Action::GrantUse { id, .. } => format!("grant:{id}"),
             Action::StreamAppend { stream, .. } => format!("stream:{stream}"),
+            Action::ServiceManage { service, .. } | Action::ServiceApply { service, .. } => {
+                format!("service:{service}")
+            }
         }
     }
 }
@@ -173,7 +192,9 @@ pub fn authorize(actor: &Principal, action: &Action<'_>) -> Result<(), Error> {
             | Action::GrantRequest { .. }
             | Action::GrantDecide { .. }
             | Action::GrantUse { .. }
-            | Action::StreamAppend { .. },
+            | Action::StreamAppend { .. }
+            | Action::ServiceManage { .. }
+            | Action::ServiceApply { .. },
         ) => false,
         (Role::Admin, _) => true,
         (_, Action::DepartmentRead) => true,
@@ -211,6 +232,15 @@ pub fn authorize(actor: &Principal, action: &Action<'_>) -> Result<(), Error> {
         // reads no department's data: separation of duties.
         (Role::Steward, Action::DatasetWrite { department, .. }) => {
             same_department(Some(department))
+        }
+        // A department's stewards declare its services; people apply in the roles a service
+        // names (the admin runs the platform and does neither).
+        (Role::Steward, Action::ServiceManage { department, .. }) => actor
+            .department
+            .as_ref()
+            .is_some_and(|d| d.as_str() == *department),
+        (role, Action::ServiceApply { applicants, .. }) => {
+            role != Role::Admin && applicants.contains(&role)
         }
         // Devices and agents send events with a service account of the stream's department.
         (Role::Steward | Role::Service, Action::StreamAppend { department, .. }) => actor
@@ -298,6 +328,27 @@ pub fn authorize(actor: &Principal, action: &Action<'_>) -> Result<(), Error> {
         } => (
             format!("permission denied for dataset \"{dataset}\""),
             format!("only stewards of department \"{department}\" manage its datasets"),
+        ),
+        Action::ServiceManage {
+            service,
+            department,
+        } => (
+            format!("permission denied to change service \"{service}\""),
+            format!("only stewards of department \"{department}\" declare its services"),
+        ),
+        Action::ServiceApply {
+            service,
+            applicants,
+        } => (
+            format!("permission denied to apply for service \"{service}\""),
+            format!(
+                "it takes applications from: {}",
+                applicants
+                    .iter()
+                    .map(|r| r.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         ),
         Action::StreamAppend { stream, department } => (
             format!("permission denied to send events to stream \"{stream}\""),

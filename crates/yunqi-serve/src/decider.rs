@@ -317,6 +317,7 @@ struct Job {
 struct State {
     ledger: Ledger,
     by_key: HashMap<String, Arc<Decision>>,
+    by_applicant: HashMap<String, Vec<Arc<Decision>>>,
     decided: u64,
 }
 
@@ -392,6 +393,7 @@ impl Decider {
         let mut state = State {
             ledger: Ledger::default(),
             by_key: HashMap::new(),
+            by_applicant: HashMap::new(),
             decided: 0,
         };
         let mut from = log.start_offset(&stream);
@@ -419,8 +421,14 @@ impl Decider {
                     })?;
                     d.changes.iter().for_each(|c| state.ledger.replay(c));
                     state.decided += 1;
+                    let d = Arc::new(d);
+                    state
+                        .by_applicant
+                        .entry(d.applicant.clone())
+                        .or_default()
+                        .push(d.clone());
                     if let Some(k) = &d.key {
-                        state.by_key.insert(k.clone(), Arc::new(d));
+                        state.by_key.insert(k.clone(), d);
                     }
                 }
                 from = e.end();
@@ -482,6 +490,14 @@ impl Decider {
                 key: key.into(),
                 bucket,
             })
+    }
+
+    /// An applicant's decisions, newest first.
+    pub fn applications_of(&self, applicant: &str) -> Vec<Arc<Decision>> {
+        let st = self.state.read().expect("state lock");
+        let mut v = st.by_applicant.get(applicant).cloned().unwrap_or_default();
+        v.reverse();
+        v
     }
 
     /// Decisions made so far.
@@ -586,6 +602,10 @@ async fn run(
             st.ledger.publish(changes);
             st.decided += new.len() as u64;
             for d in new {
+                st.by_applicant
+                    .entry(d.applicant.clone())
+                    .or_default()
+                    .push(d.clone());
                 if let Some(k) = &d.key {
                     st.by_key.insert(k.clone(), d);
                 }

@@ -11,6 +11,8 @@
 //! - [`decider`]: one writer per service deciding applications in order — rules, quotas spent
 //!   all or nothing, idempotency keys — each round audited and logged durably before it is
 //!   answered, the log replayed at start;
+//! - [`runtime`]: the services of a server — definitions applied by stewards and kept by
+//!   version, applications checked, looked up in SQL as the service's department, decided;
 //! - [`rules`]: the rule language (typed expressions over inputs, lookups, quotas and live
 //!   values, with errors that say where).
 #![deny(missing_docs)]
@@ -20,3 +22,6 @@ pub mod decider;
 pub mod definition;
 pub mod ledger;
 pub mod rules;
+pub mod runtime;
+
+pub use runtime::{Applied, Serve};

@@ -8,6 +8,7 @@ mod bench_ngsi;
 mod bench_share;
 mod bench_stream;
 mod client;
+mod client_service;
 mod client_stream;
 mod serve;
 mod simulate;
@@ -79,6 +80,9 @@ enum Command {
     /// Continuous views over streams: list, show progress.
     #[command(subcommand)]
     View(client_stream::ViewCommand),
+    /// Citizen services: apply a definition, list and show services.
+    #[command(subcommand)]
+    Service(client_service::ServiceCommand),
     /// The audit chain.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -149,6 +153,7 @@ fn main() -> ExitCode {
                 Command::Catalog(c) => client::catalog(&api, c, json),
                 Command::Stream(c) => client_stream::stream(&api, c, json),
                 Command::View(c) => client_stream::view(&api, c, json),
+                Command::Service(c) => client_service::service(&api, c, json),
                 Command::Audit(AuditCommand::List(a)) => client::audit_list(&api, a, json),
                 Command::Whoami => client::whoami(&api, json),
                 _ => unreachable!("handled above"),

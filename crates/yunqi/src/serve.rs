@@ -262,12 +262,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tls,
         stopped(stop_rx.clone()),
     ));
-    let state = yunqi_api::AppState::new(gov.clone(), engine, sense.clone(), limits);
+    let serve = yunqi_serve::Serve::open(
+        gov.clone(),
+        engine.clone(),
+        log.clone(),
+        Arc::new(SystemClock),
+        &data.join("services"),
+    )
+    .map_err(crate::user_error)?;
+    let state = yunqi_api::AppState::new(gov.clone(), engine, sense.clone(), serve.clone(), limits);
     yunqi_api::serve(http, yunqi_api::router(state), stopped(stop_rx)).await?;
     let _ = pg_task.await;
     {
         let sense = sense.clone();
         let _ = tokio::task::spawn_blocking(move || sense.shutdown()).await;
+        let _ = tokio::task::spawn_blocking(move || serve.shutdown()).await;
     }
     yunqi_stream::StreamLog::shutdown(log.as_ref()).await;
 

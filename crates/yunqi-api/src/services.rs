@@ -1,0 +1,113 @@
+//! Routes of Serve: service definitions (stewards apply a TOML file; everyone signed in lists
+//! them) and applications (`POST …/applications {"inputs": {…}}`, with an optional
+//! `Idempotency-Key`; the caller lists their own).
+
+use axum::extract::{Path, State};
+use axum::response::IntoResponse;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use yunqi_types::Error;
+
+use crate::AppState;
+use crate::error::ApiError;
+use crate::extract::{Authed, Json, RawBody};
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// `POST /api/v1/services`: applies a definition (the body, TOML); 201 with its version.
+pub async fn apply(
+    State(state): State<AppState>,
+    auth: Authed,
+    RawBody(body): RawBody,
+) -> ApiResult<impl IntoResponse> {
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| Error::invalid("the definition is not UTF-8 text"))?;
+    let applied = state.serve.apply(&auth.actor, text, &auth.ctx()).await?;
+    Ok((axum::http::StatusCode::CREATED, axum::Json(applied)))
+}
+
+/// `GET /api/v1/services`: the live services.
+pub async fn list(State(state): State<AppState>, auth: Authed) -> ApiResult<axum::Json<Value>> {
+    let _ = &auth;
+    Ok(axum::Json(json!({ "services": state.serve.list() })))
+}
+
+/// `GET /api/v1/services/{department}/{name}`: one service's live definition.
+pub async fn get(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path((department, name)): Path<(String, String)>,
+) -> ApiResult<axum::Json<Value>> {
+    let _ = &auth;
+    let s = state.serve.get(&format!("{department}.{name}"))?;
+    Ok(axum::Json(serde_json::to_value(s).unwrap_or_default()))
+}
+
+/// An application.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewApplication {
+    /// The inputs, by name.
+    pub inputs: serde_json::Map<String, Value>,
+}
+
+fn decision_json(d: &yunqi_serve::decider::Decision) -> Value {
+    json!({
+        "id": d.id,
+        "service": d.service,
+        "decision": d.decision,
+        "decided_at": d.decided_at,
+        "reasons": d.reasons,
+        "explanation": {"inputs": d.inputs, "rules": d.rules, "data": d.data, "quotas": d.quotas},
+        "document": Value::Null,
+    })
+}
+
+/// `POST /api/v1/services/{department}/{name}/applications`: applies; returns the decision,
+/// durable, with its explanation.
+pub async fn apply_for(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path((department, name)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+    Json(req): Json<NewApplication>,
+) -> ApiResult<axum::Json<Value>> {
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => {
+            let k = v.to_str().ok().filter(|k| !k.is_empty() && k.len() <= 128);
+            Some(
+                k.ok_or_else(|| {
+                    Error::invalid("invalid idempotency key")
+                        .hint("use 1 to 128 printable ASCII characters, e.g. a UUID")
+                })?
+                .to_string(),
+            )
+        }
+    };
+    let d = state
+        .serve
+        .apply_for(
+            &auth.actor,
+            &format!("{department}.{name}"),
+            &req.inputs,
+            key,
+            &auth.ctx(),
+        )
+        .await?;
+    Ok(axum::Json(decision_json(&d)))
+}
+
+/// `GET /api/v1/services/{department}/{name}/applications`: the caller's own, newest first.
+pub async fn my_applications(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path((department, name)): Path<(String, String)>,
+) -> ApiResult<axum::Json<Value>> {
+    let list = state
+        .serve
+        .my_applications(&auth.actor, &format!("{department}.{name}"))?;
+    Ok(axum::Json(json!({
+        "applications": list.iter().map(|d| decision_json(d)).collect::<Vec<_>>()
+    })))
+}

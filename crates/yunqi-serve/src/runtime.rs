@@ -1,0 +1,407 @@
+//! The services of a server: definitions applied by stewards (each version kept, audited),
+//! one decider per service, and applications — inputs checked, lookups run in SQL as the
+//! service's department (so grants, masks and audit apply), then decided.
+//!
+//! A definition is kept in `DIR/<department>.<service>/v<N>.toml`; the highest version is
+//! live. A new version may add quotas after the existing ones but not move, rename or change
+//! them: the decision log's counts refer to them by position.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use datafusion::arrow::array::{Array, AsArray};
+use datafusion::arrow::datatypes::{DataType, Date32Type, Float64Type, Int64Type};
+use datafusion::scalar::ScalarValue;
+use serde_json::{Map, Value as Json};
+use yunqi_governance::{Action, Actor, CallContext, Governance};
+use yunqi_sql::SqlEngine;
+use yunqi_stream::StreamLog;
+use yunqi_types::{Clock, Error, Name, Outcome, Principal, Role};
+
+use crate::calendar::Calendar;
+use crate::decider::{Application, AuditRecorder, Decider, Decision, Row, check_inputs};
+use crate::definition::{self, Applicant, Service};
+use crate::rules::Value;
+
+struct Live {
+    version: u32,
+    decider: Decider,
+}
+
+/// What applying a definition did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Applied {
+    /// `department.service`.
+    pub service: String,
+    /// The version now live.
+    pub version: u32,
+    /// The definition, as read.
+    pub definition: Service,
+}
+
+/// The services of a server.
+pub struct Serve {
+    gov: Arc<Governance>,
+    sql: Arc<SqlEngine>,
+    log: Arc<dyn StreamLog>,
+    clock: Arc<dyn Clock>,
+    dir: PathBuf,
+    calendar: Calendar,
+    services: RwLock<BTreeMap<String, Arc<Live>>>,
+}
+
+fn io(e: std::io::Error, what: &str) -> Error {
+    Error::internal(format!("services: {what}: {e}")).hint("check the data directory's disk")
+}
+
+fn versions(dir: &Path) -> Result<Vec<(u32, PathBuf)>, Error> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| io(e, "list versions"))? {
+        let p = e.map_err(|e| io(e, "list versions"))?.path();
+        let v = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix('v'))
+            .and_then(|n| n.strip_suffix(".toml"))
+            .and_then(|n| n.parse().ok());
+        if let Some(v) = v {
+            out.push((v, p));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Roles that apply as each kind of applicant.
+fn roles(applicants: &[Applicant]) -> Vec<Role> {
+    applicants
+        .iter()
+        .map(|a| match a {
+            Applicant::Citizen => Role::Citizen,
+            Applicant::Enterprise => Role::Service,
+            Applicant::Officer => Role::Officer,
+        })
+        .collect()
+}
+
+/// The principal lookups run as: the service's department, as a service account.
+fn service_actor(s: &Service) -> Result<Actor, Error> {
+    let name = format!("svc_{}_{}", s.department, s.name.replace('-', "_"));
+    let name: String = name.chars().take(60).collect();
+    Ok(Actor {
+        principal: Principal {
+            name: Name::parse("principal", &name)?,
+            role: Role::Service,
+            department: Some(Name::parse("department", &s.department)?),
+            id_number: None,
+            display_name: format!("service {}", s.full_name()),
+            created_at: chrono::DateTime::default(),
+        },
+        token_id: String::new(),
+    })
+}
+
+/// A lookup's SQL with its `:name` parameters as `$1, $2, …` and the inputs they take.
+fn positional(sql: &str, params: &[String]) -> String {
+    let mut out = sql.to_string();
+    // Longest names first, so that :plate does not eat :plate_kind.
+    let mut order: Vec<(usize, &String)> = params.iter().enumerate().collect();
+    order.sort_by_key(|(_, p)| std::cmp::Reverse(p.len()));
+    for (i, p) in order {
+        out = out.replace(&format!(":{p}"), &format!("${}", i + 1));
+    }
+    out
+}
+
+fn scalar(v: &Value) -> ScalarValue {
+    match v {
+        Value::Null => ScalarValue::Null,
+        Value::Bool(b) => ScalarValue::Boolean(Some(*b)),
+        Value::Int(i) => ScalarValue::Int64(Some(*i)),
+        Value::Num(x) => ScalarValue::Float64(Some(*x)),
+        Value::Text(s) => ScalarValue::Utf8(Some(s.clone())),
+        Value::Date(d) => {
+            ScalarValue::Date32(Some((*d - chrono::NaiveDate::default()).num_days() as i32))
+        }
+        Value::List(_) => ScalarValue::Null,
+    }
+}
+
+fn cell(a: &dyn Array, i: usize) -> Value {
+    if a.is_null(i) {
+        return Value::Null;
+    }
+    match a.data_type() {
+        DataType::Utf8 => Value::Text(a.as_string::<i32>().value(i).to_string()),
+        DataType::LargeUtf8 => Value::Text(a.as_string::<i64>().value(i).to_string()),
+        DataType::Utf8View => Value::Text(a.as_string_view().value(i).to_string()),
+        DataType::Int64 => Value::Int(a.as_primitive::<Int64Type>().value(i)),
+        DataType::Float64 => Value::Num(a.as_primitive::<Float64Type>().value(i)),
+        DataType::Boolean => Value::Bool(a.as_boolean().value(i)),
+        DataType::Date32 => Value::Date(
+            chrono::NaiveDate::default()
+                + chrono::Duration::days(a.as_primitive::<Date32Type>().value(i) as i64),
+        ),
+        _ => match datafusion::arrow::util::display::array_value_to_string(a, i) {
+            Ok(s) => Value::Text(s),
+            Err(_) => Value::Null,
+        },
+    }
+}
+
+impl Serve {
+    /// Loads every service's live definition from `dir` and starts its decider.
+    pub fn open(
+        gov: Arc<Governance>,
+        sql: Arc<SqlEngine>,
+        log: Arc<dyn StreamLog>,
+        clock: Arc<dyn Clock>,
+        dir: &Path,
+    ) -> Result<Arc<Serve>, Error> {
+        std::fs::create_dir_all(dir).map_err(|e| io(e, "create the directory"))?;
+        let serve = Arc::new(Serve {
+            gov,
+            sql,
+            log,
+            clock,
+            dir: dir.to_path_buf(),
+            calendar: Calendar::china(),
+            services: RwLock::new(BTreeMap::new()),
+        });
+        for e in std::fs::read_dir(dir).map_err(|e| io(e, "list services"))? {
+            let p = e.map_err(|e| io(e, "list services"))?.path();
+            if !p.is_dir() {
+                continue;
+            }
+            let Some((version, file)) = versions(&p)?.pop() else {
+                continue;
+            };
+            let text = std::fs::read_to_string(&file).map_err(|e| io(e, "read a definition"))?;
+            let service = definition::parse(&text)
+                .map_err(|e| e.detail(format!("{} no longer reads", file.display())))?;
+            serve.start(Arc::new(service), version)?;
+        }
+        Ok(serve)
+    }
+
+    fn start(&self, service: Arc<Service>, version: u32) -> Result<(), Error> {
+        let name = service.full_name();
+        let decider = Decider::open(
+            service,
+            self.calendar.clone(),
+            self.log.clone(),
+            Arc::new(AuditRecorder(self.gov.audit().clone())),
+            self.clock.clone(),
+        )?;
+        let old = self
+            .services
+            .write()
+            .expect("services lock")
+            .insert(name, Arc::new(Live { version, decider }));
+        drop(old);
+        Ok(())
+    }
+
+    fn live(&self, name: &str) -> Result<Arc<Live>, Error> {
+        self.services
+            .read()
+            .expect("services lock")
+            .get(name)
+            .cloned()
+            .ok_or_else(|| {
+                Error::not_found("service", name)
+                    .hint("GET /api/v1/services lists the services; stewards apply definitions")
+            })
+    }
+
+    /// Applies a definition (stewards of its department): checked whole, its lookups planned
+    /// as the department, kept as the next version and made live. Audited.
+    pub async fn apply(
+        &self,
+        actor: &Actor,
+        text: &str,
+        ctx: &CallContext,
+    ) -> Result<Applied, Error> {
+        let service = definition::parse(text)?;
+        let name = service.full_name();
+        self.gov
+            .authorize_action(
+                actor,
+                &Action::ServiceManage {
+                    service: &name,
+                    department: &service.department,
+                },
+                ctx,
+            )
+            .await?;
+        self.gov.get_department(actor, &service.department)?;
+        // Lookups must plan as the department: tables it may read, columns that exist.
+        let as_service = service_actor(&service)?;
+        for l in &service.lookups {
+            self.sql
+                .plan(&as_service, &positional(&l.sql, &l.params), ctx)
+                .await
+                .map_err(|e| {
+                    let mut e = Error::invalid(format!("lookup {} does not plan: {}", l.name, e.message));
+                    e.hint = Some(
+                        "a lookup runs as the service's department: it reads the department's own datasets and those it holds a grant on".into(),
+                    );
+                    e
+                })?;
+        }
+        if let Ok(live) = self.live(&name) {
+            let old = &live.decider.service().quotas;
+            for (i, q) in old.iter().enumerate() {
+                let same = service.quotas.get(i).is_some_and(|n| {
+                    n.name == q.name && n.key == q.key && n.period == q.period && n.date == q.date
+                });
+                if !same {
+                    return Err(Error::invalid(format!(
+                        "quota {} cannot be moved, renamed or re-keyed",
+                        q.name
+                    ))
+                    .detail("the counts already spent refer to the quotas in their order")
+                    .hint("keep the existing quotas as they are (limits and reasons may change) and add new ones after them"));
+                }
+            }
+        }
+        let dir = self.dir.join(&name);
+        std::fs::create_dir_all(&dir).map_err(|e| io(e, "create the service directory"))?;
+        let version = versions(&dir)?.last().map_or(1, |(v, _)| v + 1);
+        self.gov
+            .record_access(
+                actor,
+                "service.define",
+                &format!("service:{name}"),
+                Outcome::Ok,
+                format!("version {version}"),
+                ctx,
+            )
+            .await?;
+        let path = dir.join(format!("v{version:06}.toml"));
+        let tmp = dir.join(format!(".v{version:06}.toml.tmp"));
+        std::fs::write(&tmp, text).map_err(|e| io(e, "write a definition"))?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io(e, "sync a definition"))?;
+        std::fs::rename(&tmp, &path).map_err(|e| io(e, "publish a definition"))?;
+        let service = Arc::new(service);
+        if let Ok(live) = self.live(&name) {
+            live.decider.shutdown();
+        }
+        self.start(service.clone(), version)?;
+        Ok(Applied {
+            service: name,
+            version,
+            definition: (*service).clone(),
+        })
+    }
+
+    /// The live services (anyone signed in): name, version, definition.
+    pub fn list(&self) -> Vec<Applied> {
+        self.services
+            .read()
+            .expect("services lock")
+            .iter()
+            .map(|(name, l)| Applied {
+                service: name.clone(),
+                version: l.version,
+                definition: (**l.decider.service()).clone(),
+            })
+            .collect()
+    }
+
+    /// One live service.
+    pub fn get(&self, name: &str) -> Result<Applied, Error> {
+        let l = self.live(name)?;
+        Ok(Applied {
+            service: name.to_string(),
+            version: l.version,
+            definition: (**l.decider.service()).clone(),
+        })
+    }
+
+    /// Applies for a service: the caller must be one of its applicants; inputs are checked,
+    /// lookups run as the service's department, and the decision is durable when it returns.
+    pub async fn apply_for(
+        &self,
+        actor: &Actor,
+        name: &str,
+        inputs: &Map<String, Json>,
+        key: Option<String>,
+        ctx: &CallContext,
+    ) -> Result<Arc<Decision>, Error> {
+        let live = self.live(name)?;
+        let service = live.decider.service().clone();
+        let roles = roles(&service.applicants);
+        self.gov
+            .authorize_action(
+                actor,
+                &Action::ServiceApply {
+                    service: name,
+                    applicants: &roles,
+                },
+                ctx,
+            )
+            .await?;
+        let today = self
+            .calendar
+            .local_date(self.clock.now().timestamp_micros());
+        let inputs = check_inputs(&service, inputs, today)?;
+        let as_service = service_actor(&service)?;
+        let mut lookups = BTreeMap::new();
+        for l in &service.lookups {
+            let params: Vec<ScalarValue> = l
+                .params
+                .iter()
+                .map(|p| inputs.get(p).map_or(ScalarValue::Null, scalar))
+                .collect();
+            let planned = self
+                .sql
+                .plan(&as_service, &positional(&l.sql, &l.params), ctx)
+                .await?;
+            let r = self
+                .sql
+                .execute(&as_service, &planned, params, Some(1), ctx)
+                .await?;
+            let row: Option<Row> = r.batches.iter().find(|b| b.num_rows() > 0).map(|b| {
+                b.schema()
+                    .fields()
+                    .iter()
+                    .enumerate()
+                    .map(|(c, f)| (f.name().clone(), cell(b.column(c).as_ref(), 0)))
+                    .collect()
+            });
+            lookups.insert(l.name.clone(), row);
+        }
+        live.decider
+            .decide(Application {
+                applicant: actor.principal.name.to_string(),
+                key: key.map(|k| format!("{}:{k}", actor.principal.name)),
+                inputs,
+                lookups,
+            })
+            .await
+    }
+
+    /// The caller's own applications to a service, newest first.
+    pub fn my_applications(&self, actor: &Actor, name: &str) -> Result<Vec<Arc<Decision>>, Error> {
+        let live = self.live(name)?;
+        Ok(live.decider.applications_of(actor.principal.name.as_str()))
+    }
+
+    /// Stops every decider after the applications it holds.
+    pub fn shutdown(&self) {
+        let all: Vec<Arc<Live>> = self
+            .services
+            .read()
+            .expect("services lock")
+            .values()
+            .cloned()
+            .collect();
+        for l in all {
+            l.decider.shutdown();
+        }
+    }
+}

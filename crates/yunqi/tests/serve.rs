@@ -1,0 +1,259 @@
+//! Serve end to end over the real binary: a steward applies the urgent entry permit's
+//! definition (a bad one is refused line by line); a citizen applies and gets a decision that
+//! explains itself, with the vehicle looked up through transport's grant and the zone's live
+//! load from a continuous view; quotas, idempotent retries, restarts and who may apply.
+
+mod common;
+
+use common::Server;
+use serde_json::{Value, json};
+
+const PERMIT: &str = include_str!("../../../services/traffic.urgent-entry-permit.toml");
+
+fn post_toml(s: &Server, token: &str, body: &str) -> (u16, Value) {
+    let mut r = common::agent()
+        .post(format!("{}/api/v1/services", s.url))
+        .header("Authorization", format!("Bearer {token}"))
+        .header("Content-Type", "application/toml")
+        .send(body)
+        .expect("post definition");
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn apply(s: &Server, token: &str, inputs: Value, key: Option<&str>) -> (u16, Value) {
+    let mut req = common::agent()
+        .post(format!(
+            "{}/api/v1/services/traffic/urgent-entry-permit/applications",
+            s.url
+        ))
+        .header("Authorization", format!("Bearer {token}"))
+        .header("Content-Type", "application/json");
+    if let Some(k) = key {
+        req = req.header("Idempotency-Key", k);
+    }
+    let mut r = req
+        .send(json!({ "inputs": inputs }).to_string())
+        .expect("apply");
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// Workdays in the next 60 days (Hangzhou time), in the first month that has at least four.
+fn workdays() -> Vec<String> {
+    use chrono::Datelike;
+    let today = (chrono::Utc::now() + chrono::Duration::hours(8)).date_naive();
+    let all: Vec<chrono::NaiveDate> = (1..60)
+        .map(|i| today + chrono::Duration::days(i))
+        .filter(|d| d.weekday().number_from_monday() <= 5)
+        .collect();
+    let month = all
+        .iter()
+        .map(|d| (d.year(), d.month()))
+        .find(|m| all.iter().filter(|d| (d.year(), d.month()) == *m).count() >= 4)
+        .expect("a month with four workdays");
+    all.into_iter()
+        .filter(|d| (d.year(), d.month()) == month)
+        .map(|d| d.to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_urgent_entry_permit_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Server::start(dir.path());
+    s.dept("traffic");
+    s.dept("transport");
+    let tsteward = s.principal("tsteward", "steward", Some("traffic"));
+    let xsteward = s.principal("xsteward", "steward", Some("transport"));
+    let analyst = s.principal("tanalyst", "analyst", Some("traffic"));
+    let (status, v) = s.admin(
+        "POST",
+        "/api/v1/principals",
+        Some(r#"{"name":"c_li","role":"citizen","id_number":"11010519491231002X"}"#),
+    );
+    assert_eq!(status, 201, "{v}");
+    let citizen = v["token"]["token"].as_str().unwrap().to_string();
+
+    // Transport's vehicle registry, granted to traffic for the permit.
+    let (status, v) = s.call(
+        "POST",
+        "/api/v1/datasets",
+        Some(&xsteward),
+        Some(&json!({"department": "transport", "name": "vehicles"}).to_string()),
+    );
+    assert_eq!(status, 201, "{v}");
+    let (status, v) = s.call("POST", "/api/v1/datasets/transport/vehicles/import", Some(&xsteward),
+        Some("plate,vehicle_type,owner_id\n沪B12345,小型汽车,11010519491231002X\n苏E54321,小型汽车,110105194912310021\n浙A11111,小型汽车,110105194912310021\n"));
+    assert_eq!(status, 200, "{v}");
+    let until = (chrono::Utc::now() + chrono::Duration::days(90))
+        .date_naive()
+        .to_string();
+    let (status, g) = s.call("POST", "/api/v1/grants", Some(&tsteward), Some(&json!({
+        "dataset": "transport.vehicles", "columns": ["plate", "vehicle_type", "owner_id"],
+        "purpose": "非浙A急事通: vehicle registration check", "until": until,
+        // The service matches the plate an applicant gives: it must see plates unmasked.
+        "unmasked": ["plate"], "unmasked_reason": "the plate an applicant gives is matched exactly"}).to_string()));
+    assert_eq!(status, 201, "{g}");
+    let (status, v) = s.call(
+        "POST",
+        &format!("/api/v1/grants/{}/approve", g["id"].as_str().unwrap()),
+        Some(&xsteward),
+        None,
+    );
+    assert_eq!(status, 200, "{v}");
+    // The zone's live load: a continuous view over a stream of detections.
+    for q in [
+        "CREATE STREAM traffic.zone_detections (plate TEXT, ts TIMESTAMP) WITH (event_time = 'ts', watermark = '1 second')",
+        "CREATE CONTINUOUS VIEW traffic.zone_load_1m AS SELECT window_start, window_end, count(*) AS vehicles FROM TUMBLE(traffic.zone_detections, ts, INTERVAL '1' MINUTE) GROUP BY window_start, window_end",
+    ] {
+        let (status, v) = s.call(
+            "POST",
+            "/api/v1/sql",
+            Some(&tsteward),
+            Some(&json!({"sql": q}).to_string()),
+        );
+        assert_eq!(status, 200, "{v}");
+    }
+
+    // A bad definition is refused whole, line by line; only stewards apply.
+    let (status, v) = post_toml(
+        &s,
+        &tsteward,
+        &PERMIT.replace("period = \"month\"", "period = \"week\""),
+    );
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("unknown quota period \"week\""),
+        "{v}"
+    );
+    let (status, v) = post_toml(&s, &analyst, PERMIT);
+    assert_eq!(status, 403, "{v}");
+    let (status, v) = post_toml(&s, &tsteward, PERMIT);
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["version"], 1);
+    let (code, out, err) = common::cli(&s, &tsteward, &["service", "list"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("traffic.urgent-entry-permit v1  非浙A急事通"),
+        "{out}"
+    );
+
+    // A citizen applies: approved, explained — the rules, the data and its source, the quotas.
+    let days = workdays();
+    let day = days[0].clone();
+    let inputs = json!({"plate": "沪B12345", "date": day, "window": "day", "reason": "送货"});
+    let (status, d) = apply(&s, &citizen, inputs.clone(), Some("app-1"));
+    assert_eq!(status, 200, "{d}");
+    assert_eq!(d["decision"], "approved", "{d}");
+    assert_eq!(d["explanation"]["data"]["vehicle"]["found"], true, "{d}");
+    assert_eq!(
+        d["explanation"]["data"]["vehicle"]["vehicle_type"], "小型汽车",
+        "{d}"
+    );
+    assert_eq!(
+        d["explanation"]["data"]["zone"]["found"], false,
+        "no window closed yet: {d}"
+    );
+    assert_eq!(d["explanation"]["rules"].as_array().unwrap().len(), 4);
+    assert_eq!(d["explanation"]["quotas"][1]["used"], 1, "{d}");
+    // A retry with the same key is the same decision.
+    let (_, again) = apply(&s, &citizen, inputs.clone(), Some("app-1"));
+    assert_eq!(again["id"], d["id"]);
+    // Refusals say why.
+    for (plate, reason) in [("浙A11111", "浙A号牌"), ("沪C00000", "未查到该车辆")] {
+        let (status, r) = apply(
+            &s,
+            &citizen,
+            json!({"plate": plate, "date": day, "window": "day", "reason": "x"}),
+            None,
+        );
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(r["decision"], "refused", "{r}");
+        assert!(r["reasons"][0].as_str().unwrap().contains(reason), "{r}");
+    }
+    // Bad inputs are refused at the edge; an analyst is not an applicant.
+    let (status, r) = apply(
+        &s,
+        &citizen,
+        json!({"plate": "沪B1", "date": day, "window": "night"}),
+        None,
+    );
+    assert_eq!(status, 400, "{r}");
+    assert!(
+        r["error"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("window: \"night\""),
+        "{r}"
+    );
+    let (status, r) = apply(&s, &analyst, inputs.clone(), None);
+    assert_eq!(status, 403, "{r}");
+
+    // The monthly quota: three a month, the fourth refused — and still after kill -9.
+    for dd in &days[1..3] {
+        let (_, r) = apply(
+            &s,
+            &citizen,
+            json!({"plate": "沪B12345", "date": dd, "window": "day", "reason": "x"}),
+            None,
+        );
+        assert_eq!(r["decision"], "approved", "{r}");
+    }
+    s.kill9();
+    s = Server::start(dir.path());
+    let (_, r) = apply(
+        &s,
+        &citizen,
+        json!({"plate": "沪B12345", "date": days[3], "window": "day", "reason": "x"}),
+        None,
+    );
+    assert_eq!(r["decision"], "refused", "{r}");
+    assert!(
+        r["reasons"][0].as_str().unwrap().contains("本月已办理3次"),
+        "{r}"
+    );
+    assert_eq!(r["explanation"]["quotas"][1]["used"], 3, "{r}");
+    let (_, again) = apply(&s, &citizen, inputs, Some("app-1"));
+    assert_eq!(again["id"], d["id"], "the retry after a restart");
+    // The applicant's own list; the audit chain has every decision and the lookups' queries.
+    let (status, mine) = s.call(
+        "GET",
+        "/api/v1/services/traffic/urgent-entry-permit/applications",
+        Some(&citizen),
+        None,
+    );
+    assert_eq!(status, 200, "{mine}");
+    assert!(
+        mine["applications"].as_array().unwrap().len() >= 3,
+        "{mine}"
+    );
+    let audit = s.audit_all();
+    assert!(
+        audit
+            .iter()
+            .any(|r| r["action"] == "service.decide" && r["principal"] == "c_li")
+    );
+    assert!(
+        audit.iter().any(|r| r["principal"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("svc_traffic")
+            && r["object"]
+                .as_str()
+                .unwrap_or("")
+                .contains("transport.vehicles")),
+        "lookups are audited as the service"
+    );
+}
