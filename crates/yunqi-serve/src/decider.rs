@@ -324,6 +324,7 @@ struct State {
 /// The decider of one service.
 pub struct Decider {
     service: Arc<Service>,
+    calendar: Arc<RwLock<Calendar>>,
     state: Arc<RwLock<State>>,
     tx: Mutex<Option<tokio::sync::mpsc::Sender<Job>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -435,9 +436,10 @@ impl Decider {
             }
         }
         let state = Arc::new(RwLock::new(state));
+        let calendar = Arc::new(RwLock::new(calendar));
         let (tx, rx) = tokio::sync::mpsc::channel(ROUND_MAX);
         let thread = {
-            let (service, state) = (service.clone(), state.clone());
+            let (service, state, calendar) = (service.clone(), state.clone(), calendar.clone());
             std::thread::Builder::new()
                 .name(format!("decide {}", service.full_name()))
                 .spawn(move || {
@@ -452,6 +454,7 @@ impl Decider {
         };
         Ok(Decider {
             service,
+            calendar,
             state,
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
@@ -461,6 +464,11 @@ impl Decider {
     /// The service.
     pub fn service(&self) -> &Arc<Service> {
         &self.service
+    }
+
+    /// Replaces the calendar (its holiday dataset changed); later rounds use it.
+    pub fn set_calendar(&self, calendar: Calendar) {
+        *self.calendar.write().expect("calendar lock") = calendar;
     }
 
     /// Decides an application; resolves once the decision is durable.
@@ -523,7 +531,7 @@ impl Drop for Decider {
 #[allow(clippy::too_many_arguments)]
 async fn run(
     service: Arc<Service>,
-    calendar: Calendar,
+    calendar: Arc<RwLock<Calendar>>,
     state: Arc<RwLock<State>>,
     mut rx: tokio::sync::mpsc::Receiver<Job>,
     log: Arc<dyn StreamLog>,
@@ -540,9 +548,10 @@ async fn run(
             }
         }
         let now = clock.now();
-        let today = calendar.local_date(now.timestamp_micros());
         // Decide the round against the published state.
         let (decisions, changes, fresh) = {
+            let calendar = calendar.read().expect("calendar lock");
+            let today = calendar.local_date(now.timestamp_micros());
             let st = state.read().expect("state lock");
             let mut round = st.ledger.round();
             let mut keys: HashMap<&str, usize> = HashMap::new();

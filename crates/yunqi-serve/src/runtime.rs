@@ -27,6 +27,8 @@ use crate::rules::Value;
 struct Live {
     version: u32,
     decider: Decider,
+    /// The version of the holiday dataset the decider's calendar was read from.
+    calendar_version: tokio::sync::Mutex<Option<u64>>,
 }
 
 /// What applying a definition did.
@@ -194,11 +196,14 @@ impl Serve {
             Arc::new(AuditRecorder(self.gov.audit().clone())),
             self.clock.clone(),
         )?;
-        let old = self
-            .services
-            .write()
-            .expect("services lock")
-            .insert(name, Arc::new(Live { version, decider }));
+        let old = self.services.write().expect("services lock").insert(
+            name,
+            Arc::new(Live {
+                version,
+                decider,
+                calendar_version: tokio::sync::Mutex::new(None),
+            }),
+        );
         drop(old);
         Ok(())
     }
@@ -350,6 +355,8 @@ impl Serve {
             .local_date(self.clock.now().timestamp_micros());
         let inputs = check_inputs(&service, inputs, today)?;
         let as_service = service_actor(&service)?;
+        self.refresh_calendar(&live, &service, &as_service, ctx)
+            .await?;
         let mut lookups = BTreeMap::new();
         for l in &service.lookups {
             let params: Vec<ScalarValue> = l
@@ -383,6 +390,74 @@ impl Serve {
                 lookups,
             })
             .await
+    }
+
+    /// Reads the service's holiday dataset (as the service's department) when it has a version
+    /// the decider has not seen: `day` (a date) and `kind` (`holiday`, or `workday` for a
+    /// weekend day worked).
+    async fn refresh_calendar(
+        &self,
+        live: &Live,
+        service: &Service,
+        as_service: &Actor,
+        ctx: &CallContext,
+    ) -> Result<(), Error> {
+        let Some(ds) = &service.calendar else {
+            return Ok(());
+        };
+        let (d, n) = ds
+            .split_once('.')
+            .ok_or_else(|| Error::invalid(format!("calendar {ds} is not department.dataset")))?;
+        let (d, n) = (Name::parse("department", d)?, Name::parse("dataset", n)?);
+        let version = self
+            .gov
+            .dataset_store()
+            .get(d.as_str(), n.as_str())
+            .ok()
+            .and_then(|m| m.versions.last().map(|v| v.version));
+        let mut seen = live.calendar_version.lock().await;
+        if version.is_some() && *seen == version {
+            return Ok(());
+        }
+        let unreadable = |e: Error| {
+            Error::unavailable(format!(
+                "the holiday calendar {ds} of {} cannot be read: {}",
+                service.full_name(),
+                e.message
+            ))
+            .hint(format!(
+                "department {} needs the dataset {ds} (columns day, kind) or a grant on it",
+                service.department
+            ))
+        };
+        let planned = self
+            .sql
+            .plan(as_service, &format!("SELECT day, kind FROM {d}.{n}"), ctx)
+            .await
+            .map_err(unreadable)?;
+        let r = self
+            .sql
+            .execute(as_service, &planned, Vec::new(), None, ctx)
+            .await
+            .map_err(unreadable)?;
+        let mut cal = Calendar::china();
+        for b in &r.batches {
+            for i in 0..b.num_rows() {
+                let day = match cell(b.column(0).as_ref(), i) {
+                    Value::Date(x) => Some(x),
+                    Value::Text(t) => t.parse().ok(),
+                    _ => None,
+                };
+                let Some(day) = day else { continue };
+                match cell(b.column(1).as_ref(), i) {
+                    Value::Text(k) if k == "workday" => cal.workdays.insert(day),
+                    _ => cal.holidays.insert(day),
+                };
+            }
+        }
+        live.decider.set_calendar(cal);
+        *seen = version;
+        Ok(())
     }
 
     /// The caller's own applications to a service, newest first.

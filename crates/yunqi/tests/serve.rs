@@ -47,7 +47,7 @@ fn apply(s: &Server, token: &str, inputs: Value, key: Option<&str>) -> (u16, Val
     )
 }
 
-/// Workdays in the next 60 days (Hangzhou time), in the first month that has at least four.
+/// Workdays in the next 60 days (Hangzhou time), in the first month that has at least six.
 fn workdays() -> Vec<String> {
     use chrono::Datelike;
     let today = (chrono::Utc::now() + chrono::Duration::hours(8)).date_naive();
@@ -58,8 +58,8 @@ fn workdays() -> Vec<String> {
     let month = all
         .iter()
         .map(|d| (d.year(), d.month()))
-        .find(|m| all.iter().filter(|d| (d.year(), d.month()) == *m).count() >= 4)
-        .expect("a month with four workdays");
+        .find(|m| all.iter().filter(|d| (d.year(), d.month()) == *m).count() >= 6)
+        .expect("a month with six workdays");
     all.into_iter()
         .filter(|d| (d.year(), d.month()) == month)
         .map(|d| d.to_string())
@@ -72,6 +72,8 @@ async fn the_urgent_entry_permit_end_to_end() {
     let mut s = Server::start(dir.path());
     s.dept("traffic");
     s.dept("transport");
+    s.dept("city");
+    let csteward = s.principal("csteward", "steward", Some("city"));
     let tsteward = s.principal("tsteward", "steward", Some("traffic"));
     let xsteward = s.principal("xsteward", "steward", Some("transport"));
     let analyst = s.principal("tanalyst", "analyst", Some("traffic"));
@@ -107,6 +109,41 @@ async fn the_urgent_entry_permit_end_to_end() {
         "POST",
         &format!("/api/v1/grants/{}/approve", g["id"].as_str().unwrap()),
         Some(&xsteward),
+        None,
+    );
+    assert_eq!(status, 200, "{v}");
+    // The city's holiday calendar (a weekday made a holiday), granted to traffic.
+    let days = workdays();
+    let (status, v) = s.call(
+        "POST",
+        "/api/v1/datasets",
+        Some(&csteward),
+        Some(&json!({"department": "city", "name": "holidays"}).to_string()),
+    );
+    assert_eq!(status, 201, "{v}");
+    let (status, v) = s.call(
+        "POST",
+        "/api/v1/datasets/city/holidays/import",
+        Some(&csteward),
+        Some(&format!("day,kind\n{},holiday\n", days[1])),
+    );
+    assert_eq!(status, 200, "{v}");
+    let (status, g) = s.call(
+        "POST",
+        "/api/v1/grants",
+        Some(&tsteward),
+        Some(
+            &json!({
+        "dataset": "city.holidays", "columns": ["day", "kind"],
+        "purpose": "非浙A急事通: no permits on holidays", "until": until})
+            .to_string(),
+        ),
+    );
+    assert_eq!(status, 201, "{g}");
+    let (status, v) = s.call(
+        "POST",
+        &format!("/api/v1/grants/{}/approve", g["id"].as_str().unwrap()),
+        Some(&csteward),
         None,
     );
     assert_eq!(status, 200, "{v}");
@@ -151,7 +188,6 @@ async fn the_urgent_entry_permit_end_to_end() {
     );
 
     // A citizen applies: approved, explained — the rules, the data and its source, the quotas.
-    let days = workdays();
     let day = days[0].clone();
     let inputs = json!({"plate": "沪B12345", "date": day, "window": "day", "reason": "送货"});
     let (status, d) = apply(&s, &citizen, inputs.clone(), Some("app-1"));
@@ -171,12 +207,16 @@ async fn the_urgent_entry_permit_end_to_end() {
     // A retry with the same key is the same decision.
     let (_, again) = apply(&s, &citizen, inputs.clone(), Some("app-1"));
     assert_eq!(again["id"], d["id"]);
-    // Refusals say why.
-    for (plate, reason) in [("浙A11111", "浙A号牌"), ("沪C00000", "未查到该车辆")] {
+    // Refusals say why: a local plate, an unknown vehicle, a holiday of the city's calendar.
+    for (plate, date, reason) in [
+        ("浙A11111", &day, "浙A号牌"),
+        ("沪C00000", &day, "未查到该车辆"),
+        ("沪B12345", &days[1], "节假日"),
+    ] {
         let (status, r) = apply(
             &s,
             &citizen,
-            json!({"plate": plate, "date": day, "window": "day", "reason": "x"}),
+            json!({"plate": plate, "date": date, "window": "day", "reason": "x"}),
             None,
         );
         assert_eq!(status, 200, "{r}");
@@ -202,7 +242,7 @@ async fn the_urgent_entry_permit_end_to_end() {
     assert_eq!(status, 403, "{r}");
 
     // The monthly quota: three a month, the fourth refused — and still after kill -9.
-    for dd in &days[1..3] {
+    for dd in &days[2..4] {
         let (_, r) = apply(
             &s,
             &citizen,
@@ -216,7 +256,7 @@ async fn the_urgent_entry_permit_end_to_end() {
     let (_, r) = apply(
         &s,
         &citizen,
-        json!({"plate": "沪B12345", "date": days[3], "window": "day", "reason": "x"}),
+        json!({"plate": "沪B12345", "date": days[4], "window": "day", "reason": "x"}),
         None,
     );
     assert_eq!(r["decision"], "refused", "{r}");
