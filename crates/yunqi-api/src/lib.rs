@@ -223,6 +223,8 @@ pub fn router(state: AppState) -> Router {
             get(services::list).post(services::apply),
         )
         .route("/api/v1/services/{department}/{name}", get(services::get))
+        .route("/api/v1/documents/public-key", get(services::public_key))
+        .route("/api/v1/documents/verify", get(services::verify))
         .route(
             "/api/v1/services/{department}/{name}/applications",
             get(services::my_applications).post(services::apply_for),

@@ -59,8 +59,36 @@ fn decision_json(d: &yunqi_serve::decider::Decision) -> Value {
         "decided_at": d.decided_at,
         "reasons": d.reasons,
         "explanation": {"inputs": d.inputs, "rules": d.rules, "data": d.data, "quotas": d.quotas},
-        "document": Value::Null,
+        "document": d.document.as_ref().map_or(Value::Null, |x| json!({
+            "token": x.token, "valid_from": x.valid_from, "valid_to": x.valid_to,
+            "verify": "/api/v1/documents/verify?token=<token>",
+        })),
     })
+}
+
+/// `GET /api/v1/documents/public-key` (no login): the key documents are signed with.
+pub async fn public_key(State(state): State<AppState>) -> axum::Json<Value> {
+    let (key, kid) = state.serve.public_key();
+    axum::Json(
+        json!({"algorithm": "Ed25519", "public_key": key, "kid": kid,
+        "format": "base64url(claims JSON) \".\" base64url(signature of the first part)"}),
+    )
+}
+
+/// The token to verify.
+#[derive(Debug, Deserialize)]
+pub struct VerifyParams {
+    /// The document's token.
+    pub token: String,
+}
+
+/// `GET /api/v1/documents/verify?token=…` (no login): whether a document is genuine and valid
+/// now, and what it says.
+pub async fn verify(
+    State(state): State<AppState>,
+    crate::extract::Query(p): crate::extract::Query<VerifyParams>,
+) -> axum::Json<yunqi_serve::Verification> {
+    axum::Json(state.serve.verify(&p.token))
 }
 
 /// `POST /api/v1/services/{department}/{name}/applications`: applies; returns the decision,

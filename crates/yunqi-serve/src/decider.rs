@@ -158,6 +158,20 @@ pub struct Decision {
     pub quotas: Vec<QuotaOutcome>,
     /// What the decision changed in the ledger.
     pub changes: Vec<Change>,
+    /// The document a granted application got.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub document: Option<Issued>,
+}
+
+/// A document as issued.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Issued {
+    /// The signed token (see [`crate::document`]).
+    pub token: String,
+    /// Valid from, if limited.
+    pub valid_from: Option<DateTime<Utc>>,
+    /// Valid until (exclusive), if limited.
+    pub valid_to: Option<DateTime<Utc>>,
 }
 
 /// Converts a value for JSON.
@@ -324,6 +338,7 @@ struct State {
 /// The decider of one service.
 pub struct Decider {
     service: Arc<Service>,
+    signer: Option<Arc<crate::document::Signer>>,
     calendar: Arc<RwLock<Calendar>>,
     state: Arc<RwLock<State>>,
     tx: Mutex<Option<tokio::sync::mpsc::Sender<Job>>>,
@@ -389,6 +404,7 @@ impl Decider {
         log: Arc<dyn StreamLog>,
         recorder: Arc<dyn Recorder>,
         clock: Arc<dyn Clock>,
+        signer: Option<Arc<crate::document::Signer>>,
     ) -> Result<Decider, Error> {
         let stream = log_stream(&service);
         let mut state = State {
@@ -439,7 +455,12 @@ impl Decider {
         let calendar = Arc::new(RwLock::new(calendar));
         let (tx, rx) = tokio::sync::mpsc::channel(ROUND_MAX);
         let thread = {
-            let (service, state, calendar) = (service.clone(), state.clone(), calendar.clone());
+            let (service, state, calendar, signer) = (
+                service.clone(),
+                state.clone(),
+                calendar.clone(),
+                signer.clone(),
+            );
             std::thread::Builder::new()
                 .name(format!("decide {}", service.full_name()))
                 .spawn(move || {
@@ -447,13 +468,14 @@ impl Decider {
                         .build()
                         .expect("decider runtime");
                     rt.block_on(run(
-                        service, calendar, state, rx, log, recorder, clock, stream,
+                        service, calendar, state, rx, log, recorder, clock, stream, signer,
                     ));
                 })
                 .map_err(|e| Error::internal(format!("start the decider: {e}")))?
         };
         Ok(Decider {
             service,
+            signer,
             calendar,
             state,
             tx: Mutex::new(Some(tx)),
@@ -464,6 +486,11 @@ impl Decider {
     /// The service.
     pub fn service(&self) -> &Arc<Service> {
         &self.service
+    }
+
+    /// The document key, if this decider issues documents.
+    pub fn signer(&self) -> Option<&Arc<crate::document::Signer>> {
+        self.signer.as_ref()
     }
 
     /// Replaces the calendar (its holiday dataset changed); later rounds use it.
@@ -538,6 +565,7 @@ async fn run(
     recorder: Arc<dyn Recorder>,
     clock: Arc<dyn Clock>,
     stream: String,
+    signer: Option<Arc<crate::document::Signer>>,
 ) {
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
@@ -573,9 +601,13 @@ async fn run(
                     }
                 }
                 number += 1;
-                let d = Arc::new(decide_one(
-                    &service, &calendar, app, &mut round, today, now, number,
-                ));
+                let mut d = decide_one(&service, &calendar, app, &mut round, today, now, number);
+                if d.decision == Verdict::Approved
+                    && let Some(signer) = &signer
+                {
+                    d.document = issue(&service, &calendar, app, &d, now, signer);
+                }
+                let d = Arc::new(d);
                 if let Some(k) = &app.key {
                     keys.insert(k.as_str(), decisions.len());
                 }
@@ -761,5 +793,67 @@ fn decide_one(
         data,
         quotas,
         changes,
+        document: None,
     }
+}
+
+/// The document of a granted application: the fields the definition names, valid over the
+/// window its `valid_window` input names on the service's first date input (a whole day when
+/// it names none).
+fn issue(
+    service: &Service,
+    calendar: &Calendar,
+    app: &Application,
+    d: &Decision,
+    now: DateTime<Utc>,
+    signer: &crate::document::Signer,
+) -> Option<Issued> {
+    let doc = service.document.as_ref()?;
+    let plain = |v: &Value| match v {
+        Value::Text(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let fields = doc
+        .fields
+        .iter()
+        .filter_map(|f| app.inputs.get(f).map(|v| (f.clone(), plain(v))))
+        .collect();
+    let date = service
+        .inputs
+        .iter()
+        .find_map(|i| match app.inputs.get(&i.name) {
+            Some(Value::Date(x)) => Some(*x),
+            _ => None,
+        });
+    let kind = match doc.valid_window.as_ref().and_then(|w| app.inputs.get(w)) {
+        Some(Value::Text(w)) if w == "noon" => crate::calendar::WindowKind::Noon,
+        _ => crate::calendar::WindowKind::Day,
+    };
+    let (valid_from, valid_to) = match date {
+        Some(x) => {
+            let v = calendar.window(kind, x);
+            (
+                DateTime::from_timestamp_micros(v.start_us),
+                DateTime::from_timestamp_micros(v.end_us),
+            )
+        }
+        None => (None, None),
+    };
+    let token = signer
+        .issue(crate::document::Claims {
+            id: d.id.clone(),
+            service: d.service.clone(),
+            title: doc.title.clone(),
+            fields,
+            valid_from,
+            valid_to,
+            issued_at: now,
+            kid: String::new(),
+        })
+        .ok()?;
+    Some(Issued {
+        token,
+        valid_from,
+        valid_to,
+    })
 }

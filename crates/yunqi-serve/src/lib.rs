@@ -6,6 +6,8 @@
 //!   city's time zone, checked against a holiday calendar with make-up working days;
 //! - [`definition`]: service definitions (TOML), checked whole with every problem named by
 //!   its line;
+//! - [`document`]: signed documents — compact Ed25519 tokens anyone can verify, online or
+//!   offline with the published key;
 //! - [`ledger`]: quota counters and money lines, changed a round of decisions at a time against
 //!   the published state, so that one writer can decide a round, make it durable, then publish;
 //! - [`decider`]: one writer per service deciding applications in order — rules, quotas spent
@@ -20,8 +22,9 @@
 pub mod calendar;
 pub mod decider;
 pub mod definition;
+pub mod document;
 pub mod ledger;
 pub mod rules;
 pub mod runtime;
 
-pub use runtime::{Applied, Serve};
+pub use runtime::{Applied, Serve, Verification};

@@ -51,6 +51,22 @@ pub struct Serve {
     dir: PathBuf,
     calendar: Calendar,
     services: RwLock<BTreeMap<String, Arc<Live>>>,
+    signer: Arc<crate::document::Signer>,
+}
+
+/// What online verification says of a document.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Verification {
+    /// Signed by this server's key and within its validity now.
+    pub valid: bool,
+    /// `valid`, `not_yet_valid`, `expired` or `invalid`.
+    pub status: &'static str,
+    /// Why not, when it is not valid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// What it says (when the signature holds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claims: Option<crate::document::Claims>,
 }
 
 fn io(e: std::io::Error, what: &str) -> Error {
@@ -153,13 +169,15 @@ fn cell(a: &dyn Array, i: usize) -> Value {
 }
 
 impl Serve {
-    /// Loads every service's live definition from `dir` and starts its decider.
+    /// Loads every service's live definition from `dir` and starts its decider; documents are
+    /// signed with the key at `key` (made if missing).
     pub fn open(
         gov: Arc<Governance>,
         sql: Arc<SqlEngine>,
         log: Arc<dyn StreamLog>,
         clock: Arc<dyn Clock>,
         dir: &Path,
+        key: &Path,
     ) -> Result<Arc<Serve>, Error> {
         std::fs::create_dir_all(dir).map_err(|e| io(e, "create the directory"))?;
         let serve = Arc::new(Serve {
@@ -170,6 +188,7 @@ impl Serve {
             dir: dir.to_path_buf(),
             calendar: Calendar::china(),
             services: RwLock::new(BTreeMap::new()),
+            signer: Arc::new(crate::document::Signer::open(key)?),
         });
         for e in std::fs::read_dir(dir).map_err(|e| io(e, "list services"))? {
             let p = e.map_err(|e| io(e, "list services"))?.path();
@@ -195,6 +214,7 @@ impl Serve {
             self.log.clone(),
             Arc::new(AuditRecorder(self.gov.audit().clone())),
             self.clock.clone(),
+            Some(self.signer.clone()),
         )?;
         let old = self.services.write().expect("services lock").insert(
             name,
@@ -464,6 +484,42 @@ impl Serve {
     pub fn my_applications(&self, actor: &Actor, name: &str) -> Result<Vec<Arc<Decision>>, Error> {
         let live = self.live(name)?;
         Ok(live.decider.applications_of(actor.principal.name.as_str()))
+    }
+
+    /// The documents' public key (base64url) and its id.
+    pub fn public_key(&self) -> (String, String) {
+        (self.signer.public_key(), self.signer.kid().to_string())
+    }
+
+    /// Verifies a document online: its signature, and its validity now.
+    pub fn verify(&self, token: &str) -> Verification {
+        match crate::document::verify(token, &self.signer.public_key()) {
+            Err(e) => Verification {
+                valid: false,
+                status: "invalid",
+                reason: Some(e.message),
+                claims: None,
+            },
+            Ok(c) => {
+                let now = self.clock.now();
+                let (status, reason) = if c.valid_from.is_some_and(|f| now < f) {
+                    (
+                        "not_yet_valid",
+                        Some("its validity has not begun".to_string()),
+                    )
+                } else if c.valid_to.is_some_and(|t| now >= t) {
+                    ("expired", Some("its validity has ended".to_string()))
+                } else {
+                    ("valid", None)
+                };
+                Verification {
+                    valid: status == "valid",
+                    status,
+                    reason,
+                    claims: Some(c),
+                }
+            }
+        }
     }
 
     /// Stops every decider after the applications it holds.

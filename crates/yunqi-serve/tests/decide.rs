@@ -63,6 +63,7 @@ impl World {
             log,
             self.audit.clone(),
             Arc::new(self.clock.clone()),
+            None,
         )
         .unwrap()
     }

@@ -111,6 +111,10 @@ fn in_process(
             log.clone(),
             Arc::new(AuditRecorder(audit.clone())),
             clock.clone(),
+            Some(Arc::new(
+                yunqi_serve::document::Signer::open(&dir.join("documents.ed25519"))
+                    .map_err(crate::user_error)?,
+            )),
         )
         .map_err(crate::user_error)?,
     );

@@ -68,6 +68,18 @@ impl Api {
         }
     }
 
+    /// A GET that needs no login (public endpoints).
+    pub fn get_public(&self, path: &str) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let mut r = self
+            .agent
+            .get(&url)
+            .call()
+            .with_context(|| format!("cannot reach yunqi at {}", self.base))?;
+        let text = r.body_mut().read_to_string().unwrap_or_default();
+        Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
     fn auth(&self) -> anyhow::Result<String> {
         match &self.token {
             Some(t) if !t.is_empty() => Ok(format!("Bearer {t}")),

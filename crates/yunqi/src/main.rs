@@ -83,6 +83,9 @@ enum Command {
     /// Citizen services: apply a definition, list and show services.
     #[command(subcommand)]
     Service(client_service::ServiceCommand),
+    /// Signed documents: verify one, offline with the issuer's public key.
+    #[command(subcommand)]
+    Document(client_service::DocumentCommand),
     /// The audit chain.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -154,6 +157,7 @@ fn main() -> ExitCode {
                 Command::Stream(c) => client_stream::stream(&api, c, json),
                 Command::View(c) => client_stream::view(&api, c, json),
                 Command::Service(c) => client_service::service(&api, c, json),
+                Command::Document(c) => client_service::document(&api, c, json),
                 Command::Audit(AuditCommand::List(a)) => client::audit_list(&api, a, json),
                 Command::Whoami => client::whoami(&api, json),
                 _ => unreachable!("handled above"),

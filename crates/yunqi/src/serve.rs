@@ -268,6 +268,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         log.clone(),
         Arc::new(SystemClock),
         &data.join("services"),
+        &data.join("keys").join("documents.ed25519"),
     )
     .map_err(crate::user_error)?;
     let state = yunqi_api::AppState::new(gov.clone(), engine, sense.clone(), serve.clone(), limits);

@@ -207,6 +207,63 @@ async fn the_urgent_entry_permit_end_to_end() {
     // A retry with the same key is the same decision.
     let (_, again) = apply(&s, &citizen, inputs.clone(), Some("app-1"));
     assert_eq!(again["id"], d["id"]);
+    assert_eq!(again["document"]["token"], d["document"]["token"]);
+
+    // The permit: a signed token anyone can check — online without a login, offline with the
+    // published key; a forged one fails both ways.
+    let token = d["document"]["token"]
+        .as_str()
+        .expect("a granted permit has a document");
+    assert!(token.len() < 700, "fits a QR code: {}", token.len());
+    let mut r = common::agent()
+        .get(format!("{}/api/v1/documents/verify?token={token}", s.url))
+        .call()
+        .unwrap();
+    let v: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(
+        v["status"], "not_yet_valid",
+        "valid from the permit's day: {v}"
+    );
+    assert_eq!(v["claims"]["fields"]["plate"], "沪B12345", "{v}");
+    let from: chrono::DateTime<chrono::Utc> =
+        v["claims"]["valid_from"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        from,
+        chrono::DateTime::parse_from_rfc3339(&format!("{day}T00:00:00+08:00")).unwrap(),
+        "a day window starts at local midnight: {v}"
+    );
+    let (body, sig) = token.split_once('.').unwrap();
+    let forged = format!("{}A.{sig}", &body[..body.len() - 1]);
+    let mut r = common::agent()
+        .get(format!("{}/api/v1/documents/verify?token={forged}", s.url))
+        .call()
+        .unwrap();
+    let v: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(v["status"], "invalid", "{v}");
+    let mut r = common::agent()
+        .get(format!("{}/api/v1/documents/public-key", s.url))
+        .call()
+        .unwrap();
+    let key: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    let key = key["public_key"].as_str().unwrap().to_string();
+    let out = std::process::Command::new(common::BIN)
+        .args(["document", "verify", token, "--public-key", &key])
+        .env("YUNQI_URL", "http://127.0.0.1:9") // offline: nothing to reach
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("not yet valid: 非浙A急事通 电子通行凭证")
+            && text.contains("plate: 沪B12345"),
+        "{text}"
+    );
+    let out = std::process::Command::new(common::BIN)
+        .args(["document", "verify", &forged, "--public-key", &key])
+        .env("YUNQI_URL", "http://127.0.0.1:9")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not match"));
     // Refusals say why: a local plate, an unknown vehicle, a holiday of the city's calendar.
     for (plate, date, reason) in [
         ("浙A11111", &day, "浙A号牌"),
