@@ -225,6 +225,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/services/{department}/{name}", get(services::get))
         .route("/api/v1/documents/public-key", get(services::public_key))
         .route("/api/v1/documents/verify", get(services::verify))
+        .route("/api/v1/documents/revoke", post(services::revoke))
         .route(
             "/api/v1/services/{department}/{name}/applications",
             get(services::my_applications).post(services::apply_for),

@@ -75,6 +75,30 @@ pub async fn public_key(State(state): State<AppState>) -> axum::Json<Value> {
     )
 }
 
+/// A revocation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    /// The decision whose document is withdrawn.
+    pub id: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// `POST /api/v1/documents/revoke {"id", "reason"}`: withdraws a document (officers and
+/// stewards of the service's department); its quota stays used.
+pub async fn revoke(
+    State(state): State<AppState>,
+    auth: Authed,
+    Json(req): Json<RevokeRequest>,
+) -> ApiResult<axum::Json<Value>> {
+    let r = state
+        .serve
+        .revoke(&auth.actor, &req.id, &req.reason, &auth.ctx())
+        .await?;
+    Ok(axum::Json(serde_json::to_value(r).unwrap_or_default()))
+}
+
 /// The token to verify.
 #[derive(Debug, Deserialize)]
 pub struct VerifyParams {

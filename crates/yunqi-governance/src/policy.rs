@@ -103,6 +103,13 @@ pub enum Action<'a> {
         /// The roles the service takes applications from.
         applicants: &'a [Role],
     },
+    /// Withdraw a document a service issued.
+    DocumentRevoke {
+        /// `department.name` of the service.
+        service: &'a str,
+        /// Its department.
+        department: &'a str,
+    },
     /// Send events to a stream.
     StreamAppend {
         /// `department.name`.
@@ -140,6 +147,7 @@ impl Action<'_> {
             Action::StreamAppend { .. } => "stream.append",
             Action::ServiceManage { .. } => "service.apply_definition",
             Action::ServiceApply { .. } => "service.apply",
+            Action::DocumentRevoke { .. } => "document.revoke",
         }
     }
 
@@ -162,9 +170,9 @@ impl Action<'_> {
             | Action::GrantRead { id, .. }
             | Action::GrantUse { id, .. } => format!("grant:{id}"),
             Action::StreamAppend { stream, .. } => format!("stream:{stream}"),
-            Action::ServiceManage { service, .. } | Action::ServiceApply { service, .. } => {
-                format!("service:{service}")
-            }
+            Action::ServiceManage { service, .. }
+            | Action::ServiceApply { service, .. }
+            | Action::DocumentRevoke { service, .. } => format!("service:{service}"),
         }
     }
 }
@@ -194,7 +202,8 @@ pub fn authorize(actor: &Principal, action: &Action<'_>) -> Result<(), Error> {
             | Action::GrantUse { .. }
             | Action::StreamAppend { .. }
             | Action::ServiceManage { .. }
-            | Action::ServiceApply { .. },
+            | Action::ServiceApply { .. }
+            | Action::DocumentRevoke { .. },
         ) => false,
         (Role::Admin, _) => true,
         (_, Action::DepartmentRead) => true,
@@ -236,6 +245,10 @@ pub fn authorize(actor: &Principal, action: &Action<'_>) -> Result<(), Error> {
         // A department's stewards declare its services; people apply in the roles a service
         // names (the admin runs the platform and does neither).
         (Role::Steward, Action::ServiceManage { department, .. }) => actor
+            .department
+            .as_ref()
+            .is_some_and(|d| d.as_str() == *department),
+        (Role::Steward | Role::Officer, Action::DocumentRevoke { department, .. }) => actor
             .department
             .as_ref()
             .is_some_and(|d| d.as_str() == *department),
@@ -349,6 +362,13 @@ pub fn authorize(actor: &Principal, action: &Action<'_>) -> Result<(), Error> {
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
+        ),
+        Action::DocumentRevoke {
+            service,
+            department,
+        } => (
+            format!("permission denied to revoke documents of \"{service}\""),
+            format!("officers and stewards of department \"{department}\" revoke its documents"),
         ),
         Action::StreamAppend { stream, department } => (
             format!("permission denied to send events to stream \"{stream}\""),

@@ -328,9 +328,25 @@ struct Job {
     reply: tokio::sync::oneshot::Sender<Result<Arc<Decision>, Error>>,
 }
 
+/// A document withdrawn (e.g. for a violation during its window). The quota it used stays
+/// used: a permit counts once issued.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Revocation {
+    /// The decision whose document it withdraws.
+    pub revoke: String,
+    /// Why.
+    pub reason: String,
+    /// Who.
+    pub by: String,
+    /// When.
+    pub at: DateTime<Utc>,
+}
+
 struct State {
     ledger: Ledger,
     by_key: HashMap<String, Arc<Decision>>,
+    by_id: HashMap<String, Arc<Decision>>,
+    revoked: HashMap<String, Revocation>,
     by_applicant: HashMap<String, Vec<Arc<Decision>>>,
     decided: u64,
 }
@@ -338,6 +354,8 @@ struct State {
 /// The decider of one service.
 pub struct Decider {
     service: Arc<Service>,
+    log: Arc<dyn StreamLog>,
+    stream: String,
     signer: Option<Arc<crate::document::Signer>>,
     calendar: Arc<RwLock<Calendar>>,
     state: Arc<RwLock<State>>,
@@ -410,6 +428,8 @@ impl Decider {
         let mut state = State {
             ledger: Ledger::default(),
             by_key: HashMap::new(),
+            by_id: HashMap::new(),
+            revoked: HashMap::new(),
             by_applicant: HashMap::new(),
             decided: 0,
         };
@@ -433,12 +453,20 @@ impl Decider {
                     .filter(|l| !l.is_empty())
                     .skip(skip)
                 {
+                    if line.starts_with(b"{\"revoke\"") {
+                        let r: Revocation = serde_json::from_slice(line).map_err(|err| {
+                            Error::internal(format!("decision log {stream} at {}: {err}", e.first))
+                        })?;
+                        state.revoked.insert(r.revoke.clone(), r);
+                        continue;
+                    }
                     let d: Decision = serde_json::from_slice(line).map_err(|err| {
                         Error::internal(format!("decision log {stream} at {}: {err}", e.first))
                     })?;
                     d.changes.iter().for_each(|c| state.ledger.replay(c));
                     state.decided += 1;
                     let d = Arc::new(d);
+                    state.by_id.insert(d.id.clone(), d.clone());
                     state
                         .by_applicant
                         .entry(d.applicant.clone())
@@ -455,11 +483,13 @@ impl Decider {
         let calendar = Arc::new(RwLock::new(calendar));
         let (tx, rx) = tokio::sync::mpsc::channel(ROUND_MAX);
         let thread = {
-            let (service, state, calendar, signer) = (
+            let (service, state, calendar, signer, log, stream) = (
                 service.clone(),
                 state.clone(),
                 calendar.clone(),
                 signer.clone(),
+                log.clone(),
+                stream.clone(),
             );
             std::thread::Builder::new()
                 .name(format!("decide {}", service.full_name()))
@@ -475,6 +505,8 @@ impl Decider {
         };
         Ok(Decider {
             service,
+            log,
+            stream,
             signer,
             calendar,
             state,
@@ -525,6 +557,50 @@ impl Decider {
                 key: key.into(),
                 bucket,
             })
+    }
+
+    /// A decision by id.
+    pub fn decision(&self, id: &str) -> Option<Arc<Decision>> {
+        self.state
+            .read()
+            .expect("state lock")
+            .by_id
+            .get(id)
+            .cloned()
+    }
+
+    /// The revocation of a decision's document, if it was revoked.
+    pub fn revocation(&self, id: &str) -> Option<Revocation> {
+        self.state
+            .read()
+            .expect("state lock")
+            .revoked
+            .get(id)
+            .cloned()
+    }
+
+    /// Withdraws the document of a granted decision, durably; its quota stays used.
+    pub async fn revoke(&self, r: Revocation) -> Result<(), Error> {
+        match self.decision(&r.revoke) {
+            None => return Err(Error::not_found("decision", &r.revoke)),
+            Some(d) if d.document.is_none() => {
+                return Err(Error::invalid(format!(
+                    "decision {} issued no document",
+                    r.revoke
+                )));
+            }
+            Some(_) => {}
+        }
+        let mut line =
+            serde_json::to_vec(&r).map_err(|e| Error::internal(format!("encode: {e}")))?;
+        line.push(b'\n');
+        self.log.append(&self.stream, 1, line).await?;
+        self.state
+            .write()
+            .expect("state lock")
+            .revoked
+            .insert(r.revoke.clone(), r);
+        Ok(())
     }
 
     /// An applicant's decisions, newest first.
@@ -643,6 +719,7 @@ async fn run(
             st.ledger.publish(changes);
             st.decided += new.len() as u64;
             for d in new {
+                st.by_id.insert(d.id.clone(), d.clone());
                 st.by_applicant
                     .entry(d.applicant.clone())
                     .or_default()

@@ -59,7 +59,7 @@ pub struct Serve {
 pub struct Verification {
     /// Signed by this server's key and within its validity now.
     pub valid: bool,
-    /// `valid`, `not_yet_valid`, `expired` or `invalid`.
+    /// `valid`, `not_yet_valid`, `expired`, `revoked` or `invalid`.
     pub status: &'static str,
     /// Why not, when it is not valid.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -486,6 +486,55 @@ impl Serve {
         Ok(live.decider.applications_of(actor.principal.name.as_str()))
     }
 
+    /// Revokes the document of decision `id` (officers and stewards of the service's
+    /// department), durably; online verification then says so. Audited.
+    pub async fn revoke(
+        &self,
+        actor: &Actor,
+        id: &str,
+        reason: &str,
+        ctx: &CallContext,
+    ) -> Result<crate::decider::Revocation, Error> {
+        let service = id.split_once('/').map(|(s, _)| s).ok_or_else(|| {
+            Error::invalid(format!("\"{id}\" is not a decision id"))
+                .hint("a decision id looks like traffic.urgent-entry-permit/42")
+        })?;
+        let live = self.live(service)?;
+        let department = live.decider.service().department.clone();
+        self.gov
+            .authorize_action(
+                actor,
+                &Action::DocumentRevoke {
+                    service,
+                    department: &department,
+                },
+                ctx,
+            )
+            .await?;
+        if reason.trim().is_empty() {
+            return Err(Error::invalid("a reason is required")
+                .hint("say why, e.g. a violation during the window"));
+        }
+        let r = crate::decider::Revocation {
+            revoke: id.to_string(),
+            reason: reason.trim().to_string(),
+            by: actor.principal.name.to_string(),
+            at: self.clock.now(),
+        };
+        self.gov
+            .record_access(
+                actor,
+                "document.revoke",
+                &format!("service:{service}"),
+                Outcome::Ok,
+                format!("{id}: {}", r.reason),
+                ctx,
+            )
+            .await?;
+        live.decider.revoke(r.clone()).await?;
+        Ok(r)
+    }
+
     /// The documents' public key (base64url) and its id.
     pub fn public_key(&self) -> (String, String) {
         (self.signer.public_key(), self.signer.kid().to_string())
@@ -502,7 +551,16 @@ impl Serve {
             },
             Ok(c) => {
                 let now = self.clock.now();
-                let (status, reason) = if c.valid_from.is_some_and(|f| now < f) {
+                let revoked = self
+                    .live(&c.service)
+                    .ok()
+                    .and_then(|l| l.decider.revocation(&c.id));
+                let (status, reason) = if let Some(r) = revoked {
+                    (
+                        "revoked",
+                        Some(format!("revoked at {}: {}", r.at, r.reason)),
+                    )
+                } else if c.valid_from.is_some_and(|f| now < f) {
                     (
                         "not_yet_valid",
                         Some("its validity has not begun".to_string()),

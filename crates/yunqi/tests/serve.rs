@@ -77,6 +77,7 @@ async fn the_urgent_entry_permit_end_to_end() {
     let tsteward = s.principal("tsteward", "steward", Some("traffic"));
     let xsteward = s.principal("xsteward", "steward", Some("transport"));
     let analyst = s.principal("tanalyst", "analyst", Some("traffic"));
+    let officer = s.principal("tofficer", "officer", Some("traffic"));
     let (status, v) = s.admin(
         "POST",
         "/api/v1/principals",
@@ -264,6 +265,38 @@ async fn the_urgent_entry_permit_end_to_end() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not match"));
+
+    // An officer revokes it (a violation); online verification says so; the citizen may not.
+    let body = json!({"id": d["id"], "reason": "违章: 闯限行区"}).to_string();
+    let (status, v) = s.call(
+        "POST",
+        "/api/v1/documents/revoke",
+        Some(&citizen),
+        Some(&body),
+    );
+    assert_eq!(status, 403, "{v}");
+    let (status, v) = s.call(
+        "POST",
+        "/api/v1/documents/revoke",
+        Some(&officer),
+        Some(&body),
+    );
+    assert_eq!(status, 200, "{v}");
+    let verify = |s: &Server| -> Value {
+        let mut r = common::agent()
+            .get(format!("{}/api/v1/documents/verify?token={token}", s.url))
+            .call()
+            .unwrap();
+        serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap()
+    };
+    let v = verify(&s);
+    assert_eq!(
+        (v["status"].as_str(), v["valid"].as_bool()),
+        (Some("revoked"), Some(false)),
+        "{v}"
+    );
+    assert!(v["reason"].as_str().unwrap().contains("闯限行区"), "{v}");
+    let token = token.to_string();
     // Refusals say why: a local plate, an unknown vehicle, a holiday of the city's calendar.
     for (plate, date, reason) in [
         ("浙A11111", &day, "浙A号牌"),
@@ -324,6 +357,15 @@ async fn the_urgent_entry_permit_end_to_end() {
     assert_eq!(r["explanation"]["quotas"][1]["used"], 3, "{r}");
     let (_, again) = apply(&s, &citizen, inputs, Some("app-1"));
     assert_eq!(again["id"], d["id"], "the retry after a restart");
+    let mut r = common::agent()
+        .get(format!("{}/api/v1/documents/verify?token={token}", s.url))
+        .call()
+        .unwrap();
+    let v: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(
+        v["status"], "revoked",
+        "the revocation survives kill -9: {v}"
+    );
     // The applicant's own list; the audit chain has every decision and the lookups' queries.
     let (status, mine) = s.call(
         "GET",
