@@ -105,6 +105,9 @@ fn setup(s: &Server) -> String {
     citizen
 }
 
+/// An acknowledged decision: plate, date, decision id, verdict.
+type Acked = (String, String, String, String);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_acknowledged_decision_lost_no_quota_overspent() {
     let kills: usize = env_or("YUNQI_SERVE_KILLS", 3);
@@ -128,7 +131,7 @@ async fn no_acknowledged_decision_lost_no_quota_overspent() {
         .map(|d| d.to_string())
         .collect();
     // key → (plate, date, decision id, verdict) of every acknowledged decision.
-    let acked: Arc<Mutex<BTreeMap<String, (String, String, String, String)>>> = Arc::default();
+    let acked: Arc<Mutex<BTreeMap<String, Acked>>> = Arc::default();
     for round in 0..kills {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let threads: Vec<_> = (0..6)
@@ -203,7 +206,7 @@ async fn no_acknowledged_decision_lost_no_quota_overspent() {
         let list = mine["applications"].as_array().unwrap();
         let ids: BTreeSet<&str> = list.iter().map(|d| d["id"].as_str().unwrap()).collect();
         assert_eq!(ids.len(), list.len(), "a decision listed twice");
-        for (_, (_, _, id, _)) in &acked_now {
+        for (_, _, id, _) in acked_now.values() {
             assert!(
                 ids.contains(id.as_str()),
                 "round {round}: acknowledged {id} is gone"
