@@ -208,3 +208,16 @@ impl FromRequestParts<AppState> for Authed {
         }
     }
 }
+
+/// The `Idempotency-Key` header, checked (see `yunqi_sense::dedup::check_key`).
+pub fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<&str>, Error> {
+    match headers.get("idempotency-key") {
+        None => Ok(None),
+        Some(v) => {
+            // Non-ASCII bytes fail the check below with its hint.
+            let k = v.to_str().unwrap_or(" ");
+            yunqi_sense::dedup::check_key(k)?;
+            Ok(Some(k))
+        }
+    }
+}

@@ -27,18 +27,17 @@ pub async fn apply(
 }
 
 /// `GET /api/v1/services`: the live services.
-pub async fn list(State(state): State<AppState>, auth: Authed) -> ApiResult<axum::Json<Value>> {
-    let _ = &auth;
+/// Signed-in callers only (the extractor refuses others).
+pub async fn list(State(state): State<AppState>, _auth: Authed) -> ApiResult<axum::Json<Value>> {
     Ok(axum::Json(json!({ "services": state.serve.list() })))
 }
 
 /// `GET /api/v1/services/{department}/{name}`: one service's live definition.
 pub async fn get(
     State(state): State<AppState>,
-    auth: Authed,
+    _auth: Authed,
     Path((department, name)): Path<(String, String)>,
 ) -> ApiResult<axum::Json<Value>> {
-    let _ = &auth;
     let s = state.serve.get(&format!("{department}.{name}"))?;
     Ok(axum::Json(serde_json::to_value(s).unwrap_or_default()))
 }
@@ -124,19 +123,7 @@ pub async fn apply_for(
     headers: axum::http::HeaderMap,
     Json(req): Json<NewApplication>,
 ) -> ApiResult<axum::Json<Value>> {
-    let key = match headers.get("idempotency-key") {
-        None => None,
-        Some(v) => {
-            let k = v.to_str().ok().filter(|k| !k.is_empty() && k.len() <= 128);
-            Some(
-                k.ok_or_else(|| {
-                    Error::invalid("invalid idempotency key")
-                        .hint("use 1 to 128 printable ASCII characters, e.g. a UUID")
-                })?
-                .to_string(),
-            )
-        }
-    };
+    let key = crate::extract::idempotency_key(&headers)?.map(str::to_string);
     let d = state
         .serve
         .apply_for(

@@ -200,12 +200,7 @@ pub async fn append_events(
         None => EventFormat::Ndjson,
     };
     let stream = format!("{department}.{name}");
-    let key = match headers.get("idempotency-key") {
-        None => None,
-        Some(v) => Some(v.to_str().map_err(|_| {
-            Error::invalid("invalid idempotency key").hint("use printable ASCII, e.g. a UUID")
-        })?),
-    };
+    let key = crate::extract::idempotency_key(&headers)?;
     let report = state
         .sense
         .append(

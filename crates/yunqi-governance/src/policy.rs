@@ -145,7 +145,7 @@ impl Action<'_> {
             Action::GrantRead { .. } => "grant.read",
             Action::GrantUse { .. } => "grant.use",
             Action::StreamAppend { .. } => "stream.append",
-            Action::ServiceManage { .. } => "service.apply_definition",
+            Action::ServiceManage { .. } => "service.define",
             Action::ServiceApply { .. } => "service.apply",
             Action::DocumentRevoke { .. } => "document.revoke",
         }

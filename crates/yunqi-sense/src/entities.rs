@@ -490,7 +490,8 @@ impl Sense {
         Err(Error::unavailable(format!(
             "the entities of {entity_type} (stream {}) are not loaded",
             m.sql_name()
-        )))
+        ))
+        .hint("the server could not load them at start: its log says why; restart it once fixed"))
     }
 
     /// The store holding entity `id`, if any.

@@ -220,8 +220,11 @@ pub struct Lookup {
     pub name: String,
     /// The SQL.
     pub sql: String,
-    /// The inputs its parameters name.
+    /// The inputs its parameters name, in order of first use.
     pub params: Vec<String>,
+    /// The SQL with its parameters as `$1, $2, …` in that order, as it is planned.
+    #[serde(skip)]
+    pub positional: String,
 }
 
 /// A quota.
@@ -364,10 +367,13 @@ fn check_name(kind: &str, raw: &str) -> Result<(), String> {
     }
 }
 
-/// The `:name` parameters of a lookup's SQL (outside quoted text).
-fn params(sql: &str) -> Vec<String> {
+/// The `:name` parameters of a lookup's SQL (outside quoted text, `::` casts left alone), in
+/// order of first use, and the SQL with each written as `$n`, its place in that order.
+fn params(sql: &str) -> (Vec<String>, String) {
     let b = sql.as_bytes();
-    let mut out = Vec::new();
+    let mut names: Vec<String> = Vec::new();
+    let mut out = String::with_capacity(sql.len());
+    let mut copied = 0;
     let mut i = 0;
     let mut quote: Option<u8> = None;
     while i < b.len() {
@@ -384,10 +390,17 @@ fn params(sql: &str) -> Vec<String> {
                     j += 1;
                 }
                 if j > start {
-                    let p = sql[start..j].to_string();
-                    if !out.contains(&p) {
-                        out.push(p);
-                    }
+                    let p = &sql[start..j];
+                    let n = match names.iter().position(|x| x == p) {
+                        Some(k) => k + 1,
+                        None => {
+                            names.push(p.to_string());
+                            names.len()
+                        }
+                    };
+                    out.push_str(&sql[copied..i]);
+                    out.push_str(&format!("${n}"));
+                    copied = j;
                 }
                 i = j;
                 continue;
@@ -396,7 +409,8 @@ fn params(sql: &str) -> Vec<String> {
         }
         i += 1;
     }
-    out
+    out.push_str(&sql[copied..]);
+    (names, out)
 }
 
 /// Reads and checks a definition. The error lists every problem found, each with its line.
@@ -526,7 +540,7 @@ pub fn parse(src: &str) -> Result<Service, Error> {
     let mut lookups = Vec::new();
     for l in &file.lookups {
         claim(&mut p, &l.name, "lookup");
-        let ps = params(l.sql.get_ref());
+        let (ps, positional) = params(l.sql.get_ref());
         for q in &ps {
             if !input_names.contains(&q.as_str()) {
                 p.add(
@@ -543,6 +557,7 @@ pub fn parse(src: &str) -> Result<Service, Error> {
             name: l.name.get_ref().clone(),
             sql: l.sql.get_ref().clone(),
             params: ps,
+            positional,
         });
     }
 
@@ -753,6 +768,14 @@ mod tests {
         );
         assert!(s.rules.len() >= 4);
         assert_eq!(s.lookups[0].params, ["plate"]);
+        assert!(s.lookups[0].positional.ends_with("WHERE plate = $1"));
+        assert_eq!(
+            params("SELECT ':a', x::text FROM t WHERE a = :a AND b = :bb OR c = :a"),
+            (
+                vec!["a".to_string(), "bb".to_string()],
+                "SELECT ':a', x::text FROM t WHERE a = $1 AND b = $2 OR c = $1".to_string()
+            )
+        );
     }
 
     #[test]

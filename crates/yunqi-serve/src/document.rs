@@ -107,6 +107,11 @@ impl Signer {
         &self.kid
     }
 
+    /// Checks a token against this key (online verification).
+    pub fn verify(&self, token: &str) -> Result<Claims, Error> {
+        verify_with(token, &self.key.verifying_key())
+    }
+
     /// Signs claims (their `kid` is set to this key's) into a token.
     pub fn issue(&self, mut claims: Claims) -> Result<String, Error> {
         claims.kid = self.kid.clone();
@@ -122,6 +127,18 @@ impl Signer {
 /// Checks a token's signature against `public_key` (base64url) and returns what it says.
 /// Validity dates are the caller's to compare with now.
 pub fn verify(token: &str, public_key: &str) -> Result<Claims, Error> {
+    let hint = "use the key published at /api/v1/documents/public-key";
+    let key: [u8; 32] = B64
+        .decode(public_key.trim())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| Error::invalid("the public key is not 32 bytes of base64url").hint(hint))?;
+    let key = VerifyingKey::from_bytes(&key)
+        .map_err(|_| Error::invalid("the public key is not an Ed25519 key").hint(hint))?;
+    verify_with(token, &key)
+}
+
+fn verify_with(token: &str, key: &VerifyingKey) -> Result<Claims, Error> {
     let bad = |why: &str| {
         Error::invalid(format!("the document is not valid: {why}"))
             .hint("scan or paste the whole token, as issued")
@@ -129,13 +146,6 @@ pub fn verify(token: &str, public_key: &str) -> Result<Claims, Error> {
     if token.len() > TOKEN_BYTES_MAX {
         return Err(bad("too long"));
     }
-    let key: [u8; 32] = B64
-        .decode(public_key.trim())
-        .ok()
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| Error::invalid("the public key is not 32 bytes of base64url"))?;
-    let key = VerifyingKey::from_bytes(&key)
-        .map_err(|_| Error::invalid("the public key is not an Ed25519 key"))?;
     let (body, sig) = token
         .trim()
         .split_once('.')
@@ -152,7 +162,7 @@ pub fn verify(token: &str, public_key: &str) -> Result<Claims, Error> {
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .ok_or_else(|| bad("its content is malformed"))?;
-    if claims.kid != kid_of(&key) {
+    if claims.kid != kid_of(key) {
         return Err(bad("it names another key"));
     }
     Ok(claims)

@@ -120,18 +120,6 @@ fn service_actor(s: &Service) -> Result<Actor, Error> {
     })
 }
 
-/// A lookup's SQL with its `:name` parameters as `$1, $2, …` and the inputs they take.
-fn positional(sql: &str, params: &[String]) -> String {
-    let mut out = sql.to_string();
-    // Longest names first, so that :plate does not eat :plate_kind.
-    let mut order: Vec<(usize, &String)> = params.iter().enumerate().collect();
-    order.sort_by_key(|(_, p)| std::cmp::Reverse(p.len()));
-    for (i, p) in order {
-        out = out.replace(&format!(":{p}"), &format!("${}", i + 1));
-    }
-    out
-}
-
 fn scalar(v: &Value) -> ScalarValue {
     match v {
         Value::Null => ScalarValue::Null,
@@ -265,7 +253,7 @@ impl Serve {
         let as_service = service_actor(&service)?;
         for l in &service.lookups {
             self.sql
-                .plan(&as_service, &positional(&l.sql, &l.params), ctx)
+                .plan(&as_service, &l.positional, ctx)
                 .await
                 .map_err(|e| {
                     let mut e = Error::invalid(format!("lookup {} does not plan: {}", l.name, e.message));
@@ -384,10 +372,7 @@ impl Serve {
                 .iter()
                 .map(|p| inputs.get(p).map_or(ScalarValue::Null, scalar))
                 .collect();
-            let planned = self
-                .sql
-                .plan(&as_service, &positional(&l.sql, &l.params), ctx)
-                .await?;
+            let planned = self.sql.plan(&as_service, &l.positional, ctx).await?;
             let r = self
                 .sql
                 .execute(&as_service, &planned, params, Some(1), ctx)
@@ -542,7 +527,7 @@ impl Serve {
 
     /// Verifies a document online: its signature, and its validity now.
     pub fn verify(&self, token: &str) -> Verification {
-        match crate::document::verify(token, &self.signer.public_key()) {
+        match self.signer.verify(token) {
             Err(e) => Verification {
                 valid: false,
                 status: "invalid",

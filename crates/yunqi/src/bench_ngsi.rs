@@ -13,6 +13,7 @@ use serde_json::json;
 
 use crate::bench::{median, progress, workdir};
 use crate::bench_stream::{post, start_server};
+use crate::simulate::DISTRICTS;
 
 /// Orion-LD's published figure: about 12,000 entity updates per second on a 38-CPU machine
 /// (FIWARE load tests).
@@ -22,19 +23,6 @@ const ORION_LD_CPUS: f64 = 38.0;
 const STREAM: &str = "CREATE STREAM traffic.flow (id TEXT, date_observed TIMESTAMP, intensity INT, \
     average_vehicle_speed DOUBLE, district TEXT, ref_road_segment TEXT) \
     WITH (event_time = 'date_observed', watermark = '5 seconds', ngsi_type = 'TrafficFlowObserved')";
-
-const DISTRICTS: [&str; 10] = [
-    "上城区",
-    "拱墅区",
-    "西湖区",
-    "滨江区",
-    "萧山区",
-    "余杭区",
-    "临平区",
-    "钱塘区",
-    "富阳区",
-    "临安区",
-];
 
 /// Options of `yunqi bench ngsi`.
 #[derive(clap::Args)]
@@ -156,22 +144,8 @@ pub fn ngsi(o: NgsiBench, json_out: bool) -> anyhow::Result<ExitCode> {
         .build()
         .into();
     let j = "application/json";
-    post(
-        &agent,
-        &format!("{url}/api/v1/departments"),
-        &admin,
-        j,
-        r#"{"name":"traffic"}"#,
-    )?;
-    let token =
-        |body: &str| -> anyhow::Result<String> {
-            Ok(post(&agent, &format!("{url}/api/v1/principals"), &admin, j, body)?["token"]["token"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string())
-        };
-    let steward = token(r#"{"name":"tsteward","role":"steward","department":"traffic"}"#)?;
-    let agent_token = token(r#"{"name":"iot_agent","role":"service","department":"traffic"}"#)?;
+    let (steward, agent_token) =
+        crate::bench_stream::traffic_accounts(&agent, &url, &admin, "iot_agent")?;
     post(
         &agent,
         &format!("{url}/api/v1/sql"),

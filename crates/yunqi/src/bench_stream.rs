@@ -346,6 +346,30 @@ pub(crate) fn start_server(
     Ok((child, url, token))
 }
 
+/// Department `traffic` with its steward `tsteward` and a service account `service`; their
+/// tokens.
+pub(crate) fn traffic_accounts(
+    agent: &ureq::Agent,
+    url: &str,
+    admin: &str,
+    service: &str,
+) -> anyhow::Result<(String, String)> {
+    let j = "application/json";
+    post(
+        agent,
+        &format!("{url}/api/v1/departments"),
+        admin,
+        j,
+        r#"{"name":"traffic"}"#,
+    )?;
+    let token = |name: &str, role: &str| -> anyhow::Result<String> {
+        let body = json!({"name": name, "role": role, "department": "traffic"}).to_string();
+        let v = post(agent, &format!("{url}/api/v1/principals"), admin, j, &body)?;
+        Ok(v["token"]["token"].as_str().unwrap_or_default().to_string())
+    };
+    Ok((token("tsteward", "steward")?, token(service, "service")?))
+}
+
 pub(crate) fn post(
     agent: &ureq::Agent,
     url: &str,
@@ -378,33 +402,7 @@ fn http(
         .build()
         .into();
     let j = "application/json";
-    post(
-        &agent,
-        &format!("{url}/api/v1/departments"),
-        &admin,
-        j,
-        r#"{"name":"traffic"}"#,
-    )?;
-    let steward = post(
-        &agent,
-        &format!("{url}/api/v1/principals"),
-        &admin,
-        j,
-        r#"{"name":"tsteward","role":"steward","department":"traffic"}"#,
-    )?["token"]["token"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let camera = post(
-        &agent,
-        &format!("{url}/api/v1/principals"),
-        &admin,
-        j,
-        r#"{"name":"cameras","role":"service","department":"traffic"}"#,
-    )?["token"]["token"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let (steward, camera) = traffic_accounts(&agent, &url, &admin, "cameras")?;
     post(
         &agent,
         &format!("{url}/api/v1/sql"),

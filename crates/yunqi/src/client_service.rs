@@ -121,7 +121,11 @@ pub fn service(api: &Api, c: ServiceCommand, json: bool) -> anyhow::Result<ExitC
             }
         }),
         ServiceCommand::Show { name } => {
-            let (d, n) = dataset_name(&name)?;
+            let (d, n) = dataset_name(&name).map_err(|_| {
+                anyhow::anyhow!(
+                    "invalid service name {name:?}\nhint: name a service as DEPARTMENT.SERVICE, e.g. traffic.urgent-entry-permit"
+                )
+            })?;
             let reply: Reply = api.call(
                 "GET",
                 &format!("/api/v1/services/{}/{}", enc(&d), enc(&n)),

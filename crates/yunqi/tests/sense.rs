@@ -58,16 +58,28 @@ fn events(n: usize, from: f64, secs: f64, seed: u64) -> Vec<String> {
 }
 
 fn post_events(s: &Server, token: &str, query: &str, body: &str) -> (u16, Value) {
-    let agent = common::agent();
-    let mut r = agent
+    post_events_keyed(s, token, query, None, body)
+}
+
+/// Posts NDJSON events, with an `Idempotency-Key` when given.
+fn post_events_keyed(
+    s: &Server,
+    token: &str,
+    query: &str,
+    key: Option<&str>,
+    body: &str,
+) -> (u16, Value) {
+    let mut req = common::agent()
         .post(format!(
             "{}/api/v1/streams/traffic/detections/events{query}",
             s.url
         ))
         .header("Authorization", format!("Bearer {token}"))
-        .header("Content-Type", "application/x-ndjson")
-        .send(body)
-        .expect("post events");
+        .header("Content-Type", "application/x-ndjson");
+    if let Some(k) = key {
+        req = req.header("Idempotency-Key", k);
+    }
+    let mut r = req.send(body).expect("post events");
     let status = r.status().as_u16();
     let text = r.body_mut().read_to_string().unwrap();
     (
@@ -434,22 +446,7 @@ async fn streams_and_continuous_views_end_to_end() {
 }
 
 fn post_keyed(s: &Server, token: &str, key: &str, body: &str) -> (u16, Value) {
-    let mut r = common::agent()
-        .post(format!(
-            "{}/api/v1/streams/traffic/detections/events",
-            s.url
-        ))
-        .header("Authorization", format!("Bearer {token}"))
-        .header("Content-Type", "application/x-ndjson")
-        .header("Idempotency-Key", key)
-        .send(body)
-        .expect("post events");
-    let status = r.status().as_u16();
-    let text = r.body_mut().read_to_string().unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    post_events_keyed(s, token, "", Some(key), body)
 }
 
 /// A producer that retries — at once, concurrently, or after the server crashed — appends each

@@ -78,89 +78,48 @@ async fn the_urgent_entry_permit_end_to_end() {
     let xsteward = s.principal("xsteward", "steward", Some("transport"));
     let analyst = s.principal("tanalyst", "analyst", Some("traffic"));
     let officer = s.principal("tofficer", "officer", Some("traffic"));
-    let (status, v) = s.admin(
-        "POST",
-        "/api/v1/principals",
-        Some(r#"{"name":"c_li","role":"citizen","id_number":"11010519491231002X"}"#),
-    );
-    assert_eq!(status, 201, "{v}");
-    let citizen = v["token"]["token"].as_str().unwrap().to_string();
+    let citizen = common::citizen(&s, "c_li", "11010519491231002X");
 
     // Transport's vehicle registry, granted to traffic for the permit.
-    let (status, v) = s.call(
-        "POST",
-        "/api/v1/datasets",
-        Some(&xsteward),
-        Some(&json!({"department": "transport", "name": "vehicles"}).to_string()),
+    common::dataset(
+        &s,
+        &xsteward,
+        "transport",
+        "vehicles",
+        "plate,vehicle_type,owner_id\n沪B12345,小型汽车,11010519491231002X\n苏E54321,小型汽车,110105194912310021\n浙A11111,小型汽车,110105194912310021\n",
     );
-    assert_eq!(status, 201, "{v}");
-    let (status, v) = s.call("POST", "/api/v1/datasets/transport/vehicles/import", Some(&xsteward),
-        Some("plate,vehicle_type,owner_id\n沪B12345,小型汽车,11010519491231002X\n苏E54321,小型汽车,110105194912310021\n浙A11111,小型汽车,110105194912310021\n"));
-    assert_eq!(status, 200, "{v}");
     let until = (chrono::Utc::now() + chrono::Duration::days(90))
         .date_naive()
         .to_string();
-    let (status, g) = s.call("POST", "/api/v1/grants", Some(&tsteward), Some(&json!({
+    common::grant(
+        &s,
+        &tsteward,
+        &xsteward,
+        &json!({
         "dataset": "transport.vehicles", "columns": ["plate", "vehicle_type", "owner_id"],
         "purpose": "非浙A急事通: vehicle registration check", "until": until,
         // The service matches the plate an applicant gives: it must see plates unmasked.
-        "unmasked": ["plate"], "unmasked_reason": "the plate an applicant gives is matched exactly"}).to_string()));
-    assert_eq!(status, 201, "{g}");
-    let (status, v) = s.call(
-        "POST",
-        &format!("/api/v1/grants/{}/approve", g["id"].as_str().unwrap()),
-        Some(&xsteward),
-        None,
+        "unmasked": ["plate"], "unmasked_reason": "the plate an applicant gives is matched exactly"}),
     );
-    assert_eq!(status, 200, "{v}");
     // The city's holiday calendar (a weekday made a holiday), granted to traffic.
     let days = workdays();
-    let (status, v) = s.call(
-        "POST",
-        "/api/v1/datasets",
-        Some(&csteward),
-        Some(&json!({"department": "city", "name": "holidays"}).to_string()),
+    common::dataset(
+        &s,
+        &csteward,
+        "city",
+        "holidays",
+        &format!("day,kind\n{},holiday\n", days[1]),
     );
-    assert_eq!(status, 201, "{v}");
-    let (status, v) = s.call(
-        "POST",
-        "/api/v1/datasets/city/holidays/import",
-        Some(&csteward),
-        Some(&format!("day,kind\n{},holiday\n", days[1])),
-    );
-    assert_eq!(status, 200, "{v}");
-    let (status, g) = s.call(
-        "POST",
-        "/api/v1/grants",
-        Some(&tsteward),
-        Some(
-            &json!({
+    common::grant(
+        &s,
+        &tsteward,
+        &csteward,
+        &json!({
         "dataset": "city.holidays", "columns": ["day", "kind"],
-        "purpose": "非浙A急事通: no permits on holidays", "until": until})
-            .to_string(),
-        ),
+        "purpose": "非浙A急事通: no permits on holidays", "until": until}),
     );
-    assert_eq!(status, 201, "{g}");
-    let (status, v) = s.call(
-        "POST",
-        &format!("/api/v1/grants/{}/approve", g["id"].as_str().unwrap()),
-        Some(&csteward),
-        None,
-    );
-    assert_eq!(status, 200, "{v}");
     // The zone's live load: a continuous view over a stream of detections.
-    for q in [
-        "CREATE STREAM traffic.zone_detections (plate TEXT, ts TIMESTAMP) WITH (event_time = 'ts', watermark = '1 second')",
-        "CREATE CONTINUOUS VIEW traffic.zone_load_1m AS SELECT window_start, window_end, count(*) AS vehicles FROM TUMBLE(traffic.zone_detections, ts, INTERVAL '1' MINUTE) GROUP BY window_start, window_end",
-    ] {
-        let (status, v) = s.call(
-            "POST",
-            "/api/v1/sql",
-            Some(&tsteward),
-            Some(&json!({"sql": q}).to_string()),
-        );
-        assert_eq!(status, 200, "{v}");
-    }
+    common::zone_load_view(&s, &tsteward);
 
     // A bad definition is refused whole, line by line; only stewards apply.
     let (status, v) = post_toml(

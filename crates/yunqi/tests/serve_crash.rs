@@ -35,59 +35,26 @@ fn setup(s: &Server) -> String {
     s.dept("transport");
     let tsteward = s.principal("tsteward", "steward", Some("traffic"));
     let xsteward = s.principal("xsteward", "steward", Some("transport"));
-    let (status, v) = s.admin(
-        "POST",
-        "/api/v1/principals",
-        Some(r#"{"name":"c_li","role":"citizen","id_number":"11010519491231002X"}"#),
-    );
-    assert_eq!(status, 201, "{v}");
-    let citizen = v["token"]["token"].as_str().unwrap().to_string();
-    let body = json!({"department": "transport", "name": "vehicles"}).to_string();
-    assert_eq!(
-        s.call("POST", "/api/v1/datasets", Some(&xsteward), Some(&body))
-            .0,
-        201
-    );
+    let citizen = common::citizen(s, "c_li", "11010519491231002X");
     let csv = format!(
         "plate,vehicle_type,owner_id\n{}\n",
         PLATES
             .map(|p| format!("{p},小型汽车,11010519491231002X"))
             .join("\n")
     );
-    let (status, v) = s.call(
-        "POST",
-        "/api/v1/datasets/transport/vehicles/import",
-        Some(&xsteward),
-        Some(&csv),
-    );
-    assert_eq!(status, 200, "{v}");
+    common::dataset(s, &xsteward, "transport", "vehicles", &csv);
     let until = (chrono::Utc::now() + chrono::Duration::days(90))
         .date_naive()
         .to_string();
-    let grant = json!({"dataset": "transport.vehicles", "columns": ["plate", "vehicle_type", "owner_id"],
-        "purpose": "permit checks", "until": until, "unmasked": ["plate"],
-        "unmasked_reason": "plates are matched exactly"});
-    let (status, g) = s.call(
-        "POST",
-        "/api/v1/grants",
-        Some(&tsteward),
-        Some(&grant.to_string()),
+    common::grant(
+        s,
+        &tsteward,
+        &xsteward,
+        &json!({"dataset": "transport.vehicles",
+        "columns": ["plate", "vehicle_type", "owner_id"], "purpose": "permit checks",
+        "until": until, "unmasked": ["plate"], "unmasked_reason": "plates are matched exactly"}),
     );
-    assert_eq!(status, 201, "{g}");
-    let approve = format!("/api/v1/grants/{}/approve", g["id"].as_str().unwrap());
-    assert_eq!(s.call("POST", &approve, Some(&xsteward), None).0, 200);
-    for q in [
-        "CREATE STREAM traffic.zone_detections (plate TEXT, ts TIMESTAMP) WITH (event_time = 'ts')",
-        "CREATE CONTINUOUS VIEW traffic.zone_load_1m AS SELECT window_start, window_end, count(*) AS vehicles FROM TUMBLE(traffic.zone_detections, ts, INTERVAL '1' MINUTE) GROUP BY window_start, window_end",
-    ] {
-        let (status, v) = s.call(
-            "POST",
-            "/api/v1/sql",
-            Some(&tsteward),
-            Some(&json!({"sql": q}).to_string()),
-        );
-        assert_eq!(status, 200, "{v}");
-    }
+    common::zone_load_view(s, &tsteward);
     // Without the holiday dataset: weekends are the rest days here.
     let definition = PERMIT.replace("calendar = \"city.holidays\"\n", "");
     let mut r = common::agent()

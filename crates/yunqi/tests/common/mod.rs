@@ -379,3 +379,48 @@ pub fn env_or<T: std::str::FromStr>(var: &str, default: T) -> T {
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
 }
+
+/// Creates a citizen principal as admin; returns its token.
+pub fn citizen(s: &Server, name: &str, id_number: &str) -> String {
+    let body = serde_json::json!({"name": name, "role": "citizen", "id_number": id_number});
+    let (status, v) = s.admin("POST", "/api/v1/principals", Some(&body.to_string()));
+    assert_eq!(status, 201, "{v}");
+    v["token"]["token"].as_str().unwrap().to_string()
+}
+
+/// Creates `department.name` as its steward and imports `csv` into it.
+pub fn dataset(s: &Server, steward: &str, department: &str, name: &str, csv: &str) {
+    let body = serde_json::json!({"department": department, "name": name}).to_string();
+    let (status, v) = s.call("POST", "/api/v1/datasets", Some(steward), Some(&body));
+    assert_eq!(status, 201, "{v}");
+    let path = format!("/api/v1/datasets/{department}/{name}/import");
+    let (status, v) = s.call("POST", &path, Some(steward), Some(csv));
+    assert_eq!(status, 200, "{v}");
+}
+
+/// Asks for a grant (`request` as the JSON of `POST /api/v1/grants`) and has the owner's
+/// steward approve it.
+pub fn grant(s: &Server, requester: &str, owner: &str, request: &Value) {
+    let (status, g) = s.call(
+        "POST",
+        "/api/v1/grants",
+        Some(requester),
+        Some(&request.to_string()),
+    );
+    assert_eq!(status, 201, "{g}");
+    let approve = format!("/api/v1/grants/{}/approve", g["id"].as_str().unwrap());
+    let (status, v) = s.call("POST", &approve, Some(owner), None);
+    assert_eq!(status, 200, "{v}");
+}
+
+/// The stream and continuous view the urgent entry permit reads the zone's load from.
+pub fn zone_load_view(s: &Server, steward: &str) {
+    for q in [
+        "CREATE STREAM traffic.zone_detections (plate TEXT, ts TIMESTAMP) WITH (event_time = 'ts', watermark = '1 second')",
+        "CREATE CONTINUOUS VIEW traffic.zone_load_1m AS SELECT window_start, window_end, count(*) AS vehicles FROM TUMBLE(traffic.zone_detections, ts, INTERVAL '1' MINUTE) GROUP BY window_start, window_end",
+    ] {
+        let body = serde_json::json!({ "sql": q }).to_string();
+        let (status, v) = s.call("POST", "/api/v1/sql", Some(steward), Some(&body));
+        assert_eq!(status, 200, "{v}");
+    }
+}
