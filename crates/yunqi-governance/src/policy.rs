@@ -110,6 +110,13 @@ pub enum Action<'a> {
         /// Its department.
         department: &'a str,
     },
+    /// Work on a service's applications: the review queue, assigning, approving and refusing.
+    ServiceReview {
+        /// `department.name` of the service.
+        service: &'a str,
+        /// Its department.
+        department: &'a str,
+    },
     /// Send events to a stream.
     StreamAppend {
         /// `department.name`.
@@ -148,6 +155,7 @@ impl Action<'_> {
             Action::ServiceManage { .. } => "service.define",
             Action::ServiceApply { .. } => "service.apply",
             Action::DocumentRevoke { .. } => "document.revoke",
+            Action::ServiceReview { .. } => "service.review",
         }
     }
 
@@ -172,7 +180,8 @@ impl Action<'_> {
             Action::StreamAppend { stream, .. } => format!("stream:{stream}"),
             Action::ServiceManage { service, .. }
             | Action::ServiceApply { service, .. }
-            | Action::DocumentRevoke { service, .. } => format!("service:{service}"),
+            | Action::DocumentRevoke { service, .. }
+            | Action::ServiceReview { service, .. } => format!("service:{service}"),
         }
     }
 }
@@ -203,7 +212,8 @@ pub fn authorize(actor: &Principal, action: &Action<'_>) -> Result<(), Error> {
             | Action::StreamAppend { .. }
             | Action::ServiceManage { .. }
             | Action::ServiceApply { .. }
-            | Action::DocumentRevoke { .. },
+            | Action::DocumentRevoke { .. }
+            | Action::ServiceReview { .. },
         ) => false,
         (Role::Admin, _) => true,
         (_, Action::DepartmentRead) => true,
@@ -248,7 +258,10 @@ pub fn authorize(actor: &Principal, action: &Action<'_>) -> Result<(), Error> {
             .department
             .as_ref()
             .is_some_and(|d| d.as_str() == *department),
-        (Role::Steward | Role::Officer, Action::DocumentRevoke { department, .. }) => actor
+        (
+            Role::Steward | Role::Officer,
+            Action::DocumentRevoke { department, .. } | Action::ServiceReview { department, .. },
+        ) => actor
             .department
             .as_ref()
             .is_some_and(|d| d.as_str() == *department),
@@ -369,6 +382,13 @@ pub fn authorize(actor: &Principal, action: &Action<'_>) -> Result<(), Error> {
         } => (
             format!("permission denied to revoke documents of \"{service}\""),
             format!("officers and stewards of department \"{department}\" revoke its documents"),
+        ),
+        Action::ServiceReview {
+            service,
+            department,
+        } => (
+            format!("permission denied to review applications to \"{service}\""),
+            format!("officers and stewards of department \"{department}\" review its applications"),
         ),
         Action::StreamAppend { stream, department } => (
             format!("permission denied to send events to stream \"{stream}\""),

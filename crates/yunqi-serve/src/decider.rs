@@ -14,7 +14,7 @@
 //! quota units like a granted one: an officer's later refusal will give them back with a
 //! logged change of its own (review is not built yet).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
@@ -38,10 +38,15 @@ const ROUND_MAX: usize = 4096;
 /// A looked-up row: column → value.
 pub type Row = BTreeMap<String, Value>;
 
-/// Makes a round's decisions part of the audit chain, durably, before they are logged.
+/// Makes a round's decisions and acts part of the audit chain, durably, before they are
+/// logged.
 pub trait Recorder: Send + Sync + 'static {
-    /// Records the decisions.
-    fn record<'a>(&'a self, decisions: &'a [&'a Decision]) -> BoxFuture<'a, Result<(), Error>>;
+    /// Records the decisions and the acts on earlier ones (review, repayment, deadline missed).
+    fn record<'a>(
+        &'a self,
+        decisions: &'a [&'a Decision],
+        acts: &'a [&'a Act],
+    ) -> BoxFuture<'a, Result<(), Error>>;
 }
 
 /// Records each decision in the audit chain: who applied, the service, the decision and its
@@ -49,7 +54,39 @@ pub trait Recorder: Send + Sync + 'static {
 pub struct AuditRecorder(pub yunqi_audit::SharedAuditLog);
 
 impl Recorder for AuditRecorder {
-    fn record<'a>(&'a self, decisions: &'a [&'a Decision]) -> BoxFuture<'a, Result<(), Error>> {
+    fn record<'a>(
+        &'a self,
+        decisions: &'a [&'a Decision],
+        acts: &'a [&'a Act],
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        let service = |id: &str| id.split_once('/').map_or(id, |(s, _)| s).to_string();
+        let acted = acts.iter().map(|a| yunqi_types::AuditEvent {
+            principal: a.by.clone(),
+            department: String::new(),
+            action: match a.act {
+                ActKind::Breach => "service.sla_breach",
+                ActKind::Repay => "service.repay",
+                _ => "service.review",
+            }
+            .into(),
+            object: format!("service:{}", service(&a.id)),
+            outcome: Some(yunqi_types::Outcome::Ok),
+            purpose: String::new(),
+            detail: format!(
+                "{} {}{}{}",
+                a.id,
+                a.act.as_str(),
+                a.assignee
+                    .as_ref()
+                    .map(|x| format!(" to {x}"))
+                    .unwrap_or_default(),
+                a.reason
+                    .as_ref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            ),
+            request_id: String::new(),
+        });
         let events = decisions
             .iter()
             .map(|d| yunqi_types::AuditEvent {
@@ -71,6 +108,7 @@ impl Recorder for AuditRecorder {
                 ),
                 request_id: String::new(),
             })
+            .chain(acted)
             .collect();
         Box::pin(async move { self.0.append(events).await.map(|_| ()) })
     }
@@ -87,6 +125,9 @@ pub struct Application {
     pub inputs: BTreeMap<String, Value>,
     /// Each lookup's row (`None`: not found).
     pub lookups: BTreeMap<String, Option<Row>>,
+    /// Whether the person the service's consent names has consented (`None`: the service
+    /// needs no consent).
+    pub consent: Option<bool>,
 }
 
 /// The decision.
@@ -161,6 +202,185 @@ pub struct Decision {
     /// The document a granted application got.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub document: Option<Issued>,
+    /// When an officer must have decided by (applications sent to review).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due_at: Option<DateTime<Utc>>,
+    /// The review, once it has begun (assigned, decided or overdue).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review: Option<Review>,
+    /// The money the application drew on its line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draw: Option<Draw>,
+}
+
+impl Decision {
+    /// The quota buckets it holds (spent and not given back).
+    fn held(&self) -> Vec<SpendKey> {
+        self.changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Spend { at } => Some(at.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// The review of an application an officer decides.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Review {
+    /// The officer it is assigned to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assignee: Option<String>,
+    /// Who decided it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+    /// When.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_at: Option<DateTime<Utc>>,
+    /// The officer's reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When its deadline passed undecided (the SLA breach).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breached_at: Option<DateTime<Utc>>,
+}
+
+/// Money drawn on a line by one application.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Draw {
+    /// The line.
+    pub line: String,
+    /// The account (`line:key`).
+    pub account: String,
+    /// Drawn, fen.
+    pub fen: i64,
+    /// Repaid so far, fen.
+    pub repaid_fen: i64,
+    /// To be repaid by.
+    pub due_at: DateTime<Utc>,
+}
+
+impl Draw {
+    /// Still owed, fen.
+    pub fn owed(&self) -> i64 {
+        self.fen - self.repaid_fen
+    }
+}
+
+/// What can be done to a decision after it is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActKind {
+    /// Assign a pending application to an officer.
+    Assign,
+    /// Approve a pending application (its document is issued).
+    Approve,
+    /// Refuse a pending application (its quota units and money are given back).
+    Refuse,
+    /// The review deadline passed undecided.
+    Breach,
+    /// Repay money an application drew.
+    Repay,
+}
+
+impl ActKind {
+    /// Its name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActKind::Assign => "assign",
+            ActKind::Approve => "approve",
+            ActKind::Refuse => "refuse",
+            ActKind::Breach => "breach",
+            ActKind::Repay => "repay",
+        }
+    }
+}
+
+/// An act on a decision, as the decision log keeps it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Act {
+    /// What.
+    pub act: ActKind,
+    /// The decision.
+    pub id: String,
+    /// Who (`system` for a missed deadline).
+    pub by: String,
+    /// When.
+    pub at: DateTime<Utc>,
+    /// Why (approve, refuse).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// To whom (assign).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assignee: Option<String>,
+    /// How much (repay), fen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fen: Option<i64>,
+    /// What it changed in the ledger.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<Change>,
+    /// The document an approval issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub document: Option<Issued>,
+}
+
+impl Act {
+    /// The decision after this act.
+    pub fn apply(&self, d: &Decision) -> Decision {
+        let mut d = d.clone();
+        if self.act == ActKind::Repay {
+            if let Some(draw) = &mut d.draw {
+                draw.repaid_fen += self.fen.unwrap_or(0);
+            }
+            return d;
+        }
+        let review = d.review.get_or_insert_with(Review::default);
+        match self.act {
+            ActKind::Assign => review.assignee = self.assignee.clone(),
+            ActKind::Breach => review.breached_at = Some(self.at),
+            ActKind::Approve | ActKind::Refuse => {
+                review.decided_by = Some(self.by.clone());
+                review.decided_at = Some(self.at);
+                review.reason = self.reason.clone();
+                if self.act == ActKind::Approve {
+                    d.decision = Verdict::Approved;
+                    d.document = self.document.clone();
+                } else {
+                    d.decision = Verdict::Refused;
+                    d.reasons.extend(self.reason.clone());
+                }
+                if let Some(draw) = &mut d.draw {
+                    for c in &self.changes {
+                        if let Change::Draw { fen, .. } = c {
+                            draw.repaid_fen -= fen;
+                        }
+                    }
+                }
+            }
+            ActKind::Repay => {}
+        }
+        d
+    }
+}
+
+/// An act asked for, checked by the caller for who may do it.
+#[derive(Debug, Clone)]
+pub struct ActRequest {
+    /// What.
+    pub act: ActKind,
+    /// The decision.
+    pub id: String,
+    /// Who.
+    pub by: String,
+    /// Whether they may act on an application assigned to someone else (stewards).
+    pub overrides: bool,
+    /// Why (required to refuse).
+    pub reason: Option<String>,
+    /// To whom (assign).
+    pub assignee: Option<String>,
+    /// How much (repay; default: all that is owed), fen.
+    pub fen: Option<i64>,
 }
 
 /// A document as issued.
@@ -172,6 +392,9 @@ pub struct Issued {
     pub valid_from: Option<DateTime<Utc>>,
     /// Valid until (exclusive), if limited.
     pub valid_to: Option<DateTime<Utc>>,
+    /// The code it registers (a credit code), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
 }
 
 /// Converts a value for JSON.
@@ -268,7 +491,7 @@ pub fn check_input(
             {
                 return Err(format!("{name}: {yuan} is above the most, {m} yuan"));
             }
-            Ok(Value::Int(fen as i64))
+            Ok(Value::Num(fen / 100.0))
         }
         InputType::Text { max_chars } => {
             let s = text()?;
@@ -323,10 +546,15 @@ pub fn check_inputs(
     )))
 }
 
-struct Job {
-    app: Application,
-    reply: tokio::sync::oneshot::Sender<Result<Arc<Decision>, Error>>,
+type Reply = tokio::sync::oneshot::Sender<Result<Arc<Decision>, Error>>;
+
+enum Job {
+    Apply { app: Application, reply: Reply },
+    Act { req: ActRequest, reply: Reply },
 }
+
+/// How often the decider looks for review deadlines that have passed.
+const DEADLINE_TICK: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A document withdrawn (e.g. for a violation during its window). The quota it used stays
 /// used: a permit counts once issued.
@@ -342,13 +570,80 @@ pub struct Revocation {
     pub at: DateTime<Utc>,
 }
 
+#[derive(Default)]
 struct State {
     ledger: Ledger,
     by_key: HashMap<String, Arc<Decision>>,
     by_id: HashMap<String, Arc<Decision>>,
     revoked: HashMap<String, Revocation>,
     by_applicant: HashMap<String, Vec<Arc<Decision>>>,
+    /// Pending decisions, by deadline.
+    pending: BTreeSet<(DateTime<Utc>, String)>,
+    /// Pending decisions whose deadline has not yet been reported missed.
+    watch: BTreeSet<(DateTime<Utc>, String)>,
+    /// Draws not fully repaid, per account, by due date.
+    open_draws: HashMap<String, BTreeSet<(DateTime<Utc>, String)>>,
     decided: u64,
+}
+
+impl State {
+    /// Makes `d` the current state of its decision: a new one, or one after an act.
+    fn put(&mut self, d: Arc<Decision>) {
+        let old = self.by_id.insert(d.id.clone(), d.clone());
+        match &old {
+            None => self.decided += 1,
+            Some(o) => {
+                if let Some(due) = o.due_at {
+                    self.pending.remove(&(due, o.id.clone()));
+                    self.watch.remove(&(due, o.id.clone()));
+                }
+                if let Some(dr) = &o.draw
+                    && let Some(set) = self.open_draws.get_mut(&dr.account)
+                {
+                    set.remove(&(dr.due_at, o.id.clone()));
+                    if set.is_empty() {
+                        self.open_draws.remove(&dr.account);
+                    }
+                }
+            }
+        }
+        if d.decision == Verdict::Pending
+            && let Some(due) = d.due_at
+        {
+            self.pending.insert((due, d.id.clone()));
+            if d.review.as_ref().is_none_or(|r| r.breached_at.is_none()) {
+                self.watch.insert((due, d.id.clone()));
+            }
+        }
+        if let Some(dr) = &d.draw
+            && dr.owed() > 0
+        {
+            self.open_draws
+                .entry(dr.account.clone())
+                .or_default()
+                .insert((dr.due_at, d.id.clone()));
+        }
+        let list = self.by_applicant.entry(d.applicant.clone()).or_default();
+        match old {
+            None => list.push(d.clone()),
+            Some(_) => {
+                if let Some(x) = list.iter_mut().rev().find(|x| x.id == d.id) {
+                    *x = d.clone();
+                }
+            }
+        }
+        if let Some(k) = &d.key {
+            self.by_key.insert(k.clone(), d);
+        }
+    }
+
+    /// Whether an account has a draw past its due date.
+    fn overdue(&self, account: &str, now: DateTime<Utc>) -> bool {
+        self.open_draws
+            .get(account)
+            .and_then(|s| s.first())
+            .is_some_and(|(due, _)| *due < now)
+    }
 }
 
 /// The decider of one service.
@@ -368,16 +663,17 @@ pub fn log_stream(service: &Service) -> String {
     format!("serve.{}.{}", service.department, service.name)
 }
 
-struct Env1<'a> {
+struct Env1<'a, 'r> {
     app: &'a Application,
-    round: &'a crate::ledger::Round<'a>,
+    round: &'a mut crate::ledger::Round<'r>,
     service: &'a Service,
     calendar: &'a Calendar,
     today: NaiveDate,
     spends: &'a [(SpendKey, u32)],
+    lines: Vec<LineState>,
 }
 
-impl Env for Env1<'_> {
+impl Env for Env1<'_, '_> {
     fn get(&self, path: &[&str]) -> Option<Value> {
         match path {
             [name] => self.app.inputs.get(*name).cloned(),
@@ -391,6 +687,19 @@ impl Env for Env1<'_> {
                     "limit" => *limit as i64,
                     _ => return None,
                 }))
+            }
+            ["line", l, what] => {
+                let i = self.service.lines.iter().position(|x| x.name == *l)?;
+                let ls = self.lines.get(i)?;
+                Some(match *what {
+                    "limit" => ls.limit.map_or(Value::Null, yuan),
+                    "outstanding" => yuan(ls.outstanding),
+                    "left" => ls
+                        .limit
+                        .map_or(Value::Null, |lim| yuan((lim - ls.outstanding).max(0))),
+                    "overdue" => Value::Bool(ls.overdue),
+                    _ => return None,
+                })
             }
             [lookup, column] => {
                 let row = self.app.lookups.get(*lookup)?;
@@ -425,14 +734,7 @@ impl Decider {
         signer: Option<Arc<crate::document::Signer>>,
     ) -> Result<Decider, Error> {
         let stream = log_stream(&service);
-        let mut state = State {
-            ledger: Ledger::default(),
-            by_key: HashMap::new(),
-            by_id: HashMap::new(),
-            revoked: HashMap::new(),
-            by_applicant: HashMap::new(),
-            decided: 0,
-        };
+        let mut state = State::default();
         let mut from = log.start_offset(&stream);
         if from > 0 {
             return Err(Error::internal(format!(
@@ -460,21 +762,25 @@ impl Decider {
                         state.revoked.insert(r.revoke.clone(), r);
                         continue;
                     }
-                    let d: Decision = serde_json::from_slice(line).map_err(|err| {
+                    let bad = |err: serde_json::Error| {
                         Error::internal(format!("decision log {stream} at {}: {err}", e.first))
-                    })?;
-                    d.changes.iter().for_each(|c| state.ledger.replay(c));
-                    state.decided += 1;
-                    let d = Arc::new(d);
-                    state.by_id.insert(d.id.clone(), d.clone());
-                    state
-                        .by_applicant
-                        .entry(d.applicant.clone())
-                        .or_default()
-                        .push(d.clone());
-                    if let Some(k) = &d.key {
-                        state.by_key.insert(k.clone(), d);
+                    };
+                    if line.starts_with(b"{\"act\"") {
+                        let a: Act = serde_json::from_slice(line).map_err(bad)?;
+                        a.changes.iter().for_each(|c| state.ledger.replay(c));
+                        let d = state.by_id.get(&a.id).cloned().ok_or_else(|| {
+                            Error::internal(format!(
+                                "decision log {stream} at {}: {} acts on an unknown decision",
+                                e.first,
+                                a.act.as_str()
+                            ))
+                        })?;
+                        state.put(Arc::new(a.apply(&d)));
+                        continue;
                     }
+                    let d: Decision = serde_json::from_slice(line).map_err(bad)?;
+                    d.changes.iter().for_each(|c| state.ledger.replay(c));
+                    state.put(Arc::new(d));
                 }
                 from = e.end();
             }
@@ -495,10 +801,21 @@ impl Decider {
                 .name(format!("decide {}", service.full_name()))
                 .spawn(move || {
                     let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_time()
                         .build()
                         .expect("decider runtime");
                     rt.block_on(run(
-                        service, calendar, state, rx, log, recorder, clock, stream, signer,
+                        Round0 {
+                            service,
+                            calendar,
+                            state,
+                            log,
+                            recorder,
+                            clock,
+                            stream,
+                            signer,
+                        },
+                        rx,
                     ));
                 })
                 .map_err(|e| Error::internal(format!("start the decider: {e}")))?
@@ -539,11 +856,47 @@ impl Decider {
             .clone()
             .ok_or_else(|| Error::unavailable("the server is stopping"))?;
         let (reply, rx) = tokio::sync::oneshot::channel();
-        tx.send(Job { app, reply })
+        tx.send(Job::Apply { app, reply })
             .await
             .map_err(|_| Error::unavailable("the server is stopping"))?;
         rx.await
             .map_err(|_| Error::unavailable("the server is stopping"))?
+    }
+
+    /// Acts on a decision (review, repayment); resolves once the act is durable, with the
+    /// decision as it now stands. Who may act is the caller's check; the decider checks that
+    /// the act fits the decision (pending, assigned to the actor, money owed).
+    pub async fn act(&self, req: ActRequest) -> Result<Arc<Decision>, Error> {
+        let tx = self
+            .tx
+            .lock()
+            .expect("tx lock")
+            .clone()
+            .ok_or_else(|| Error::unavailable("the server is stopping"))?;
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        tx.send(Job::Act { req, reply })
+            .await
+            .map_err(|_| Error::unavailable("the server is stopping"))?;
+        rx.await
+            .map_err(|_| Error::unavailable("the server is stopping"))?
+    }
+
+    /// The applications waiting for review, the earliest deadline first.
+    pub fn queue(&self) -> Vec<Arc<Decision>> {
+        let st = self.state.read().expect("state lock");
+        st.pending
+            .iter()
+            .filter_map(|(_, id)| st.by_id.get(id).cloned())
+            .collect()
+    }
+
+    /// Drawn and not repaid on an account (`line:key`), fen.
+    pub fn outstanding(&self, account: &str) -> i64 {
+        self.state
+            .read()
+            .expect("state lock")
+            .ledger
+            .outstanding(account)
     }
 
     /// Used units of quota `quota` for `key` in `bucket`.
@@ -631,133 +984,358 @@ impl Drop for Decider {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run(
+/// What the decider thread works with.
+struct Round0 {
     service: Arc<Service>,
     calendar: Arc<RwLock<Calendar>>,
     state: Arc<RwLock<State>>,
-    mut rx: tokio::sync::mpsc::Receiver<Job>,
     log: Arc<dyn StreamLog>,
     recorder: Arc<dyn Recorder>,
     clock: Arc<dyn Clock>,
     stream: String,
     signer: Option<Arc<crate::document::Signer>>,
-) {
-    while let Some(first) = rx.recv().await {
-        let mut jobs = vec![first];
-        while jobs.len() < ROUND_MAX {
+}
+
+/// What a round produced, in order.
+enum Out {
+    New(Arc<Decision>),
+    Act(Act, Arc<Decision>),
+}
+
+/// A caller's answer: known now (a retry, a refused act), or once the round is durable.
+enum Answer {
+    Now(Result<Arc<Decision>, Error>),
+    Durable(Arc<Decision>),
+}
+
+async fn run(w: Round0, mut rx: tokio::sync::mpsc::Receiver<Job>) {
+    loop {
+        let mut jobs = Vec::new();
+        tokio::select! {
+            j = rx.recv() => match j {
+                Some(j) => jobs.push(j),
+                None => break,
+            },
+            _ = tokio::time::sleep(DEADLINE_TICK) => {}
+        }
+        while !jobs.is_empty() && jobs.len() < ROUND_MAX {
             match rx.try_recv() {
                 Ok(j) => jobs.push(j),
                 Err(_) => break,
             }
         }
-        let now = clock.now();
-        // Decide the round against the published state.
-        let (decisions, changes, fresh) = {
-            let calendar = calendar.read().expect("calendar lock");
-            let today = calendar.local_date(now.timestamp_micros());
-            let st = state.read().expect("state lock");
-            let mut round = st.ledger.round();
-            let mut keys: HashMap<&str, usize> = HashMap::new();
-            let mut decisions: Vec<Arc<Decision>> = Vec::with_capacity(jobs.len());
-            let mut fresh: Vec<bool> = Vec::with_capacity(jobs.len());
-            let mut number = st.decided;
-            for job in &jobs {
-                let app = &job.app;
-                if let Some(k) = &app.key {
-                    if let Some(d) = st.by_key.get(k) {
-                        decisions.push(d.clone());
-                        fresh.push(false);
-                        continue;
-                    }
-                    if let Some(&i) = keys.get(k.as_str()) {
-                        decisions.push(decisions[i].clone());
-                        fresh.push(false);
-                        continue;
-                    }
-                }
-                number += 1;
-                let mut d = decide_one(&service, &calendar, app, &mut round, today, now, number);
-                if d.decision == Verdict::Approved
-                    && let Some(signer) = &signer
-                {
-                    d.document = issue(&service, &calendar, app, &d, now, signer);
-                }
-                let d = Arc::new(d);
-                if let Some(k) = &app.key {
-                    keys.insert(k.as_str(), decisions.len());
-                }
-                decisions.push(d);
-                fresh.push(true);
-            }
-            (decisions, round.finish(), fresh)
-        };
-        let new: Vec<Arc<Decision>> = decisions
+        let now = w.clock.now();
+        let overdue: Vec<String> = w
+            .state
+            .read()
+            .expect("state lock")
+            .watch
             .iter()
-            .zip(&fresh)
-            .filter(|(_, f)| **f)
-            .map(|(d, _)| d.clone())
+            .take_while(|(due, _)| *due <= now)
+            .map(|(_, id)| id.clone())
             .collect();
-        let committed: Result<(), Error> = async {
-            if new.is_empty() {
-                return Ok(());
-            }
-            let owned: Vec<&Decision> = new.iter().map(|d| d.as_ref()).collect();
-            recorder.record(&owned).await?;
-            let mut payload = Vec::with_capacity(new.len() * 512);
-            for d in &new {
-                serde_json::to_writer(&mut payload, d.as_ref())
-                    .map_err(|e| Error::internal(format!("encode a decision: {e}")))?;
-                payload.push(b'\n');
-            }
-            log.append(&stream, new.len() as u32, payload).await?;
-            Ok(())
+        if jobs.is_empty() && overdue.is_empty() {
+            continue;
         }
-        .await;
-        if committed.is_ok() && !new.is_empty() {
-            let mut st = state.write().expect("state lock");
-            st.ledger.publish(changes);
-            st.decided += new.len() as u64;
-            for d in new {
-                st.by_id.insert(d.id.clone(), d.clone());
-                st.by_applicant
-                    .entry(d.applicant.clone())
-                    .or_default()
-                    .push(d.clone());
-                if let Some(k) = &d.key {
-                    st.by_key.insert(k.clone(), d);
-                }
-            }
-        }
-        for (job, d) in jobs.into_iter().zip(decisions) {
-            let _ = job.reply.send(match &committed {
-                Ok(()) => Ok(d),
-                Err(e) => Err(e.clone()),
-            });
-        }
+        round(&w, jobs, overdue, now).await;
     }
 }
 
+/// Decides a round: applications and acts in order, then the deadlines missed; audits and
+/// logs it as one entry; publishes and answers once it is durable.
+async fn round(w: &Round0, jobs: Vec<Job>, overdue: Vec<String>, now: DateTime<Utc>) {
+    let service = &w.service;
+    let mut outs: Vec<Out> = Vec::with_capacity(jobs.len());
+    let mut answers: Vec<(Reply, Answer)> = Vec::with_capacity(jobs.len());
+    let changes = {
+        let calendar = w.calendar.read().expect("calendar lock");
+        let today = calendar.local_date(now.timestamp_micros());
+        let st = w.state.read().expect("state lock");
+        let mut round = st.ledger.round();
+        // Decisions made or changed in this round, and this round's idempotency keys.
+        let mut touched: HashMap<String, Arc<Decision>> = HashMap::new();
+        let mut keys: HashMap<String, String> = HashMap::new();
+        let current = |touched: &HashMap<String, Arc<Decision>>, id: &str| {
+            touched.get(id).or_else(|| st.by_id.get(id)).cloned()
+        };
+        let mut number = st.decided;
+        for job in jobs {
+            match job {
+                Job::Apply { app, reply } => {
+                    if let Some(k) = &app.key {
+                        let known = match keys.get(k) {
+                            Some(id) => current(&touched, id),
+                            None => st.by_key.get(k).and_then(|d| current(&touched, &d.id)),
+                        };
+                        if let Some(d) = known {
+                            answers.push((reply, Answer::Now(Ok(d))));
+                            continue;
+                        }
+                    }
+                    number += 1;
+                    let mut d = decide_one(
+                        service, &calendar, &st, &app, &mut round, today, now, number,
+                    );
+                    if d.decision == Verdict::Approved
+                        && let Some(signer) = &w.signer
+                    {
+                        d.document = issue(service, &calendar, &d, now, signer);
+                    }
+                    let d = Arc::new(d);
+                    if let Some(k) = &app.key {
+                        keys.insert(k.clone(), d.id.clone());
+                    }
+                    touched.insert(d.id.clone(), d.clone());
+                    outs.push(Out::New(d.clone()));
+                    answers.push((reply, Answer::Durable(d)));
+                }
+                Job::Act { req, reply } => {
+                    let cur = current(&touched, &req.id);
+                    match act(w, &calendar, &mut round, cur, req, now) {
+                        Ok((a, d)) => {
+                            let d = Arc::new(d);
+                            touched.insert(d.id.clone(), d.clone());
+                            outs.push(Out::Act(a, d.clone()));
+                            answers.push((reply, Answer::Durable(d)));
+                        }
+                        Err(e) => answers.push((reply, Answer::Now(Err(e)))),
+                    }
+                }
+            }
+        }
+        for id in overdue {
+            let Some(d) = current(&touched, &id) else {
+                continue;
+            };
+            if d.decision != Verdict::Pending
+                || d.review.as_ref().is_some_and(|r| r.breached_at.is_some())
+            {
+                continue;
+            }
+            let a = Act {
+                act: ActKind::Breach,
+                id: id.clone(),
+                by: "system".into(),
+                at: now,
+                reason: Some(format!(
+                    "not decided by its deadline {}",
+                    d.due_at.map(|t| t.to_rfc3339()).unwrap_or_default()
+                )),
+                assignee: None,
+                fen: None,
+                changes: Vec::new(),
+                document: None,
+            };
+            let d = Arc::new(a.apply(&d));
+            touched.insert(id, d.clone());
+            outs.push(Out::Act(a, d));
+        }
+        round.finish()
+    };
+    let committed: Result<(), Error> = async {
+        if outs.is_empty() {
+            return Ok(());
+        }
+        let mut decisions: Vec<&Decision> = Vec::with_capacity(outs.len());
+        let mut acts: Vec<&Act> = Vec::new();
+        let mut payload = Vec::with_capacity(outs.len() * 512);
+        for o in &outs {
+            match o {
+                Out::New(d) => {
+                    decisions.push(d);
+                    serde_json::to_writer(&mut payload, d.as_ref())
+                }
+                Out::Act(a, _) => {
+                    acts.push(a);
+                    serde_json::to_writer(&mut payload, a)
+                }
+            }
+            .map_err(|e| Error::internal(format!("encode a decision: {e}")))?;
+            payload.push(b'\n');
+        }
+        w.recorder.record(&decisions, &acts).await?;
+        w.log.append(&w.stream, outs.len() as u32, payload).await?;
+        Ok(())
+    }
+    .await;
+    if committed.is_ok() && !outs.is_empty() {
+        let mut st = w.state.write().expect("state lock");
+        st.ledger.publish(changes);
+        for o in outs {
+            match o {
+                Out::New(d) | Out::Act(_, d) => st.put(d),
+            }
+        }
+    }
+    for (reply, answer) in answers {
+        let _ = reply.send(match answer {
+            Answer::Now(r) => r,
+            Answer::Durable(d) => match &committed {
+                Ok(()) => Ok(d),
+                Err(e) => Err(e.clone()),
+            },
+        });
+    }
+}
+
+fn conflict(message: String) -> Error {
+    Error::new(yunqi_types::ErrorCode::Conflict, message)
+}
+
+/// Checks an act against the decision as it stands and makes it: the act to log and the
+/// decision after it.
+fn act(
+    w: &Round0,
+    calendar: &Calendar,
+    round: &mut crate::ledger::Round<'_>,
+    current: Option<Arc<Decision>>,
+    req: ActRequest,
+    now: DateTime<Utc>,
+) -> Result<(Act, Decision), Error> {
+    let d = current.ok_or_else(|| {
+        Error::not_found("application", &req.id)
+            .hint("an application id looks like traffic.urgent-entry-permit/42")
+    })?;
+    let mut a = Act {
+        act: req.act,
+        id: d.id.clone(),
+        by: req.by.clone(),
+        at: now,
+        reason: req
+            .reason
+            .as_deref()
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+            .map(str::to_string),
+        assignee: None,
+        fen: None,
+        changes: Vec::new(),
+        document: None,
+    };
+    if matches!(
+        req.act,
+        ActKind::Assign | ActKind::Approve | ActKind::Refuse
+    ) {
+        if d.decision != Verdict::Pending {
+            return Err(conflict(format!(
+                "application {} is not waiting for review: it is {}",
+                d.id,
+                match d.decision {
+                    Verdict::Approved => "approved",
+                    Verdict::Refused => "refused",
+                    Verdict::Pending => "pending",
+                }
+            ))
+            .hint("only pending applications are assigned, approved or refused"));
+        }
+        if req.act != ActKind::Assign
+            && let Some(who) = d.review.as_ref().and_then(|r| r.assignee.as_ref())
+            && who != &req.by
+            && !req.overrides
+        {
+            return Err(
+                conflict(format!("application {} is assigned to {who}", d.id)).hint(format!(
+                    "{who} decides it, or a steward assigns it to you first"
+                )),
+            );
+        }
+    }
+    match req.act {
+        ActKind::Assign => {
+            a.assignee = Some(req.assignee.clone().ok_or_else(|| {
+                Error::invalid("say to whom").hint("send {\"assignee\": \"officer name\"}")
+            })?);
+        }
+        ActKind::Approve => {
+            if let Some(signer) = &w.signer {
+                a.document = issue(&w.service, calendar, &d, now, signer);
+            }
+        }
+        ActKind::Refuse => {
+            if a.reason.is_none() {
+                return Err(Error::invalid("a refusal needs a reason")
+                    .hint("the applicant reads it: say what is wrong and what to do"));
+            }
+            a.changes = round.release(&d.held());
+            if let Some(dr) = &d.draw
+                && let Some(c) = round.repay(&dr.account, dr.owed())
+            {
+                a.changes.push(c);
+            }
+        }
+        ActKind::Repay => {
+            let dr = d
+                .draw
+                .as_ref()
+                .ok_or_else(|| Error::invalid(format!("application {} drew no money", d.id)))?;
+            let owed = dr.owed();
+            if owed <= 0 {
+                return Err(conflict(format!("application {} is repaid", d.id)));
+            }
+            let fen = req.fen.unwrap_or(owed);
+            if fen <= 0 || fen > owed {
+                return Err(Error::invalid(format!(
+                    "repay between 0.01 and {}.{:02} yuan",
+                    owed / 100,
+                    owed % 100
+                )));
+            }
+            a.fen = Some(fen);
+            a.changes.extend(round.repay(&dr.account, fen));
+        }
+        ActKind::Breach => {
+            return Err(Error::invalid(
+                "a missed deadline is recorded by the decider",
+            ));
+        }
+    }
+    let after = a.apply(&d);
+    Ok((a, after))
+}
+
+/// Where a money line stands for one application.
+struct LineState {
+    account: String,
+    /// The line's size, fen (`None`: its limit could not be computed).
+    limit: Option<i64>,
+    outstanding: i64,
+    overdue: bool,
+}
+
+fn yuan(fen: i64) -> Value {
+    Value::Num(fen as f64 / 100.0)
+}
+
+fn to_fen(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => i.checked_mul(100),
+        Value::Num(x) if x.is_finite() => Some((x * 100.0).round() as i64),
+        _ => None,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn decide_one(
     service: &Service,
     calendar: &Calendar,
+    st: &State,
     app: &Application,
     round: &mut crate::ledger::Round<'_>,
     today: NaiveDate,
     now: DateTime<Utc>,
     number: u64,
 ) -> Decision {
+    let text = |name: &str| match app.inputs.get(name) {
+        Some(Value::Text(s)) => s.clone(),
+        Some(v) => v.to_string(),
+        None => String::new(),
+    };
     // The quota buckets this application would spend.
     let spends: Vec<(SpendKey, u32)> = service
         .quotas
         .iter()
         .enumerate()
         .map(|(i, q)| {
-            let key = match app.inputs.get(&q.key) {
-                Some(Value::Text(s)) => s.clone(),
-                Some(v) => v.to_string(),
-                None => String::new(),
-            };
             let date = match q.date.as_ref().and_then(|d| app.inputs.get(d)) {
                 Some(Value::Date(d)) => *d,
                 _ => today,
@@ -765,48 +1343,88 @@ fn decide_one(
             (
                 SpendKey {
                     quota: i as u16,
-                    key: key.into(),
+                    key: text(&q.key).into(),
                     bucket: q.period.bucket(date),
                 },
                 q.limit,
             )
         })
         .collect();
-    let mut rules = Vec::with_capacity(service.rules.len());
+    let mut env = Env1 {
+        app,
+        round,
+        service,
+        calendar,
+        today,
+        spends: &spends,
+        lines: Vec::new(),
+    };
+    // The money lines: their limits are computed from inputs and lookups first.
+    let lines: Vec<LineState> = service
+        .lines
+        .iter()
+        .map(|l| {
+            let account = format!("{}:{}", l.name, text(&l.key));
+            LineState {
+                limit: l.limit_expr.eval(&env).ok().as_ref().and_then(to_fen),
+                outstanding: env.round.outstanding(&account),
+                overdue: st.overdue(&account, now),
+                account,
+            }
+        })
+        .collect();
+    env.lines = lines;
+    let mut rules = Vec::with_capacity(service.rules.len() + 1);
     let mut reasons = Vec::new();
     let mut refused = false;
     let mut review = matches!(service.outcome, Outcome::Review { .. });
-    {
-        let env = Env1 {
-            app,
-            round,
-            service,
-            calendar,
-            today,
-            spends: &spends,
+    if let Some(c) = &service.consent {
+        let met = app.consent == Some(true);
+        if !met {
+            refused = true;
+            reasons.push(c.reason.clone());
+        }
+        rules.push(RuleOutcome {
+            rule: "consent".into(),
+            require: format!("the holder of {} has consented", c.subject),
+            met: Some(met),
+            reason: (!met).then(|| c.reason.clone()),
+        });
+    }
+    for r in &service.rules {
+        let met = match r.expr.eval(&env) {
+            Ok(Value::Bool(b)) => Some(b),
+            Ok(_) | Err(_) => None,
         };
-        for r in &service.rules {
-            let met = match r.expr.eval(&env) {
-                Ok(Value::Bool(b)) => Some(b),
-                Ok(Value::Null) => None,
-                Ok(_) | Err(_) => None,
-            };
-            let reason = (met != Some(true)).then(|| r.reason.clone());
-            if met != Some(true) {
-                match r.otherwise {
-                    Otherwise::Refuse => {
-                        refused = true;
-                        reasons.push(r.reason.clone());
-                    }
-                    Otherwise::Review => review = true,
-                }
+        let reason = (met != Some(true)).then(|| r.reason.clone());
+        if met != Some(true) {
+            match r.otherwise {
+                Otherwise::Refuse => refused = true,
+                Otherwise::Review => review = true,
             }
-            rules.push(RuleOutcome {
-                rule: r.name.clone(),
-                require: r.require.clone(),
-                met,
-                reason,
-            });
+            reasons.push(r.reason.clone());
+        }
+        rules.push(RuleOutcome {
+            rule: r.name.clone(),
+            require: r.require.clone(),
+            met,
+            reason,
+        });
+    }
+    let Env1 { lines, round, .. } = env;
+    // Money first (checked, not yet drawn), then quotas all or nothing, then the draw: an
+    // application either gets everything it needs or changes nothing.
+    let mut draw = None;
+    if !refused && let (Some(l), Some(ls)) = (service.lines.first(), lines.first()) {
+        let fen = app.inputs.get(&l.amount).and_then(to_fen).unwrap_or(0);
+        let fits = ls
+            .limit
+            .is_some_and(|lim| fen > 0 && ls.outstanding.saturating_add(fen) <= lim);
+        if fits && !ls.overdue {
+            draw = Some((l, ls, fen));
+        } else {
+            refused = true;
+            reasons.push(l.reason.clone());
         }
     }
     let mut changes = Vec::new();
@@ -820,6 +1438,25 @@ fn decide_one(
             }
         }
     }
+    let draw = match draw {
+        Some((l, ls, fen)) if !refused => {
+            let limit = ls.limit.unwrap_or(0);
+            match round.try_draw(&ls.account, fen, limit) {
+                Ok(c) => {
+                    changes.push(c);
+                    Some(Draw {
+                        line: l.name.clone(),
+                        account: ls.account.clone(),
+                        fen,
+                        repaid_fen: 0,
+                        due_at: now + chrono::Duration::days(l.due_days as i64),
+                    })
+                }
+                Err(_) => None, // checked above: cannot happen
+            }
+        }
+        _ => None,
+    };
     for (i, (k, limit)) in spends.iter().enumerate() {
         let q = &service.quotas[i];
         quotas.push(QuotaOutcome {
@@ -847,19 +1484,34 @@ fn decide_one(
             },
         );
     }
+    for (l, ls) in service.lines.iter().zip(&lines) {
+        data.insert(
+            format!("line.{}", l.name),
+            serde_json::json!({
+                "account": ls.account,
+                "limit_yuan": ls.limit.map(|f| f as f64 / 100.0),
+                "outstanding_yuan": ls.outstanding as f64 / 100.0,
+                "overdue": ls.overdue,
+            }),
+        );
+    }
+    let decision = if refused {
+        Verdict::Refused
+    } else if review {
+        Verdict::Pending
+    } else {
+        Verdict::Approved
+    };
+    if decision == Verdict::Approved {
+        reasons.clear(); // only review rules were unmet, and none sent it to review
+    }
     Decision {
         id: format!("{}/{number}", service.full_name()),
         service: service.full_name(),
         applicant: app.applicant.clone(),
         key: app.key.clone(),
         decided_at: now,
-        decision: if refused {
-            Verdict::Refused
-        } else if review {
-            Verdict::Pending
-        } else {
-            Verdict::Approved
-        },
+        decision,
         reasons,
         inputs: app
             .inputs
@@ -871,39 +1523,75 @@ fn decide_one(
         quotas,
         changes,
         document: None,
+        due_at: (decision == Verdict::Pending).then(|| {
+            now + chrono::Duration::milliseconds((service.review_hours * 3_600_000.0) as i64)
+        }),
+        review: None,
+        draw,
     }
+}
+
+/// A new unified social credit code (统一社会信用代码, GB 32100-2015) for decision `number`:
+/// `9` (registered by market regulation), `1` (an enterprise), the region, a nine-character
+/// organisation code (GB 11714, its own check character) and the check character.
+pub fn credit_code(region: &str, number: u64) -> Option<String> {
+    let org8 = format!("{:08}", number % 100_000_000);
+    const W: [u32; 8] = [3, 7, 9, 10, 5, 8, 4, 2];
+    let sum: u32 = org8
+        .bytes()
+        .zip(W)
+        .map(|(b, w)| (b - b'0') as u32 * w)
+        .sum();
+    let c9 = match 11 - sum % 11 {
+        10 => 'X',
+        11 => '0',
+        n => char::from_digit(n, 10)?,
+    };
+    let first17 = format!("91{region}{org8}{c9}");
+    let check = yunqi_types::classify::credit_code_check(&first17)?;
+    Some(format!("{first17}{check}"))
 }
 
 /// The document of a granted application: the fields the definition names, valid over the
 /// window its `valid_window` input names on the service's first date input (a whole day when
-/// it names none).
+/// it names none); with a new credit code when the definition asks for one.
 fn issue(
     service: &Service,
     calendar: &Calendar,
-    app: &Application,
     d: &Decision,
     now: DateTime<Utc>,
     signer: &crate::document::Signer,
 ) -> Option<Issued> {
     let doc = service.document.as_ref()?;
-    let plain = |v: &Value| match v {
-        Value::Text(s) => s.clone(),
+    let plain = |v: &Json| match v {
+        Json::String(s) => s.clone(),
         other => other.to_string(),
     };
-    let fields = doc
+    let mut fields: BTreeMap<String, String> = doc
         .fields
         .iter()
-        .filter_map(|f| app.inputs.get(f).map(|v| (f.clone(), plain(v))))
+        .filter_map(|f| d.inputs.get(f).map(|v| (f.clone(), plain(v))))
         .collect();
-    let date = service
-        .inputs
-        .iter()
-        .find_map(|i| match app.inputs.get(&i.name) {
-            Some(Value::Date(x)) => Some(*x),
-            _ => None,
-        });
-    let kind = match doc.valid_window.as_ref().and_then(|w| app.inputs.get(w)) {
-        Some(Value::Text(w)) if w == "noon" => crate::calendar::WindowKind::Noon,
+    let code = match &doc.credit_code_region {
+        Some(region) => {
+            let number = d.id.rsplit_once('/')?.1.parse().ok()?;
+            let c = credit_code(region, number)?;
+            fields.insert("credit_code".into(), c.clone());
+            Some(c)
+        }
+        None => None,
+    };
+    let date = service.inputs.iter().find_map(|i| match i.kind {
+        InputType::Date { .. } => d.inputs.get(&i.name)?.as_str()?.parse::<NaiveDate>().ok(),
+        _ => None,
+    });
+    let kind = match doc
+        .valid_window
+        .as_ref()
+        .and_then(|w| d.inputs.get(w))
+        .and_then(|v| v.as_str())
+    {
+        Some("noon") => crate::calendar::WindowKind::Noon,
         _ => crate::calendar::WindowKind::Day,
     };
     let (valid_from, valid_to) = match date {
@@ -932,5 +1620,6 @@ fn issue(
         token,
         valid_from,
         valid_to,
+        code,
     })
 }

@@ -61,6 +61,10 @@ struct File {
     #[serde(default)]
     quotas: Vec<QuotaDef>,
     #[serde(default)]
+    lines: Vec<LineDef>,
+    #[serde(default)]
+    consent: Option<ConsentDef>,
+    #[serde(default)]
     rules: Vec<RuleDef>,
     outcome: OutcomeDef,
     #[serde(default)]
@@ -129,6 +133,24 @@ struct QuotaDef {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct LineDef {
+    name: Spanned<String>,
+    key: Spanned<String>,
+    limit: Spanned<String>,
+    amount: Spanned<String>,
+    due_days: u32,
+    reason: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsentDef {
+    subject: Spanned<String>,
+    reason: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RuleDef {
     name: Spanned<String>,
     require: Spanned<String>,
@@ -144,7 +166,7 @@ struct RuleDef {
 struct OutcomeDef {
     decide: Spanned<String>,
     #[serde(default)]
-    review_hours: Option<u32>,
+    review_hours: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -154,6 +176,8 @@ struct DocumentDef {
     fields: Spanned<Vec<String>>,
     #[serde(default)]
     valid_window: Option<Spanned<String>>,
+    #[serde(default)]
+    credit_code_region: Option<Spanned<String>>,
 }
 
 /// Who may apply.
@@ -244,6 +268,37 @@ pub struct Quota {
     pub reason: String,
 }
 
+/// A money line: a credit account per key (e.g. per patient), drawn by each granted
+/// application and repaid later.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Line {
+    /// Its name (rules read `line.<name>.left|limit|outstanding|overdue`).
+    pub name: String,
+    /// The input the account is keyed by.
+    pub key: String,
+    /// The line's size in yuan, as written (an expression over inputs and lookups).
+    pub limit: String,
+    /// Parsed.
+    #[serde(skip)]
+    pub limit_expr: Expr,
+    /// The money input each application draws.
+    pub amount: String,
+    /// Days each draw has to be repaid.
+    pub due_days: u32,
+    /// Shown when a draw does not fit.
+    pub reason: String,
+}
+
+/// The recorded consent an application needs: that of the person whose ID number an input
+/// holds (e.g. the patient a hospital charges).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Consent {
+    /// The `id_number` input naming the person.
+    pub subject: String,
+    /// Shown when it is missing.
+    pub reason: String,
+}
+
 /// What happens when a rule is not met.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -273,7 +328,7 @@ pub struct Rule {
 }
 
 /// How applications are decided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 #[serde(tag = "decide", rename_all = "snake_case")]
 pub enum Outcome {
     /// By the rules alone.
@@ -281,7 +336,7 @@ pub enum Outcome {
     /// By an officer, within a deadline.
     Review {
         /// Hours an officer has (办结时限).
-        hours: u32,
+        hours: f64,
     },
 }
 
@@ -294,6 +349,9 @@ pub struct Document {
     pub fields: Vec<String>,
     /// The `window`-like input that sets its validity, if any.
     pub valid_window: Option<String>,
+    /// When set, the document carries a new unified social credit code (统一社会信用代码)
+    /// registered in this administrative region (six digits, e.g. `330106`).
+    pub credit_code_region: Option<String>,
 }
 
 /// A checked service definition.
@@ -320,10 +378,17 @@ pub struct Service {
     pub lookups: Vec<Lookup>,
     /// Quotas.
     pub quotas: Vec<Quota>,
+    /// Money lines.
+    pub lines: Vec<Line>,
+    /// The consent an application needs, if any.
+    pub consent: Option<Consent>,
     /// Rules, in the order they are evaluated.
     pub rules: Vec<Rule>,
     /// How it decides.
     pub outcome: Outcome,
+    /// Hours an officer has to decide an application sent to review (by the outcome, or by a
+    /// rule with `otherwise = "review"`).
+    pub review_hours: f64,
     /// What it issues.
     pub document: Option<Document>,
 }
@@ -476,10 +541,13 @@ pub fn parse(src: &str) -> Result<Service, Error> {
                     name.get_ref()
                 ),
             );
-        } else if name.get_ref() == "quota" {
+        } else if matches!(name.get_ref().as_str(), "quota" | "line" | "consent") {
             p.add(
                 name.span(),
-                "\"quota\" is reserved: rules read quota.<name>.left",
+                format!(
+                    "\"{}\" is reserved: rules read quota.<name>.left and line.<name>.left",
+                    name.get_ref()
+                ),
             );
         }
     };
@@ -613,6 +681,97 @@ pub fn parse(src: &str) -> Result<Service, Error> {
     }
 
     let lookup_names: Vec<&str> = lookups.iter().map(|l| l.name.as_str()).collect();
+    let input_of = |n: &str| inputs.iter().find(|i| i.name == n).map(|i| &i.kind);
+    let mut lines = Vec::new();
+    for l in &file.lines {
+        claim(&mut p, &l.name, "line");
+        if input_of(l.key.get_ref()).is_none() {
+            p.add(
+                l.key.span(),
+                format!(
+                    "line {}: key {} is not an input",
+                    l.name.get_ref(),
+                    l.key.get_ref()
+                ),
+            );
+        }
+        if !matches!(input_of(l.amount.get_ref()), Some(InputType::Money { .. })) {
+            p.add(
+                l.amount.span(),
+                format!(
+                    "line {}: amount {} is not a money input",
+                    l.name.get_ref(),
+                    l.amount.get_ref()
+                ),
+            );
+        }
+        if l.due_days == 0 {
+            p.add(
+                l.name.span(),
+                format!("line {}: due_days must be at least 1", l.name.get_ref()),
+            );
+        }
+        let limit_expr = match rules::parse(l.limit.get_ref()) {
+            Ok(e) => {
+                let mut names = Vec::new();
+                e.names(&mut names);
+                for n in names {
+                    let known = match n.as_slice() {
+                        [one] => input_names.contains(&one.as_str()),
+                        [l, _] => lookup_names.contains(&l.as_str()),
+                        _ => false,
+                    };
+                    if !known {
+                        p.add(
+                            l.limit.span(),
+                            format!(
+                                "line {}: its limit reads {}, which is not an input or a lookup's column",
+                                l.name.get_ref(),
+                                n.join(".")
+                            ),
+                        );
+                    }
+                }
+                e
+            }
+            Err(e) => {
+                let at = l.limit.span().start + 1 + e.at.unwrap_or(0);
+                p.add(at..at, format!("line {}: {}", l.name.get_ref(), e.message));
+                continue;
+            }
+        };
+        lines.push(Line {
+            name: l.name.get_ref().clone(),
+            key: l.key.get_ref().clone(),
+            limit: l.limit.get_ref().clone(),
+            limit_expr,
+            amount: l.amount.get_ref().clone(),
+            due_days: l.due_days,
+            reason: l.reason.clone(),
+        });
+    }
+    if let Some(extra) = file.lines.get(1) {
+        p.add(
+            extra.name.span(),
+            "a service draws on one money line at most",
+        );
+    }
+    let consent = file.consent.as_ref().map(|c| {
+        if !matches!(input_of(c.subject.get_ref()), Some(InputType::IdNumber)) {
+            p.add(
+                c.subject.span(),
+                format!(
+                    "consent subject {} is not an id_number input",
+                    c.subject.get_ref()
+                ),
+            );
+        }
+        Consent {
+            subject: c.subject.get_ref().clone(),
+            reason: c.reason.clone(),
+        }
+    });
+    let line_names: Vec<&str> = lines.iter().map(|l| l.name.as_str()).collect();
     let quota_names: Vec<&str> = quotas.iter().map(|q| q.name.as_str()).collect();
     let mut rules_out = Vec::new();
     let mut rule_names = HashSet::new();
@@ -642,6 +801,10 @@ pub fn parse(src: &str) -> Result<Service, Error> {
                 [q, name, what] if q == "quota" => {
                     quota_names.contains(&name.as_str())
                         && matches!(what.as_str(), "used" | "left" | "limit")
+                }
+                [l, name, what] if l == "line" => {
+                    line_names.contains(&name.as_str())
+                        && matches!(what.as_str(), "left" | "limit" | "outstanding" | "overdue")
                 }
                 [l, _] => lookup_names.contains(&l.as_str()),
                 _ => false,
@@ -686,7 +849,7 @@ pub fn parse(src: &str) -> Result<Service, Error> {
     let outcome = match file.outcome.decide.get_ref().as_str() {
         "automatic" => Outcome::Automatic,
         "review" => Outcome::Review {
-            hours: file.outcome.review_hours.unwrap_or(24),
+            hours: file.outcome.review_hours.unwrap_or(24.0),
         },
         other => {
             p.add(
@@ -696,7 +859,38 @@ pub fn parse(src: &str) -> Result<Service, Error> {
             Outcome::Automatic
         }
     };
+    let review_hours = match outcome {
+        Outcome::Review { hours } => Some(hours),
+        Outcome::Automatic => file.outcome.review_hours.or_else(|| {
+            file.rules
+                .iter()
+                .any(|r| {
+                    r.otherwise
+                        .as_ref()
+                        .is_some_and(|o| o.get_ref() == "review")
+                })
+                .then_some(24.0)
+        }),
+    };
+    if let Some(h) = review_hours
+        && !(h > 0.0 && h <= 24.0 * 366.0)
+    {
+        p.add(
+            file.outcome.decide.span(),
+            format!(
+                "review_hours = {h}: give the hours an officer has, more than 0 and at most a year"
+            ),
+        );
+    }
     let document = file.document.as_ref().map(|d| {
+        if let Some(r) = &d.credit_code_region
+            && !(r.get_ref().len() == 6 && r.get_ref().bytes().all(|b| b.is_ascii_digit()))
+        {
+            p.add(
+                r.span(),
+                "credit_code_region is a six-digit administrative division code, e.g. \"330106\"",
+            );
+        }
         for f in d.fields.get_ref() {
             if !input_names.contains(&f.as_str()) {
                 p.add(
@@ -717,6 +911,7 @@ pub fn parse(src: &str) -> Result<Service, Error> {
             title: d.title.clone(),
             fields: d.fields.get_ref().clone(),
             valid_window: d.valid_window.as_ref().map(|w| w.get_ref().clone()),
+            credit_code_region: d.credit_code_region.as_ref().map(|r| r.get_ref().clone()),
         }
     });
 
@@ -740,7 +935,10 @@ pub fn parse(src: &str) -> Result<Service, Error> {
         inputs,
         lookups,
         quotas,
+        lines,
+        consent,
         rules: rules_out,
+        review_hours: review_hours.unwrap_or(24.0),
         outcome,
         document,
     })

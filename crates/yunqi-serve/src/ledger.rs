@@ -28,6 +28,12 @@ pub enum Change {
         #[serde(flatten)]
         at: SpendKey,
     },
+    /// One unit of a quota given back (a held application refused on review).
+    Release {
+        /// What.
+        #[serde(flatten)]
+        at: SpendKey,
+    },
     /// A money line drawn (positive, in fen) or repaid (negative).
     Draw {
         /// The line (e.g. a citizen's credit line).
@@ -109,6 +115,11 @@ impl Ledger {
     pub fn replay(&mut self, change: &Change) {
         match change {
             Change::Spend { at } => *self.used.entry(at.clone()).or_insert(0) += 1,
+            Change::Release { at } => {
+                if let Some(u) = self.used.get_mut(at) {
+                    *u = u.saturating_sub(1);
+                }
+            }
             Change::Draw { account, fen } => {
                 let o = self.outstanding.entry(account.clone()).or_insert(0);
                 *o += fen;
@@ -199,6 +210,17 @@ impl Round<'_> {
             changes.push(Change::Spend { at: k.clone() });
         }
         Ok(changes)
+    }
+
+    /// Gives back one unit of each quota bucket in `keys` (a held application refused).
+    pub fn release(&mut self, keys: &[SpendKey]) -> Vec<Change> {
+        keys.iter()
+            .map(|k| {
+                let used = self.used(k).saturating_sub(1);
+                self.used.insert(k.clone(), used);
+                Change::Release { at: k.clone() }
+            })
+            .collect()
     }
 
     /// Draws `fen` (> 0) on a line of `limit_fen` if it stays within it.
@@ -327,11 +349,22 @@ mod tests {
         let mut l = Ledger::default();
         let mut model: HashMap<SpendKey, u32> = HashMap::new();
         let mut log: Vec<Change> = Vec::new();
+        // Grants held (as pending applications hold theirs); some are refused and released.
+        let mut held: Vec<Vec<SpendKey>> = Vec::new();
         for _ in 0..300 {
             let mut r = l.round();
             let mut m = model.clone();
+            let mut h = held.clone();
             let mut round_log = Vec::new();
             for _ in 0..(next() % 20) {
+                if next() % 5 == 0 && !h.is_empty() {
+                    let keys = h.swap_remove((next() as usize) % h.len());
+                    for s in &keys {
+                        *m.get_mut(s).unwrap() -= 1;
+                    }
+                    round_log.extend(r.release(&keys));
+                    continue;
+                }
                 let plate = format!("p{}", next() % 5);
                 let spends = [
                     (k(0, &plate, 2026), 12),
@@ -346,6 +379,7 @@ mod tests {
                         for (s, _) in &spends {
                             *m.entry(s.clone()).or_insert(0) += 1;
                         }
+                        h.push(spends.iter().map(|(s, _)| s.clone()).collect());
                         round_log.extend(c);
                     }
                     Err(_) => assert!(!room),
@@ -356,6 +390,7 @@ mod tests {
             }
             l.publish(r.finish());
             model = m;
+            held = h;
             log.extend(round_log);
         }
         for (s, used) in &model {

@@ -6,7 +6,7 @@
 //! live. A new version may add quotas after the existing ones but not move, rename or change
 //! them: the decision log's counts refer to them by position.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -20,7 +20,9 @@ use yunqi_stream::StreamLog;
 use yunqi_types::{Clock, Error, Name, Outcome, Principal, Role};
 
 use crate::calendar::Calendar;
-use crate::decider::{Application, AuditRecorder, Decider, Decision, Row, check_inputs};
+use crate::decider::{
+    ActKind, ActRequest, Application, AuditRecorder, Decider, Decision, Row, check_inputs,
+};
 use crate::definition::{self, Applicant, Service};
 use crate::rules::Value;
 
@@ -52,6 +54,34 @@ pub struct Serve {
     calendar: Calendar,
     services: RwLock<BTreeMap<String, Arc<Live>>>,
     signer: Arc<crate::document::Signer>,
+    /// Consents given: (subject key of the person, service) → when.
+    consents: RwLock<HashMap<(String, String), chrono::DateTime<chrono::Utc>>>,
+    /// Serialises consent changes (each is logged, then applied).
+    consent_writer: tokio::sync::Mutex<()>,
+}
+
+/// The stream consents are logged in.
+const CONSENTS: &str = "serve.consents";
+
+/// A consent given or withdrawn, as its log keeps it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct ConsentLine {
+    /// The person's subject key (a hash of the ID number, never the number).
+    subject: String,
+    service: String,
+    given: bool,
+    at: chrono::DateTime<chrono::Utc>,
+}
+
+/// A consent a citizen has given.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConsentGiven {
+    /// `department.service`.
+    pub service: String,
+    /// The service's title.
+    pub title: String,
+    /// When.
+    pub given_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// What online verification says of a document.
@@ -177,7 +207,10 @@ impl Serve {
             calendar: Calendar::china(),
             services: RwLock::new(BTreeMap::new()),
             signer: Arc::new(crate::document::Signer::open(key)?),
+            consents: RwLock::new(HashMap::new()),
+            consent_writer: tokio::sync::Mutex::new(()),
         });
+        serve.load_consents()?;
         for e in std::fs::read_dir(dir).map_err(|e| io(e, "list services"))? {
             let p = e.map_err(|e| io(e, "list services"))?.path();
             if !p.is_dir() {
@@ -387,14 +420,316 @@ impl Serve {
             });
             lookups.insert(l.name.clone(), row);
         }
+        let consent = service
+            .consent
+            .as_ref()
+            .map(|c| match inputs.get(&c.subject) {
+                Some(Value::Text(id)) => self
+                    .consents
+                    .read()
+                    .expect("consents lock")
+                    .contains_key(&(yunqi_governance::subject_key(id), name.to_string())),
+                _ => false,
+            });
         live.decider
             .decide(Application {
                 applicant: actor.principal.name.to_string(),
                 key: key.map(|k| format!("{}:{k}", actor.principal.name)),
                 inputs,
                 lookups,
+                consent,
             })
             .await
+    }
+
+    fn load_consents(&self) -> Result<(), Error> {
+        let mut from = self.log.start_offset(CONSENTS);
+        let mut map = self.consents.write().expect("consents lock");
+        loop {
+            let entries = self.log.read(CONSENTS, from, 8 << 20)?;
+            if entries.is_empty() {
+                return Ok(());
+            }
+            for e in entries {
+                let skip = from.saturating_sub(e.first) as usize;
+                for line in e
+                    .payload
+                    .split(|b| *b == b'\n')
+                    .filter(|l| !l.is_empty())
+                    .skip(skip)
+                {
+                    let c: ConsentLine = serde_json::from_slice(line).map_err(|err| {
+                        Error::internal(format!("consent log at {}: {err}", e.first))
+                    })?;
+                    if c.given {
+                        map.insert((c.subject, c.service), c.at);
+                    } else {
+                        map.remove(&(c.subject, c.service));
+                    }
+                }
+                from = e.end();
+            }
+        }
+    }
+
+    /// Gives (or withdraws) the caller's consent to a service that asks for it: a citizen
+    /// allows, e.g., hospitals to charge visits to their credit line. Durable and audited.
+    pub async fn set_consent(
+        &self,
+        actor: &Actor,
+        name: &str,
+        given: bool,
+        ctx: &CallContext,
+    ) -> Result<(), Error> {
+        let id = match (&actor.principal.role, &actor.principal.id_number) {
+            (Role::Citizen, Some(id)) => id.clone(),
+            _ => {
+                return Err(Error::denied("only citizens give or withdraw consent")
+                    .hint("sign in with a citizen's token; consent is given by the person it concerns"));
+            }
+        };
+        let live = self.live(name)?;
+        if live.decider.service().consent.is_none() {
+            return Err(Error::invalid(format!(
+                "service {name} asks for no consent"
+            )));
+        }
+        let line = ConsentLine {
+            subject: yunqi_governance::subject_key(id.as_str()),
+            service: name.to_string(),
+            given,
+            at: self.clock.now(),
+        };
+        let _one = self.consent_writer.lock().await;
+        self.gov
+            .record_access(
+                actor,
+                if given {
+                    "consent.give"
+                } else {
+                    "consent.withdraw"
+                },
+                &format!("service:{name}"),
+                Outcome::Ok,
+                String::new(),
+                ctx,
+            )
+            .await?;
+        let mut bytes =
+            serde_json::to_vec(&line).map_err(|e| Error::internal(format!("encode: {e}")))?;
+        bytes.push(b'\n');
+        self.log.append(CONSENTS, 1, bytes).await?;
+        let mut map = self.consents.write().expect("consents lock");
+        if given {
+            map.insert((line.subject, line.service), line.at);
+        } else {
+            map.remove(&(line.subject, line.service));
+        }
+        Ok(())
+    }
+
+    /// The consents the caller (a citizen) has given.
+    pub fn my_consents(&self, actor: &Actor) -> Result<Vec<ConsentGiven>, Error> {
+        let Some(id) = &actor.principal.id_number else {
+            return Err(
+                Error::denied("only citizens have consents").hint("sign in with a citizen's token")
+            );
+        };
+        let key = yunqi_governance::subject_key(id.as_str());
+        let map = self.consents.read().expect("consents lock");
+        let mut out: Vec<ConsentGiven> = map
+            .iter()
+            .filter(|((s, _), _)| *s == key)
+            .map(|((_, service), at)| ConsentGiven {
+                service: service.clone(),
+                title: self
+                    .live(service)
+                    .map(|l| l.decider.service().title.clone())
+                    .unwrap_or_default(),
+                given_at: *at,
+            })
+            .collect();
+        out.sort_by(|a, b| a.service.cmp(&b.service));
+        Ok(out)
+    }
+
+    fn service_of(id: &str) -> Result<&str, Error> {
+        id.split_once('/').map(|(s, _)| s).ok_or_else(|| {
+            Error::invalid(format!("\"{id}\" is not an application id"))
+                .hint("an application id looks like traffic.urgent-entry-permit/42")
+        })
+    }
+
+    /// Whether the caller is the person a decision is about (the consent's subject).
+    fn is_subject(actor: &Actor, service: &Service, d: &Decision) -> bool {
+        let (Some(c), Some(id)) = (&service.consent, &actor.principal.id_number) else {
+            return false;
+        };
+        d.inputs.get(&c.subject).and_then(|v| v.as_str()) == Some(id.as_str())
+    }
+
+    /// One application: its applicant, the person it is about, or the service department's
+    /// officers and stewards (audited) read it.
+    pub async fn application(
+        &self,
+        actor: &Actor,
+        id: &str,
+        ctx: &CallContext,
+    ) -> Result<Arc<Decision>, Error> {
+        let name = Self::service_of(id)?;
+        let live = self.live(name)?;
+        let service = live.decider.service().clone();
+        let d = live.decider.decision(id);
+        if let Some(d) = &d
+            && (d.applicant == actor.principal.name.as_str()
+                || Self::is_subject(actor, &service, d))
+        {
+            return Ok(d.clone());
+        }
+        self.gov
+            .authorize_action(
+                actor,
+                &Action::ServiceReview {
+                    service: name,
+                    department: &service.department,
+                },
+                ctx,
+            )
+            .await?;
+        let d = d.ok_or_else(|| Error::not_found("application", id))?;
+        self.gov
+            .record_access(
+                actor,
+                "service.read",
+                &format!("service:{name}"),
+                Outcome::Ok,
+                id.to_string(),
+                ctx,
+            )
+            .await?;
+        Ok(d)
+    }
+
+    /// The applications of a service waiting for review, the earliest deadline first
+    /// (officers and stewards of its department; audited).
+    pub async fn review_queue(
+        &self,
+        actor: &Actor,
+        name: &str,
+        ctx: &CallContext,
+    ) -> Result<Vec<Arc<Decision>>, Error> {
+        let live = self.live(name)?;
+        let department = live.decider.service().department.clone();
+        self.gov
+            .authorize_action(
+                actor,
+                &Action::ServiceReview {
+                    service: name,
+                    department: &department,
+                },
+                ctx,
+            )
+            .await?;
+        let q = live.decider.queue();
+        self.gov
+            .record_access(
+                actor,
+                "service.queue",
+                &format!("service:{name}"),
+                Outcome::Ok,
+                format!("{} pending", q.len()),
+                ctx,
+            )
+            .await?;
+        Ok(q)
+    }
+
+    /// Acts on an application: assign, approve or refuse it (officers and stewards of the
+    /// service's department; an application assigned to an officer is theirs to decide, or a
+    /// steward's), or repay the money it drew (its applicant, the person it is about, or an
+    /// officer). Durable and audited when it returns.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn act(
+        &self,
+        actor: &Actor,
+        id: &str,
+        act: ActKind,
+        reason: Option<String>,
+        assignee: Option<String>,
+        yuan: Option<f64>,
+        ctx: &CallContext,
+    ) -> Result<Arc<Decision>, Error> {
+        let name = Self::service_of(id)?;
+        let live = self.live(name)?;
+        let service = live.decider.service().clone();
+        let review = Action::ServiceReview {
+            service: name,
+            department: &service.department,
+        };
+        let mine = live.decider.decision(id).is_some_and(|d| {
+            d.applicant == actor.principal.name.as_str() || Self::is_subject(actor, &service, &d)
+        });
+        if !(act == ActKind::Repay && mine) {
+            self.gov.authorize_action(actor, &review, ctx).await?;
+        }
+        if let Some(a) = &assignee {
+            let ok = self.gov.principal_named(a).is_some_and(|p| {
+                matches!(p.role, Role::Officer | Role::Steward)
+                    && p.department.as_ref().map(|d| d.as_str())
+                        == Some(service.department.as_str())
+            });
+            if !ok {
+                return Err(Error::invalid(format!(
+                    "{a} is not an officer or steward of department {}",
+                    service.department
+                ))
+                .hint("assign it to an officer of the service's department"));
+            }
+        }
+        let fen = match yuan {
+            None => None,
+            Some(y)
+                if y.is_finite() && y > 0.0 && ((y * 100.0).round() / 100.0 - y).abs() < 1e-9 =>
+            {
+                Some((y * 100.0).round() as i64)
+            }
+            Some(y) => {
+                return Err(Error::invalid(format!("{y} is not an amount in yuan"))
+                    .hint("send a positive amount with at most two decimals, e.g. 120.50"));
+            }
+        };
+        let req = ActRequest {
+            act,
+            id: id.to_string(),
+            by: actor.principal.name.to_string(),
+            overrides: actor.principal.role == Role::Steward,
+            reason,
+            assignee,
+            fen,
+        };
+        let d = live.decider.act(req).await;
+        if let Err(e) = &d {
+            self.gov
+                .record_access(
+                    actor,
+                    if act == ActKind::Repay {
+                        "service.repay"
+                    } else {
+                        "service.review"
+                    },
+                    &format!("service:{name}"),
+                    Outcome::Failed,
+                    format!("{id} {}: {}", act.as_str(), e.message),
+                    ctx,
+                )
+                .await?;
+        }
+        d
+    }
+
+    /// Drawn and not repaid on a money line account (`line:key`) of a service, fen.
+    pub fn outstanding(&self, name: &str, account: &str) -> Result<i64, Error> {
+        Ok(self.live(name)?.decider.outstanding(account))
     }
 
     /// Reads the service's holiday dataset (as the service's department) when it has a version
@@ -480,10 +815,7 @@ impl Serve {
         reason: &str,
         ctx: &CallContext,
     ) -> Result<crate::decider::Revocation, Error> {
-        let service = id.split_once('/').map(|(s, _)| s).ok_or_else(|| {
-            Error::invalid(format!("\"{id}\" is not a decision id"))
-                .hint("a decision id looks like traffic.urgent-entry-permit/42")
-        })?;
+        let service = Self::service_of(id)?;
         let live = self.live(service)?;
         let department = live.decider.service().department.clone();
         self.gov

@@ -21,10 +21,12 @@ impl Recorder for Audit {
     fn record<'a>(
         &'a self,
         decisions: &'a [&'a Decision],
+        acts: &'a [&'a yunqi_serve::decider::Act],
     ) -> yunqi_serve::decider::BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
             let mut a = self.0.lock().unwrap();
             a.extend(decisions.iter().map(|d| d.id.clone()));
+            a.extend(acts.iter().map(|x| format!("{} {}", x.id, x.act.as_str())));
             Ok(())
         })
     }
@@ -95,6 +97,7 @@ impl World {
                 ("vehicle".to_string(), vehicle),
                 ("zone".to_string(), Some(zone)),
             ]),
+            consent: None,
         }
     }
 }

@@ -152,6 +152,7 @@ fn in_process(
                                 ("vehicle".to_string(), vehicle(plate)),
                                 ("zone".to_string(), zone.clone()),
                             ]),
+                            consent: None,
                         };
                         let d = decider.decide(app).await?;
                         out.push((

@@ -1,0 +1,407 @@
+//! After the first decision: an officer's review (assign, approve, refuse with the quota given
+//! back), deadlines missed and reported, money lines drawn and repaid, consent — every act
+//! durable in the decision log and replayed the same after a restart.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use yunqi_serve::calendar::Calendar;
+use yunqi_serve::decider::{
+    Act, ActKind, ActRequest, Application, Decider, Decision, Recorder, Verdict, check_inputs,
+};
+use yunqi_serve::definition::{Service, parse};
+use yunqi_serve::rules::Value;
+use yunqi_stream::{LogConfig, SegmentLog};
+use yunqi_types::{Error, ErrorCode, ManualClock};
+
+#[derive(Default)]
+struct Audit(Mutex<Vec<String>>);
+
+impl Recorder for Audit {
+    fn record<'a>(
+        &'a self,
+        decisions: &'a [&'a Decision],
+        acts: &'a [&'a Act],
+    ) -> yunqi_serve::decider::BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let mut a = self.0.lock().unwrap();
+            a.extend(decisions.iter().map(|d| format!("{} decided", d.id)));
+            a.extend(acts.iter().map(|x| format!("{} {}", x.id, x.act.as_str())));
+            Ok(())
+        })
+    }
+}
+
+const REVIEWED: &str = r#"
+[service]
+department = "transport"
+name = "oversize-permit"
+title = "超限运输许可"
+applicants = ["enterprise"]
+
+[[inputs]]
+name = "plate"
+type = "plate"
+
+[[quotas]]
+name = "once"
+key = "plate"
+limit = 1
+period = "total"
+reason = "该车辆已有一份许可"
+
+[outcome]
+decide = "review"
+review_hours = 2
+
+[document]
+title = "超限运输许可证"
+fields = ["plate"]
+"#;
+
+const CREDIT: &str = r#"
+[service]
+department = "health"
+name = "credit-healthcare"
+title = "先看病后付费"
+applicants = ["enterprise"]
+
+[[inputs]]
+name = "patient"
+type = "id_number"
+
+[[inputs]]
+name = "amount"
+type = "money"
+max_yuan = 5000
+
+[[lookups]]
+name = "score"
+sql = "SELECT credit_line_yuan FROM city.credit_scores WHERE id_number = :patient"
+
+[[lines]]
+name = "credit"
+key = "patient"
+limit = "score.credit_line_yuan"
+amount = "amount"
+due_days = 10
+reason = "超出先看病后付费额度，或有逾期未还的费用"
+
+[consent]
+subject = "patient"
+reason = "患者未开通先看病后付费"
+
+[[rules]]
+name = "scored"
+require = "score.found and not line.credit.overdue"
+reason = "患者没有信用分，或有逾期"
+
+[outcome]
+decide = "automatic"
+"#;
+
+const PATIENT: &str = "11010519491231002X";
+
+struct World {
+    service: Arc<Service>,
+    dir: tempfile::TempDir,
+    clock: ManualClock,
+    audit: Arc<Audit>,
+}
+
+impl World {
+    fn new(def: &str) -> World {
+        World {
+            service: Arc::new(parse(def).unwrap_or_else(|e| panic!("{e:?}"))),
+            dir: tempfile::tempdir().unwrap(),
+            clock: ManualClock::new("2026-11-26T02:00:00Z".parse().unwrap()),
+            audit: Arc::default(),
+        }
+    }
+
+    fn open(&self) -> Decider {
+        let log = SegmentLog::open(
+            &self.dir.path().join("log"),
+            LogConfig::default(),
+            Arc::new(self.clock.clone()),
+        )
+        .unwrap();
+        let signer = yunqi_serve::document::Signer::open(&self.dir.path().join("key")).unwrap();
+        Decider::open(
+            self.service.clone(),
+            Calendar::china(),
+            log,
+            self.audit.clone(),
+            Arc::new(self.clock.clone()),
+            Some(Arc::new(signer)),
+        )
+        .unwrap()
+    }
+
+    fn app(
+        &self,
+        inputs: serde_json::Value,
+        lookups: BTreeMap<String, Option<BTreeMap<String, Value>>>,
+        consent: Option<bool>,
+    ) -> Application {
+        let inputs = check_inputs(
+            &self.service,
+            inputs.as_object().unwrap(),
+            "2026-11-26".parse().unwrap(),
+        )
+        .unwrap();
+        Application {
+            applicant: "company1".into(),
+            key: None,
+            inputs,
+            lookups,
+            consent,
+        }
+    }
+
+    fn hours(&self, h: i64) {
+        self.clock.advance_micros(h * 3_600_000_000);
+    }
+}
+
+fn req(act: ActKind, id: &str, by: &str) -> ActRequest {
+    ActRequest {
+        act,
+        id: id.into(),
+        by: by.into(),
+        overrides: false,
+        reason: None,
+        assignee: None,
+        fen: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_holds_the_quota_until_an_officer_decides() {
+    let w = World::new(REVIEWED);
+    let d = w.open();
+    let apply = |plate: &str| w.app(serde_json::json!({"plate": plate}), BTreeMap::new(), None);
+
+    let a = d.decide(apply("苏E12345")).await.unwrap();
+    assert_eq!(a.decision, Verdict::Pending, "{a:?}");
+    assert_eq!(
+        a.due_at.unwrap() - a.decided_at,
+        chrono::Duration::hours(2),
+        "the deadline is review_hours after the application"
+    );
+    assert!(a.document.is_none(), "no document before approval");
+    // The pending application holds the plate's one unit.
+    let b = d.decide(apply("苏E12345")).await.unwrap();
+    assert_eq!(b.decision, Verdict::Refused);
+    assert_eq!(b.reasons, ["该车辆已有一份许可"]);
+    assert_eq!(
+        d.queue().iter().map(|x| x.id.as_str()).collect::<Vec<_>>(),
+        [a.id.as_str()]
+    );
+
+    // Assigned to one officer, it is theirs: another officer cannot decide it, a steward can.
+    let mut r = req(ActKind::Assign, &a.id, "lead");
+    r.assignee = Some("officer1".into());
+    d.act(r).await.unwrap();
+    let e = d
+        .act(req(ActKind::Approve, &a.id, "officer2"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::Conflict);
+    assert!(e.message.contains("assigned to officer1"), "{e:?}");
+    let ok = d
+        .act(req(ActKind::Approve, &a.id, "officer1"))
+        .await
+        .unwrap();
+    assert_eq!(ok.decision, Verdict::Approved);
+    assert!(ok.document.is_some(), "approval issues the document");
+    assert_eq!(
+        ok.review.as_ref().unwrap().decided_by.as_deref(),
+        Some("officer1")
+    );
+    let e = d
+        .act(req(ActKind::Refuse, &a.id, "officer1"))
+        .await
+        .unwrap_err();
+    assert!(e.message.contains("not waiting for review"), "{e:?}");
+    assert!(d.queue().is_empty());
+
+    // A refusal needs a reason, and gives the quota back.
+    let c = d.decide(apply("苏E22222")).await.unwrap();
+    let e = d
+        .act(req(ActKind::Refuse, &c.id, "officer2"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidInput);
+    let mut r = req(ActKind::Refuse, &c.id, "officer2");
+    r.reason = Some("证件照片不清晰，请重新申请".into());
+    let refused = d.act(r).await.unwrap();
+    assert_eq!(refused.decision, Verdict::Refused);
+    assert!(
+        refused
+            .reasons
+            .contains(&"证件照片不清晰，请重新申请".to_string())
+    );
+    let again = d.decide(apply("苏E22222")).await.unwrap();
+    assert_eq!(
+        again.decision,
+        Verdict::Pending,
+        "the unit came back: {again:?}"
+    );
+
+    // Nobody decides it in time: the missed deadline is recorded once, and audited.
+    w.hours(3);
+    let mut breached = None;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        breached = d
+            .decision(&again.id)
+            .and_then(|x| x.review.as_ref().and_then(|r| r.breached_at));
+        if breached.is_some() {
+            break;
+        }
+    }
+    assert!(
+        breached.is_some(),
+        "the deadline passed and was not reported"
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let audit = w.audit.0.lock().unwrap().clone();
+    let breaches = audit.iter().filter(|x| x.ends_with(" breach")).count();
+    assert_eq!(breaches, 1, "{audit:?}");
+    assert!(audit.contains(&format!("{} approve", a.id)));
+    let before: Vec<Arc<Decision>> = [&a.id, &c.id, &again.id]
+        .iter()
+        .map(|id| d.decision(id).unwrap())
+        .collect();
+    drop(d);
+
+    // A restart replays the acts: the same decisions, the same queue, the same quota state.
+    let d = w.open();
+    for x in &before {
+        assert_eq!(&d.decision(&x.id).unwrap(), x);
+    }
+    assert_eq!(
+        d.queue().iter().map(|x| x.id.as_str()).collect::<Vec<_>>(),
+        [again.id.as_str()]
+    );
+    let held = d.decide(apply("苏E22222")).await.unwrap();
+    assert_eq!(
+        held.decision,
+        Verdict::Refused,
+        "still held after the restart"
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let audit = w.audit.0.lock().unwrap().clone();
+    assert_eq!(
+        audit.iter().filter(|x| x.ends_with(" breach")).count(),
+        1,
+        "a breach is not reported again after a restart"
+    );
+}
+
+fn score(line: i64) -> BTreeMap<String, Option<BTreeMap<String, Value>>> {
+    BTreeMap::from([(
+        "score".to_string(),
+        Some(BTreeMap::from([(
+            "credit_line_yuan".to_string(),
+            Value::Int(line),
+        )])),
+    )])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn money_lines_draw_within_the_line_and_repay() {
+    let w = World::new(CREDIT);
+    let d = w.open();
+    let charge = |yuan: f64, consent: bool| {
+        w.app(
+            serde_json::json!({"patient": PATIENT, "amount": yuan}),
+            score(1000),
+            Some(consent),
+        )
+    };
+    let account = format!("credit:{PATIENT}");
+
+    let no = d.decide(charge(100.0, false)).await.unwrap();
+    assert_eq!(no.decision, Verdict::Refused);
+    assert_eq!(no.rules[0].rule, "consent");
+    assert_eq!(no.reasons, ["患者未开通先看病后付费"]);
+    assert!(no.draw.is_none() && d.outstanding(&account) == 0);
+
+    let first = d.decide(charge(600.0, true)).await.unwrap();
+    assert_eq!(first.decision, Verdict::Approved, "{first:?}");
+    let draw = first.draw.clone().unwrap();
+    assert_eq!((draw.fen, draw.repaid_fen), (60_000, 0));
+    assert_eq!(draw.due_at - first.decided_at, chrono::Duration::days(10));
+    assert_eq!(first.data["line.credit"]["limit_yuan"], 1000.0);
+    let over = d.decide(charge(400.01, true)).await.unwrap();
+    assert_eq!(over.decision, Verdict::Refused, "600 + 400.01 > 1000");
+    let exact = d.decide(charge(400.0, true)).await.unwrap();
+    assert_eq!(
+        exact.decision,
+        Verdict::Approved,
+        "the line is used to the fen"
+    );
+    assert_eq!(d.outstanding(&account), 100_000);
+
+    // Part repaid, then the rest; nothing more is owed.
+    let mut r = req(ActKind::Repay, &first.id, "company1");
+    r.fen = Some(25_000);
+    let part = d.act(r).await.unwrap();
+    assert_eq!(part.draw.as_ref().unwrap().owed(), 35_000);
+    assert_eq!(d.outstanding(&account), 75_000);
+    let mut r = req(ActKind::Repay, &first.id, "company1");
+    r.fen = Some(35_001);
+    assert_eq!(d.act(r).await.unwrap_err().code, ErrorCode::InvalidInput);
+    d.act(req(ActKind::Repay, &first.id, "company1"))
+        .await
+        .unwrap();
+    let e = d
+        .act(req(ActKind::Repay, &first.id, "company1"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::Conflict);
+    assert_eq!(d.outstanding(&account), 40_000);
+
+    // Eleven days on, the second charge is overdue: the line is closed until it is repaid.
+    w.hours(11 * 24);
+    let late = d.decide(charge(10.0, true)).await.unwrap();
+    assert_eq!(late.decision, Verdict::Refused, "{late:?}");
+    assert_eq!(late.data["line.credit"]["overdue"], true);
+    drop(d);
+
+    // The restart gives back the same line.
+    let d = w.open();
+    assert_eq!(d.outstanding(&account), 40_000);
+    d.act(req(ActKind::Repay, &exact.id, PATIENT))
+        .await
+        .unwrap();
+    assert_eq!(d.outstanding(&account), 0);
+    let fresh = d.decide(charge(10.0, true)).await.unwrap();
+    assert_eq!(fresh.decision, Verdict::Approved, "{fresh:?}");
+
+    // No credit score: refused by the rule, nothing drawn.
+    let unknown = w.app(
+        serde_json::json!({"patient": PATIENT, "amount": 1}),
+        BTreeMap::from([("score".to_string(), None)]),
+        Some(true),
+    );
+    let r = d.decide(unknown).await.unwrap();
+    assert_eq!(r.decision, Verdict::Refused);
+    assert_eq!(d.outstanding(&account), 1_000);
+}
+
+#[test]
+fn credit_codes_are_valid() {
+    for n in [0u64, 1, 42, 99_999_999, 123_456_789] {
+        let c = yunqi_serve::decider::credit_code("330106", n).unwrap();
+        assert!(yunqi_types::classify::is_credit_code(&c), "{c}");
+        assert!(c.starts_with("91330106"));
+    }
+    assert_ne!(
+        yunqi_serve::decider::credit_code("330106", 1),
+        yunqi_serve::decider::credit_code("330106", 2)
+    );
+}
