@@ -23,7 +23,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, patch, post};
+use axum::routing::{get, patch, post, put};
 use utoipa::OpenApi;
 use yunqi_governance::Governance;
 use yunqi_types::{Error, Limits};
@@ -229,6 +229,23 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/services/{department}/{name}/applications",
             get(services::my_applications).post(services::apply_for),
+        )
+        .route(
+            "/api/v1/services/{department}/{name}/applications/{number}",
+            get(services::application),
+        )
+        .route(
+            "/api/v1/services/{department}/{name}/applications/{number}/{act}",
+            post(services::act),
+        )
+        .route(
+            "/api/v1/services/{department}/{name}/reviews",
+            get(services::reviews),
+        )
+        .route("/api/v1/me/consents", get(services::my_consents))
+        .route(
+            "/api/v1/me/consents/{department}/{name}",
+            put(services::give_consent).delete(services::withdraw_consent),
         )
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed);

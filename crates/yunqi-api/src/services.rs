@@ -51,18 +51,186 @@ pub struct NewApplication {
 }
 
 fn decision_json(d: &yunqi_serve::decider::Decision) -> Value {
-    json!({
+    let mut v = json!({
         "id": d.id,
         "service": d.service,
+        "applicant": d.applicant,
         "decision": d.decision,
         "decided_at": d.decided_at,
         "reasons": d.reasons,
         "explanation": {"inputs": d.inputs, "rules": d.rules, "data": d.data, "quotas": d.quotas},
-        "document": d.document.as_ref().map_or(Value::Null, |x| json!({
-            "token": x.token, "valid_from": x.valid_from, "valid_to": x.valid_to,
-            "verify": "/api/v1/documents/verify?token=<token>",
-        })),
-    })
+        "document": d.document.as_ref().map_or(Value::Null, |x| {
+            let mut doc = json!({
+                "token": x.token, "valid_from": x.valid_from, "valid_to": x.valid_to,
+                "verify": "/api/v1/documents/verify?token=<token>",
+            });
+            if let Some(c) = &x.code {
+                doc["code"] = json!(c);
+            }
+            doc
+        }),
+    });
+    if let Some(due) = d.due_at {
+        v["due_at"] = json!(due);
+    }
+    if let Some(r) = &d.review {
+        v["review"] = json!(r);
+    }
+    if let Some(dr) = &d.draw {
+        v["draw"] = json!({
+            "line": dr.line,
+            "yuan": dr.fen as f64 / 100.0,
+            "repaid_yuan": dr.repaid_fen as f64 / 100.0,
+            "owed_yuan": dr.owed() as f64 / 100.0,
+            "due_at": dr.due_at,
+        });
+    }
+    v
+}
+
+fn application_id(department: &str, name: &str, number: &str) -> Result<String, Error> {
+    if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(
+            Error::invalid(format!("\"{number}\" is not an application number"))
+                .hint("an application's URL ends with its number, e.g. …/applications/42"),
+        );
+    }
+    Ok(format!("{department}.{name}/{number}"))
+}
+
+/// `GET /api/v1/services/{department}/{name}/applications/{number}`: one application (its
+/// applicant, the person it concerns, or the department's officers).
+pub async fn application(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path((department, name, number)): Path<(String, String, String)>,
+) -> ApiResult<axum::Json<Value>> {
+    let id = application_id(&department, &name, &number)?;
+    let d = state
+        .serve
+        .application(&auth.actor, &id, &auth.ctx())
+        .await?;
+    Ok(axum::Json(decision_json(&d)))
+}
+
+/// What an act on an application carries.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActBody {
+    /// Why (approve, refuse).
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// To whom (assign).
+    #[serde(default)]
+    pub assignee: Option<String>,
+    /// How much, yuan (repay; default all that is owed).
+    #[serde(default)]
+    pub amount: Option<f64>,
+}
+
+/// `POST /api/v1/services/{department}/{name}/applications/{number}/{act}` with `act` one of
+/// `assign {"assignee"}`, `approve {"reason"?}`, `refuse {"reason"}`, `repay {"amount"?}`:
+/// returns the application as it now stands, durable.
+pub async fn act(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path((department, name, number, act)): Path<(String, String, String, String)>,
+    RawBody(body): RawBody,
+) -> ApiResult<axum::Json<Value>> {
+    use yunqi_serve::decider::ActKind;
+    let id = application_id(&department, &name, &number)?;
+    let kind = match act.as_str() {
+        "assign" => ActKind::Assign,
+        "approve" => ActKind::Approve,
+        "refuse" => ActKind::Refuse,
+        "repay" => ActKind::Repay,
+        other => {
+            return Err(Error::not_found("action", other)
+                .hint("POST …/applications/{number}/assign, approve, refuse or repay")
+                .into());
+        }
+    };
+    let b: ActBody = if body.iter().all(u8::is_ascii_whitespace) {
+        ActBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            Error::invalid(format!("the body is not valid: {e}"))
+                .hint("send {\"reason\": …}, {\"assignee\": …} or {\"amount\": yuan}")
+        })?
+    };
+    let d = state
+        .serve
+        .act(
+            &auth.actor,
+            &id,
+            kind,
+            b.reason,
+            b.assignee,
+            b.amount,
+            &auth.ctx(),
+        )
+        .await?;
+    Ok(axum::Json(decision_json(&d)))
+}
+
+/// `GET /api/v1/services/{department}/{name}/reviews`: the applications waiting for review,
+/// the earliest deadline first, each with `overdue`.
+pub async fn reviews(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path((department, name)): Path<(String, String)>,
+) -> ApiResult<axum::Json<Value>> {
+    let q = state
+        .serve
+        .review_queue(&auth.actor, &format!("{department}.{name}"), &auth.ctx())
+        .await?;
+    let now = chrono::Utc::now();
+    Ok(axum::Json(json!({
+        "pending": q.iter().map(|d| {
+            let mut v = decision_json(d);
+            v["overdue"] = json!(d.due_at.is_some_and(|t| t <= now));
+            v
+        }).collect::<Vec<_>>()
+    })))
+}
+
+/// `GET /api/v1/me/consents`: the consents the caller (a citizen) has given.
+pub async fn my_consents(
+    State(state): State<AppState>,
+    auth: Authed,
+) -> ApiResult<axum::Json<Value>> {
+    Ok(axum::Json(
+        json!({"consents": state.serve.my_consents(&auth.actor)?}),
+    ))
+}
+
+/// `PUT /api/v1/me/consents/{department}/{name}`: the caller (a citizen) consents to the
+/// service (e.g. hospitals charging visits to their credit line).
+pub async fn give_consent(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path((department, name)): Path<(String, String)>,
+) -> ApiResult<axum::Json<Value>> {
+    let service = format!("{department}.{name}");
+    state
+        .serve
+        .set_consent(&auth.actor, &service, true, &auth.ctx())
+        .await?;
+    Ok(axum::Json(json!({"service": service, "given": true})))
+}
+
+/// `DELETE /api/v1/me/consents/{department}/{name}`: withdraws the caller's consent.
+pub async fn withdraw_consent(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path((department, name)): Path<(String, String)>,
+) -> ApiResult<axum::Json<Value>> {
+    let service = format!("{department}.{name}");
+    state
+        .serve
+        .set_consent(&auth.actor, &service, false, &auth.ctx())
+        .await?;
+    Ok(axum::Json(json!({"service": service, "given": false})))
 }
 
 /// `GET /api/v1/documents/public-key` (no login): the key documents are signed with.

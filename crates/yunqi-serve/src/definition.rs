@@ -977,6 +977,23 @@ mod tests {
     }
 
     #[test]
+    fn the_demo_services_read() {
+        for (file, src) in [
+            (
+                "market.business-registration",
+                include_str!("../../../services/market.business-registration.toml"),
+            ),
+            (
+                "health.credit-healthcare",
+                include_str!("../../../services/health.credit-healthcare.toml"),
+            ),
+        ] {
+            let s = parse(src).unwrap_or_else(|e| panic!("{file}: {e:?} {:?}", e.detail));
+            assert_eq!(s.full_name(), file);
+        }
+    }
+
+    #[test]
     fn problems_are_named_with_their_lines() {
         let bad = r#"[service]
 department = "traffic"

@@ -244,6 +244,16 @@ pub fn try_call(
                 None => r.send_empty(),
             }
         }
+        "PUT" => {
+            let mut r = agent.put(&url).header("Content-Type", "application/json");
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            match body {
+                Some(b) => r.send(b),
+                None => r.send_empty(),
+            }
+        }
         other => panic!("method {other}"),
     };
     let mut response = result.ok()?;
