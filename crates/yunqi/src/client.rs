@@ -173,6 +173,16 @@ impl Api {
                 .post(&url)
                 .header("Authorization", &auth)
                 .send_empty(),
+            ("PUT", _) => self
+                .agent
+                .put(&url)
+                .header("Authorization", &auth)
+                .send_empty(),
+            ("DELETE", _) => self
+                .agent
+                .delete(&url)
+                .header("Authorization", &auth)
+                .call(),
             _ => bail!("unsupported method {method}"),
         };
         let mut response = result.with_context(|| {

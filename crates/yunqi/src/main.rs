@@ -80,9 +80,12 @@ enum Command {
     /// Continuous views over streams: list, show progress.
     #[command(subcommand)]
     View(client_stream::ViewCommand),
-    /// Citizen services: apply a definition, list and show services.
+    /// Citizen services: definitions, applications, the review queue, repayments.
     #[command(subcommand)]
     Service(client_service::ServiceCommand),
+    /// Your consents to services that ask for one (citizens).
+    #[command(subcommand)]
+    Consent(client_service::ConsentCommand),
     /// Signed documents: verify one, offline with the issuer's public key.
     #[command(subcommand)]
     Document(client_service::DocumentCommand),
@@ -158,6 +161,7 @@ fn main() -> ExitCode {
                 Command::View(c) => client_stream::view(&api, c, json),
                 Command::Service(c) => client_service::service(&api, c, json),
                 Command::Document(c) => client_service::document(&api, c, json),
+                Command::Consent(c) => client_service::consent(&api, c, json),
                 Command::Audit(AuditCommand::List(a)) => client::audit_list(&api, a, json),
                 Command::Whoami => client::whoami(&api, json),
                 _ => unreachable!("handled above"),

@@ -355,6 +355,48 @@ async fn business_registration_with_review() {
         }
     }
     assert!(!breached.is_null(), "the missed deadline was not recorded");
+    // The same from the command line.
+    let late_id = late["id"].as_str().unwrap();
+    let (code, out, err) = common::cli(
+        &s,
+        &officer,
+        &["service", "queue", "market.business-registration"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(late_id) && out.contains("OVERDUE"), "{out}");
+    let (code, out, err) = common::cli(
+        &s,
+        &officer,
+        &[
+            "service",
+            "review",
+            late_id,
+            "refuse",
+            "--reason",
+            "材料不全",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("refused") && out.contains("材料不全"), "{out}");
+    let (code, out, err) = common::cli(
+        &s,
+        &founder,
+        &[
+            "service",
+            "request",
+            "market.business-registration",
+            "company_name=杭州命令行软件有限公司",
+            &format!("legal_rep={adult}"),
+            "capital=50000",
+            "scope=software",
+            "address=余杭区",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("approved") && out.contains("code: 91330106"),
+        "{out}"
+    );
     let audit = s.audit_all();
     let has = |action: &str, principal: &str| {
         audit
@@ -511,6 +553,9 @@ async fn credit_healthcare_with_consent_and_a_derived_score() {
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["draw"]["owed_yuan"], 0.0);
 
+    let (code, out, _) = common::cli(&s, &patient, &["consent", "list"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("health.credit-healthcare"), "{out}");
     // Consent withdrawn: no more charges.
     let (status, _) = s.call(
         "DELETE",
