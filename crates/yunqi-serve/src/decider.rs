@@ -47,6 +47,15 @@ pub trait Recorder: Send + Sync + 'static {
         decisions: &'a [&'a Decision],
         acts: &'a [&'a Act],
     ) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// Records documents revoked by events (officers' revocations are audited by the caller).
+    fn record_revocations<'a>(
+        &'a self,
+        revocations: &'a [Revocation],
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        let _ = revocations;
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Records each decision in the audit chain: who applied, the service, the decision and its
@@ -112,6 +121,45 @@ impl Recorder for AuditRecorder {
             .collect();
         Box::pin(async move { self.0.append(events).await.map(|_| ()) })
     }
+
+    fn record_revocations<'a>(
+        &'a self,
+        revocations: &'a [Revocation],
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        let events = revocations
+            .iter()
+            .map(|r| yunqi_types::AuditEvent {
+                principal: r.by.clone(),
+                department: String::new(),
+                action: "document.revoke".into(),
+                object: format!(
+                    "service:{}",
+                    r.revoke
+                        .split_once('/')
+                        .map_or(r.revoke.as_str(), |(s, _)| s)
+                ),
+                outcome: Some(yunqi_types::Outcome::Ok),
+                purpose: String::new(),
+                detail: format!("{}: {}", r.revoke, r.reason),
+                request_id: String::new(),
+            })
+            .collect();
+        Box::pin(async move { self.0.append(events).await.map(|_| ()) })
+    }
+}
+
+/// A stream whose events cancel documents, with its event-time column.
+#[derive(Debug, Clone)]
+pub struct CancelSource {
+    /// What cancels what.
+    pub cancel: crate::definition::Cancel,
+    /// The stream's event-time column.
+    pub event_time: String,
+}
+
+/// The consumer name under which a decider keeps its place in a cancelling stream.
+fn cancel_consumer(service: &Service) -> String {
+    format!("serve-{}-{}", service.department, service.name)
 }
 
 /// An application, checked and looked up.
@@ -583,6 +631,10 @@ struct State {
     watch: BTreeSet<(DateTime<Utc>, String)>,
     /// Draws not fully repaid, per account, by due date.
     open_draws: HashMap<String, BTreeSet<(DateTime<Utc>, String)>>,
+    /// The inputs cancelling events are matched against, and the decisions with documents by
+    /// `input \0 value`.
+    cancel_inputs: Vec<String>,
+    with_document: HashMap<String, Vec<String>>,
     decided: u64,
 }
 
@@ -629,6 +681,17 @@ impl State {
             Some(_) => {
                 if let Some(x) = list.iter_mut().rev().find(|x| x.id == d.id) {
                     *x = d.clone();
+                }
+            }
+        }
+        let issued_now = d.document.is_some() && old.as_ref().is_none_or(|o| o.document.is_none());
+        if issued_now {
+            for input in &self.cancel_inputs {
+                if let Some(v) = d.inputs.get(input).and_then(|v| v.as_str()) {
+                    self.with_document
+                        .entry(format!("{input}\0{v}"))
+                        .or_default()
+                        .push(d.id.clone());
                 }
             }
         }
@@ -732,9 +795,13 @@ impl Decider {
         recorder: Arc<dyn Recorder>,
         clock: Arc<dyn Clock>,
         signer: Option<Arc<crate::document::Signer>>,
+        cancels: Vec<CancelSource>,
     ) -> Result<Decider, Error> {
         let stream = log_stream(&service);
-        let mut state = State::default();
+        let mut state = State {
+            cancel_inputs: service.cancel_on.iter().map(|c| c.input.clone()).collect(),
+            ..State::default()
+        };
         let mut from = log.start_offset(&stream);
         if from > 0 {
             return Err(Error::internal(format!(
@@ -814,6 +881,7 @@ impl Decider {
                             clock,
                             stream,
                             signer,
+                            cancels,
                         },
                         rx,
                     ));
@@ -994,6 +1062,7 @@ struct Round0 {
     clock: Arc<dyn Clock>,
     stream: String,
     signer: Option<Arc<crate::document::Signer>>,
+    cancels: Vec<CancelSource>,
 }
 
 /// What a round produced, in order.
@@ -1009,7 +1078,22 @@ enum Answer {
 }
 
 async fn run(w: Round0, mut rx: tokio::sync::mpsc::Receiver<Job>) {
+    let consumer = cancel_consumer(&w.service);
+    let mut cursors: Vec<u64> = w
+        .cancels
+        .iter()
+        .map(|c| {
+            w.log
+                .committed_offset(&c.cancel.stream, &consumer)
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+        })
+        .collect();
     loop {
+        if !w.cancels.is_empty() {
+            cancel_scan(&w, &consumer, &mut cursors).await;
+        }
         let mut jobs = Vec::new();
         tokio::select! {
             j = rx.recv() => match j {
@@ -1038,6 +1122,116 @@ async fn run(w: Round0, mut rx: tokio::sync::mpsc::Receiver<Job>) {
             continue;
         }
         round(&w, jobs, overdue, now).await;
+    }
+}
+
+/// Reads the cancelling streams from where it left off: every event whose column matches a
+/// document's input within the document's validity revokes it, durably and audited; then the
+/// place is committed.
+async fn cancel_scan(w: &Round0, consumer: &str, cursors: &mut [u64]) {
+    use datafusion::arrow::array::{Array, AsArray};
+    use datafusion::arrow::datatypes::{DataType, TimeUnit, TimestampMicrosecondType};
+    for (c, cursor) in w.cancels.iter().zip(cursors.iter_mut()) {
+        let stream = &c.cancel.stream;
+        let from = (*cursor).max(w.log.start_offset(stream));
+        if from >= w.log.end_offset(stream) {
+            continue;
+        }
+        let Ok(entries) = w.log.read(stream, from, 4 << 20) else {
+            continue;
+        };
+        let mut next = from;
+        let mut found: Vec<Revocation> = Vec::new();
+        {
+            let st = w.state.read().expect("state lock");
+            for e in &entries {
+                next = e.end();
+                let Ok(batches) = yunqi_sense::runtime::decode_ipc(&e.payload) else {
+                    continue;
+                };
+                let mut offset = e.first;
+                for b in batches {
+                    let n = b.num_rows() as u64;
+                    let (Some(keys), Some(times)) = (
+                        b.column_by_name(&c.cancel.column),
+                        b.column_by_name(&c.event_time),
+                    ) else {
+                        offset += n;
+                        continue;
+                    };
+                    let Ok(keys) = datafusion::arrow::compute::cast(keys, &DataType::Utf8) else {
+                        offset += n;
+                        continue;
+                    };
+                    let Ok(times) = datafusion::arrow::compute::cast(
+                        times,
+                        &DataType::Timestamp(TimeUnit::Microsecond, None),
+                    ) else {
+                        offset += n;
+                        continue;
+                    };
+                    let keys = keys.as_string::<i32>();
+                    let times = times.as_primitive::<TimestampMicrosecondType>();
+                    for r in 0..b.num_rows() {
+                        let at = offset + r as u64;
+                        if at < from || keys.is_null(r) || times.is_null(r) {
+                            continue;
+                        }
+                        let Some(ts) = DateTime::from_timestamp_micros(times.value(r)) else {
+                            continue;
+                        };
+                        let k = format!("{}\0{}", c.cancel.input, keys.value(r));
+                        for id in st.with_document.get(&k).into_iter().flatten() {
+                            let Some(doc) = st.by_id.get(id).and_then(|d| d.document.clone())
+                            else {
+                                continue;
+                            };
+                            let inside = doc.valid_from.is_none_or(|f| f <= ts)
+                                && doc.valid_to.is_none_or(|t| ts < t);
+                            if inside
+                                && !st.revoked.contains_key(id)
+                                && !found.iter().any(|x| &x.revoke == id)
+                            {
+                                found.push(Revocation {
+                                    revoke: id.clone(),
+                                    reason: format!(
+                                        "{} ({stream} event {at} at {})",
+                                        c.cancel.reason,
+                                        ts.to_rfc3339()
+                                    ),
+                                    by: "system".into(),
+                                    at: w.clock.now(),
+                                });
+                            }
+                        }
+                    }
+                    offset += n;
+                }
+            }
+        }
+        if !found.is_empty() {
+            let mut payload = Vec::new();
+            for r in &found {
+                if serde_json::to_writer(&mut payload, r).is_err() {
+                    return;
+                }
+                payload.push(b'\n');
+            }
+            if w.recorder.record_revocations(&found).await.is_err()
+                || w.log
+                    .append(&w.stream, found.len() as u32, payload)
+                    .await
+                    .is_err()
+            {
+                return; // tried again on the next pass
+            }
+            let mut st = w.state.write().expect("state lock");
+            for r in found {
+                st.revoked.insert(r.revoke.clone(), r);
+            }
+        }
+        *cursor = next;
+        let _ = w.log.commit_offset(stream, consumer, next);
     }
 }
 

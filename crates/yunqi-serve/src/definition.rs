@@ -65,6 +65,8 @@ struct File {
     #[serde(default)]
     consent: Option<ConsentDef>,
     #[serde(default)]
+    cancel_on: Vec<CancelDef>,
+    #[serde(default)]
     rules: Vec<RuleDef>,
     outcome: OutcomeDef,
     #[serde(default)]
@@ -139,6 +141,15 @@ struct LineDef {
     limit: Spanned<String>,
     amount: Spanned<String>,
     due_days: u32,
+    reason: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelDef {
+    stream: Spanned<String>,
+    column: Spanned<String>,
+    input: Spanned<String>,
     reason: String,
 }
 
@@ -299,6 +310,21 @@ pub struct Consent {
     pub reason: String,
 }
 
+/// Events that cancel documents: an event of `stream` whose `column` equals a document's
+/// `input` and whose event time falls within the document's validity revokes it (the quota
+/// it used stays used).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Cancel {
+    /// The stream (`department.name`, of the service's own department).
+    pub stream: String,
+    /// Its column matched.
+    pub column: String,
+    /// The input it is matched against.
+    pub input: String,
+    /// The reason the revocation gives.
+    pub reason: String,
+}
+
 /// What happens when a rule is not met.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -382,6 +408,8 @@ pub struct Service {
     pub lines: Vec<Line>,
     /// The consent an application needs, if any.
     pub consent: Option<Consent>,
+    /// Events that cancel issued documents.
+    pub cancel_on: Vec<Cancel>,
     /// Rules, in the order they are evaluated.
     pub rules: Vec<Rule>,
     /// How it decides.
@@ -771,6 +799,38 @@ pub fn parse(src: &str) -> Result<Service, Error> {
             reason: c.reason.clone(),
         }
     });
+    let mut cancel_on = Vec::new();
+    for c in &file.cancel_on {
+        match c.stream.get_ref().split_once('.') {
+            Some((d, _)) if d == h.department.get_ref() => {}
+            _ => p.add(
+                c.stream.span(),
+                format!(
+                    "cancel_on stream {} is not a stream of department {}: name one of its own streams, department.name",
+                    c.stream.get_ref(),
+                    h.department.get_ref()
+                ),
+            ),
+        }
+        if input_of(c.input.get_ref()).is_none() {
+            p.add(
+                c.input.span(),
+                format!("cancel_on input {} is not an input", c.input.get_ref()),
+            );
+        }
+        if file.document.is_none() {
+            p.add(
+                c.stream.span(),
+                "cancel_on cancels documents: the service issues none ([document] is missing)",
+            );
+        }
+        cancel_on.push(Cancel {
+            stream: c.stream.get_ref().clone(),
+            column: c.column.get_ref().clone(),
+            input: c.input.get_ref().clone(),
+            reason: c.reason.clone(),
+        });
+    }
     let line_names: Vec<&str> = lines.iter().map(|l| l.name.as_str()).collect();
     let quota_names: Vec<&str> = quotas.iter().map(|q| q.name.as_str()).collect();
     let mut rules_out = Vec::new();
@@ -937,6 +997,7 @@ pub fn parse(src: &str) -> Result<Service, Error> {
         quotas,
         lines,
         consent,
+        cancel_on,
         rules: rules_out,
         review_hours: review_hours.unwrap_or(24.0),
         outcome,

@@ -227,8 +227,52 @@ impl Serve {
         Ok(serve)
     }
 
+    /// The streams whose events cancel the service's documents: each must be a stream of the
+    /// service's department with the column named.
+    fn cancel_sources(
+        &self,
+        service: &Service,
+    ) -> Result<Vec<crate::decider::CancelSource>, Error> {
+        service
+            .cancel_on
+            .iter()
+            .map(|c| {
+                let m = self.gov.stream_definition(&c.stream).map_err(|e| {
+                    Error::invalid(format!("cancel_on stream {}: {}", c.stream, e.message)).hint(
+                        "create the stream first (CREATE STREAM …), then apply the definition",
+                    )
+                })?;
+                if m.department != service.department {
+                    return Err(Error::invalid(format!(
+                        "cancel_on stream {} belongs to department {}",
+                        c.stream, m.department
+                    )));
+                }
+                if !m.columns.iter().any(|x| x.name == c.column) {
+                    return Err(Error::invalid(format!(
+                        "cancel_on stream {} has no column {}",
+                        c.stream, c.column
+                    ))
+                    .hint(format!(
+                        "its columns: {}",
+                        m.columns
+                            .iter()
+                            .map(|x| x.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
+                Ok(crate::decider::CancelSource {
+                    cancel: c.clone(),
+                    event_time: m.event_time.clone(),
+                })
+            })
+            .collect()
+    }
+
     fn start(&self, service: Arc<Service>, version: u32) -> Result<(), Error> {
         let name = service.full_name();
+        let cancels = self.cancel_sources(&service)?;
         let decider = Decider::open(
             service,
             self.calendar.clone(),
@@ -236,6 +280,7 @@ impl Serve {
             Arc::new(AuditRecorder(self.gov.audit().clone())),
             self.clock.clone(),
             Some(self.signer.clone()),
+            cancels,
         )?;
         let old = self.services.write().expect("services lock").insert(
             name,
@@ -296,6 +341,7 @@ impl Serve {
                     e
                 })?;
         }
+        self.cancel_sources(&service)?;
         if let Ok(live) = self.live(&name) {
             let old = &live.decider.service().quotas;
             for (i, q) in old.iter().enumerate() {

@@ -66,6 +66,7 @@ impl World {
             self.audit.clone(),
             Arc::new(self.clock.clone()),
             None,
+            Vec::new(),
         )
         .unwrap()
     }

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use yunqi_serve::calendar::Calendar;
 use yunqi_serve::decider::{
-    Act, ActKind, ActRequest, Application, Decider, Decision, Recorder, Verdict, check_inputs,
+    Act, ActKind, ActRequest, Application, CancelSource, Decider, Decision, Recorder, Revocation,
+    Verdict, check_inputs,
 };
 use yunqi_serve::definition::{Service, parse};
 use yunqi_serve::rules::Value;
@@ -28,6 +29,17 @@ impl Recorder for Audit {
             let mut a = self.0.lock().unwrap();
             a.extend(decisions.iter().map(|d| format!("{} decided", d.id)));
             a.extend(acts.iter().map(|x| format!("{} {}", x.id, x.act.as_str())));
+            Ok(())
+        })
+    }
+
+    fn record_revocations<'a>(
+        &'a self,
+        revocations: &'a [Revocation],
+    ) -> yunqi_serve::decider::BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let mut a = self.0.lock().unwrap();
+            a.extend(revocations.iter().map(|r| format!("{} revoked", r.revoke)));
             Ok(())
         })
     }
@@ -120,13 +132,20 @@ impl World {
         }
     }
 
-    fn open(&self) -> Decider {
-        let log = SegmentLog::open(
+    fn log(&self) -> Arc<SegmentLog> {
+        SegmentLog::open(
             &self.dir.path().join("log"),
             LogConfig::default(),
             Arc::new(self.clock.clone()),
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    fn open(&self) -> Decider {
+        self.open_with(self.log(), Vec::new())
+    }
+
+    fn open_with(&self, log: Arc<SegmentLog>, cancels: Vec<CancelSource>) -> Decider {
         let signer = yunqi_serve::document::Signer::open(&self.dir.path().join("key")).unwrap();
         Decider::open(
             self.service.clone(),
@@ -135,6 +154,7 @@ impl World {
             self.audit.clone(),
             Arc::new(self.clock.clone()),
             Some(Arc::new(signer)),
+            cancels,
         )
         .unwrap()
     }
@@ -403,5 +423,138 @@ fn credit_codes_are_valid() {
     assert_ne!(
         yunqi_serve::decider::credit_code("330106", 1),
         yunqi_serve::decider::credit_code("330106", 2)
+    );
+}
+
+const CANCELLED: &str = r#"
+[service]
+department = "traffic"
+name = "day-permit"
+title = "通行证"
+applicants = ["citizen"]
+
+[[inputs]]
+name = "plate"
+type = "plate"
+
+[[inputs]]
+name = "date"
+type = "date"
+
+[outcome]
+decide = "automatic"
+
+[document]
+title = "通行证"
+fields = ["plate", "date"]
+
+[[cancel_on]]
+stream = "traffic.violations"
+column = "plate"
+input = "plate"
+reason = "通行期间有交通违法记录"
+"#;
+
+/// One log entry of violations, as Sense writes them: Arrow IPC, plate and event time.
+fn violations(rows: &[(&str, &str)]) -> Vec<u8> {
+    use datafusion::arrow::array::{StringArray, TimestampMicrosecondArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    use datafusion::arrow::record_batch::RecordBatch;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("plate", DataType::Utf8, true),
+        Field::new("ts", DataType::Timestamp(TimeUnit::Microsecond, None), true),
+    ]));
+    let plates = StringArray::from(rows.iter().map(|r| r.0).collect::<Vec<_>>());
+    let ts = TimestampMicrosecondArray::from(
+        rows.iter()
+            .map(|r| {
+                r.1.parse::<chrono::DateTime<chrono::Utc>>()
+                    .unwrap()
+                    .timestamp_micros()
+            })
+            .collect::<Vec<_>>(),
+    );
+    let b = RecordBatch::try_new(schema.clone(), vec![Arc::new(plates), Arc::new(ts)]).unwrap();
+    let mut out = Vec::new();
+    let mut w = datafusion::arrow::ipc::writer::StreamWriter::try_new(&mut out, &schema).unwrap();
+    w.write(&b).unwrap();
+    w.finish().unwrap();
+    drop(w);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_violation_during_the_window_cancels_the_permit() {
+    let w = World::new(CANCELLED);
+    let source = || {
+        vec![CancelSource {
+            cancel: w.service.cancel_on[0].clone(),
+            event_time: "ts".into(),
+        }]
+    };
+    let log = w.log();
+    let d = w.open_with(log.clone(), source());
+    let permit = |plate: &str, date: &str| {
+        w.app(
+            serde_json::json!({"plate": plate, "date": date}),
+            BTreeMap::new(),
+            None,
+        )
+    };
+    // Valid 2026-11-30 00:00 to 24:00 in Hangzhou (UTC+8).
+    let a = d.decide(permit("苏E12345", "2026-11-30")).await.unwrap();
+    let b = d.decide(permit("苏E12345", "2026-12-02")).await.unwrap();
+    let c = d.decide(permit("沪B00001", "2026-11-30")).await.unwrap();
+    assert!(a.document.is_some() && b.document.is_some() && c.document.is_some());
+
+    // One violation inside a's window (10:00 local), one just before it, one of another plate.
+    let events = violations(&[
+        ("苏E12345", "2026-11-29T15:59:59Z"),
+        ("苏E12345", "2026-11-30T02:00:00Z"),
+        ("浙A99999", "2026-11-30T02:00:00Z"),
+    ]);
+    log.append("traffic.violations", 3, events).await.unwrap();
+    let mut revoked = None;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        revoked = d.revocation(&a.id);
+        if revoked.is_some() {
+            break;
+        }
+    }
+    let r = revoked.expect("the violation during the window did not cancel the permit");
+    assert_eq!(r.by, "system");
+    assert!(r.reason.contains("通行期间有交通违法记录"), "{r:?}");
+    assert!(d.revocation(&b.id).is_none(), "another day's permit stands");
+    assert!(
+        d.revocation(&c.id).is_none(),
+        "another plate's permit stands"
+    );
+    // The quota (here none) and the decision are unchanged: a revoked permit was issued.
+    assert_eq!(d.decision(&a.id).unwrap().decision, Verdict::Approved);
+    drop(d);
+    drop(log);
+
+    // After a restart: still revoked, and the events are not read again.
+    let log = w.log();
+    let d = w.open_with(log.clone(), source());
+    assert!(d.revocation(&a.id).is_some());
+    let late = violations(&[("沪B00001", "2026-11-30T15:59:59Z")]);
+    log.append("traffic.violations", 1, late).await.unwrap();
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if d.revocation(&c.id).is_some() {
+            break;
+        }
+    }
+    assert!(
+        d.revocation(&c.id).is_some(),
+        "the last second of the window counts"
+    );
+    let audit = w.audit.0.lock().unwrap().clone();
+    assert_eq!(
+        audit.iter().filter(|x| x.ends_with(" revoked")).count(),
+        2,
+        "{audit:?}"
     );
 }

@@ -115,6 +115,7 @@ fn in_process(
                 yunqi_serve::document::Signer::open(&dir.join("documents.ed25519"))
                     .map_err(crate::user_error)?,
             )),
+            Vec::new(),
         )
         .map_err(crate::user_error)?,
     );

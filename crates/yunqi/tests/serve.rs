@@ -119,7 +119,7 @@ async fn the_urgent_entry_permit_end_to_end() {
         "purpose": "非浙A急事通: no permits on holidays", "until": until}),
     );
     // The zone's live load: a continuous view over a stream of detections.
-    common::zone_load_view(&s, &tsteward);
+    common::permit_streams(&s, &tsteward);
 
     // A bad definition is refused whole, line by line; only stewards apply.
     let (status, v) = post_toml(
@@ -324,6 +324,45 @@ async fn the_urgent_entry_permit_end_to_end() {
     assert_eq!(
         v["status"], "revoked",
         "the revocation survives kill -9: {v}"
+    );
+    // A violation recorded during a permit's window cancels it, by itself.
+    let (_, other) = apply(
+        &s,
+        &citizen,
+        json!({"plate": "苏E54321", "date": day, "window": "day", "reason": "x"}),
+        None,
+    );
+    assert_eq!(other["decision"], "approved", "{other}");
+    let other_token = other["document"]["token"].as_str().unwrap().to_string();
+    let violation =
+        json!({"plate": "苏E54321", "kind": "闯限行区", "ts": format!("{day}T10:00:00+08:00")});
+    let (status, v) = s.call(
+        "POST",
+        "/api/v1/streams/traffic/violations/events",
+        Some(&tsteward),
+        Some(&violation.to_string()),
+    );
+    assert_eq!(status, 200, "{v}");
+    let mut cancelled = Value::Null;
+    for _ in 0..50 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let (_, v) = s.call(
+            "GET",
+            &format!("/api/v1/documents/verify?token={other_token}"),
+            None,
+            None,
+        );
+        if v["status"] == "revoked" {
+            cancelled = v;
+            break;
+        }
+    }
+    assert!(
+        cancelled["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("交通违法"),
+        "the violation did not cancel the permit: {cancelled}"
     );
     // The applicant's own list; the audit chain has every decision and the lookups' queries.
     let (status, mine) = s.call(

@@ -54,7 +54,7 @@ fn setup(s: &Server) -> String {
         "columns": ["plate", "vehicle_type", "owner_id"], "purpose": "permit checks",
         "until": until, "unmasked": ["plate"], "unmasked_reason": "plates are matched exactly"}),
     );
-    common::zone_load_view(s, &tsteward);
+    common::permit_streams(s, &tsteward);
     // Without the holiday dataset: weekends are the rest days here.
     let definition = PERMIT.replace("calendar = \"city.holidays\"\n", "");
     let mut r = common::agent()

@@ -423,9 +423,11 @@ pub fn grant(s: &Server, requester: &str, owner: &str, request: &Value) {
     assert_eq!(status, 200, "{v}");
 }
 
-/// The stream and continuous view the urgent entry permit reads the zone's load from.
-pub fn zone_load_view(s: &Server, steward: &str) {
+/// The streams and continuous view of the urgent entry permit: the zone's load it reads, and
+/// the violations that cancel permits.
+pub fn permit_streams(s: &Server, steward: &str) {
     for q in [
+        "CREATE STREAM traffic.violations (plate TEXT, kind TEXT, ts TIMESTAMP) WITH (event_time = 'ts', watermark = '1 second')",
         "CREATE STREAM traffic.zone_detections (plate TEXT, ts TIMESTAMP) WITH (event_time = 'ts', watermark = '1 second')",
         "CREATE CONTINUOUS VIEW traffic.zone_load_1m AS SELECT window_start, window_end, count(*) AS vehicles FROM TUMBLE(traffic.zone_detections, ts, INTERVAL '1' MINUTE) GROUP BY window_start, window_end",
     ] {
