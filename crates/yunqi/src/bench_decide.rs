@@ -48,6 +48,12 @@ pub struct DecideBench {
         default_value = "host=127.0.0.1 port=5432 user=postgres dbname=test"
     )]
     pub pg: String,
+    /// Applications sent over HTTP to a server of this binary (0 to skip).
+    #[arg(long, default_value_t = 20_000)]
+    pub http_applications: usize,
+    /// Concurrent HTTP clients.
+    #[arg(long, default_value_t = 64)]
+    pub http_clients: usize,
     /// Directory to write in (default: a temporary directory).
     #[arg(long)]
     pub dir: Option<std::path::PathBuf>,
@@ -178,23 +184,242 @@ fn in_process(
         yunqi_stream::StreamLog::shutdown(log.as_ref()).await;
         audit.shutdown().await;
     });
-    // No plate over its quotas.
-    let mut month: HashMap<(String, String), u32> = HashMap::new();
-    let mut year: HashMap<(String, String), u32> = HashMap::new();
-    for (_, ok, plate, date) in &results {
-        if *ok {
-            *month
-                .entry((plate.clone(), date[..7].to_string()))
-                .or_default() += 1;
-            *year
-                .entry((plate.clone(), date[..4].to_string()))
-                .or_default() += 1;
-        }
+    check_quotas(
+        results
+            .iter()
+            .filter(|r| r.1)
+            .map(|r| (r.2.as_str(), r.3.as_str())),
+    )?;
+    let mut lat: Vec<f64> = results.iter().map(|r| r.0).collect();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let pct = |q: f64| lat[((lat.len() as f64 - 1.0) * q).round() as usize];
+    Ok(Run {
+        per_s: results.len() as f64 / secs,
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+        approved: results.iter().filter(|r| r.1).count(),
+    })
+}
+
+/// Checks that no plate got more than its quotas: (plate, date) of every approval.
+fn check_quotas<'a>(approved: impl Iterator<Item = (&'a str, &'a str)>) -> anyhow::Result<()> {
+    let mut month: HashMap<(&str, &str), u32> = HashMap::new();
+    let mut year: HashMap<(&str, &str), u32> = HashMap::new();
+    for (plate, date) in approved {
+        *month.entry((plate, &date[..7])).or_default() += 1;
+        *year.entry((plate, &date[..4])).or_default() += 1;
     }
     anyhow::ensure!(
         month.values().all(|n| *n <= 3) && year.values().all(|n| *n <= 12),
         "a quota was over-spent"
     );
+    Ok(())
+}
+
+/// The same applications over HTTP to a server of this binary, set up as the demo city would
+/// be: the vehicle registry granted by transport (plates unmasked), the city's holiday
+/// calendar, the zone-load view and the violations stream, the permit applied by the traffic
+/// steward. Each request is a citizen's `POST …/applications`: authenticated, inputs checked,
+/// two lookups run in SQL as the service under the grant (audited), decided, durable.
+fn over_http(
+    dir: &std::path::Path,
+    apps: &[(String, String)],
+    plates: usize,
+    clients: usize,
+) -> anyhow::Result<Run> {
+    use crate::bench_stream::{post, start_server};
+    use std::sync::Mutex;
+    let (mut child, url, admin) = start_server(&dir.join("server"))?;
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(120)))
+        .max_idle_connections_per_host(clients.max(1))
+        .build()
+        .into();
+    let j = "application/json";
+    let setup = || -> anyhow::Result<String> {
+        for d in ["traffic", "transport", "city"] {
+            post(
+                &agent,
+                &format!("{url}/api/v1/departments"),
+                &admin,
+                j,
+                &json!({"name": d}).to_string(),
+            )?;
+        }
+        let token = |name: &str, role: &str, dept: Option<&str>| -> anyhow::Result<String> {
+            let body = json!({"name": name, "role": role, "department": dept}).to_string();
+            let v = post(
+                &agent,
+                &format!("{url}/api/v1/principals"),
+                &admin,
+                j,
+                &body,
+            )?;
+            Ok(v["token"]["token"].as_str().unwrap_or_default().to_string())
+        };
+        let ts = token("tsteward", "steward", Some("traffic"))?;
+        let xs = token("xsteward", "steward", Some("transport"))?;
+        let cs = token("csteward", "steward", Some("city"))?;
+        let citizen = {
+            let body =
+                json!({"name": "c_bench", "role": "citizen", "id_number": "11010519491231002X"})
+                    .to_string();
+            let v = post(
+                &agent,
+                &format!("{url}/api/v1/principals"),
+                &admin,
+                j,
+                &body,
+            )?;
+            v["token"]["token"].as_str().unwrap_or_default().to_string()
+        };
+        let dataset = |steward: &str, d: &str, n: &str, csv: String| -> anyhow::Result<()> {
+            post(
+                &agent,
+                &format!("{url}/api/v1/datasets"),
+                steward,
+                j,
+                &json!({"department": d, "name": n}).to_string(),
+            )?;
+            post(
+                &agent,
+                &format!("{url}/api/v1/datasets/{d}/{n}/import"),
+                steward,
+                "text/csv",
+                &csv,
+            )?;
+            Ok(())
+        };
+        let mut vehicles = String::from("plate,vehicle_type,owner_id\n");
+        for p in 0..plates.max(1) {
+            vehicles.push_str(&format!("沪B{p:05},小型汽车,11010519491231002X\n"));
+        }
+        dataset(&xs, "transport", "vehicles", vehicles)?;
+        dataset(
+            &cs,
+            "city",
+            "holidays",
+            "day,kind\n2027-01-01,holiday\n".into(),
+        )?;
+        let until = (chrono::Utc::now() + chrono::Duration::days(90))
+            .date_naive()
+            .to_string();
+        for (owner, req) in [
+            (
+                &xs,
+                json!({"dataset": "transport.vehicles", "columns": ["plate", "vehicle_type", "owner_id"],
+                "purpose": "非浙A急事通", "until": until, "unmasked": ["plate"],
+                "unmasked_reason": "the plate an applicant gives is matched exactly"}),
+            ),
+            (
+                &cs,
+                json!({"dataset": "city.holidays", "columns": ["day", "kind"],
+                "purpose": "非浙A急事通", "until": until}),
+            ),
+        ] {
+            let g = post(
+                &agent,
+                &format!("{url}/api/v1/grants"),
+                &ts,
+                j,
+                &req.to_string(),
+            )?;
+            let id = g["id"].as_str().unwrap_or_default();
+            post(
+                &agent,
+                &format!("{url}/api/v1/grants/{id}/approve"),
+                owner,
+                j,
+                "",
+            )?;
+        }
+        for q in [
+            "CREATE STREAM traffic.violations (plate TEXT, kind TEXT, ts TIMESTAMP) WITH (event_time = 'ts', watermark = '1 second')",
+            "CREATE STREAM traffic.zone_detections (plate TEXT, ts TIMESTAMP) WITH (event_time = 'ts', watermark = '1 second')",
+            "CREATE CONTINUOUS VIEW traffic.zone_load_1m AS SELECT window_start, window_end, count(*) AS vehicles FROM TUMBLE(traffic.zone_detections, ts, INTERVAL '1' MINUTE) GROUP BY window_start, window_end",
+        ] {
+            post(
+                &agent,
+                &format!("{url}/api/v1/sql"),
+                &ts,
+                j,
+                &json!({ "sql": q }).to_string(),
+            )?;
+        }
+        post(
+            &agent,
+            &format!("{url}/api/v1/services"),
+            &ts,
+            "application/toml",
+            PERMIT,
+        )?;
+        Ok(citizen)
+    };
+    let citizen = match setup() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = child.kill();
+            return Err(e);
+        }
+    };
+    let target = format!("{url}/api/v1/services/traffic/urgent-entry-permit/applications");
+    let next = Arc::new(AtomicUsize::new(0));
+    let results: Arc<Mutex<Vec<(f64, bool, usize)>>> = Arc::default();
+    let apps = Arc::new(apps.to_vec());
+    let t = Instant::now();
+    let handles: Vec<_> = (0..clients.max(1))
+        .map(|_| {
+            let (next, results, apps, agent, target) =
+                (next.clone(), results.clone(), apps.clone(), agent.clone(), target.clone());
+            let auth = format!("Bearer {citizen}");
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                let mut mine = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((plate, date)) = apps.get(i) else { break };
+                    let body = json!({"inputs": {"plate": plate, "date": date, "window": "day", "reason": "送货"}});
+                    let sent = Instant::now();
+                    let mut r = agent
+                        .post(&target)
+                        .header("Authorization", &auth)
+                        .header("Content-Type", "application/json")
+                        .header("Idempotency-Key", format!("bench-{i}"))
+                        .send(body.to_string())?;
+                    let status = r.status().as_u16();
+                    let text = r.body_mut().read_to_string().unwrap_or_default();
+                    anyhow::ensure!(status == 200, "{status} {text}");
+                    let v: serde_json::Value = serde_json::from_str(&text)?;
+                    mine.push((sent.elapsed().as_secs_f64() * 1e3, v["decision"] == "approved", i));
+                }
+                results.lock().expect("results").extend(mine);
+                Ok(())
+            })
+        })
+        .collect();
+    let mut failed = None;
+    for h in handles {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failed = Some(e),
+            Err(_) => failed = Some(anyhow::anyhow!("a client panicked")),
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let results = results.lock().expect("results").clone();
+    check_quotas(
+        results
+            .iter()
+            .filter(|r| r.1)
+            .map(|r| (apps[r.2].0.as_str(), apps[r.2].1.as_str())),
+    )?;
     let mut lat: Vec<f64> = results.iter().map(|r| r.0).collect();
     lat.sort_by(|a, b| a.total_cmp(b));
     let pct = |q: f64| lat[((lat.len() as f64 - 1.0) * q).round() as usize];
@@ -358,6 +583,29 @@ pub fn decide(o: DecideBench, json_out: bool) -> anyhow::Result<ExitCode> {
         ));
         ours.push(run);
     }
+    let mut http_runs = Vec::new();
+    if o.http_applications > 0 {
+        let http_apps = &apps[..o.http_applications.min(apps.len())];
+        for r in 0..runs {
+            say(format!(
+                "over HTTP, run {}: {} applications, {} clients, lookups in SQL, durable…",
+                r + 1,
+                http_apps.len(),
+                o.http_clients
+            ));
+            let run = over_http(
+                &dir.join(format!("http-{r}")),
+                http_apps,
+                o.plates,
+                o.http_clients,
+            )?;
+            say(format!(
+                "    {:.0} decisions/s; p50 {:.2} ms, p99 {:.2} ms; {} approved",
+                run.per_s, run.p50_ms, run.p99_ms, run.approved
+            ));
+            http_runs.push(run);
+        }
+    }
     let mut pg = None;
     if o.pg_applications > 0 {
         say(format!(
@@ -379,12 +627,26 @@ pub fn decide(o: DecideBench, json_out: bool) -> anyhow::Result<ExitCode> {
             .map(|p| format!("; PostgreSQL {:.0}/s → {:.1}×", p.0, rate / p.0))
             .unwrap_or_default()
     ));
+    let http = (!http_runs.is_empty()).then(|| {
+        let h = (
+            median(http_runs.iter().map(|r| r.per_s).collect()),
+            median(http_runs.iter().map(|r| r.p50_ms).collect()),
+            median(http_runs.iter().map(|r| r.p99_ms).collect()),
+        );
+        say(format!(
+            "yunqi over HTTP: {:.0} durable decisions/s (median of {runs}); p50 {:.2} ms, p99 {:.2} ms",
+            h.0, h.1, h.2
+        ));
+        h
+    });
     if json_out {
         println!(
             "{}",
             json!({"benchmark": "decide", "applications": apps.len(), "plates": o.plates,
                    "callers": o.callers, "runs": runs,
                    "in_process": {"decisions_per_s": rate, "p50_ms": p50, "p99_ms": p99},
+                   "http": http.map(|h| json!({"applications": o.http_applications.min(apps.len()),
+                       "clients": o.http_clients, "decisions_per_s": h.0, "p50_ms": h.1, "p99_ms": h.2})),
                    "postgres": pg.map(|p| json!({"applications": o.pg_applications, "clients": o.pg_clients,
                        "decisions_per_s": p.0, "latency_avg_ms": p.1}))})
         );
