@@ -300,6 +300,14 @@ impl DatasetStore {
         Ok(m)
     }
 
+    /// The number of a dataset's latest version, and its row count, without copying its
+    /// manifest (`None`: no such dataset, or no version yet).
+    pub fn latest(&self, sql_name: &str) -> Option<(u64, u64)> {
+        let manifests = self.manifests.read().expect("manifests lock");
+        let v = manifests.get(sql_name)?.versions.last()?;
+        Some((v.version, v.rows))
+    }
+
     /// The manifest of a dataset.
     pub fn get(&self, department: &str, name: &str) -> Result<Manifest, Error> {
         let sql_name = format!("{department}.{name}");

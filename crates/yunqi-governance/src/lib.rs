@@ -440,37 +440,43 @@ impl Governance {
         let found =
             tokio::task::spawn_blocking(move || -> Result<Vec<yunqi_audit::AuditRecord>, Error> {
                 let mut out = Vec::new();
-                let mut before = None;
-                loop {
-                    let page = audit.query(&AuditQuery {
-                        action: Some("sql.query".into()),
-                        outcome: Some(Outcome::Ok),
-                        before,
-                        descending: true,
-                        limit: 1000,
-                        ..Default::default()
-                    })?;
-                    for r in page.records {
-                        // The SQL text follows the first ": " and is not to be trusted.
-                        let head = r
-                            .detail
-                            .split_once(": ")
-                            .map_or(r.detail.as_str(), |(h, _)| h);
-                        let subjects = head
-                            .split(';')
-                            .find_map(|part| part.trim().strip_prefix("subjects "));
-                        if subjects.is_some_and(|s| format!(" {s} ").contains(&needle)) {
-                            out.push(r);
-                            if out.len() >= limit {
-                                return Ok(out);
+                // Queries that returned the citizen's rows, and service decisions that used
+                // them (a lookup answered from an index), newest first.
+                for action in ["sql.query", "service.decide"] {
+                    let mut before = None;
+                    let mut found_here = 0;
+                    while found_here < limit {
+                        let page = audit.query(&AuditQuery {
+                            action: Some(action.into()),
+                            outcome: Some(Outcome::Ok),
+                            before,
+                            descending: true,
+                            limit: 1000,
+                            ..Default::default()
+                        })?;
+                        for r in page.records {
+                            // The SQL text follows the first ": " and is not to be trusted.
+                            let head = r
+                                .detail
+                                .split_once(": ")
+                                .map_or(r.detail.as_str(), |(h, _)| h);
+                            let subjects = head
+                                .split(';')
+                                .find_map(|part| part.trim().strip_prefix("subjects "));
+                            if subjects.is_some_and(|s| format!(" {s} ").contains(&needle)) {
+                                out.push(r);
+                                found_here += 1;
                             }
                         }
-                    }
-                    match page.next {
-                        Some(n) => before = Some(n),
-                        None => return Ok(out),
+                        match page.next {
+                            Some(n) => before = Some(n),
+                            None => break,
+                        }
                     }
                 }
+                out.sort_by(|a, b| b.seq.cmp(&a.seq));
+                out.truncate(limit);
+                Ok(out)
             })
             .await
             .map_err(|e| Error::internal(format!("audit query task failed: {e}")))?;

@@ -98,24 +98,45 @@ impl Recorder for AuditRecorder {
         });
         let events = decisions
             .iter()
-            .map(|d| yunqi_types::AuditEvent {
-                principal: d.applicant.clone(),
-                department: String::new(),
-                action: "service.decide".into(),
-                object: format!("service:{}", d.service),
-                outcome: Some(yunqi_types::Outcome::Ok),
-                purpose: String::new(),
-                detail: format!(
-                    "{} {:?}{}",
-                    d.id,
-                    d.decision,
-                    if d.reasons.is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {}", d.reasons.join("; "))
+            .map(|d| {
+                // Every data item used: its datasets and grants (purposes), and the subjects
+                // of the rows, so that "who accessed my data" finds the decision.
+                let mut data = Vec::new();
+                let mut purposes: Vec<&str> = Vec::new();
+                for (name, v) in &d.data {
+                    let src = &v["source"];
+                    if let Some(ds) = src["datasets"].as_array() {
+                        let ds: Vec<&str> = ds.iter().filter_map(|x| x.as_str()).collect();
+                        data.push(format!("{name}<-{}", ds.join("+")));
                     }
-                ),
-                request_id: String::new(),
+                    for g in src["grants"].as_array().into_iter().flatten() {
+                        if let Some(g) = g.as_str()
+                            && !purposes.contains(&g)
+                        {
+                            purposes.push(g);
+                        }
+                    }
+                }
+                let mut detail = format!("{} {:?}", d.id, d.decision);
+                if !d.subjects.is_empty() {
+                    detail.push_str(&format!("; subjects {}", d.subjects.join(" ")));
+                }
+                if !data.is_empty() {
+                    detail.push_str(&format!("; data {}", data.join(",")));
+                }
+                if !d.reasons.is_empty() {
+                    detail.push_str(&format!(": {}", d.reasons.join("; ")));
+                }
+                yunqi_types::AuditEvent {
+                    principal: d.applicant.clone(),
+                    department: String::new(),
+                    action: "service.decide".into(),
+                    object: format!("service:{}", d.service),
+                    outcome: Some(yunqi_types::Outcome::Ok),
+                    purpose: purposes.join("; "),
+                    detail,
+                    request_id: String::new(),
+                }
             })
             .chain(acted)
             .collect();
@@ -173,6 +194,8 @@ pub struct Application {
     pub inputs: BTreeMap<String, Value>,
     /// Each lookup's row (`None`: not found).
     pub lookups: BTreeMap<String, Option<Row>>,
+    /// Where each lookup's row came from (datasets, grants, the row's subject).
+    pub sources: BTreeMap<String, crate::lookup::Source>,
     /// Whether the person the service's consent names has consented (`None`: the service
     /// needs no consent).
     pub consent: Option<bool>,
@@ -259,6 +282,9 @@ pub struct Decision {
     /// The money the application drew on its line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub draw: Option<Draw>,
+    /// The subject keys of the rows looked up (whose data the decision used).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subjects: Vec<String>,
 }
 
 impl Decision {
@@ -1662,21 +1688,26 @@ fn decide_one(
         });
     }
     let mut data = Map::new();
+    let mut subjects = Vec::new();
     for (name, row) in &app.lookups {
-        data.insert(
-            name.clone(),
-            match row {
-                None => serde_json::json!({"found": false}),
-                Some(r) => {
-                    let mut m = Map::new();
-                    m.insert("found".into(), Json::Bool(true));
-                    for (c, v) in r {
-                        m.insert(c.clone(), to_json(v));
-                    }
-                    Json::Object(m)
-                }
-            },
-        );
+        let mut m = Map::new();
+        m.insert("found".into(), Json::Bool(row.is_some()));
+        for (c, v) in row.iter().flatten() {
+            m.insert(c.clone(), to_json(v));
+        }
+        if let Some(s) = app.sources.get(name) {
+            m.insert(
+                "source".into(),
+                serde_json::json!({"datasets": s.datasets, "grants": s.grants}),
+            );
+            if row.is_some()
+                && let Some(k) = &s.subject
+                && !subjects.contains(k)
+            {
+                subjects.push(k.clone());
+            }
+        }
+        data.insert(name.clone(), Json::Object(m));
     }
     for (l, ls) in service.lines.iter().zip(&lines) {
         data.insert(
@@ -1722,6 +1753,7 @@ fn decide_one(
         }),
         review: None,
         draw,
+        subjects,
     }
 }
 

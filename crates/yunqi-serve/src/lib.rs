@@ -13,6 +13,8 @@
 //! - [`decider`]: one writer per service deciding applications in order — rules, quotas spent
 //!   all or nothing, idempotency keys — each round audited and logged durably before it is
 //!   answered, the log replayed at start;
+//! - [`lookup`]: lookups answered from in-memory indexes kept as fresh as their datasets and
+//!   grants, each use audited with its decision;
 //! - [`runtime`]: the services of a server — definitions applied by stewards and kept by
 //!   version, applications checked, looked up in SQL as the service's department, decided;
 //! - [`rules`]: the rule language (typed expressions over inputs, lookups, quotas and live
@@ -24,6 +26,7 @@ pub mod decider;
 pub mod definition;
 pub mod document;
 pub mod ledger;
+pub mod lookup;
 pub mod rules;
 pub mod runtime;
 

@@ -21,7 +21,7 @@ use yunqi_types::{Clock, Error, Name, Outcome, Principal, Role};
 
 use crate::calendar::Calendar;
 use crate::decider::{
-    ActKind, ActRequest, Application, AuditRecorder, Decider, Decision, Row, check_inputs,
+    ActKind, ActRequest, Application, AuditRecorder, Decider, Decision, check_inputs,
 };
 use crate::definition::{self, Applicant, Service};
 use crate::rules::Value;
@@ -58,6 +58,7 @@ pub struct Serve {
     consents: RwLock<HashMap<(String, String), chrono::DateTime<chrono::Utc>>>,
     /// Serialises consent changes (each is logged, then applied).
     consent_writer: tokio::sync::Mutex<()>,
+    lookups: crate::lookup::Lookups,
 }
 
 /// The stream consents are logged in.
@@ -150,7 +151,7 @@ fn service_actor(s: &Service) -> Result<Actor, Error> {
     })
 }
 
-fn scalar(v: &Value) -> ScalarValue {
+pub(crate) fn scalar(v: &Value) -> ScalarValue {
     match v {
         Value::Null => ScalarValue::Null,
         Value::Bool(b) => ScalarValue::Boolean(Some(*b)),
@@ -164,7 +165,7 @@ fn scalar(v: &Value) -> ScalarValue {
     }
 }
 
-fn cell(a: &dyn Array, i: usize) -> Value {
+pub(crate) fn cell(a: &dyn Array, i: usize) -> Value {
     if a.is_null(i) {
         return Value::Null;
     }
@@ -209,6 +210,7 @@ impl Serve {
             signer: Arc::new(crate::document::Signer::open(key)?),
             consents: RwLock::new(HashMap::new()),
             consent_writer: tokio::sync::Mutex::new(()),
+            lookups: crate::lookup::Lookups::default(),
         });
         serve.load_consents()?;
         for e in std::fs::read_dir(dir).map_err(|e| io(e, "list services"))? {
@@ -382,6 +384,7 @@ impl Serve {
         if let Ok(live) = self.live(&name) {
             live.decider.shutdown();
         }
+        self.lookups.forget(&name);
         self.start(service.clone(), version)?;
         Ok(Applied {
             service: name,
@@ -445,26 +448,19 @@ impl Serve {
         self.refresh_calendar(&live, &service, &as_service, ctx)
             .await?;
         let mut lookups = BTreeMap::new();
+        let mut sources = BTreeMap::new();
         for l in &service.lookups {
-            let params: Vec<ScalarValue> = l
+            let params: Vec<Value> = l
                 .params
                 .iter()
-                .map(|p| inputs.get(p).map_or(ScalarValue::Null, scalar))
+                .map(|p| inputs.get(p).cloned().unwrap_or(Value::Null))
                 .collect();
-            let planned = self.sql.plan(&as_service, &l.positional, ctx).await?;
-            let r = self
-                .sql
-                .execute(&as_service, &planned, params, Some(1), ctx)
+            let found = self
+                .lookups
+                .get(&self.gov, &self.sql, &as_service, name, l, &params, ctx)
                 .await?;
-            let row: Option<Row> = r.batches.iter().find(|b| b.num_rows() > 0).map(|b| {
-                b.schema()
-                    .fields()
-                    .iter()
-                    .enumerate()
-                    .map(|(c, f)| (f.name().clone(), cell(b.column(c).as_ref(), 0)))
-                    .collect()
-            });
-            lookups.insert(l.name.clone(), row);
+            lookups.insert(l.name.clone(), found.row);
+            sources.insert(l.name.clone(), found.source);
         }
         let consent = service
             .consent
@@ -483,6 +479,7 @@ impl Serve {
                 key: key.map(|k| format!("{}:{k}", actor.principal.name)),
                 inputs,
                 lookups,
+                sources,
                 consent,
             })
             .await

@@ -98,6 +98,7 @@ impl World {
                 ("vehicle".to_string(), vehicle),
                 ("zone".to_string(), Some(zone)),
             ]),
+            sources: BTreeMap::new(),
             consent: None,
         }
     }

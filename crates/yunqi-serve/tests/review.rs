@@ -176,6 +176,7 @@ impl World {
             key: None,
             inputs,
             lookups,
+            sources: BTreeMap::new(),
             consent,
         }
     }

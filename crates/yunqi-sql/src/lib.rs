@@ -369,13 +369,83 @@ impl SqlEngine {
         result.map(|(r, _)| r)
     }
 
-    async fn execute_inner(
+    /// Runs a planned query in full for an in-memory index (a service's lookup table), with
+    /// each row's subject key (`None` where the dataset names no subject column or the row has
+    /// none), so that every later use of a row can be audited with its subject. Audited once,
+    /// as one query.
+    pub async fn execute_indexed(
+        &self,
+        actor: &Actor,
+        planned: &Planned,
+        call: &CallContext,
+    ) -> Result<(QueryResult, Vec<Option<String>>), Error> {
+        let started = std::time::Instant::now();
+        let result = self.execute_rows(actor, planned, Vec::new()).await;
+        let ms = started.elapsed().as_millis();
+        let result = result.and_then(|(r, plan_has_subject)| {
+            if !plan_has_subject {
+                let n = r.batches.iter().map(RecordBatch::num_rows).sum();
+                return Ok((r, vec![None; n]));
+            }
+            let (batches, keys) = self.split_subjects(r.batches)?;
+            Ok((
+                QueryResult {
+                    schema: r.schema,
+                    batches,
+                    truncated: false,
+                },
+                keys,
+            ))
+        });
+        let (outcome, detail) = match &result {
+            Ok((r, _)) => (
+                Outcome::Ok,
+                format!(
+                    "{} rows in {ms} ms, indexed for lookups (each use is audited with its decision)",
+                    r.batches.iter().map(RecordBatch::num_rows).sum::<usize>()
+                ),
+            ),
+            Err(e) => (outcome_of(e), format!("{} after {ms} ms", e.message)),
+        };
+        self.audit(actor, planned, outcome, &detail, call).await?;
+        result
+    }
+
+    /// Takes the carried subject column off, returning each row's subject key.
+    fn split_subjects(
+        &self,
+        batches: Vec<RecordBatch>,
+    ) -> Result<(Vec<RecordBatch>, Vec<Option<String>>), Error> {
+        use datafusion::arrow::array::{Array, AsArray};
+        let mut keys = Vec::new();
+        let mut out = Vec::with_capacity(batches.len());
+        for b in batches {
+            let last = b.num_columns() - 1;
+            let text = datafusion::arrow::compute::cast(b.column(last), &DataType::Utf8)
+                .map_err(|e| Error::internal(format!("subject column: {e}")))?;
+            let text = text.as_string::<i32>();
+            keys.extend(
+                (0..text.len()).map(|i| {
+                    (!text.is_null(i)).then(|| yunqi_governance::subject_key(text.value(i)))
+                }),
+            );
+            let keep: Vec<usize> = (0..last).collect();
+            out.push(
+                b.project(&keep)
+                    .map_err(|e| Error::internal(format!("subject column: {e}")))?,
+            );
+        }
+        Ok((out, keys))
+    }
+
+    /// Runs a plan (with its subject column carried, when it has one): the rows, and whether
+    /// the subject column is their last.
+    async fn execute_rows(
         &self,
         actor: &Actor,
         planned: &Planned,
         params: Vec<ScalarValue>,
-        rows_max: Option<usize>,
-    ) -> Result<(QueryResult, String), Error> {
+    ) -> Result<(QueryResult, bool), Error> {
         // The plan holds what the grants allowed when it was made: they must still hold.
         for g in &planned.grants {
             self.gov.grant_in_force(actor, &g.id)?;
@@ -409,6 +479,29 @@ impl SqlEngine {
                 .hint("narrow the query with WHERE or LIMIT"));
             }
         };
+        Ok((
+            QueryResult {
+                schema,
+                batches,
+                truncated: false,
+            },
+            planned.subject_plan.is_some(),
+        ))
+    }
+
+    async fn execute_inner(
+        &self,
+        actor: &Actor,
+        planned: &Planned,
+        params: Vec<ScalarValue>,
+        rows_max: Option<usize>,
+    ) -> Result<(QueryResult, String), Error> {
+        let (
+            QueryResult {
+                schema, batches, ..
+            },
+            _,
+        ) = self.execute_rows(actor, planned, params).await?;
         let (batches, truncated) = match rows_max {
             Some(max) => truncate(batches, max),
             None => (batches, false),

@@ -159,6 +159,7 @@ fn in_process(
                                 ("vehicle".to_string(), vehicle(plate)),
                                 ("zone".to_string(), zone.clone()),
                             ]),
+                            sources: BTreeMap::new(),
                             consent: None,
                         };
                         let d = decider.decide(app).await?;

@@ -113,7 +113,7 @@ async fn business_registration_with_review() {
     let until = (chrono::Utc::now() + chrono::Duration::days(90))
         .date_naive()
         .to_string();
-    common::grant(
+    let residents_grant = common::grant(
         &s,
         &msteward,
         &csteward,
@@ -157,6 +157,50 @@ async fn business_registration_with_review() {
     // The representative came through the grant: the name masked, the birth date used.
     assert_eq!(ok["explanation"]["data"]["rep"]["found"], true, "{ok}");
     assert_ne!(ok["explanation"]["data"]["rep"]["name"], "王小明", "{ok}");
+
+    // The explanation names each item's source and grant; the representative's own
+    // "who accessed my data" lists the decision that used their record.
+    assert_eq!(
+        ok["explanation"]["data"]["rep"]["source"]["datasets"],
+        json!(["city.residents"]),
+        "{ok}"
+    );
+    assert!(
+        ok["explanation"]["data"]["rep"]["source"]["grants"][0]
+            .as_str()
+            .unwrap()
+            .contains("legal representative check"),
+        "{ok}"
+    );
+    let (status, acc) = s.call("GET", "/api/v1/me/accesses", Some(&founder), None);
+    assert_eq!(status, 200, "{acc}");
+    assert!(
+        acc.to_string()
+            .contains("service:market.business-registration")
+            && acc.to_string().contains("legal representative check"),
+        "{acc}"
+    );
+    let (_, acc) = s.call("GET", "/api/v1/me/accesses", Some(&other), None);
+    assert!(!acc.to_string().contains("business-registration"), "{acc}");
+
+    // Lookups are as fresh as the data: a resident added by a new version is found at once.
+    let newcomer = id_number("330106", "19900101", 55);
+    let (status, v) = s.call(
+        "POST",
+        "/api/v1/datasets/city/residents/import",
+        Some(&csteward),
+        Some(&format!(
+            "id_number,name,birth_date\n{adult},王小明,1985-03-12\n{minor},李小红,2015-06-01\n{newcomer},周新,1990-01-01\n"
+        )),
+    );
+    assert_eq!(status, 200, "{v}");
+    let (_, fresh) = apply(
+        &s,
+        &other,
+        REG,
+        company("杭州新来科技有限公司", &newcomer, "software"),
+    );
+    assert_eq!(fresh["decision"], "approved", "{fresh}");
 
     // Refusals, each with its reason.
     for (inputs, reason) in [
@@ -306,6 +350,31 @@ async fn business_registration_with_review() {
     assert_eq!(
         again["decision"], "pending",
         "the name was given back: {again}"
+    );
+
+    // Without the grant, the lookup cannot run: no application is decided on stale data.
+    let (status, v) = s.call(
+        "POST",
+        &format!("/api/v1/grants/{residents_grant}/revoke"),
+        Some(&csteward),
+        Some(&json!({"reason": "review of purposes"}).to_string()),
+    );
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = apply(
+        &s,
+        &other,
+        REG,
+        company("杭州撤销以后有限公司", &adult, "software"),
+    );
+    assert_ne!(status, 200, "decided without the grant: {v}");
+    common::grant(
+        &s,
+        &msteward,
+        &csteward,
+        &json!({
+        "dataset": "city.residents", "columns": ["id_number", "name", "birth_date"],
+        "purpose": "企业开办: legal representative check", "until": until,
+        "unmasked": ["id_number"], "unmasked_reason": "the ID number an applicant gives is matched exactly"}),
     );
 
     // kill -9: decisions, reviews and the queue come back from the decision log.
@@ -580,6 +649,20 @@ async fn credit_healthcare_with_consent_and_a_derived_score() {
             "{action} by {who}"
         );
     }
+    // The score was read as the service, under the grant — once, into an index (it did not
+    // change), and not once per visit; each visit's decision names what it used.
+    let reads = audit
+        .iter()
+        .filter(|r| r["action"] == "sql.query" && r["principal"] == "svc_health_credit_healthcare")
+        .count();
+    assert_eq!(reads, 2, "one index build before and one after the restart");
+    assert!(audit.iter().any(|r| {
+        r["action"] == "service.decide"
+            && r["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("score<-city.credit_scores")
+    }));
     // The score was read as the service, under the grant.
     assert!(audit.iter().any(|r| r["action"] == "sql.query"
         && r["principal"] == "svc_health_credit_healthcare"

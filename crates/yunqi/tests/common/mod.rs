@@ -410,7 +410,7 @@ pub fn dataset(s: &Server, steward: &str, department: &str, name: &str, csv: &st
 
 /// Asks for a grant (`request` as the JSON of `POST /api/v1/grants`) and has the owner's
 /// steward approve it.
-pub fn grant(s: &Server, requester: &str, owner: &str, request: &Value) {
+pub fn grant(s: &Server, requester: &str, owner: &str, request: &Value) -> String {
     let (status, g) = s.call(
         "POST",
         "/api/v1/grants",
@@ -418,9 +418,15 @@ pub fn grant(s: &Server, requester: &str, owner: &str, request: &Value) {
         Some(&request.to_string()),
     );
     assert_eq!(status, 201, "{g}");
-    let approve = format!("/api/v1/grants/{}/approve", g["id"].as_str().unwrap());
-    let (status, v) = s.call("POST", &approve, Some(owner), None);
+    let id = g["id"].as_str().unwrap().to_string();
+    let (status, v) = s.call(
+        "POST",
+        &format!("/api/v1/grants/{id}/approve"),
+        Some(owner),
+        None,
+    );
     assert_eq!(status, 200, "{v}");
+    id
 }
 
 /// The streams and continuous view of the urgent entry permit: the zone's load it reads, and
