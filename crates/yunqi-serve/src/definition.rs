@@ -1038,6 +1038,66 @@ mod tests {
     }
 
     #[test]
+    fn lines_consent_and_cancellation_are_checked() {
+        let bad = r#"[service]
+department = "health"
+name = "pay-later"
+title = "x"
+applicants = ["enterprise"]
+
+[[inputs]]
+name = "patient"
+type = "text"
+
+[[inputs]]
+name = "amount"
+type = "text"
+
+[[lines]]
+name = "credit"
+key = "patient"
+limit = "score.line + quota.x.left"
+amount = "amount"
+due_days = 0
+reason = "x"
+
+[consent]
+subject = "patient"
+reason = "x"
+
+[[cancel_on]]
+stream = "traffic.violations"
+column = "plate"
+input = "plate"
+reason = "x"
+
+[[rules]]
+name = "r"
+require = "line.credit.overdue or line.debit.left > 0"
+reason = "x"
+
+[outcome]
+decide = "review"
+review_hours = 0
+"#;
+        let d = parse(bad).unwrap_err().detail.unwrap();
+        for want in [
+            "line 19: line credit: amount amount is not a money input",
+            "line credit: due_days must be at least 1",
+            "line 18: line credit: its limit reads score.line",
+            "line 24: consent subject patient is not an id_number input",
+            "line 28: cancel_on stream traffic.violations is not a stream of department health",
+            "line 30: cancel_on input plate is not an input",
+            "cancel_on cancels documents: the service issues none",
+            "rule r: line.debit.left is not something a rule can read",
+            "review_hours = 0",
+        ] {
+            assert!(d.contains(want), "missing {want:?} in:\n{d}");
+        }
+        assert!(!d.contains("line.credit.overdue"), "{d}");
+    }
+
+    #[test]
     fn the_demo_services_read() {
         for (file, src) in [
             (
