@@ -474,7 +474,7 @@ impl Governance {
                         }
                     }
                 }
-                out.sort_by(|a, b| b.seq.cmp(&a.seq));
+                out.sort_by_key(|r| std::cmp::Reverse(r.seq));
                 out.truncate(limit);
                 Ok(out)
             })

@@ -1094,7 +1094,7 @@ struct Round0 {
 /// What a round produced, in order.
 enum Out {
     New(Arc<Decision>),
-    Act(Act, Arc<Decision>),
+    Act(Box<Act>, Arc<Decision>),
 }
 
 /// A caller's answer: known now (a retry, a refused act), or once the round is durable.
@@ -1315,7 +1315,7 @@ async fn round(w: &Round0, jobs: Vec<Job>, overdue: Vec<String>, now: DateTime<U
                         Ok((a, d)) => {
                             let d = Arc::new(d);
                             touched.insert(d.id.clone(), d.clone());
-                            outs.push(Out::Act(a, d.clone()));
+                            outs.push(Out::Act(Box::new(a), d.clone()));
                             answers.push((reply, Answer::Durable(d)));
                         }
                         Err(e) => answers.push((reply, Answer::Now(Err(e)))),
@@ -1348,7 +1348,7 @@ async fn round(w: &Round0, jobs: Vec<Job>, overdue: Vec<String>, now: DateTime<U
             };
             let d = Arc::new(a.apply(&d));
             touched.insert(id, d.clone());
-            outs.push(Out::Act(a, d));
+            outs.push(Out::Act(Box::new(a), d));
         }
         round.finish()
     };

@@ -113,6 +113,9 @@ fn shape(planned: &Planned, lookup: &Lookup) -> Shape {
     }
 }
 
+/// Rows by key: the row's values and its subject key.
+type Rows = HashMap<Box<str>, (Box<[Value]>, Option<Box<str>>)>;
+
 /// A lookup's index, as built.
 struct Built {
     /// Each dataset read and the version it was at.
@@ -121,7 +124,7 @@ struct Built {
     source: Source,
     columns: Arc<[String]>,
     /// Keyed: rows by key; constant: the one row under "".
-    rows: HashMap<Box<str>, (Box<[Value]>, Option<Box<str>>)>,
+    rows: Rows,
 }
 
 /// One lookup's cache.
@@ -264,7 +267,7 @@ impl Lookups {
         let fields = result.schema.fields();
         let width = fields.len() - usize::from(keyed);
         let columns: Arc<[String]> = fields[..width].iter().map(|f| f.name().clone()).collect();
-        let mut rows: HashMap<Box<str>, (Box<[Value]>, Option<Box<str>>)> = HashMap::new();
+        let mut rows: Rows = HashMap::new();
         let mut n = 0;
         for b in &result.batches {
             for i in 0..b.num_rows() {

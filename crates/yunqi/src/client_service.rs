@@ -315,7 +315,7 @@ pub fn service(api: &Api, c: ServiceCommand, json: bool) -> anyhow::Result<ExitC
                         d["review"]["assignee"].as_str().unwrap_or("unassigned"),
                         d["reasons"]
                             .as_array()
-                            .map(|r| r.iter().map(|x| s(x)).collect::<Vec<_>>().join("; "))
+                            .map(|r| r.iter().map(s).collect::<Vec<_>>().join("; "))
                             .unwrap_or_default()
                     );
                 }

@@ -10,6 +10,7 @@ mod bench_stream;
 mod client;
 mod client_service;
 mod client_stream;
+mod demo;
 mod serve;
 mod simulate;
 
@@ -55,6 +56,10 @@ struct Cli {
 enum Command {
     /// Run the server on a data directory (everything embedded).
     Serve(serve::ServeArgs),
+    /// The demo city, served: seeds a new data directory (departments, a million residents,
+    /// vehicles, businesses, grants, the city brain's views, the three services) through the
+    /// API, writes DIR/demo/credentials.json, and keeps simulated traffic flowing in.
+    Demo(demo::DemoArgs),
     /// Departments (委办局): the tenants.
     #[command(subcommand, name = "dept")]
     Dept(client::DeptCommand),
@@ -147,6 +152,7 @@ fn main() -> ExitCode {
     let json = cli.json;
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Demo(args) => demo::run(args),
         Command::Audit(AuditCommand::Verify { data, threads }) => verify(&data, threads, json),
         Command::Bench(cmd) => bench::run(cmd, json),
         Command::Simulate(SimulateCommand::Traffic(args)) => simulate::traffic(args),

@@ -105,9 +105,9 @@ pub fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> anyhow::Resu
     Ok(())
 }
 
-fn init_logging(format: &str) -> anyhow::Result<()> {
+fn init_logging(format: &str, level: &str) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -137,17 +137,36 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: finishing requests in flight, flushing the audit chain");
 }
 
+/// A server that is up: what `yunqi demo` needs to seed it through its own API.
+pub struct Ready {
+    /// `http://ADDR`.
+    pub http: String,
+    /// The data directory.
+    pub data: PathBuf,
+    /// The admin's token.
+    pub admin_token: String,
+}
+
+/// Called once the server listens.
+pub type OnReady = Box<dyn FnOnce(Ready) + Send>;
+
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    init_logging(&args.log_format)?;
+    run_with(args, "info", Box::new(|_| {}))
+}
+
+/// Serves, logging at `level` unless `RUST_LOG` says otherwise, calling `on_ready` once the
+/// server listens.
+pub fn run_with(args: ServeArgs, level: &str, on_ready: OnReady) -> anyhow::Result<ExitCode> {
+    init_logging(&args.log_format, level)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("yunqi")
         .build()?;
-    runtime.block_on(serve(args))?;
+    runtime.block_on(serve(args, on_ready))?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
     let data = args.data.clone();
     let tls = match (&args.pg_tls_cert, &args.pg_tls_key) {
         (Some(cert), Some(key)) => {
@@ -272,6 +291,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     )
     .map_err(crate::user_error)?;
     let state = yunqi_api::AppState::new(gov.clone(), engine, sense.clone(), serve.clone(), limits);
+    let admin_token = fs::read_to_string(&token_path)
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    on_ready(Ready {
+        http: format!("http://{http_addr}"),
+        data: data.clone(),
+        admin_token,
+    });
     yunqi_api::serve(http, yunqi_api::router(state), stopped(stop_rx)).await?;
     let _ = pg_task.await;
     {

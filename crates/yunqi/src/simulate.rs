@@ -90,7 +90,7 @@ impl Rng {
 }
 
 /// The plate of vehicle `v`: the same for a seed, every time.
-fn plate(seed: u64, v: u32, local_percent: u32) -> String {
+pub(crate) fn plate(seed: u64, v: u32, local_percent: u32) -> String {
     let mut r = Rng(seed ^ (u64::from(v) << 20) ^ 0xA5A5);
     let prefix = if r.below(100) < u64::from(local_percent) {
         "浙A"

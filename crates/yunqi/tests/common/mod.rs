@@ -36,8 +36,24 @@ impl Server {
 
     /// Like [`Server::start`], with more arguments to `yunqi serve`.
     pub fn start_with(data: &Path, extra: &[&str]) -> Server {
+        Server::launch(data, "serve", extra, "ready", 30).0
+    }
+
+    /// Starts `yunqi demo` on `data` (with `extra` arguments) and waits until the demo city is
+    /// ready; returns the server and what it printed.
+    pub fn start_demo(data: &Path, extra: &[&str]) -> (Server, Vec<String>) {
+        Server::launch(data, "demo", extra, "demo city: ready", 300)
+    }
+
+    fn launch(
+        data: &Path,
+        command: &str,
+        extra: &[&str],
+        until: &str,
+        wait_s: u64,
+    ) -> (Server, Vec<String>) {
         let mut child = Command::new(BIN)
-            .args(["serve", "--data"])
+            .args([command, "--data"])
             .arg(data)
             .args(["--http", "127.0.0.1:0", "--pg", "127.0.0.1:0"])
             .args(extra)
@@ -48,8 +64,9 @@ impl Server {
             .expect("start yunqi");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(wait_s);
         let mut url = None;
+        let mut printed = Vec::new();
         for line in lines.by_ref() {
             let line = line.expect("read stdout");
             if let Some(rest) = line.trim().strip_prefix("API") {
@@ -58,7 +75,8 @@ impl Server {
                     .next()
                     .map(|u| u.trim_end_matches("/api/v1/").to_string());
             }
-            if line == "ready" || Instant::now() > deadline {
+            printed.push(line.clone());
+            if line.starts_with(until) || Instant::now() > deadline {
                 break;
             }
         }
@@ -83,14 +101,17 @@ impl Server {
         )
         .unwrap();
         let pg = endpoints["pg"].as_str().expect("pg endpoint").to_string();
-        Server {
-            child,
-            url,
-            pg,
-            data: data.to_path_buf(),
-            admin_token,
-            agent: agent(),
-        }
+        (
+            Server {
+                child,
+                url,
+                pg,
+                data: data.to_path_buf(),
+                admin_token,
+                agent: agent(),
+            },
+            printed,
+        )
     }
 
     pub fn call(
