@@ -194,7 +194,7 @@ impl Lookups {
         let fresh = |b: &Built| {
             b.versions
                 .iter()
-                .all(|(t, v)| gov.dataset_store().latest(t).map(|x| x.0) == *v && v.is_some())
+                .all(|(t, v)| gov.dataset_store().latest(t).map(|x| x.0) == *v)
                 && b.grants
                     .iter()
                     .all(|g| gov.grant_in_force(actor, g).is_ok())
@@ -253,9 +253,11 @@ impl Lookups {
         let planned = sql.plan(actor, &lookup.positional, ctx).await?;
         let mut versions = Vec::new();
         for t in &planned.tables {
+            // A dataset without a version yet (a view before its first window) is empty
+            // until it has one.
             match gov.dataset_store().latest(t) {
-                Some((v, rows)) if rows <= INDEX_ROWS_MAX => versions.push((t.clone(), Some(v))),
-                _ => return Ok(None), // not a dataset with a version, or too large
+                Some((_, rows)) if rows > INDEX_ROWS_MAX => return Ok(None),
+                latest => versions.push((t.clone(), latest.map(|x| x.0))),
             }
         }
         let (planned, keyed) = match shape(&planned, lookup) {
