@@ -1793,10 +1793,21 @@ fn issue(
         Json::String(s) => s.clone(),
         other => other.to_string(),
     };
+    let money = |f: &str| {
+        service
+            .inputs
+            .iter()
+            .any(|i| i.name == f && matches!(i.kind, InputType::Money { .. }))
+    };
     let mut fields: BTreeMap<String, String> = doc
         .fields
         .iter()
-        .filter_map(|f| d.inputs.get(f).map(|v| (f.clone(), plain(v))))
+        .filter_map(|f| {
+            d.inputs.get(f).map(|v| match v.as_f64() {
+                Some(yuan) if money(f) => (f.clone(), format!("{yuan:.2}")),
+                _ => (f.clone(), plain(v)),
+            })
+        })
         .collect();
     let code = match &doc.credit_code_region {
         Some(region) => {

@@ -48,8 +48,9 @@ pub struct DecideBench {
         default_value = "host=127.0.0.1 port=5432 user=postgres dbname=test"
     )]
     pub pg: String,
-    /// Applications sent over HTTP to a server of this binary (0 to skip).
-    #[arg(long, default_value_t = 20_000)]
+    /// Applications sent over HTTP to a server of this binary (0 to skip; at most
+    /// --applications).
+    #[arg(long, default_value_t = 100_000)]
     pub http_applications: usize,
     /// Concurrent HTTP clients.
     #[arg(long, default_value_t = 64)]
