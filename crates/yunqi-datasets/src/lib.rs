@@ -184,6 +184,15 @@ fn random_suffix() -> String {
     hex::encode(b)
 }
 
+/// Where a dataset stands ([`DatasetStore::latest`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Latest {
+    /// The latest version and its rows.
+    pub version: Option<(u64, u64)>,
+    /// A fingerprint of its columns, their classes and its subject column.
+    pub policy: u64,
+}
+
 impl DatasetStore {
     /// Opens the store under `root` (created if missing) and removes files no manifest names
     /// (left by imports a crash interrupted).
@@ -300,12 +309,24 @@ impl DatasetStore {
         Ok(m)
     }
 
-    /// The number of a dataset's latest version, and its row count, without copying its
-    /// manifest (`None`: no such dataset, or no version yet).
-    pub fn latest(&self, sql_name: &str) -> Option<(u64, u64)> {
+    /// Where a dataset stands, without copying its manifest (`None`: no such dataset): its
+    /// latest version and row count (`None` before the first version), and a fingerprint of
+    /// what decides how it is read — its columns with their classes and its subject column —
+    /// that changes whenever those do.
+    pub fn latest(&self, sql_name: &str) -> Option<Latest> {
+        use std::hash::{Hash, Hasher};
         let manifests = self.manifests.read().expect("manifests lock");
-        let v = manifests.get(sql_name)?.versions.last()?;
-        Some((v.version, v.rows))
+        let m = manifests.get(sql_name)?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for c in &m.columns {
+            c.name.hash(&mut h);
+            format!("{:?}{:?}", c.class, c.column_type).hash(&mut h);
+        }
+        m.subject.hash(&mut h);
+        Some(Latest {
+            version: m.versions.last().map(|v| (v.version, v.rows)),
+            policy: h.finish(),
+        })
     }
 
     /// The manifest of a dataset.

@@ -1105,6 +1105,7 @@ enum Answer {
 
 async fn run(w: Round0, mut rx: tokio::sync::mpsc::Receiver<Job>) {
     let consumer = cancel_consumer(&w.service);
+    let mut broken: Option<Error> = None;
     let mut cursors: Vec<u64> = w
         .cancels
         .iter()
@@ -1147,7 +1148,26 @@ async fn run(w: Round0, mut rx: tokio::sync::mpsc::Receiver<Job>) {
         if jobs.is_empty() && overdue.is_empty() {
             continue;
         }
-        round(&w, jobs, overdue, now).await;
+        if let Some(e) = &broken {
+            for job in jobs {
+                let (Job::Apply { reply, .. } | Job::Act { reply, .. }) = job;
+                let _ = reply.send(Err(e.clone()));
+            }
+            continue;
+        }
+        // A round whose audit records were written but whose log entry was not leaves the
+        // writer unable to go on without reusing decision numbers: it stops deciding until
+        // the server restarts and rebuilds its state from the log.
+        if let Err(e) = round(&w, jobs, overdue, now).await {
+            broken = Some(
+                Error::unavailable(format!(
+                    "service {} stopped deciding: its decision log could not be written ({})",
+                    w.service.full_name(),
+                    e.message
+                ))
+                .hint("fix the data directory's disk, then restart the server"),
+            );
+        }
     }
 }
 
@@ -1208,12 +1228,22 @@ async fn cancel_scan(w: &Round0, consumer: &str, cursors: &mut [u64]) {
                         };
                         let k = format!("{}\0{}", c.cancel.input, keys.value(r));
                         for id in st.with_document.get(&k).into_iter().flatten() {
-                            let Some(doc) = st.by_id.get(id).and_then(|d| d.document.clone())
-                            else {
+                            let Some(d) = st.by_id.get(id) else {
                                 continue;
                             };
+                            let Some(doc) = &d.document else {
+                                continue;
+                            };
+                            // Within its validity, and after it was issued: a permit is not
+                            // cancelled by what happened before it existed.
+                            let issued = d
+                                .review
+                                .as_ref()
+                                .and_then(|r| r.decided_at)
+                                .unwrap_or(d.decided_at);
                             let inside = doc.valid_from.is_none_or(|f| f <= ts)
-                                && doc.valid_to.is_none_or(|t| ts < t);
+                                && doc.valid_to.is_none_or(|t| ts < t)
+                                && issued <= ts;
                             if inside
                                 && !st.revoked.contains_key(id)
                                 && !found.iter().any(|x| &x.revoke == id)
@@ -1263,7 +1293,12 @@ async fn cancel_scan(w: &Round0, consumer: &str, cursors: &mut [u64]) {
 
 /// Decides a round: applications and acts in order, then the deadlines missed; audits and
 /// logs it as one entry; publishes and answers once it is durable.
-async fn round(w: &Round0, jobs: Vec<Job>, overdue: Vec<String>, now: DateTime<Utc>) {
+async fn round(
+    w: &Round0,
+    jobs: Vec<Job>,
+    overdue: Vec<String>,
+    now: DateTime<Utc>,
+) -> Result<(), Error> {
     let service = &w.service;
     let mut outs: Vec<Out> = Vec::with_capacity(jobs.len());
     let mut answers: Vec<(Reply, Answer)> = Vec::with_capacity(jobs.len());
@@ -1288,7 +1323,14 @@ async fn round(w: &Round0, jobs: Vec<Job>, overdue: Vec<String>, now: DateTime<U
                             None => st.by_key.get(k).and_then(|d| current(&touched, &d.id)),
                         };
                         if let Some(d) = known {
-                            answers.push((reply, Answer::Now(Ok(d))));
+                            // Made or changed in this round: answered once the round is
+                            // durable, like the first request.
+                            let answer = if touched.contains_key(&d.id) {
+                                Answer::Durable(d)
+                            } else {
+                                Answer::Now(Ok(d))
+                            };
+                            answers.push((reply, answer));
                             continue;
                         }
                     }
@@ -1396,6 +1438,7 @@ async fn round(w: &Round0, jobs: Vec<Job>, overdue: Vec<String>, now: DateTime<U
             },
         });
     }
+    committed
 }
 
 fn conflict(message: String) -> Error {
@@ -1448,8 +1491,8 @@ fn act(
             ))
             .hint("only pending applications are assigned, approved or refused"));
         }
-        if req.act != ActKind::Assign
-            && let Some(who) = d.review.as_ref().and_then(|r| r.assignee.as_ref())
+        // Assigned, it is the assignee's: only they (or a steward) decide or reassign it.
+        if let Some(who) = d.review.as_ref().and_then(|r| r.assignee.as_ref())
             && who != &req.by
             && !req.overrides
         {
@@ -1458,6 +1501,13 @@ fn act(
                     "{who} decides it, or a steward assigns it to you first"
                 )),
             );
+        }
+        if req.act != ActKind::Assign && d.applicant == req.by {
+            return Err(Error::denied(format!(
+                "{} applied for {} and may not decide it",
+                req.by, d.id
+            ))
+            .hint("another officer of the department decides it"));
         }
     }
     match req.act {
@@ -1500,8 +1550,14 @@ fn act(
                     owed % 100
                 )));
             }
-            a.fen = Some(fen);
-            a.changes.extend(round.repay(&dr.account, fen));
+            // What the ledger repaid is what the decision records.
+            let Some(c) = round.repay(&dr.account, fen) else {
+                return Err(conflict(format!("application {} owes nothing", d.id)));
+            };
+            if let Change::Draw { fen: paid, .. } = &c {
+                a.fen = Some(-paid);
+            }
+            a.changes.push(c);
         }
         ActKind::Breach => {
             return Err(Error::invalid(

@@ -85,6 +85,8 @@ struct Header {
     description: String,
     applicants: Spanned<Vec<Spanned<String>>>,
     #[serde(default)]
+    applicant_departments: Option<Vec<String>>,
+    #[serde(default)]
     calendar: Option<Spanned<String>>,
 }
 
@@ -395,6 +397,9 @@ pub struct Service {
     pub description: String,
     /// Who may apply.
     pub applicants: Vec<Applicant>,
+    /// When set, applicants that belong to a department (officers, service accounts) must
+    /// belong to one of these (e.g. hospitals are accounts of `health`).
+    pub applicant_departments: Option<Vec<String>>,
     /// The dataset of holidays and make-up working days (`day` DATE, `kind` 'holiday' or
     /// 'workday') that `is_rest_day` reads, `department.dataset`.
     pub calendar: Option<String>,
@@ -733,10 +738,13 @@ pub fn parse(src: &str) -> Result<Service, Error> {
                 ),
             );
         }
-        if l.due_days == 0 {
+        if l.due_days == 0 || l.due_days > 3650 {
             p.add(
                 l.name.span(),
-                format!("line {}: due_days must be at least 1", l.name.get_ref()),
+                format!(
+                    "line {}: due_days must be at least 1 and at most 3650",
+                    l.name.get_ref()
+                ),
             );
         }
         let limit_expr = match rules::parse(l.limit.get_ref()) {
@@ -991,6 +999,7 @@ pub fn parse(src: &str) -> Result<Service, Error> {
         title_en: h.title_en.clone(),
         description: h.description.clone(),
         applicants,
+        applicant_departments: h.applicant_departments.clone(),
         calendar: h.calendar.as_ref().map(|c| c.get_ref().clone()),
         inputs,
         lookups,

@@ -118,8 +118,8 @@ type Rows = HashMap<Box<str>, (Box<[Value]>, Option<Box<str>>)>;
 
 /// A lookup's index, as built.
 struct Built {
-    /// Each dataset read and the version it was at.
-    versions: Vec<(String, Option<u64>)>,
+    /// Each dataset read and where it stood (version, classes, subject column).
+    versions: Vec<(String, yunqi_datasets::Latest)>,
     grants: Vec<String>,
     source: Source,
     columns: Arc<[String]>,
@@ -132,12 +132,16 @@ struct Built {
 struct Slot {
     built: RwLock<Option<Arc<Built>>>,
     building: tokio::sync::Mutex<()>,
+    /// The lookup is not indexable (its shape, or a source too large or not a dataset): it is
+    /// planned and run per application.
+    query_only: std::sync::atomic::AtomicBool,
 }
 
 /// The lookups of a server's services.
 #[derive(Default)]
 pub struct Lookups {
-    slots: RwLock<HashMap<(String, String), Arc<Slot>>>,
+    /// By service, lookup name and SQL (a new definition's lookup is a new slot).
+    slots: RwLock<HashMap<(String, String, String), Arc<Slot>>>,
 }
 
 /// A looked-up row and where it came from.
@@ -162,7 +166,7 @@ impl Lookups {
         self.slots
             .write()
             .expect("slots lock")
-            .retain(|(s, _), _| s != service);
+            .retain(|(s, _, _), _| s != service);
     }
 
     /// Runs `lookup` of `service` for `params` (its inputs' values, in order), as `actor`.
@@ -178,7 +182,11 @@ impl Lookups {
         ctx: &CallContext,
     ) -> Result<Found, Error> {
         let slot = {
-            let key = (service.to_string(), lookup.name.clone());
+            let key = (
+                service.to_string(),
+                lookup.name.clone(),
+                lookup.positional.clone(),
+            );
             let found = self.slots.read().expect("slots lock").get(&key).cloned();
             match found {
                 Some(s) => s,
@@ -191,10 +199,13 @@ impl Lookups {
                     .clone(),
             }
         };
+        if slot.query_only.load(std::sync::atomic::Ordering::Relaxed) {
+            return query(sql, actor, lookup, params, ctx).await;
+        }
         let fresh = |b: &Built| {
             b.versions
                 .iter()
-                .all(|(t, v)| gov.dataset_store().latest(t).map(|x| x.0) == *v)
+                .all(|(t, v)| gov.dataset_store().latest(t).as_ref() == Some(v))
                 && b.grants
                     .iter()
                     .all(|g| gov.grant_in_force(actor, g).is_ok())
@@ -209,6 +220,10 @@ impl Lookups {
                     Some(b) if fresh(&b) => Some(b),
                     _ => {
                         let b = self.build(gov, sql, actor, lookup, ctx).await?;
+                        if b.is_none() {
+                            slot.query_only
+                                .store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
                         *slot.built.write().expect("built lock") = b.clone();
                         b
                     }
@@ -254,10 +269,13 @@ impl Lookups {
         let mut versions = Vec::new();
         for t in &planned.tables {
             // A dataset without a version yet (a view before its first window) is empty
-            // until it has one.
+            // until it has one; a table that is not a dataset is queried each time.
             match gov.dataset_store().latest(t) {
-                Some((_, rows)) if rows > INDEX_ROWS_MAX => return Ok(None),
-                latest => versions.push((t.clone(), latest.map(|x| x.0))),
+                None => return Ok(None),
+                Some(l) if l.version.is_some_and(|(_, rows)| rows > INDEX_ROWS_MAX) => {
+                    return Ok(None);
+                }
+                Some(l) => versions.push((t.clone(), l)),
             }
         }
         let (planned, keyed) = match shape(&planned, lookup) {

@@ -345,6 +345,20 @@ impl Serve {
         }
         self.cancel_sources(&service)?;
         if let Ok(live) = self.live(&name) {
+            for (i, l) in live.decider.service().lines.iter().enumerate() {
+                let same = service
+                    .lines
+                    .get(i)
+                    .is_some_and(|n| n.name == l.name && n.key == l.key);
+                if !same {
+                    return Err(Error::invalid(format!(
+                        "money line {} cannot be removed, renamed or re-keyed",
+                        l.name
+                    ))
+                    .detail("the amounts owed are kept by the line's name and key")
+                    .hint("keep the line's name and key (its limit, amount, due days and reason may change)"));
+                }
+            }
             let old = &live.decider.service().quotas;
             for (i, q) in old.iter().enumerate() {
                 let same = service.quotas.get(i).is_some_and(|n| {
@@ -440,6 +454,29 @@ impl Serve {
                 ctx,
             )
             .await?;
+        if let (Some(allowed), Some(d)) =
+            (&service.applicant_departments, &actor.principal.department)
+            && !allowed.iter().any(|a| a == d.as_str())
+        {
+            let e = Error::denied(format!(
+                "permission denied to apply for service \"{name}\" as department {d}"
+            ))
+            .hint(format!(
+                "it takes applications from accounts of: {}",
+                allowed.join(", ")
+            ));
+            self.gov
+                .record_access(
+                    actor,
+                    "service.apply",
+                    &format!("service:{name}"),
+                    Outcome::Denied,
+                    e.message.clone(),
+                    ctx,
+                )
+                .await?;
+            return Err(e);
+        }
         let today = self
             .calendar
             .local_date(self.clock.now().timestamp_micros());
@@ -447,9 +484,22 @@ impl Serve {
         let as_service = service_actor(&service)?;
         self.refresh_calendar(&live, &service, &as_service, ctx)
             .await?;
+        let consent = service
+            .consent
+            .as_ref()
+            .map(|c| match inputs.get(&c.subject) {
+                Some(Value::Text(id)) => self
+                    .consents
+                    .read()
+                    .expect("consents lock")
+                    .contains_key(&(yunqi_governance::subject_key(id), name.to_string())),
+                _ => false,
+            });
         let mut lookups = BTreeMap::new();
         let mut sources = BTreeMap::new();
-        for l in &service.lookups {
+        // Without the consent it needs, nothing about the person is looked up.
+        let lookups_allowed = consent != Some(false);
+        for l in service.lookups.iter().filter(|_| lookups_allowed) {
             let params: Vec<Value> = l
                 .params
                 .iter()
@@ -462,17 +512,6 @@ impl Serve {
             lookups.insert(l.name.clone(), found.row);
             sources.insert(l.name.clone(), found.source);
         }
-        let consent = service
-            .consent
-            .as_ref()
-            .map(|c| match inputs.get(&c.subject) {
-                Some(Value::Text(id)) => self
-                    .consents
-                    .read()
-                    .expect("consents lock")
-                    .contains_key(&(yunqi_governance::subject_key(id), name.to_string())),
-                _ => false,
-            });
         live.decider
             .decide(Application {
                 applicant: actor.principal.name.to_string(),
@@ -640,13 +679,30 @@ impl Serve {
             )
             .await?;
         let d = d.ok_or_else(|| Error::not_found("application", id))?;
+        // The people the application is about, so that their "who accessed my data" lists
+        // this read: the rows it used and the ID numbers among its inputs.
+        let mut subjects = d.subjects.clone();
+        for i in &service.inputs {
+            if matches!(i.kind, crate::definition::InputType::IdNumber)
+                && let Some(v) = d.inputs.get(&i.name).and_then(|v| v.as_str())
+            {
+                let k = yunqi_governance::subject_key(v);
+                if !subjects.contains(&k) {
+                    subjects.push(k);
+                }
+            }
+        }
         self.gov
             .record_access(
                 actor,
                 "service.read",
                 &format!("service:{name}"),
                 Outcome::Ok,
-                id.to_string(),
+                if subjects.is_empty() {
+                    id.to_string()
+                } else {
+                    format!("{id}; subjects {}", subjects.join(" "))
+                },
                 ctx,
             )
             .await?;
@@ -709,9 +765,12 @@ impl Serve {
             service: name,
             department: &service.department,
         };
-        let mine = live.decider.decision(id).is_some_and(|d| {
-            d.applicant == actor.principal.name.as_str() || Self::is_subject(actor, &service, &d)
-        });
+        // A repayment is recorded by whoever is paid — the applicant (the hospital) — or an
+        // officer; never by the person who owes it.
+        let mine = live
+            .decider
+            .decision(id)
+            .is_some_and(|d| d.applicant == actor.principal.name.as_str());
         if !(act == ActKind::Repay && mine) {
             self.gov.authorize_action(actor, &review, ctx).await?;
         }

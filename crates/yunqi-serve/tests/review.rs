@@ -221,6 +221,13 @@ async fn review_holds_the_quota_until_an_officer_decides() {
         [a.id.as_str()]
     );
 
+    // Nobody decides their own application.
+    let e = d
+        .act(req(ActKind::Approve, &a.id, "company1"))
+        .await
+        .unwrap_err();
+    assert!(e.message.contains("may not decide"), "{e:?}");
+
     // Assigned to one officer, it is theirs: another officer cannot decide it, a steward can.
     let mut r = req(ActKind::Assign, &a.id, "lead");
     r.assignee = Some("officer1".into());

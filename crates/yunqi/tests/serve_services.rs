@@ -308,6 +308,15 @@ async fn business_registration_with_review() {
     assert_eq!(status, 409, "{v}");
     let (status, v) = act(
         &s,
+        &officer2,
+        REG,
+        &food,
+        "assign",
+        json!({"assignee": "mofficer2"}),
+    );
+    assert_eq!(status, 409, "only the assignee or a steward reassigns: {v}");
+    let (status, v) = act(
+        &s,
         &officer,
         REG,
         &food,
@@ -351,6 +360,34 @@ async fn business_registration_with_review() {
         again["decision"], "pending",
         "the name was given back: {again}"
     );
+
+    // A column the steward reclassifies as personal is masked for the service from then on:
+    // the index is rebuilt, the birth date is hidden, and the age rule cannot pass.
+    let (status, v) = s.call(
+        "POST",
+        "/api/v1/datasets/city/residents/columns/birth_date/class",
+        Some(&csteward),
+        Some(&json!({"class": "personal"}).to_string()),
+    );
+    assert_eq!(status, 200, "{v}");
+    let (_, masked) = apply(
+        &s,
+        &other,
+        REG,
+        company("杭州遮蔽以后科技有限公司", &adult, "software"),
+    );
+    assert_eq!(masked["decision"], "refused", "{masked}");
+    assert_ne!(
+        masked["explanation"]["data"]["rep"]["birth_date"], "1985-03-12",
+        "{masked}"
+    );
+    let (status, v) = s.call(
+        "POST",
+        "/api/v1/datasets/city/residents/columns/birth_date/class",
+        Some(&csteward),
+        Some(&json!({"class": "public"}).to_string()),
+    );
+    assert_eq!(status, 200, "{v}");
 
     // Without the grant, the lookup cannot run: no application is decided on stale data.
     let (status, v) = s.call(
@@ -551,8 +588,17 @@ async fn credit_healthcare_with_consent_and_a_derived_score() {
     assert_eq!(status, 200, "{r}");
     assert_eq!(r["decision"], "refused");
     assert!(r["reasons"].to_string().contains("尚未开通"), "{r}");
+    assert!(
+        r["explanation"]["data"].get("score").is_none(),
+        "nothing about the patient is looked up without consent: {r}"
+    );
     let (status, _) = apply(&s, &patient, CH, visit(&good, 300.0));
     assert_eq!(status, 403, "citizens do not charge visits");
+    // Hospitals are accounts of health: another department's service account is refused.
+    s.dept("traffic");
+    let camera = s.principal("camera_1", "service", Some("traffic"));
+    let (status, v) = apply(&s, &camera, CH, visit(&good, 300.0));
+    assert_eq!(status, 403, "{v}");
 
     // The patient consents; only citizens consent, for themselves.
     let (status, v) = s.call(
@@ -599,7 +645,8 @@ async fn credit_healthcare_with_consent_and_a_derived_score() {
     assert_eq!(low["decision"], "refused");
     assert!(low["reasons"].to_string().contains("600"), "{low}");
 
-    // The patient reads and repays the visit; a neighbour can do neither.
+    // The patient reads the visit, a neighbour cannot; the hospital that is paid records the
+    // repayment, not the patient who owes it.
     let path = format!("/api/v1/services/{CH}/applications/{}", number(&first));
     let (status, _) = s.call("GET", &path, Some(&patient), None);
     assert_eq!(status, 200);
@@ -607,7 +654,9 @@ async fn credit_healthcare_with_consent_and_a_derived_score() {
     assert_eq!(status, 403);
     let (status, _) = act(&s, &neighbour, CH, &first, "repay", json!({}));
     assert_eq!(status, 403);
-    let (status, v) = act(&s, &patient, CH, &first, "repay", json!({"amount": 100}));
+    let (status, _) = act(&s, &patient, CH, &first, "repay", json!({"amount": 100}));
+    assert_eq!(status, 403);
+    let (status, v) = act(&s, &hospital, CH, &first, "repay", json!({"amount": 100}));
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["draw"]["owed_yuan"], 200.0);
 
@@ -639,7 +688,7 @@ async fn credit_healthcare_with_consent_and_a_derived_score() {
     for (action, who) in [
         ("consent.give", "c_chen"),
         ("consent.withdraw", "c_chen"),
-        ("service.repay", "c_chen"),
+        ("service.repay", "hospital_1"),
         ("service.decide", "hospital_1"),
     ] {
         assert!(
