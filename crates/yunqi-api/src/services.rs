@@ -135,8 +135,10 @@ pub async fn act(
     State(state): State<AppState>,
     auth: Authed,
     Path((department, name, number, act)): Path<(String, String, String, String)>,
+    headers: axum::http::HeaderMap,
     RawBody(body): RawBody,
 ) -> ApiResult<axum::Json<Value>> {
+    let key = crate::extract::idempotency_key(&headers)?.map(str::to_string);
     use yunqi_serve::decider::ActKind;
     let id = application_id(&department, &name, &number)?;
     let kind = match act.as_str() {
@@ -167,6 +169,7 @@ pub async fn act(
             b.reason,
             b.assignee,
             b.amount,
+            key,
             &auth.ctx(),
         )
         .await?;

@@ -397,6 +397,9 @@ pub struct Act {
     /// The document an approval issued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub document: Option<Issued>,
+    /// The idempotency key it was asked with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 impl Act {
@@ -455,6 +458,8 @@ pub struct ActRequest {
     pub assignee: Option<String>,
     /// How much (repay; default: all that is owed), fen.
     pub fen: Option<i64>,
+    /// The idempotency key: a retried act with the same key is not done again.
+    pub key: Option<String>,
 }
 
 /// A document as issued.
@@ -657,6 +662,8 @@ struct State {
     watch: BTreeSet<(DateTime<Utc>, String)>,
     /// Draws not fully repaid, per account, by due date.
     open_draws: HashMap<String, BTreeSet<(DateTime<Utc>, String)>>,
+    /// Acts by idempotency key → the decision they acted on.
+    act_keys: HashMap<String, String>,
     /// The inputs cancelling events are matched against, and the decisions with documents by
     /// `input \0 value`.
     cancel_inputs: Vec<String>,
@@ -868,6 +875,9 @@ impl Decider {
                                 a.act.as_str()
                             ))
                         })?;
+                        if let Some(k) = &a.key {
+                            state.act_keys.insert(k.clone(), a.id.clone());
+                        }
                         state.put(Arc::new(a.apply(&d)));
                         continue;
                     }
@@ -1310,6 +1320,7 @@ async fn round(
         // Decisions made or changed in this round, and this round's idempotency keys.
         let mut touched: HashMap<String, Arc<Decision>> = HashMap::new();
         let mut keys: HashMap<String, String> = HashMap::new();
+        let mut act_keys: HashMap<String, String> = HashMap::new();
         let current = |touched: &HashMap<String, Arc<Decision>>, id: &str| {
             touched.get(id).or_else(|| st.by_id.get(id)).cloned()
         };
@@ -1352,10 +1363,28 @@ async fn round(
                     answers.push((reply, Answer::Durable(d)));
                 }
                 Job::Act { req, reply } => {
+                    if let Some(k) = &req.key {
+                        let known = act_keys
+                            .get(k)
+                            .or_else(|| st.act_keys.get(k))
+                            .and_then(|id| current(&touched, id));
+                        if let Some(d) = known {
+                            let answer = if touched.contains_key(&d.id) {
+                                Answer::Durable(d)
+                            } else {
+                                Answer::Now(Ok(d))
+                            };
+                            answers.push((reply, answer));
+                            continue;
+                        }
+                    }
                     let cur = current(&touched, &req.id);
                     match act(w, &calendar, &mut round, cur, req, now) {
                         Ok((a, d)) => {
                             let d = Arc::new(d);
+                            if let Some(k) = &a.key {
+                                act_keys.insert(k.clone(), d.id.clone());
+                            }
                             touched.insert(d.id.clone(), d.clone());
                             outs.push(Out::Act(Box::new(a), d.clone()));
                             answers.push((reply, Answer::Durable(d)));
@@ -1387,6 +1416,7 @@ async fn round(
                 fen: None,
                 changes: Vec::new(),
                 document: None,
+                key: None,
             };
             let d = Arc::new(a.apply(&d));
             touched.insert(id, d.clone());
@@ -1425,7 +1455,13 @@ async fn round(
         st.ledger.publish(changes);
         for o in outs {
             match o {
-                Out::New(d) | Out::Act(_, d) => st.put(d),
+                Out::New(d) => st.put(d),
+                Out::Act(a, d) => {
+                    if let Some(k) = &a.key {
+                        st.act_keys.insert(k.clone(), d.id.clone());
+                    }
+                    st.put(d)
+                }
             }
         }
     }
@@ -1474,6 +1510,7 @@ fn act(
         fen: None,
         changes: Vec::new(),
         document: None,
+        key: req.key.clone(),
     };
     if matches!(
         req.act,

@@ -756,6 +756,7 @@ impl Serve {
         reason: Option<String>,
         assignee: Option<String>,
         yuan: Option<f64>,
+        key: Option<String>,
         ctx: &CallContext,
     ) -> Result<Arc<Decision>, Error> {
         let name = Self::service_of(id)?;
@@ -808,6 +809,7 @@ impl Serve {
             reason,
             assignee,
             fen,
+            key: key.map(|k| format!("{}:{k}", actor.principal.name)),
         };
         let d = live.decider.act(req).await;
         if let Err(e) = &d {

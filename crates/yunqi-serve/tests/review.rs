@@ -195,6 +195,7 @@ fn req(act: ActKind, id: &str, by: &str) -> ActRequest {
         reason: None,
         assignee: None,
         fen: None,
+        key: None,
     }
 }
 
@@ -377,8 +378,11 @@ async fn money_lines_draw_within_the_line_and_repay() {
     // Part repaid, then the rest; nothing more is owed.
     let mut r = req(ActKind::Repay, &first.id, "company1");
     r.fen = Some(25_000);
-    let part = d.act(r).await.unwrap();
+    r.key = Some("pay-1".into());
+    let part = d.act(r.clone()).await.unwrap();
     assert_eq!(part.draw.as_ref().unwrap().owed(), 35_000);
+    let again = d.act(r.clone()).await.unwrap();
+    assert_eq!(again, part, "a retried repayment is not recorded twice");
     assert_eq!(d.outstanding(&account), 75_000);
     let mut r = req(ActKind::Repay, &first.id, "company1");
     r.fen = Some(35_001);
@@ -400,8 +404,17 @@ async fn money_lines_draw_within_the_line_and_repay() {
     assert_eq!(late.data["line.credit"]["overdue"], true);
     drop(d);
 
-    // The restart gives back the same line.
+    // The restart gives back the same line, and the repayment's key.
     let d = w.open();
+    assert_eq!(d.outstanding(&account), 40_000);
+    let mut r = req(ActKind::Repay, &first.id, "company1");
+    r.fen = Some(25_000);
+    r.key = Some("pay-1".into());
+    assert_eq!(
+        d.act(r).await.unwrap().draw.as_ref().unwrap().repaid_fen,
+        60_000,
+        "the key is known after the restart: nothing repaid again"
+    );
     assert_eq!(d.outstanding(&account), 40_000);
     d.act(req(ActKind::Repay, &exact.id, PATIENT))
         .await
