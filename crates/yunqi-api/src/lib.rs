@@ -6,6 +6,7 @@
 //! maps domain errors to one status per error code.
 #![deny(missing_docs)]
 
+pub mod console;
 pub mod error;
 pub mod extract;
 pub mod handlers;
@@ -225,6 +226,12 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/services/{department}/{name}", get(services::get))
         .route("/api/v1/documents/public-key", get(services::public_key))
         .route("/api/v1/documents/verify", get(services::verify))
+        .route("/api/v1/documents/qr", get(console::qr))
+        .route("/", get(console::index))
+        .route("/console", get(console::index))
+        .route("/favicon.ico", get(console::favicon))
+        .route("/console/app.js", get(console::app_js))
+        .route("/console/app.css", get(console::app_css))
         .route("/api/v1/documents/revoke", post(services::revoke))
         .route(
             "/api/v1/services/{department}/{name}/applications",

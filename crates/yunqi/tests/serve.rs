@@ -225,6 +225,27 @@ async fn the_urgent_entry_permit_end_to_end() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not match"));
 
+    // Its QR code (the online verification link) is drawn only for tokens this city signed;
+    // the console that shows it is served with a strict Content-Security-Policy.
+    let r = common::agent()
+        .get(format!("{}/api/v1/documents/qr?token={token}", s.url))
+        .call()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "image/svg+xml");
+    let r = common::agent()
+        .get(format!("{}/api/v1/documents/qr?token={forged}", s.url))
+        .call()
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = common::agent().get(format!("{}/", s.url)).call().unwrap();
+    assert_eq!(r.status(), 200);
+    let csp = r.headers()["content-security-policy"].to_str().unwrap();
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe"),
+        "{csp}"
+    );
+
     // An officer revokes it (a violation); online verification says so; the citizen may not.
     let body = json!({"id": d["id"], "reason": "违章: 闯限行区"}).to_string();
     let (status, v) = s.call(

@@ -1,0 +1,178 @@
+"""The console in a real browser (Debian's Chromium driven by Playwright), over `yunqi demo`.
+
+Logs in as the demo city's people and does what they would: a citizen applies for the urgent
+entry permit and sees the decision, its explanation and the permit's QR code, verifies it,
+reads who accessed their data, and switches the language; a steward of market regulation runs
+a query and sees masked cells marked; an analyst searches the catalog and reads a dataset's
+lineage; a department requests a grant and the owner approves it; the traffic steward watches
+the city brain's dashboard change. Screenshots of each page go to target/screenshots/.
+
+Usage: python3 tests/browser/console_test.py BINARY
+"""
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from playwright.sync_api import expect, sync_playwright
+
+BINARY = sys.argv[1]
+SHOTS = os.path.join(os.path.dirname(__file__), "..", "..", "target", "screenshots")
+
+
+def start_demo(data):
+    p = subprocess.Popen(
+        [BINARY, "demo", "--data", data, "--http", "127.0.0.1:0", "--pg", "127.0.0.1:0",
+         "--residents", "5000", "--vehicles", "2000", "--businesses", "500", "--rate", "400"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env=dict(os.environ, RUST_LOG="warn"))
+    url = None
+    deadline = time.time() + 300
+    for line in p.stdout:
+        if line.strip().startswith("API") and url is None:
+            url = line.split()[1].replace("/api/v1/", "")
+        if line.startswith("demo city: ready"):
+            break
+        if time.time() > deadline:
+            raise SystemExit("the demo did not start")
+    threading.Thread(target=lambda: [None for _ in p.stdout], daemon=True).start()
+    return p, url
+
+
+def workday():
+    d = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=8)).date()
+    while True:
+        d += datetime.timedelta(days=1)
+        if d.weekday() <= 3 and d.isoformat() != "2027-01-01":
+            return d.isoformat()
+
+
+def main():
+    os.makedirs(SHOTS, exist_ok=True)
+    data = tempfile.mkdtemp(prefix="yunqi-console-")
+    server, url = start_demo(data)
+    creds = json.load(open(os.path.join(data, "demo", "credentials.json")))
+    tok = {p["name"]: p for p in creds["principals"]}
+    citizen = tok["c_zhang"]
+    plate = next(p for p in citizen["plates"] if not p.startswith("浙A"))
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path="/usr/bin/chromium",
+                                         args=["--no-sandbox", "--disable-dev-shm-usage"])
+            page = browser.new_page(locale="zh-CN", viewport={"width": 1366, "height": 900})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+
+            def shot(name):
+                page.screenshot(path=os.path.join(SHOTS, name + ".png"), full_page=True)
+
+            def login(name):
+                page.goto(url + "/")
+                if page.locator("#logout").is_visible():
+                    page.click("#logout")
+                page.fill("#token", tok[name]["token"])
+                page.press("#token", "Enter")
+                expect(page.locator("#who")).to_contain_text(tok[name]["role"])
+
+            # Chinese by default for a Chinese browser; a wrong token says what went wrong.
+            page.goto(url + "/")
+            expect(page.locator("h1")).to_have_text("登录")
+            page.fill("#token", "yq_not_a_token")
+            page.press("#token", "Enter")
+            expect(page.locator("[role=alert]")).to_be_visible()
+            shot("01-login")
+
+            # A citizen applies for the permit: decision, explanation, QR code.
+            login("c_zhang")
+            page.goto(url + "/#/services/traffic.urgent-entry-permit")
+            page.fill("#in-plate", plate)
+            page.fill("#in-date", workday())
+            page.select_option("#in-window", "day")
+            page.fill("#in-reason", "送货")
+            page.click("#apply button[type=submit]")
+            expect(page.locator("#decision")).to_have_text("已通过")
+            expect(page.locator("text=transport.vehicles").first).to_be_visible()
+            qr = page.locator("#qr")
+            expect(qr).to_be_visible()
+            r = page.request.get(url + qr.get_attribute("src"))
+            assert r.ok and r.headers["content-type"] == "image/svg+xml", r.status
+            shot("02-permit-decision")
+            page.click("text=验证电子证照 >> nth=0")
+            expect(page.locator("#vstatus")).to_have_text("尚未生效")
+            shot("03-verify")
+            # Who accessed my data: the permit's lookup of the vehicle registry, by the service.
+            page.goto(url + "/#/audit")
+            expect(page.locator("h1")).to_have_text("谁访问了我的数据")
+            expect(page.locator("tbody tr").first).to_be_visible()
+            shot("04-my-accesses")
+            # English on request, kept across pages.
+            page.click("#lang")
+            expect(page.locator("h1")).to_have_text("Who accessed my data")
+            expect(page.locator("#nav a[href='#/services']")).to_have_text("Services")
+            shot("05-english")
+            page.click("#lang")
+
+            # A steward of market regulation queries the resident register through its grant:
+            # names are masked, and marked so.
+            login("market_steward")
+            page.goto(url + "/#/sql")
+            page.fill("#sql", "SELECT id_number, name, birth_date FROM city.residents LIMIT 5")
+            page.click("#run")
+            expect(page.locator("td.masked").first).to_be_visible()
+            shot("06-sql-masked")
+
+            # An analyst of the city searches the catalog and reads the credit score's lineage.
+            login("city_analyst")
+            page.goto(url + "/#/catalog")
+            page.fill("#q", "credit")
+            page.press("#q", "Enter")
+            page.click("text=city.credit_scores")
+            expect(page.locator("main")).to_contain_text("city.payments")
+            shot("07-catalog-lineage")
+
+            # Housing asks for a grant; the city's steward approves it from the inbox.
+            login("housing_steward")
+            page.goto(url + "/#/grants")
+            page.fill("#g-dataset", "city.holidays")
+            page.fill("#g-columns", "day, kind")
+            page.fill("#g-purpose", "公积金: working days for repayments")
+            page.fill("#g-until", workday())
+            page.click("form button[type=submit]")
+            expect(page.locator("main")).to_contain_text("pending")
+            login("city_steward")
+            page.goto(url + "/#/grants")
+            card = page.locator(".card", has_text="city.holidays")
+            expect(card).to_be_visible()
+            shot("08-grants-inbox")
+            card.locator("button.primary").click()
+            expect(page.locator(".card", has_text="city.holidays")).to_have_count(0)
+            expect(page.locator("tbody")).to_contain_text("active")
+
+            # The city brain: the dashboard fills from the continuous views and moves on.
+            login("traffic_steward")
+            page.goto(url + "/#/dashboard")
+            expect(page.locator("#window")).to_be_visible(timeout=150_000)
+            first = page.locator("#window").inner_text()
+            shot("09-dashboard")
+            expect(page.locator("#window")).not_to_have_text(first, timeout=150_000)
+            expect(page.locator("svg.bars rect").first).to_be_visible()
+            shot("10-dashboard-later")
+            # A large operations-centre screen.
+            page.set_viewport_size({"width": 2560, "height": 1440})
+            shot("11-dashboard-wall")
+
+            assert not errors, errors
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    print("console: all pages passed in Chromium; screenshots in target/screenshots/")
+
+
+if __name__ == "__main__":
+    main()
