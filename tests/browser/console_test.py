@@ -153,18 +153,39 @@ def main():
             expect(page.locator(".card", has_text="city.holidays")).to_have_count(0)
             expect(page.locator("tbody")).to_contain_text("active")
 
+            # A founder's licensed trade goes to review; a market officer approves it in the queue.
+            login("c_li")
+            page.goto(url + "/#/services/market.business-registration")
+            page.fill("#in-company_name", "杭州云栖控制台食品有限公司")
+            page.fill("#in-legal_rep", tok["c_li"]["id_number"])
+            page.fill("#in-capital", "500000")
+            page.select_option("#in-scope", "food_production")
+            page.fill("#in-address", "西湖区文三路")
+            page.click("#apply button[type=submit]")
+            expect(page.locator("#decision")).to_have_text("审核中")
+            login("market_officer")
+            page.goto(url + "/#/services/market.business-registration")
+            review = page.locator(".review", has_text="杭州云栖控制台食品有限公司")
+            expect(review).to_be_visible()
+            shot("09-review-queue")
+            review.locator("button", has_text="分配给我").click()
+            expect(page.locator(".review", has_text="market_officer")).to_be_visible()
+            page.locator(".review", has_text="杭州云栖控制台食品有限公司").locator("button.primary").click()
+            expect(page.locator(".review", has_text="杭州云栖控制台食品有限公司")).to_have_count(0)
+
             # The city brain: the dashboard fills from the continuous views and moves on.
             login("traffic_steward")
             page.goto(url + "/#/dashboard")
             expect(page.locator("#window")).to_be_visible(timeout=150_000)
+            expect(page.locator("#permits")).to_have_text("1")
             first = page.locator("#window").inner_text()
-            shot("09-dashboard")
+            shot("10-dashboard")
             expect(page.locator("#window")).not_to_have_text(first, timeout=150_000)
             expect(page.locator("svg.bars rect").first).to_be_visible()
-            shot("10-dashboard-later")
+            shot("11-dashboard-later")
             # A large operations-centre screen.
             page.set_viewport_size({"width": 2560, "height": 1440})
-            shot("11-dashboard-wall")
+            shot("12-dashboard-wall")
 
             assert not errors, errors
             browser.close()

@@ -28,7 +28,7 @@ const I18N = {
     "dash.title": "城市大脑 · 实时路况", "dash.byDistrict": "各区每分钟车流量",
     "dash.segments": "最拥堵路段", "dash.zone": "限行区车流 / 阈值", "dash.permits": "今日签发通行凭证",
     "dash.window": "窗口", "audit.title": "审计", "audit.mine": "谁访问了我的数据",
-    "audit.search": "按操作筛选（如 sql.*）", "audit.go": "查询", "none": "暂无",
+    "audit.search": "按操作筛选（如 sql.*）", "audit.go": "查询", "none": "暂无", "review.mine": "分配给我",
   },
   en: {
     brand: "yunqi · City Cloud", logout: "Log out", "nav.catalog": "Catalog", "nav.sql": "SQL",
@@ -54,7 +54,7 @@ const I18N = {
     "dash.title": "City brain · live traffic", "dash.byDistrict": "Vehicles per minute by district",
     "dash.segments": "Most loaded segments", "dash.zone": "Restricted zone load / threshold", "dash.permits": "Permits issued today",
     "dash.window": "Window", "audit.title": "Audit", "audit.mine": "Who accessed my data",
-    "audit.search": "Filter by action (e.g. sql.*)", "audit.go": "Search", "none": "None",
+    "audit.search": "Filter by action (e.g. sql.*)", "audit.go": "Search", "none": "None", "review.mine": "Assign to me",
   },
 };
 
@@ -294,10 +294,26 @@ async function servicesPage(which) {
     const kids = [h("h1", { text: (lang === "en" && def.title_en) || def.title }), h("p", { class: "muted", text: def.description })];
     if (me.principal.role === "officer" || me.principal.role === "steward") {
       const q = h("div", {});
-      try {
-        const r = await api("GET", `/api/v1/services/${dept}/${name}/reviews`);
-        q.replaceChildren(table(["id", "due", "overdue", "assignee", "reasons"], r.pending.map((p) => [p.id, p.due_at, p.overdue ? "⚠" : "", (p.review && p.review.assignee) || "", (p.reasons || []).join("; ")])));
-      } catch (e) { q.replaceChildren(errorBox(e)); }
+      const loadQueue = async () => {
+        try {
+          const r = await api("GET", `/api/v1/services/${dept}/${name}/reviews`);
+          const act = (p, what, body) => async () => {
+            try { await api("POST", `/api/v1/services/${dept}/${name}/applications/${p.id.split("/")[1]}/${what}`, body()); loadQueue(); }
+            catch (e) { q.prepend(errorBox(e)); }
+          };
+          q.replaceChildren(...(r.pending.length ? r.pending.map((p) => {
+            const reason = h("input", { "aria-label": t("grants.reason"), placeholder: t("grants.reason") });
+            return h("div", { class: "card review" }, h("strong", { text: p.id }), " ",
+              h("span", { class: p.overdue ? "badge refused" : "badge pending", text: (p.overdue ? "⚠ " : "⏱ ") + p.due_at }),
+              h("div", { text: (p.reasons || []).join("; ") }),
+              h("div", { class: "muted", text: JSON.stringify(p.explanation.inputs) + ((p.review && p.review.assignee) ? " · → " + p.review.assignee : "") }),
+              h("button", { onclick: act(p, "assign", () => ({ assignee: me.principal.name })), text: t("review.mine") }), " ",
+              h("button", { class: "primary", onclick: act(p, "approve", () => ({})), text: t("grants.approve") }), " ",
+              reason, " ", h("button", { onclick: act(p, "refuse", () => ({ reason: reason.value })), text: t("grants.refuse") }));
+          }) : [h("p", { class: "muted", text: t("none") })]));
+        } catch (e) { q.replaceChildren(errorBox(e)); }
+      };
+      await loadQueue();
       kids.push(h("h2", { text: t("services.queue") }), q);
     }
     kids.push(form, out, h("h2", { text: t("services.mine") }), mine);
@@ -354,11 +370,13 @@ async function dashboardPage() {
       const d = await q(`SELECT district, vehicles FROM traffic.district_load_1m WHERE window_end = '${end}' ORDER BY vehicles DESC`);
       const s = await q(`SELECT segment, district, vehicles FROM traffic.segment_load_1m WHERE window_end = (SELECT max(window_end) FROM traffic.segment_load_1m) ORDER BY vehicles DESC LIMIT 10`);
       const z = await q("SELECT vehicles FROM traffic.zone_load_1m ORDER BY window_end DESC LIMIT 1");
+      const permit = await api("GET", "/api/v1/services/traffic/urgent-entry-permit");
       const total = d.reduce((a, r) => a + Number(r[1]), 0);
       tiles.replaceChildren(
         h("div", { class: "tile" }, h("div", { class: "muted", text: t("dash.window") }), h("div", { class: "n", id: "window", text: String(end).slice(11, 16) })),
         h("div", { class: "tile" }, h("div", { class: "muted", text: t("dash.byDistrict") }), h("div", { class: "n", id: "total", text: String(total) })),
-        h("div", { class: "tile" }, h("div", { class: "muted", text: t("dash.zone") }), h("div", { class: "n", id: "zone", text: `${z[0] ? z[0][0] : 0} / 5000` })));
+        h("div", { class: "tile" }, h("div", { class: "muted", text: t("dash.zone") }), h("div", { class: "n", id: "zone", text: `${z[0] ? z[0][0] : 0} / 5000` })),
+        h("div", { class: "tile" }, h("div", { class: "muted", text: t("dash.permits") }), h("div", { class: "n", id: "permits", text: String(permit.stats.approved_today) })));
       dist.replaceChildren(bars(d.map((r) => [r[0], Number(r[1])])));
       segs.replaceChildren(bars(s.map((r) => [`#${r[0]} ${r[1]}`, Number(r[2])])));
       out.replaceChildren();

@@ -442,7 +442,12 @@ impl Governance {
                 let mut out = Vec::new();
                 // Queries that returned the citizen's rows, and service decisions that used
                 // them (a lookup answered from an index), newest first.
-                for action in ["sql.query", "service.decide", "service.read"] {
+                for action in [
+                    "sql.query",
+                    "service.decide",
+                    "service.read",
+                    "service.queue",
+                ] {
                     let mut before = None;
                     let mut found_here = 0;
                     while found_here < limit {

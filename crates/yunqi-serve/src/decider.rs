@@ -669,12 +669,29 @@ struct State {
     cancel_inputs: Vec<String>,
     with_document: HashMap<String, Vec<String>>,
     decided: u64,
+    /// Approvals by the city's local date of approval (documents issued per day).
+    approved_on: BTreeMap<NaiveDate, u64>,
+}
+
+/// The local date (UTC+8) of an instant.
+fn local_day(t: DateTime<Utc>) -> NaiveDate {
+    (t + chrono::Duration::hours(8)).date_naive()
 }
 
 impl State {
     /// Makes `d` the current state of its decision: a new one, or one after an act.
     fn put(&mut self, d: Arc<Decision>) {
         let old = self.by_id.insert(d.id.clone(), d.clone());
+        if d.decision == Verdict::Approved
+            && old.as_ref().is_none_or(|o| o.decision != Verdict::Approved)
+        {
+            let at = d
+                .review
+                .as_ref()
+                .and_then(|r| r.decided_at)
+                .unwrap_or(d.decided_at);
+            *self.approved_on.entry(local_day(at)).or_default() += 1;
+        }
         match &old {
             None => self.decided += 1,
             Some(o) => {
@@ -1066,6 +1083,15 @@ impl Decider {
         let mut v = st.by_applicant.get(applicant).cloned().unwrap_or_default();
         v.reverse();
         v
+    }
+
+    /// Applications approved on a local date (UTC+8), and pending now.
+    pub fn stats(&self, day: NaiveDate) -> (u64, usize) {
+        let st = self.state.read().expect("state lock");
+        (
+            st.approved_on.get(&day).copied().unwrap_or(0),
+            st.pending.len(),
+        )
     }
 
     /// Decisions made so far.

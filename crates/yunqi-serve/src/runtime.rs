@@ -42,6 +42,19 @@ pub struct Applied {
     pub version: u32,
     /// The definition, as read.
     pub definition: Service,
+    /// Decisions so far, approvals today (the city's date) and applications waiting for review.
+    pub stats: Stats,
+}
+
+/// A service's counts.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Stats {
+    /// Decisions made.
+    pub decided: u64,
+    /// Approved today (documents issued).
+    pub approved_today: u64,
+    /// Waiting for review.
+    pub pending: usize,
 }
 
 /// The services of a server.
@@ -120,6 +133,23 @@ fn versions(dir: &Path) -> Result<Vec<(u32, PathBuf)>, Error> {
     }
     out.sort();
     Ok(out)
+}
+
+/// The people a decision is about, so that their "who accessed my data" lists a read of it:
+/// the subjects of the rows it used and the ID numbers among its inputs.
+fn subjects_of(service: &Service, d: &Decision) -> Vec<String> {
+    let mut subjects = d.subjects.clone();
+    for i in &service.inputs {
+        if matches!(i.kind, crate::definition::InputType::IdNumber)
+            && let Some(v) = d.inputs.get(&i.name).and_then(|v| v.as_str())
+        {
+            let k = yunqi_governance::subject_key(v);
+            if !subjects.contains(&k) {
+                subjects.push(k);
+            }
+        }
+    }
+    subjects
 }
 
 /// Roles that apply as each kind of applicant.
@@ -400,11 +430,25 @@ impl Serve {
         }
         self.lookups.forget(&name);
         self.start(service.clone(), version)?;
+        let stats = self.live(&name).map(|l| self.stats(&l)).unwrap_or_default();
         Ok(Applied {
             service: name,
             version,
             definition: (*service).clone(),
+            stats,
         })
+    }
+
+    fn stats(&self, l: &Live) -> Stats {
+        let today = self
+            .calendar
+            .local_date(self.clock.now().timestamp_micros());
+        let (approved_today, pending) = l.decider.stats(today);
+        Stats {
+            decided: l.decider.decided(),
+            approved_today,
+            pending,
+        }
     }
 
     /// The live services (anyone signed in): name, version, definition.
@@ -417,6 +461,7 @@ impl Serve {
                 service: name.clone(),
                 version: l.version,
                 definition: (**l.decider.service()).clone(),
+                stats: self.stats(l),
             })
             .collect()
     }
@@ -428,6 +473,7 @@ impl Serve {
             service: name.to_string(),
             version: l.version,
             definition: (**l.decider.service()).clone(),
+            stats: self.stats(&l),
         })
     }
 
@@ -679,19 +725,7 @@ impl Serve {
             )
             .await?;
         let d = d.ok_or_else(|| Error::not_found("application", id))?;
-        // The people the application is about, so that their "who accessed my data" lists
-        // this read: the rows it used and the ID numbers among its inputs.
-        let mut subjects = d.subjects.clone();
-        for i in &service.inputs {
-            if matches!(i.kind, crate::definition::InputType::IdNumber)
-                && let Some(v) = d.inputs.get(&i.name).and_then(|v| v.as_str())
-            {
-                let k = yunqi_governance::subject_key(v);
-                if !subjects.contains(&k) {
-                    subjects.push(k);
-                }
-            }
-        }
+        let subjects = subjects_of(&service, &d);
         self.gov
             .record_access(
                 actor,
@@ -730,13 +764,25 @@ impl Serve {
             )
             .await?;
         let q = live.decider.queue();
+        let mut subjects: Vec<String> = Vec::new();
+        for d in &q {
+            for k in subjects_of(live.decider.service(), d) {
+                if !subjects.contains(&k) {
+                    subjects.push(k);
+                }
+            }
+        }
         self.gov
             .record_access(
                 actor,
                 "service.queue",
                 &format!("service:{name}"),
                 Outcome::Ok,
-                format!("{} pending", q.len()),
+                if subjects.is_empty() {
+                    format!("{} pending", q.len())
+                } else {
+                    format!("{} pending; subjects {}", q.len(), subjects.join(" "))
+                },
                 ctx,
             )
             .await?;

@@ -272,6 +272,10 @@ async fn business_registration_with_review() {
         [food["id"].as_str().unwrap(), food2["id"].as_str().unwrap()]
     );
     assert_eq!(q["pending"][0]["overdue"], false);
+    // The officer saw the representative's ID number in the queue: the representative's own
+    // "who accessed my data" says so.
+    let (_, acc) = s.call("GET", "/api/v1/me/accesses", Some(&founder), None);
+    assert!(acc.to_string().contains("mofficer"), "{acc}");
     let (status, _) = s.call(
         "GET",
         &format!("/api/v1/services/{REG}/reviews"),
