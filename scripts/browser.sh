@@ -3,7 +3,7 @@
 # Playwright client for Python (driving that Chromium; no browser download of its own).
 set -euo pipefail
 # Chromium, and CJK fonts so that the console's Chinese renders in the screenshots.
-if ! command -v chromium >/dev/null 2>&1 || ! fc-list 2>/dev/null | grep -qi "Noto Sans CJK"; then
+if ! command -v chromium >/dev/null 2>&1 || ! dpkg -s fonts-noto-cjk >/dev/null 2>&1; then
   echo "browser: installing chromium and fonts-noto-cjk (Debian packages)…"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >/dev/null

@@ -133,6 +133,9 @@ def main():
             page.press("#q", "Enter")
             page.click("text=city.credit_scores")
             expect(page.locator("main")).to_contain_text("city.payments")
+            # The lineage graph links to the sources; the dataset's grants are listed.
+            expect(page.locator("svg.lineage")).to_be_visible()
+            expect(page.locator("main")).to_contain_text("先看病后付费")
             shot("07-catalog-lineage")
 
             # Housing asks for a grant; the city's steward approves it from the inbox.

@@ -99,7 +99,7 @@ function errorBox(e) { return h("p", { class: "error", role: "alert", text: e.me
 
 function render(...kids) {
   const main = document.getElementById("main");
-  main.replaceChildren(...kids);
+  main.replaceChildren(...kids.flat(Infinity).filter((k) => k !== null && k !== undefined));
 }
 
 function applyI18n() {
@@ -149,19 +149,50 @@ async function catalogPage(q) {
   search();
 }
 
+// A lineage graph: the datasets this one is derived from on the left, those derived from it
+// on the right, each a link to its page.
+function lineageGraph(sources, self, users) {
+  const NS = "http://www.w3.org/2000/svg";
+  const rows = Math.max(sources.length, users.length, 1);
+  const W = 760, RH = 44, H = rows * RH + 10, BW = 200;
+  const svg = document.createElementNS(NS, "svg");
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`); svg.setAttribute("class", "lineage");
+  svg.setAttribute("role", "img"); svg.setAttribute("aria-label", t("catalog.lineage"));
+  const el = (parent, tag, attrs, text) => { const e = document.createElementNS(NS, tag); for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v); if (text !== undefined) e.textContent = text; parent.append(e); return e; };
+  const node = (x, y, label, link) => {
+    const g = link ? el(svg, "a", { href: "#/dataset/" + label.replace(".", "/") }) : svg;
+    el(g, "rect", { x, y, width: BW, height: RH - 14, rx: 6, fill: link ? "#f6f8fa" : "#0b5cad", stroke: "#0b5cad" });
+    el(g, "text", { x: x + 10, y: y + 20, "font-size": 14, fill: link ? "#0b5cad" : "#ffffff" }, label);
+  };
+  const cy = (H - (RH - 14)) / 2;
+  sources.forEach((s, i) => { const y = 5 + i * RH; node(0, y, s, true); el(svg, "line", { x1: BW, y1: y + 15, x2: (W - BW) / 2, y2: cy + 15, stroke: "#57606a", "marker-end": "" }); });
+  users.forEach((u, i) => { const y = 5 + i * RH; node(W - BW, y, u, true); el(svg, "line", { x1: (W + BW) / 2, y1: cy + 15, x2: W - BW, y2: y + 15, stroke: "#57606a" }); });
+  node((W - BW) / 2, cy, self, false);
+  return svg;
+}
+
 async function datasetPage(dept, name) {
   try {
     const d = await api("GET", `/api/v1/datasets/${dept}/${name}`);
+    const sources = d.derived_from ? (d.derived_from.sources || []) : [];
+    const users = d.used_by || [];
     const lineage = [];
-    if (d.derived_from) lineage.push(h("p", {}, t("catalog.from") + ": ", (d.derived_from.sources || d.derived_from.datasets || []).join(", "), h("br"), h("code", { text: d.derived_from.sql || "" })));
-    if (d.used_by && d.used_by.length) lineage.push(h("p", { text: t("catalog.usedby") + ": " + d.used_by.join(", ") }));
+    if (sources.length || users.length) lineage.push(lineageGraph(sources, d.sql_name, users));
+    if (d.derived_from) lineage.push(h("p", {}, t("catalog.from") + ": ", sources.join(", "), h("br"), h("code", { text: d.derived_from.sql || "" })));
+    if (users.length) lineage.push(h("p", { text: t("catalog.usedby") + ": " + users.join(", ") }));
+    let grants = h("p", { class: "muted", text: t("none") });
+    try {
+      const g = await api("GET", "/api/v1/grants?dataset=" + encodeURIComponent(d.sql_name));
+      if (g.grants.length) grants = table(["id", "grantee", "state", "columns", "purpose", "expires_at"], g.grants.map((x) => [x.id, x.grantee, x.state, x.columns.join(", "), x.purpose, x.expires_at]));
+    } catch (e) { grants = errorBox(e); }
     render(h("h1", { text: d.sql_name }), h("p", { text: d.description }),
       h("p", { class: "muted", text: `${d.rows} ${t("catalog.rows")}` }),
       h("h2", { text: t("catalog.columns") }),
       table(["name", t("catalog.type"), t("catalog.class")], d.columns.map((c) => [c.name, c.type || c.column_type, c.class])),
       h("h2", { text: t("catalog.lineage") }), lineage.length ? lineage : h("p", { class: "muted", text: t("none") }),
       h("h2", { text: t("catalog.versions") }),
-      table(["version", "rows", "mode", "created_at"], d.versions.map((v) => [v.version, v.rows, v.mode, v.created_at])));
+      table(["version", "rows", "mode", "created_at"], d.versions.map((v) => [v.version, v.rows, v.mode, v.created_at])),
+      h("h2", { text: t("nav.grants") }), grants);
   } catch (e) { render(errorBox(e)); }
 }
 
