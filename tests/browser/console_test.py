@@ -184,7 +184,11 @@ def main():
             first = page.locator("#window").inner_text()
             shot("10-dashboard")
             expect(page.locator("#window")).not_to_have_text(first, timeout=150_000)
-            expect(page.locator("svg.bars rect").first).to_be_visible()
+            # ECharts drew the series: a line per district, the segments' bars, the threshold.
+            for c in ["#chart-districts", "#chart-segments", "#chart-zone"]:
+                expect(page.locator(c + " svg").first).to_be_visible()
+                expect(page.locator(c + " svg path")).not_to_have_count(0)
+            expect(page.locator("#chart-districts")).to_contain_text("上城区")
             shot("11-dashboard-later")
             # A large operations-centre screen.
             page.set_viewport_size({"width": 2560, "height": 1440})

@@ -373,47 +373,71 @@ async function verifyPage(tok) {
   if (tok) go();
 }
 
-function bars(items, threshold) {
-  const w = 720, rowH = 26, pad = 110;
-  const max = Math.max(1, threshold || 0, ...items.map((x) => x[1]));
-  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
-  svg.setAttribute("viewBox", `0 0 ${w} ${rowH * items.length + 10}`);
-  svg.setAttribute("class", "bars"); svg.setAttribute("role", "img");
-  const el = (tag, attrs, text) => { const e = document.createElementNS("http://www.w3.org/2000/svg", tag); for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v); if (text !== undefined) e.textContent = text; svg.append(e); return e; };
-  items.forEach(([label, n], i) => {
-    const y = 5 + i * rowH;
-    el("text", { x: 0, y: y + 17, "font-size": 14 }, label);
-    el("rect", { x: pad, y, width: Math.max(1, (w - pad - 70) * n / max), height: rowH - 6, fill: "#0b5cad" });
-    el("text", { x: pad + (w - pad - 70) * n / max + 6, y: y + 17, "font-size": 14 }, String(n));
-  });
-  if (threshold) { const x = pad + (w - pad - 70) * threshold / max; el("line", { x1: x, x2: x, y1: 0, y2: rowH * items.length + 10, stroke: "#b3261e", "stroke-width": 2, "stroke-dasharray": "6 4" }); }
-  return svg;
+// Charts: Apache ECharts, drawn as SVG (inspectable, sharp on a wall screen).
+let charts = [];
+function chart(el) {
+  const c = echarts.init(el, null, { renderer: "svg" });
+  charts.push(c);
+  return c;
 }
+window.addEventListener("resize", () => charts.forEach((c) => c.resize()));
 
 async function dashboardPage() {
-  const tiles = h("div", { class: "tiles" }), dist = h("div", {}), segs = h("div", {}), out = h("div", {});
+  charts.forEach((c) => c.dispose());
+  charts = [];
+  const tiles = h("div", { class: "tiles" }), out = h("div", {});
+  const dist = h("div", { id: "chart-districts", class: "chart" });
+  const segs = h("div", { id: "chart-segments", class: "chart" });
+  const zone = h("div", { id: "chart-zone", class: "chart small" });
   const q = async (sql) => (await api("POST", "/api/v1/sql", { sql })).rows;
+  render(h("h1", { text: t("dash.title") }), out, tiles,
+    h("h2", { text: t("dash.byDistrict") }), dist,
+    h("div", { class: "row" }, h("div", { class: "grow" }, h("h2", { text: t("dash.segments") }), segs),
+      h("div", { class: "grow" }, h("h2", { text: t("dash.zone") }), zone)));
+  const cd = chart(dist), cs = chart(segs), cz = chart(zone);
+  const hhmm = (ts) => String(ts).slice(11, 16);
   const refresh = async () => {
     try {
-      const last = await q("SELECT max(window_end) FROM traffic.district_load_1m");
-      const end = last[0] && last[0][0];
-      if (!end) { out.replaceChildren(h("p", { class: "muted", text: "…" })); return; }
-      const d = await q(`SELECT district, vehicles FROM traffic.district_load_1m WHERE window_end = '${end}' ORDER BY vehicles DESC`);
-      const s = await q(`SELECT segment, district, vehicles FROM traffic.segment_load_1m WHERE window_end = (SELECT max(window_end) FROM traffic.segment_load_1m) ORDER BY vehicles DESC LIMIT 10`);
-      const z = await q("SELECT vehicles FROM traffic.zone_load_1m ORDER BY window_end DESC LIMIT 1");
+      const rows = await q("SELECT window_end, district, vehicles FROM traffic.district_load_1m WHERE window_end >= (SELECT max(window_end) FROM traffic.district_load_1m) - INTERVAL '30' MINUTE ORDER BY window_end");
+      if (!rows.length) { out.replaceChildren(h("p", { class: "muted", text: "…" })); return; }
+      const times = [...new Set(rows.map((r) => String(r[0])))];
+      const end = times[times.length - 1];
+      const byDistrict = new Map();
+      for (const [w, d, n] of rows) {
+        if (!byDistrict.has(d)) byDistrict.set(d, new Map());
+        byDistrict.get(d).set(String(w), Number(n));
+      }
+      const latest = rows.filter((r) => String(r[0]) === end);
+      const s = await q("SELECT segment, district, vehicles FROM traffic.segment_load_1m WHERE window_end = (SELECT max(window_end) FROM traffic.segment_load_1m) ORDER BY vehicles DESC LIMIT 10");
+      const z = await q("SELECT window_end, vehicles FROM traffic.zone_load_1m WHERE window_end >= (SELECT max(window_end) FROM traffic.zone_load_1m) - INTERVAL '30' MINUTE ORDER BY window_end");
       const permit = await api("GET", "/api/v1/services/traffic/urgent-entry-permit");
-      const total = d.reduce((a, r) => a + Number(r[1]), 0);
+      const total = latest.reduce((a, r) => a + Number(r[2]), 0);
+      const zoneNow = z.length ? Number(z[z.length - 1][1]) : 0;
       tiles.replaceChildren(
-        h("div", { class: "tile" }, h("div", { class: "muted", text: t("dash.window") }), h("div", { class: "n", id: "window", text: String(end).slice(11, 16) })),
+        h("div", { class: "tile" }, h("div", { class: "muted", text: t("dash.window") }), h("div", { class: "n", id: "window", text: hhmm(end) })),
         h("div", { class: "tile" }, h("div", { class: "muted", text: t("dash.byDistrict") }), h("div", { class: "n", id: "total", text: String(total) })),
-        h("div", { class: "tile" }, h("div", { class: "muted", text: t("dash.zone") }), h("div", { class: "n", id: "zone", text: `${z[0] ? z[0][0] : 0} / 5000` })),
+        h("div", { class: "tile" }, h("div", { class: "muted", text: t("dash.zone") }), h("div", { class: "n", id: "zone", text: `${zoneNow} / 5000` })),
         h("div", { class: "tile" }, h("div", { class: "muted", text: t("dash.permits") }), h("div", { class: "n", id: "permits", text: String(permit.stats.approved_today) })));
-      dist.replaceChildren(bars(d.map((r) => [r[0], Number(r[1])])));
-      segs.replaceChildren(bars(s.map((r) => [`#${r[0]} ${r[1]}`, Number(r[2])])));
+      cd.setOption({
+        animation: false, tooltip: { trigger: "axis" }, legend: { type: "scroll", top: 0 },
+        grid: { left: 50, right: 20, top: 40, bottom: 30 },
+        xAxis: { type: "category", data: times.map(hhmm) }, yAxis: { type: "value", name: "veh/min" },
+        series: [...byDistrict.entries()].map(([d, m]) => ({ name: d, type: "line", showSymbol: false, data: times.map((w) => m.get(w) ?? null) })),
+      }, true);
+      cs.setOption({
+        animation: false, tooltip: {}, grid: { left: 120, right: 30, top: 10, bottom: 20 },
+        xAxis: { type: "value" }, yAxis: { type: "category", inverse: true, data: s.map((r) => `#${r[0]} ${r[1]}`) },
+        series: [{ type: "bar", data: s.map((r) => Number(r[2])), itemStyle: { color: "#0b5cad" } }],
+      }, true);
+      cz.setOption({
+        animation: false, tooltip: { trigger: "axis" }, grid: { left: 50, right: 30, top: 20, bottom: 30 },
+        xAxis: { type: "category", data: z.map((r) => hhmm(r[0])) }, yAxis: { type: "value", max: (v) => Math.max(v.max, 5500) },
+        series: [{ type: "line", data: z.map((r) => Number(r[1])), areaStyle: {},
+          markLine: { symbol: "none", lineStyle: { color: "#b3261e", type: "dashed" }, data: [{ yAxis: 5000, name: "threshold" }] } }],
+      }, true);
       out.replaceChildren();
     } catch (e) { out.replaceChildren(errorBox(e)); }
   };
-  render(h("h1", { text: t("dash.title") }), out, tiles, h("h2", { text: t("dash.byDistrict") }), dist, h("h2", { text: t("dash.segments") }), segs);
   await refresh();
   timer = setInterval(refresh, 5000);
 }

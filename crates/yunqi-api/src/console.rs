@@ -14,6 +14,9 @@ use crate::AppState;
 const INDEX: &str = include_str!("../console/index.html");
 const APP_JS: &str = include_str!("../console/app.js");
 const APP_CSS: &str = include_str!("../console/app.css");
+/// Apache ECharts 6.1.0 (the "common" build: line, bar, pie and their components), from npm;
+/// Apache License 2.0 (`console/vendor/ECHARTS-LICENSE`).
+const ECHARTS: &str = include_str!("../console/vendor/echarts.common.min.js");
 
 const CSP: &str = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
 
@@ -50,6 +53,16 @@ pub async fn favicon() -> StatusCode {
 /// `GET /console/app.js`.
 pub async fn app_js() -> Response {
     asset(APP_JS, "text/javascript; charset=utf-8")
+}
+
+/// `GET /console/echarts.js`: the charting library.
+pub async fn echarts() -> Response {
+    let mut r = asset(ECHARTS, "text/javascript; charset=utf-8");
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=86400"),
+    );
+    r
 }
 
 /// `GET /console/app.css`.

@@ -232,6 +232,7 @@ pub fn router(state: AppState) -> Router {
         .route("/favicon.ico", get(console::favicon))
         .route("/console/app.js", get(console::app_js))
         .route("/console/app.css", get(console::app_css))
+        .route("/console/echarts.js", get(console::echarts))
         .route("/api/v1/documents/revoke", post(services::revoke))
         .route(
             "/api/v1/services/{department}/{name}/applications",

@@ -215,7 +215,9 @@ async fn the_urgent_entry_permit_end_to_end() {
     assert!(
         text.contains("not yet valid: 非浙A急事通 电子通行凭证")
             && text.contains("plate: 沪B12345"),
-        "{text}"
+        "{text} (exit {:?}: {})",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
     );
     let out = std::process::Command::new(common::BIN)
         .args(["document", "verify", &forged, "--public-key", &key])
