@@ -155,6 +155,8 @@ def main():
             card.locator("button.primary").click()
             expect(page.locator(".card", has_text="city.holidays")).to_have_count(0)
             expect(page.locator("tbody")).to_contain_text("active")
+            # It ends within a month: marked as expiring.
+            expect(page.locator("tbody")).to_contain_text("即将到期")
 
             # A founder's licensed trade goes to review; a market officer approves it in the queue.
             login("c_li")

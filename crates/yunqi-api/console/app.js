@@ -17,7 +17,7 @@ const I18N = {
     "grants.title": "数据授权", "grants.inbox": "待我审批", "grants.mine": "本部门的授权",
     "grants.request": "申请授权", "grants.dataset": "数据集（部门.名称）", "grants.columns": "字段（逗号分隔）",
     "grants.purpose": "用途", "grants.until": "有效期至", "grants.send": "提交申请",
-    "grants.approve": "批准", "grants.refuse": "拒绝", "grants.reason": "拒绝理由",
+    "grants.approve": "批准", "grants.refuse": "拒绝", "grants.reason": "拒绝理由", "grants.expiring": "即将到期",
     "services.title": "办事服务", "services.apply": "申请", "services.mine": "我的申请",
     "services.decision": "办理结果", "services.rules": "规则", "services.data": "使用的数据",
     "services.quotas": "额度", "services.document": "电子凭证", "services.queue": "待审核",
@@ -43,7 +43,7 @@ const I18N = {
     "grants.title": "Grants", "grants.inbox": "Waiting for me", "grants.mine": "My department's grants",
     "grants.request": "Request a grant", "grants.dataset": "Dataset (department.name)", "grants.columns": "Columns (comma-separated)",
     "grants.purpose": "Purpose", "grants.until": "Until", "grants.send": "Send the request",
-    "grants.approve": "Approve", "grants.refuse": "Refuse", "grants.reason": "Reason for refusing",
+    "grants.approve": "Approve", "grants.refuse": "Refuse", "grants.reason": "Reason for refusing", "grants.expiring": "expires soon",
     "services.title": "Services", "services.apply": "Apply", "services.mine": "My applications",
     "services.decision": "Decision", "services.rules": "Rules", "services.data": "Data used",
     "services.quotas": "Quotas", "services.document": "Document", "services.queue": "Waiting for review",
@@ -240,8 +240,9 @@ async function grantsPage() {
           reason, " ", h("button", { onclick: async () => { try { await api("POST", `/api/v1/grants/${g.id}/refuse`, { reason: reason.value }); load(); } catch (e) { out.replaceChildren(errorBox(e)); } }, text: t("grants.refuse") }));
       }) : [h("p", { class: "muted", text: t("none") })]));
       const all = await api("GET", "/api/v1/grants");
+      const soon = (g) => g.state === "active" && (new Date(g.expires_at) - Date.now()) < 30 * 86400000;
       mine.replaceChildren(table(["id", "dataset", "grantee", "state", "purpose", "expires_at"],
-        all.grants.map((g) => [g.id, g.dataset, g.grantee, g.state, g.purpose, g.expires_at])));
+        all.grants.map((g) => [g.id, g.dataset, g.grantee, g.state, g.purpose, (soon(g) ? "⚠ " + t("grants.expiring") + " " : "") + g.expires_at])));
     } catch (e) { out.replaceChildren(errorBox(e)); }
   };
   const f = { dataset: h("input", { id: "g-dataset" }), columns: h("input", { id: "g-columns" }), purpose: h("input", { id: "g-purpose" }), until: h("input", { id: "g-until", type: "date" }) };

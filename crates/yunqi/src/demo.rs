@@ -716,6 +716,21 @@ fn seed(api: &Api, admin: &str, sizes: &Sizes) -> anyhow::Result<Seeded> {
     )?;
     step("grants", t);
 
+    // The restricted zone (traffic police): where and when non-local plates need a permit.
+    dataset(
+        api,
+        &tok("traffic_steward"),
+        "traffic",
+        "restricted_zones",
+        "限行区域 Restricted zones: where and when non-local plates need a permit",
+        &["限行", "zones"],
+        format!(
+            "zone,district,weekday_hours,description\n\
+             core,{ZONE_DISTRICT},07:00-09:00 17:00-19:00,\"环城线以内 Inside the ring road; its load is the view traffic.zone_load_1m\"\n\
+             west_lake,西湖区,07:00-20:00,\"西湖景区 West Lake scenic area (weekends and holidays too)\"\n"
+        ),
+    )?;
+
     // The city brain: detections, violations, and continuous views over them.
     let t = Instant::now();
     for q in [

@@ -119,6 +119,25 @@ fn the_demo_city_seeds_serves_and_resumes() {
     let (_, inbox) = s.call("GET", "/api/v1/grants?state=pending", Some(&city), None);
     assert!(inbox.to_string().contains("公积金"), "{inbox}");
 
+    // Every department's datasets are there.
+    for (who, ds) in [
+        ("traffic_steward", "traffic/restricted_zones"),
+        ("transport_steward", "transport/vehicles"),
+        ("market_steward", "market/businesses"),
+        ("health_steward", "health/insurance_accounts"),
+        ("housing_steward", "housing/fund_accounts"),
+        ("city_steward", "city/holidays"),
+    ] {
+        let (status, v) = s.call(
+            "GET",
+            &format!("/api/v1/datasets/{ds}"),
+            Some(&token_of(&creds, who)),
+            None,
+        );
+        assert_eq!(status, 200, "{ds}: {v}");
+        assert!(v["rows"].as_u64().unwrap() > 0, "{ds}: {v}");
+    }
+
     // Traffic flows in live: the detections stream grows.
     let steward = token_of(&creds, "traffic_steward");
     let events = |s: &Server| -> u64 {
