@@ -368,7 +368,7 @@ fn demo(ready: &Ready, sizes: &Sizes) -> anyhow::Result<()> {
             serde_json::from_slice(&bytes).context("demo/seeded.json is not readable")?
         }
         Err(_) => {
-            println!("demo city: seeding (about a minute on 2 cores)…");
+            println!("demo city: seeding through the API (a few seconds with the release build)…");
             let s = seed(&api, &ready.admin_token, sizes)?;
             crate::serve::write_atomically(&state, &serde_json::to_vec(&s)?, 0o600)?;
             s
