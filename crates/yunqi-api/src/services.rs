@@ -214,12 +214,7 @@ pub async fn give_consent(
     auth: Authed,
     Path((department, name)): Path<(String, String)>,
 ) -> ApiResult<axum::Json<Value>> {
-    let service = format!("{department}.{name}");
-    state
-        .serve
-        .set_consent(&auth.actor, &service, true, &auth.ctx())
-        .await?;
-    Ok(axum::Json(json!({"service": service, "given": true})))
+    set_consent(&state, &auth, &department, &name, true).await
 }
 
 /// `DELETE /api/v1/me/consents/{department}/{name}`: withdraws the caller's consent.
@@ -228,12 +223,22 @@ pub async fn withdraw_consent(
     auth: Authed,
     Path((department, name)): Path<(String, String)>,
 ) -> ApiResult<axum::Json<Value>> {
+    set_consent(&state, &auth, &department, &name, false).await
+}
+
+async fn set_consent(
+    state: &AppState,
+    auth: &Authed,
+    department: &str,
+    name: &str,
+    given: bool,
+) -> ApiResult<axum::Json<Value>> {
     let service = format!("{department}.{name}");
     state
         .serve
-        .set_consent(&auth.actor, &service, false, &auth.ctx())
+        .set_consent(&auth.actor, &service, given, &auth.ctx())
         .await?;
-    Ok(axum::Json(json!({"service": service, "given": false})))
+    Ok(axum::Json(json!({"service": service, "given": given})))
 }
 
 /// `GET /api/v1/documents/public-key` (no login): the key documents are signed with.

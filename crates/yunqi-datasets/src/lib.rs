@@ -319,8 +319,7 @@ impl DatasetStore {
         let m = manifests.get(sql_name)?;
         let mut h = std::collections::hash_map::DefaultHasher::new();
         for c in &m.columns {
-            c.name.hash(&mut h);
-            format!("{:?}{:?}", c.class, c.column_type).hash(&mut h);
+            (&c.name, c.class, c.column_type).hash(&mut h);
         }
         m.subject.hash(&mut h);
         Some(Latest {

@@ -11,7 +11,7 @@ use yunqi_types::{ColumnClass, Detected, Error, Name};
 pub const MANIFEST_FORMAT: u32 = 1;
 
 /// A column's type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ColumnType {
     /// UTF-8 text.

@@ -970,36 +970,31 @@ impl Decider {
 
     /// Decides an application; resolves once the decision is durable.
     pub async fn decide(&self, app: Application) -> Result<Arc<Decision>, Error> {
-        let tx = self
-            .tx
-            .lock()
-            .expect("tx lock")
-            .clone()
-            .ok_or_else(|| Error::unavailable("the server is stopping"))?;
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        tx.send(Job::Apply { app, reply })
-            .await
-            .map_err(|_| Error::unavailable("the server is stopping"))?;
-        rx.await
-            .map_err(|_| Error::unavailable("the server is stopping"))?
+        self.ask(|reply| Job::Apply { app, reply }).await
     }
 
     /// Acts on a decision (review, repayment); resolves once the act is durable, with the
     /// decision as it now stands. Who may act is the caller's check; the decider checks that
     /// the act fits the decision (pending, assigned to the actor, money owed).
     pub async fn act(&self, req: ActRequest) -> Result<Arc<Decision>, Error> {
+        self.ask(|reply| Job::Act { req, reply }).await
+    }
+
+    /// Hands a job to the writer and waits for its answer.
+    async fn ask(&self, job: impl FnOnce(Reply) -> Job) -> Result<Arc<Decision>, Error> {
+        let stopping = || {
+            Error::unavailable("the server is stopping")
+                .hint("retry with the same Idempotency-Key once it is back")
+        };
         let tx = self
             .tx
             .lock()
             .expect("tx lock")
             .clone()
-            .ok_or_else(|| Error::unavailable("the server is stopping"))?;
+            .ok_or_else(stopping)?;
         let (reply, rx) = tokio::sync::oneshot::channel();
-        tx.send(Job::Act { req, reply })
-            .await
-            .map_err(|_| Error::unavailable("the server is stopping"))?;
-        rx.await
-            .map_err(|_| Error::unavailable("the server is stopping"))?
+        tx.send(job(reply)).await.map_err(|_| stopping())?;
+        rx.await.map_err(|_| stopping())?
     }
 
     /// The applications waiting for review, the earliest deadline first.
@@ -1327,6 +1322,16 @@ async fn cancel_scan(w: &Round0, consumer: &str, cursors: &mut [u64]) {
     }
 }
 
+/// The answer to a retried idempotency key: at once, or — when the decision was made or
+/// changed in this round — once the round is durable, like the first request.
+fn retried(touched: &HashMap<String, Arc<Decision>>, d: Arc<Decision>) -> Answer {
+    if touched.contains_key(&d.id) {
+        Answer::Durable(d)
+    } else {
+        Answer::Now(Ok(d))
+    }
+}
+
 /// Decides a round: applications and acts in order, then the deadlines missed; audits and
 /// logs it as one entry; publishes and answers once it is durable.
 async fn round(
@@ -1360,14 +1365,7 @@ async fn round(
                             None => st.by_key.get(k).and_then(|d| current(&touched, &d.id)),
                         };
                         if let Some(d) = known {
-                            // Made or changed in this round: answered once the round is
-                            // durable, like the first request.
-                            let answer = if touched.contains_key(&d.id) {
-                                Answer::Durable(d)
-                            } else {
-                                Answer::Now(Ok(d))
-                            };
-                            answers.push((reply, answer));
+                            answers.push((reply, retried(&touched, d)));
                             continue;
                         }
                     }
@@ -1395,12 +1393,7 @@ async fn round(
                             .or_else(|| st.act_keys.get(k))
                             .and_then(|id| current(&touched, id));
                         if let Some(d) = known {
-                            let answer = if touched.contains_key(&d.id) {
-                                Answer::Durable(d)
-                            } else {
-                                Answer::Now(Ok(d))
-                            };
-                            answers.push((reply, answer));
+                            answers.push((reply, retried(&touched, d)));
                             continue;
                         }
                     }
@@ -1597,13 +1590,14 @@ fn act(
             }
         }
         ActKind::Repay => {
-            let dr = d
-                .draw
-                .as_ref()
-                .ok_or_else(|| Error::invalid(format!("application {} drew no money", d.id)))?;
+            let dr = d.draw.as_ref().ok_or_else(|| {
+                Error::invalid(format!("application {} drew no money", d.id))
+                    .hint("only applications to a service with a money line are repaid")
+            })?;
             let owed = dr.owed();
             if owed <= 0 {
-                return Err(conflict(format!("application {} is repaid", d.id)));
+                return Err(conflict(format!("application {} is repaid", d.id))
+                    .hint("nothing is owed on it; GET the application to see its draw"));
             }
             let fen = req.fen.unwrap_or(owed);
             if fen <= 0 || fen > owed {

@@ -899,12 +899,12 @@ impl Serve {
             .split_once('.')
             .ok_or_else(|| Error::invalid(format!("calendar {ds} is not department.dataset")))?;
         let (d, n) = (Name::parse("department", d)?, Name::parse("dataset", n)?);
+        // Checked on every application: the store's position, not a copy of its manifest.
         let version = self
             .gov
             .dataset_store()
-            .get(d.as_str(), n.as_str())
-            .ok()
-            .and_then(|m| m.versions.last().map(|v| v.version));
+            .latest(&format!("{d}.{n}"))
+            .and_then(|l| l.version.map(|(v, _)| v));
         let mut seen = live.calendar_version.lock().await;
         if version.is_some() && *seen == version {
             return Ok(());

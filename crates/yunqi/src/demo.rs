@@ -13,7 +13,7 @@ use anyhow::Context;
 use serde_json::{Value, json};
 
 use crate::serve::{Ready, ServeArgs};
-use crate::simulate::DISTRICTS;
+use crate::simulate::{DISTRICTS, Rng};
 
 /// Options of `yunqi demo`.
 #[derive(clap::Args)]
@@ -164,31 +164,10 @@ const SERVICES: &[(&str, &str)] = &[
     ),
 ];
 
-/// A small deterministic generator (xorshift).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 /// A resident ID number (GB 11643) with its check character.
 fn id_number(region: &str, birth: chrono::NaiveDate, seq: u32) -> String {
-    const W: [u32; 17] = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2];
     let first = format!("{region}{}{:03}", birth.format("%Y%m%d"), seq % 1000);
-    let sum: u32 = first
-        .bytes()
-        .zip(W)
-        .map(|(b, w)| u32::from(b - b'0') * w)
-        .sum();
-    let check = b"10X98765432"[(sum % 11) as usize] as char;
+    let check = yunqi_types::NationalId::check_char(first.as_bytes());
     format!("{first}{check}")
 }
 
@@ -202,10 +181,7 @@ fn resident(
     chrono::NaiveDate,
     &'static str,
 ) {
-    let mut r = Rng(0x9E37_79B9_7F4A_7C15 ^ (u64::from(i) << 1) ^ 1);
-    for _ in 0..3 {
-        r.next();
-    }
+    let mut r = Rng(u64::from(i));
     let d = (r.below(DISTRICTS.len() as u64)) as usize;
     let birth = chrono::NaiveDate::from_ymd_opt(1945, 1, 1).expect("date")
         + chrono::Duration::days(r.below(365 * 62) as i64);
@@ -437,7 +413,7 @@ fn seed(api: &Api, admin: &str, sizes: &Sizes) -> anyhow::Result<Seeded> {
         let token = v["token"]["token"].as_str().unwrap_or_default().to_string();
         anyhow::ensure!(
             !token.is_empty(),
-            "principal {name} exists without a known token: start the demo on a new --data directory"
+            "an earlier seeding of this directory stopped before it finished (principal {name} exists, its token was not saved)\nhint: start `yunqi demo` with a new --data directory"
         );
         tokens.insert(*name, token.clone());
         principals.push(json!({"name": name, "department": dept, "role": role,
@@ -464,7 +440,7 @@ fn seed(api: &Api, admin: &str, sizes: &Sizes) -> anyhow::Result<Seeded> {
         }
         let i = i - 1;
         csv.push_str(&format!("{id},{name},{gender},{birth},{district}\n"));
-        let mut r = Rng(u64::from(i) * 2_654_435_761 + 7);
+        let mut r = Rng(u64::from(i) ^ 0x5041_594D);
         // Demo citizens pay on time (good credit: a line of 3,000 yuan); some residents do not.
         let (on_time, late) = if i < CITIZENS.len() as u32 {
             (30, 0)
@@ -582,7 +558,7 @@ fn seed(api: &Api, admin: &str, sizes: &Sizes) -> anyhow::Result<Seeded> {
         "建筑",
     ];
     for b in 0..sizes.businesses {
-        let mut r = Rng(u64::from(b).wrapping_mul(0x2545_F491_4F6C_DD1D) | 1);
+        let mut r = Rng(u64::from(b) ^ 0xB5B5_0000);
         let d = (r.below(DISTRICTS.len() as u64)) as usize;
         let brand: String = (0..2)
             .map(|_| GIVEN[r.below(GIVEN.len() as u64) as usize])
@@ -795,7 +771,7 @@ fn fund_employer(i: u32) -> &'static str {
     ][(i % 6) as usize]
 }
 
-/// Creates a dataset and imports `csv` into it (a resumed seeding re-imports nothing).
+/// Creates a dataset and imports `csv` into it, once.
 fn dataset(
     api: &Api,
     steward: &str,
@@ -814,9 +790,21 @@ fn dataset(
             .to_string(),
     )?;
     if status == 409 {
-        return Ok(());
+        // Made by an earlier run: import only if that run stopped before the import landed,
+        // so a dataset is never imported twice nor left empty.
+        let (_, d) = api.call(
+            "GET",
+            &format!("/api/v1/datasets/{department}/{name}"),
+            steward,
+            "application/json",
+            "",
+        )?;
+        if d["versions"].as_array().is_some_and(|v| !v.is_empty()) {
+            return Ok(());
+        }
+    } else {
+        anyhow::ensure!(status < 300, "dataset {department}.{name}: {status} {v}");
     }
-    anyhow::ensure!(status < 300, "dataset {department}.{name}: {status} {v}");
     api.must(
         "POST",
         &format!("/api/v1/datasets/{department}/{name}/import"),

@@ -10,21 +10,6 @@ use serde_json::{Value, json};
 
 const PERMIT: &str = include_str!("../../../services/traffic.urgent-entry-permit.toml");
 
-fn post_toml(s: &Server, token: &str, body: &str) -> (u16, Value) {
-    let mut r = common::agent()
-        .post(format!("{}/api/v1/services", s.url))
-        .header("Authorization", format!("Bearer {token}"))
-        .header("Content-Type", "application/toml")
-        .send(body)
-        .expect("post definition");
-    let status = r.status().as_u16();
-    let text = r.body_mut().read_to_string().unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
-
 fn apply(s: &Server, token: &str, inputs: Value, key: Option<&str>) -> (u16, Value) {
     let mut req = common::agent()
         .post(format!(
@@ -122,7 +107,7 @@ async fn the_urgent_entry_permit_end_to_end() {
     common::permit_streams(&s, &tsteward);
 
     // A bad definition is refused whole, line by line; only stewards apply.
-    let (status, v) = post_toml(
+    let (status, v) = common::post_toml(
         &s,
         &tsteward,
         &PERMIT.replace("period = \"month\"", "period = \"week\""),
@@ -135,9 +120,9 @@ async fn the_urgent_entry_permit_end_to_end() {
             .contains("unknown quota period \"week\""),
         "{v}"
     );
-    let (status, v) = post_toml(&s, &analyst, PERMIT);
+    let (status, v) = common::post_toml(&s, &analyst, PERMIT);
     assert_eq!(status, 403, "{v}");
-    let (status, v) = post_toml(&s, &tsteward, PERMIT);
+    let (status, v) = common::post_toml(&s, &tsteward, PERMIT);
     assert_eq!(status, 201, "{v}");
     assert_eq!(v["version"], 1);
     let (code, out, err) = common::cli(&s, &tsteward, &["service", "list"]);

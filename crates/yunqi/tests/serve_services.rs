@@ -18,30 +18,9 @@ const CREDIT: &str = include_str!("../../../services/health.credit-healthcare.to
 /// A resident ID number with its check character: `region` (6 digits), `birth` (YYYYMMDD),
 /// `seq` (3 digits).
 fn id_number(region: &str, birth: &str, seq: u32) -> String {
-    const W: [u32; 17] = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2];
     let first = format!("{region}{birth}{seq:03}");
-    let sum: u32 = first
-        .bytes()
-        .zip(W)
-        .map(|(b, w)| (b - b'0') as u32 * w)
-        .sum();
-    let check = b"10X98765432"[(sum % 11) as usize] as char;
+    let check = yunqi_types::NationalId::check_char(first.as_bytes());
     format!("{first}{check}")
-}
-
-fn post_toml(s: &Server, token: &str, body: &str) -> (u16, Value) {
-    let mut r = common::agent()
-        .post(format!("{}/api/v1/services", s.url))
-        .header("Authorization", format!("Bearer {token}"))
-        .header("Content-Type", "application/toml")
-        .send(body)
-        .expect("post definition");
-    let status = r.status().as_u16();
-    let text = r.body_mut().read_to_string().unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
 }
 
 fn apply(s: &Server, token: &str, service: &str, inputs: Value) -> (u16, Value) {
@@ -122,7 +101,7 @@ async fn business_registration_with_review() {
         "purpose": "企业开办: legal representative check", "until": until,
         "unmasked": ["id_number"], "unmasked_reason": "the ID number an applicant gives is matched exactly"}),
     );
-    let (status, v) = post_toml(&s, &msteward, REGISTRATION);
+    let (status, v) = common::post_toml(&s, &msteward, REGISTRATION);
     assert_eq!(status, 201, "{v}");
 
     let company = |name: &str, rep: &str, scope: &str| {
@@ -434,7 +413,7 @@ async fn business_registration_with_review() {
 
     // A deadline that passes undecided is recorded once and audited.
     let quick = REGISTRATION.replace("review_hours = 24", "review_hours = 0.0003");
-    let (status, v) = post_toml(&s, &msteward, &quick);
+    let (status, v) = common::post_toml(&s, &msteward, &quick);
     assert_eq!(status, 201, "{v}");
     let (_, late) = apply(
         &s,
@@ -583,7 +562,7 @@ async fn credit_healthcare_with_consent_and_a_derived_score() {
         "purpose": "先看病后付费: credit line", "until": until,
         "unmasked": ["id_number"], "unmasked_reason": "the patient's ID number is matched exactly"}),
     );
-    let (status, v) = post_toml(&s, &hsteward, CREDIT);
+    let (status, v) = common::post_toml(&s, &hsteward, CREDIT);
     assert_eq!(status, 201, "{v}");
 
     let visit = |who: &str, yuan: f64| json!({"patient": who, "amount": yuan, "visit": "V-001"});

@@ -411,6 +411,22 @@ pub fn env_or<T: std::str::FromStr>(var: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// Posts a service definition (TOML) as `token`.
+pub fn post_toml(s: &Server, token: &str, body: &str) -> (u16, Value) {
+    let mut r = agent()
+        .post(format!("{}/api/v1/services", s.url))
+        .header("Authorization", format!("Bearer {token}"))
+        .header("Content-Type", "application/toml")
+        .send(body)
+        .expect("post definition");
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
 /// Creates a citizen principal as admin; returns its token.
 pub fn citizen(s: &Server, name: &str, id_number: &str) -> String {
     let body = serde_json::json!({"name": name, "role": "citizen", "id_number": id_number});
