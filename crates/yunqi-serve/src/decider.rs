@@ -188,6 +188,9 @@ fn cancel_consumer(service: &Service) -> String {
 pub struct Application {
     /// Who applies (principal name).
     pub applicant: String,
+    /// The applicant's fields rules read as `applicant.<field>` (see
+    /// [`crate::definition::APPLICANT_FIELDS`]), from the authenticated principal.
+    pub applicant_fields: BTreeMap<String, Value>,
     /// The idempotency key, if the caller sent one.
     pub key: Option<String>,
     /// The inputs, typed.
@@ -790,6 +793,13 @@ impl Env for Env1<'_, '_> {
     fn get(&self, path: &[&str]) -> Option<Value> {
         match path {
             [name] => self.app.inputs.get(*name).cloned(),
+            ["applicant", field] => Some(
+                self.app
+                    .applicant_fields
+                    .get(*field)
+                    .cloned()
+                    .unwrap_or(Value::Null),
+            ),
             ["quota", q, what] => {
                 let i = self.service.quotas.iter().position(|x| x.name == *q)?;
                 let (k, limit) = &self.spends[i];

@@ -65,6 +65,8 @@ struct File {
     #[serde(default)]
     consent: Option<ConsentDef>,
     #[serde(default)]
+    behalf: Option<BehalfDef>,
+    #[serde(default)]
     cancel_on: Vec<CancelDef>,
     #[serde(default)]
     rules: Vec<RuleDef>,
@@ -164,6 +166,23 @@ struct ConsentDef {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct BehalfDef {
+    subject: Spanned<String>,
+    #[serde(default)]
+    citizen: Option<Spanned<String>>,
+    #[serde(default)]
+    officer: Option<Spanned<String>>,
+    #[serde(default)]
+    enterprise: Option<Spanned<String>>,
+    #[serde(default)]
+    agents: Option<Spanned<String>>,
+    reason: String,
+    #[serde(default)]
+    reason_en: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RuleDef {
     name: Spanned<String>,
     require: Spanned<String>,
@@ -203,6 +222,17 @@ pub enum Applicant {
     Enterprise,
     /// An officer, on someone's behalf.
     Officer,
+}
+
+impl Applicant {
+    /// As written in definitions.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Applicant::Citizen => "citizen",
+            Applicant::Enterprise => "enterprise",
+            Applicant::Officer => "officer",
+        }
+    }
 }
 
 /// The type of an input.
@@ -312,6 +342,72 @@ pub struct Consent {
     pub reason: String,
 }
 
+/// The fields of the applicant that lookups (`:applicant.id_number`) and rules
+/// (`applicant.id_number`) read. yunqi fills them in from the authenticated principal, never
+/// from the inputs.
+pub const APPLICANT_FIELDS: [&str; 5] = ["id_number", "name", "principal", "role", "department"];
+
+/// Whom an application is for: the person an `id_number` input names, or the person a
+/// lookup's row belongs to (its dataset's subject column, e.g. a vehicle's owner).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", content = "name", rename_all = "snake_case")]
+pub enum Subject {
+    /// An `id_number` input.
+    Input(String),
+    /// A lookup whose dataset declares a subject column.
+    Lookup(String),
+}
+
+/// On whose behalf one kind of applicant may apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BehalfMode {
+    /// Only for themself: the subject must be the applicant (a citizen's own ID number).
+    Own,
+    /// For anyone (an officer at a service counter, who checks papers); audited.
+    Anyone,
+    /// For a person who has consented to the service (`[consent]`, e.g. a hospital for its
+    /// patient).
+    Consented,
+    /// For themself, or for a person who authorised them in the service's agents dataset.
+    Agents,
+    /// Not at all.
+    Nobody,
+}
+
+/// Who may apply on whose behalf (`[behalf]`). Checked before anything is decided: an
+/// application for someone the applicant may not act for is refused as a denial, audited, and
+/// spends nothing.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Behalf {
+    /// Whom the application is for.
+    pub subject: Subject,
+    /// For citizens (default: only themselves).
+    pub citizen: BehalfMode,
+    /// For officers (default: anyone).
+    pub officer: BehalfMode,
+    /// For enterprises' accounts (default: a consented person with `[consent]`, else nobody).
+    pub enterprise: BehalfMode,
+    /// The dataset of authorised agents (`agent_id`, `subject_id`: ID numbers; `until`: an
+    /// optional DATE), `department.name`, read as the service's department.
+    pub agents: Option<String>,
+    /// Shown when the applicant may not apply for the subject; says nothing of who it is.
+    pub reason: String,
+    /// The same in English.
+    pub reason_en: Option<String>,
+}
+
+impl Behalf {
+    /// The mode for a kind of applicant.
+    pub fn mode(&self, applicant: Applicant) -> BehalfMode {
+        match applicant {
+            Applicant::Citizen => self.citizen,
+            Applicant::Officer => self.officer,
+            Applicant::Enterprise => self.enterprise,
+        }
+    }
+}
+
 /// Events that cancel documents: an event of `stream` whose `column` equals a document's
 /// `input` and whose event time falls within the document's validity revokes it (the quota
 /// it used stays used).
@@ -413,6 +509,8 @@ pub struct Service {
     pub lines: Vec<Line>,
     /// The consent an application needs, if any.
     pub consent: Option<Consent>,
+    /// Who may apply on whose behalf, if declared.
+    pub behalf: Option<Behalf>,
     /// Events that cancel issued documents.
     pub cancel_on: Vec<Cancel>,
     /// Rules, in the order they are evaluated.
@@ -430,6 +528,61 @@ impl Service {
     /// `department.name`.
     pub fn full_name(&self) -> String {
         format!("{}.{}", self.department, self.name)
+    }
+
+    /// What `service apply` warns about: quotas and money lines counted by an input that
+    /// names a person or a vehicle which nothing ties to the applicant — the `[behalf]`
+    /// subject, the consent's subject, or a rule that reads the applicant. Without a tie,
+    /// anyone can spend anyone's quota.
+    pub fn warnings(&self) -> Vec<String> {
+        let names_someone = |input: &str| {
+            self.inputs.iter().any(|i| {
+                i.name == input && matches!(i.kind, InputType::Plate | InputType::IdNumber)
+            })
+        };
+        // The lookups keyed by an input: their rows are what the input names.
+        let keyed_by = |input: &str| -> Vec<&str> {
+            self.lookups
+                .iter()
+                .filter(|l| l.params.iter().any(|p| p == input))
+                .map(|l| l.name.as_str())
+                .collect()
+        };
+        let tied = |input: &str| {
+            let lookups = keyed_by(input);
+            let by_behalf = self.behalf.as_ref().is_some_and(|b| match &b.subject {
+                Subject::Input(i) => i == input,
+                Subject::Lookup(l) => lookups.contains(&l.as_str()),
+            });
+            let by_consent = self.consent.as_ref().is_some_and(|c| c.subject == input);
+            let by_rule = self.rules.iter().any(|r| {
+                let mut names = Vec::new();
+                r.expr.names(&mut names);
+                names
+                    .iter()
+                    .any(|n| n.first().is_some_and(|f| f == "applicant"))
+                    && names.iter().any(|n| match n.as_slice() {
+                        [one] => one == input,
+                        [l, _] => lookups.contains(&l.as_str()),
+                        _ => false,
+                    })
+            });
+            by_behalf || by_consent || by_rule
+        };
+        let mut out = Vec::new();
+        let counted = self
+            .quotas
+            .iter()
+            .map(|q| ("quota", &q.name, &q.key))
+            .chain(self.lines.iter().map(|l| ("money line", &l.name, &l.key)));
+        for (what, name, key) in counted {
+            if names_someone(key) && !tied(key) {
+                out.push(format!(
+                    "{what} {name} is counted by the input {key}, which nothing ties to the applicant: anyone may spend another person's {what}; declare [behalf] with the subject it belongs to, or a rule that compares it with applicant.id_number"
+                ));
+            }
+        }
+        out
     }
 }
 
@@ -486,6 +639,17 @@ fn params(sql: &str) -> (Vec<String>, String) {
                 let mut j = start;
                 while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_') {
                     j += 1;
+                }
+                // `:applicant.id_number`: a field of the applicant.
+                if &sql[start..j] == "applicant"
+                    && j + 1 < b.len()
+                    && b[j] == b'.'
+                    && (b[j + 1].is_ascii_alphabetic() || b[j + 1] == b'_')
+                {
+                    j += 1;
+                    while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_') {
+                        j += 1;
+                    }
                 }
                 if j > start {
                     let p = &sql[start..j];
@@ -574,11 +738,14 @@ pub fn parse(src: &str) -> Result<Service, Error> {
                     name.get_ref()
                 ),
             );
-        } else if matches!(name.get_ref().as_str(), "quota" | "line" | "consent") {
+        } else if matches!(
+            name.get_ref().as_str(),
+            "quota" | "line" | "consent" | "applicant" | "behalf"
+        ) {
             p.add(
                 name.span(),
                 format!(
-                    "\"{}\" is reserved: rules read quota.<name>.left and line.<name>.left",
+                    "\"{}\" is reserved: rules read quota.<name>.left, line.<name>.left and applicant.id_number",
                     name.get_ref()
                 ),
             );
@@ -643,11 +810,22 @@ pub fn parse(src: &str) -> Result<Service, Error> {
         claim(&mut p, &l.name, "lookup");
         let (ps, positional) = params(l.sql.get_ref());
         for q in &ps {
-            if !input_names.contains(&q.as_str()) {
+            if let Some(field) = q.strip_prefix("applicant.") {
+                if !APPLICANT_FIELDS.contains(&field) {
+                    p.add(
+                        l.sql.span(),
+                        format!(
+                            "lookup {}: :{q} is not a field of the applicant; fields: {}",
+                            l.name.get_ref(),
+                            APPLICANT_FIELDS.join(", ")
+                        ),
+                    );
+                }
+            } else if !input_names.contains(&q.as_str()) {
                 p.add(
                     l.sql.span(),
                     format!(
-                        "lookup {}: :{q} is not an input; inputs: {}",
+                        "lookup {}: :{q} is not an input; inputs: {} (and :applicant.id_number, the applicant's own)",
                         l.name.get_ref(),
                         input_names.join(", ")
                     ),
@@ -807,6 +985,79 @@ pub fn parse(src: &str) -> Result<Service, Error> {
             reason: c.reason.clone(),
         }
     });
+    let behalf = file.behalf.as_ref().map(|b| {
+        let subject = b.subject.get_ref();
+        let subject = if matches!(input_of(subject), Some(InputType::IdNumber)) {
+            Subject::Input(subject.clone())
+        } else if lookup_names.contains(&subject.as_str()) {
+            Subject::Lookup(subject.clone())
+        } else {
+            p.add(
+                b.subject.span(),
+                format!(
+                    "behalf subject {subject} is neither an id_number input nor a lookup: name the input that holds the person's ID number, or the lookup whose row belongs to them"
+                ),
+            );
+            Subject::Input(subject.clone())
+        };
+        let mut mode = |v: &Option<Spanned<String>>, default: BehalfMode| match v
+            .as_ref()
+            .map(|m| (m, m.get_ref().as_str()))
+        {
+            None => default,
+            Some((_, "own")) => BehalfMode::Own,
+            Some((_, "anyone")) => BehalfMode::Anyone,
+            Some((_, "consented")) => BehalfMode::Consented,
+            Some((_, "agents")) => BehalfMode::Agents,
+            Some((_, "nobody")) => BehalfMode::Nobody,
+            Some((m, other)) => {
+                p.add(
+                    m.span(),
+                    format!("behalf \"{other}\": use own, agents, consented, anyone or nobody"),
+                );
+                BehalfMode::Nobody
+            }
+        };
+        let consented_default = if consent.is_some() {
+            BehalfMode::Consented
+        } else {
+            BehalfMode::Nobody
+        };
+        let behalf = Behalf {
+            citizen: mode(&b.citizen, BehalfMode::Own),
+            officer: mode(&b.officer, BehalfMode::Anyone),
+            enterprise: mode(&b.enterprise, consented_default),
+            subject,
+            agents: b.agents.as_ref().map(|a| a.get_ref().clone()),
+            reason: b.reason.clone(),
+            reason_en: b.reason_en.clone(),
+        };
+        let modes = [behalf.citizen, behalf.officer, behalf.enterprise];
+        if modes.contains(&BehalfMode::Consented)
+            && consent.as_ref().map(|c| Subject::Input(c.subject.clone())) != Some(behalf.subject.clone())
+        {
+            p.add(
+                b.subject.span(),
+                "behalf \"consented\" needs a [consent] section naming the same subject",
+            );
+        }
+        match (&b.agents, modes.contains(&BehalfMode::Agents)) {
+            (None, true) => p.add(
+                b.subject.span(),
+                "behalf \"agents\" needs agents = \"department.dataset\", the dataset of authorised agents",
+            ),
+            (Some(a), _) if a.get_ref().split('.').count() != 2 => p.add(
+                a.span(),
+                "agents names a dataset: agents = \"market.authorised_agents\"",
+            ),
+            (Some(a), _) if matches!(behalf.subject, Subject::Lookup(_)) => p.add(
+                a.span(),
+                "agents are matched by ID number: make the behalf subject an id_number input",
+            ),
+            _ => {}
+        }
+        behalf
+    });
     let mut cancel_on = Vec::new();
     for c in &file.cancel_on {
         match c.stream.get_ref().split_once('.') {
@@ -874,6 +1125,7 @@ pub fn parse(src: &str) -> Result<Service, Error> {
                     line_names.contains(&name.as_str())
                         && matches!(what.as_str(), "left" | "limit" | "outstanding" | "overdue")
                 }
+                [a, field] if a == "applicant" => APPLICANT_FIELDS.contains(&field.as_str()),
                 [l, _] => lookup_names.contains(&l.as_str()),
                 _ => false,
             };
@@ -1006,6 +1258,7 @@ pub fn parse(src: &str) -> Result<Service, Error> {
         quotas,
         lines,
         consent,
+        behalf,
         cancel_on,
         rules: rules_out,
         review_hours: review_hours.unwrap_or(24.0),
@@ -1044,6 +1297,61 @@ mod tests {
                 "SELECT ':a', x::text FROM t WHERE a = $1 AND b = $2 OR c = $1".to_string()
             )
         );
+    }
+
+    #[test]
+    fn services_are_bound_to_the_applicant() {
+        let s = parse(PERMIT).unwrap();
+        let b = s.behalf.as_ref().unwrap();
+        assert_eq!(b.subject, Subject::Lookup("vehicle".into()));
+        assert_eq!(
+            (b.citizen, b.officer, b.enterprise),
+            (BehalfMode::Own, BehalfMode::Anyone, BehalfMode::Nobody)
+        );
+        assert_eq!(s.warnings(), Vec::<String>::new());
+        // Without [behalf], both quotas count by a plate nothing ties to the applicant.
+        let start = PERMIT.find("[behalf]").unwrap();
+        let end = start + PERMIT[start..].find("\n\n").unwrap();
+        let loose = format!("{}{}", &PERMIT[..start], &PERMIT[end..]);
+        let w = parse(&loose).unwrap().warnings();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].starts_with("quota yearly is counted by the input plate"),
+            "{w:?}"
+        );
+        // A rule that reads the applicant ties the lookup keyed by the plate.
+        let ruled = loose.replace(
+            "name = \"vehicle_known\"\nrequire = \"vehicle.found\"",
+            "name = \"vehicle_known\"\nrequire = \"vehicle.found and vehicle.owner == applicant.id_number\"",
+        );
+        assert_ne!(ruled, loose);
+        assert_eq!(parse(&ruled).unwrap().warnings(), Vec::<String>::new());
+        assert_eq!(
+            params("SELECT a FROM t WHERE id = :applicant.id_number AND p = :plate"),
+            (
+                vec!["applicant.id_number".to_string(), "plate".to_string()],
+                "SELECT a FROM t WHERE id = $1 AND p = $2".to_string()
+            )
+        );
+        // Bad declarations are named.
+        let bad = PERMIT
+            .replace("subject = \"vehicle\"", "subject = \"plate\"")
+            .replace("citizen = \"own\"", "citizen = \"friends\"")
+            .replace(
+                "WHERE plate = :plate\"",
+                "WHERE plate = :plate AND owner_id = :applicant.phone\"",
+            );
+        let d = parse(&bad).unwrap_err().detail.unwrap();
+        for want in [
+            "behalf subject plate is neither an id_number input nor a lookup",
+            "behalf \"friends\": use own, agents, consented, anyone or nobody",
+            ":applicant.phone is not a field of the applicant",
+        ] {
+            assert!(d.contains(want), "missing {want:?} in:\n{d}");
+        }
+        let agents = PERMIT.replace("citizen = \"own\"", "citizen = \"agents\"");
+        let d = parse(&agents).unwrap_err().detail.unwrap();
+        assert!(d.contains("needs agents = "), "{d}");
     }
 
     #[test]
@@ -1120,6 +1428,8 @@ review_hours = 0
         ] {
             let s = parse(src).unwrap_or_else(|e| panic!("{file}: {e:?} {:?}", e.detail));
             assert_eq!(s.full_name(), file);
+            assert_eq!(s.warnings(), Vec::<String>::new(), "{file}");
+            assert!(s.behalf.is_some(), "{file}");
         }
     }
 

@@ -23,7 +23,7 @@ use crate::calendar::Calendar;
 use crate::decider::{
     ActKind, ActRequest, Application, AuditRecorder, Decider, Decision, check_inputs,
 };
-use crate::definition::{self, Applicant, Service};
+use crate::definition::{self, Applicant, Behalf, BehalfMode, Lookup, Service, Subject};
 use crate::rules::Value;
 
 struct Live {
@@ -44,6 +44,9 @@ pub struct Applied {
     pub definition: Service,
     /// Decisions so far, approvals today (the city's date) and applications waiting for review.
     pub stats: Stats,
+    /// What the definition leaves open (see [`Service::warnings`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// A service's counts.
@@ -150,6 +153,37 @@ fn subjects_of(service: &Service, d: &Decision) -> Vec<String> {
         }
     }
     subjects
+}
+
+/// The kind of applicant a principal applies as.
+fn applicant_kind(role: Role) -> Applicant {
+    match role {
+        Role::Citizen => Applicant::Citizen,
+        Role::Service => Applicant::Enterprise,
+        _ => Applicant::Officer,
+    }
+}
+
+/// The applicant's fields that lookups and rules read, from the authenticated principal.
+pub fn applicant_fields(p: &Principal) -> BTreeMap<String, Value> {
+    let text = |s: &str| Value::Text(s.to_string());
+    let mut out = BTreeMap::new();
+    out.insert(
+        "id_number".into(),
+        p.id_number
+            .as_ref()
+            .map_or(Value::Null, |i| text(i.as_str())),
+    );
+    out.insert("name".into(), text(&p.display_name));
+    out.insert("principal".into(), text(p.name.as_str()));
+    out.insert("role".into(), text(p.role.as_str()));
+    out.insert(
+        "department".into(),
+        p.department
+            .as_ref()
+            .map_or(Value::Null, |d| text(d.as_str())),
+    );
+    out
 }
 
 /// Roles that apply as each kind of applicant.
@@ -434,6 +468,7 @@ impl Serve {
         Ok(Applied {
             service: name,
             version,
+            warnings: service.warnings(),
             definition: (*service).clone(),
             stats,
         })
@@ -462,6 +497,7 @@ impl Serve {
                 version: l.version,
                 definition: (**l.decider.service()).clone(),
                 stats: self.stats(l),
+                warnings: l.decider.service().warnings(),
             })
             .collect()
     }
@@ -474,6 +510,7 @@ impl Serve {
             version: l.version,
             definition: (**l.decider.service()).clone(),
             stats: self.stats(&l),
+            warnings: l.decider.service().warnings(),
         })
     }
 
@@ -530,6 +567,20 @@ impl Serve {
         let as_service = service_actor(&service)?;
         self.refresh_calendar(&live, &service, &as_service, ctx)
             .await?;
+        let applicant = applicant_fields(&actor.principal);
+        // Whom the application is for, when it names them by an input: checked before
+        // anything about them is looked up.
+        if let Some(b) = &service.behalf
+            && let Subject::Input(input) = &b.subject
+        {
+            let id = match inputs.get(input) {
+                Some(Value::Text(id)) => Some(id.as_str()),
+                _ => None,
+            };
+            let subject = id.map(yunqi_governance::subject_key);
+            self.check_behalf(actor, &as_service, &service, b, subject, id, ctx)
+                .await?;
+        }
         let consent = service
             .consent
             .as_ref()
@@ -549,7 +600,10 @@ impl Serve {
             let params: Vec<Value> = l
                 .params
                 .iter()
-                .map(|p| inputs.get(p).cloned().unwrap_or(Value::Null))
+                .map(|p| match p.strip_prefix("applicant.") {
+                    Some(field) => applicant.get(field).cloned().unwrap_or(Value::Null),
+                    None => inputs.get(p).cloned().unwrap_or(Value::Null),
+                })
                 .collect();
             let found = self
                 .lookups
@@ -558,9 +612,21 @@ impl Serve {
             lookups.insert(l.name.clone(), found.row);
             sources.insert(l.name.clone(), found.source);
         }
+        // Whom the application is for, when a lookup's row says (a vehicle's owner).
+        if let Some(b) = &service.behalf
+            && let Subject::Lookup(l) = &b.subject
+        {
+            let subject = match lookups.get(l) {
+                Some(Some(_)) => sources.get(l).and_then(|s| s.subject.clone()),
+                _ => None,
+            };
+            self.check_behalf(actor, &as_service, &service, b, subject, None, ctx)
+                .await?;
+        }
         live.decider
             .decide(Application {
                 applicant: actor.principal.name.to_string(),
+                applicant_fields: applicant,
                 key: key.map(|k| format!("{}:{k}", actor.principal.name)),
                 inputs,
                 lookups,
@@ -568,6 +634,133 @@ impl Serve {
                 consent,
             })
             .await
+    }
+
+    /// Refuses, as an audited denial, an application for someone the applicant may not act
+    /// for under the service's `[behalf]`. `subject` is the person's subject key (`None`: the
+    /// application names nobody the service knows, which is refused the same way, so that
+    /// the answer says nothing of who the person is or whether they exist).
+    #[allow(clippy::too_many_arguments)]
+    async fn check_behalf(
+        &self,
+        actor: &Actor,
+        as_service: &Actor,
+        service: &Service,
+        behalf: &Behalf,
+        subject: Option<String>,
+        id_number: Option<&str>,
+        ctx: &CallContext,
+    ) -> Result<(), Error> {
+        let kind = applicant_kind(actor.principal.role);
+        let mode = behalf.mode(kind);
+        let own = || {
+            subject.is_some()
+                && actor
+                    .principal
+                    .id_number
+                    .as_ref()
+                    .map(|id| yunqi_governance::subject_key(id.as_str()))
+                    == subject
+        };
+        let allowed = match mode {
+            BehalfMode::Anyone | BehalfMode::Consented => true,
+            BehalfMode::Own => own(),
+            BehalfMode::Agents => {
+                own()
+                    || self
+                        .is_agent(actor, as_service, service, behalf, id_number, ctx)
+                        .await?
+            }
+            BehalfMode::Nobody => false,
+        };
+        if allowed {
+            return Ok(());
+        }
+        let name = service.full_name();
+        let what = match &behalf.subject {
+            Subject::Input(i) | Subject::Lookup(i) => i.as_str(),
+        };
+        let mut detail = behalf.reason.clone();
+        if let Some(en) = &behalf.reason_en {
+            detail.push_str(" / ");
+            detail.push_str(en);
+        }
+        let hint = match mode {
+            BehalfMode::Own => format!(
+                "apply for your own {what}: a {} applies for themself",
+                kind.as_str()
+            ),
+            BehalfMode::Agents => format!(
+                "apply for your own {what}, or for a person who has registered you as their agent in {}",
+                behalf.agents.as_deref().unwrap_or("the agents dataset")
+            ),
+            _ => format!("a {} may not apply for this service", kind.as_str()),
+        };
+        let e = Error::denied(format!(
+            "permission denied to apply for service \"{name}\" on behalf of another person"
+        ))
+        .detail(detail)
+        .hint(hint);
+        self.gov
+            .record_access(
+                actor,
+                "service.apply",
+                &format!("service:{name}"),
+                Outcome::Denied,
+                format!(
+                    "{what} is not the applicant's ({mode:?} applies to a {})",
+                    kind.as_str()
+                ),
+                ctx,
+            )
+            .await?;
+        Err(e)
+    }
+
+    /// Whether the applicant (a citizen) is registered in the service's agents dataset as an
+    /// agent of the person with this ID number, today.
+    async fn is_agent(
+        &self,
+        actor: &Actor,
+        as_service: &Actor,
+        service: &Service,
+        behalf: &Behalf,
+        id_number: Option<&str>,
+        ctx: &CallContext,
+    ) -> Result<bool, Error> {
+        let (Some(agents), Some(id), Some(me)) =
+            (&behalf.agents, id_number, &actor.principal.id_number)
+        else {
+            return Ok(false);
+        };
+        let (ds, table) = agents.split_once('.').unwrap_or((agents, ""));
+        let sql = format!(
+            "SELECT subject_id FROM \"{ds}\".\"{table}\" WHERE agent_id = :applicant.id_number AND subject_id = :subject AND (until IS NULL OR until >= current_date)"
+        );
+        let lookup = Lookup {
+            name: "behalf_agents".into(),
+            positional: sql
+                .replace(":applicant.id_number", "$1")
+                .replace(":subject", "$2"),
+            sql,
+            params: vec!["applicant.id_number".into(), "subject".into()],
+        };
+        let found = self
+            .lookups
+            .get(
+                &self.gov,
+                &self.sql,
+                as_service,
+                &service.full_name(),
+                &lookup,
+                &[
+                    Value::Text(me.as_str().to_string()),
+                    Value::Text(id.to_string()),
+                ],
+                ctx,
+            )
+            .await?;
+        Ok(found.row.is_some())
     }
 
     fn load_consents(&self) -> Result<(), Error> {

@@ -91,6 +91,7 @@ impl World {
             Value::Int(if plate == "苏E00001" { 6000 } else { 400 }),
         )]);
         Application {
+            applicant_fields: Default::default(),
             applicant: "citizen1".into(),
             key: key.map(str::to_string),
             inputs,

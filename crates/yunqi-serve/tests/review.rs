@@ -172,6 +172,7 @@ impl World {
         )
         .unwrap();
         Application {
+            applicant_fields: Default::default(),
             applicant: "company1".into(),
             key: None,
             inputs,

@@ -153,6 +153,7 @@ fn in_process(
                         let inputs = json!({"plate": plate, "date": date, "window": "day", "reason": "送货"});
                         let inputs = check_inputs(&service, inputs.as_object().expect("object"), today)?;
                         let app = Application {
+                            applicant_fields: Default::default(),
                             applicant: "bench".into(),
                             key: Some(format!("bench-{i}")),
                             inputs,

@@ -256,6 +256,9 @@ pub fn service(api: &Api, c: ServiceCommand, json: bool) -> anyhow::Result<ExitC
             finish(reply, json, |v| {
                 print!("applied: ");
                 print_service(v);
+                for w in v["warnings"].as_array().into_iter().flatten() {
+                    eprintln!("warning: {}", w.as_str().unwrap_or_default());
+                }
             })
         }
         ServiceCommand::List => finish(api.call("GET", "/api/v1/services", None)?, json, |v| {

@@ -585,6 +585,18 @@ fn seed(api: &Api, admin: &str, sizes: &Sizes) -> anyhow::Result<Seeded> {
         &["企业", "businesses"],
         csv,
     )?;
+    // Authorised agents (代办人): the second demo citizen may register a business for the
+    // first, for a year (the business registration service reads it).
+    let until = (chrono::Utc::now() + chrono::Duration::days(365)).date_naive();
+    dataset(
+        api,
+        &tok("market_steward"),
+        "market",
+        "agents",
+        "授权代办 Authorised agents: who may apply for a business registration for whom, until when",
+        &["代办", "agents"],
+        format!("agent_id,subject_id,until\n{},{},{until}\n", ids[1], ids[0]),
+    )?;
     let accounts = (sizes.residents / 5).max(CITIZENS.len() as u32);
     let mut ins = String::from("id_number,scheme,balance_yuan,status\n");
     let mut fund = String::from("id_number,employer,monthly_deposit_yuan,balance_yuan\n");

@@ -90,12 +90,35 @@ fn the_demo_city_seeds_serves_and_resumes() {
     );
     assert_eq!(status, 200, "{d}");
     assert_eq!(d["decision"], "approved", "{d}");
-    assert_eq!(
-        d["explanation"]["data"]["vehicle"]["owner_id"]
-            .as_str()
-            .map(|s| s.len()),
-        Some(18)
+    assert_eq!(d["explanation"]["data"]["vehicle"]["found"], true, "{d}");
+    assert!(
+        d["explanation"]["data"]["vehicle"]
+            .get("owner_id")
+            .is_none(),
+        "{d}"
     );
+    // Another demo citizen's plate is theirs to apply for, not this citizen's.
+    let neighbour = principals
+        .iter()
+        .find(|p| p["role"] == "citizen" && p["name"] != citizen["name"])
+        .unwrap();
+    let theirs = neighbour["plates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p.as_str())
+        .find(|p| !p.starts_with("浙A"))
+        .unwrap();
+    let (status, e) = s.call(
+        "POST",
+        "/api/v1/services/traffic/urgent-entry-permit/applications",
+        Some(&ctoken),
+        Some(
+            &json!({"inputs": {"plate": theirs, "date": day, "window": "day", "reason": "送货"}})
+                .to_string(),
+        ),
+    );
+    assert_eq!(status, 403, "{e}");
     // A hospital charges a demo citizen's visit (they consented; their credit line is derived).
     let hospital = token_of(&creds, "hospital_zju1");
     let (status, c) = s.call(

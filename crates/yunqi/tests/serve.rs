@@ -64,6 +64,7 @@ async fn the_urgent_entry_permit_end_to_end() {
     let analyst = s.principal("tanalyst", "analyst", Some("traffic"));
     let officer = s.principal("tofficer", "officer", Some("traffic"));
     let citizen = common::citizen(&s, "c_li", "11010519491231002X");
+    let neighbour = common::citizen(&s, "c_zhang", "110105198001010016");
 
     // Transport's vehicle registry, granted to traffic for the permit.
     common::dataset(
@@ -71,7 +72,7 @@ async fn the_urgent_entry_permit_end_to_end() {
         &xsteward,
         "transport",
         "vehicles",
-        "plate,vehicle_type,owner_id\n沪B12345,小型汽车,11010519491231002X\n苏E54321,小型汽车,110105194912310021\n浙A11111,小型汽车,110105194912310021\n",
+        "plate,vehicle_type,owner_id\n沪B12345,小型汽车,11010519491231002X\n苏E54321,小型汽车,11010519491231002X\n浙A11111,小型汽车,11010519491231002X\n浙D48BP5,小型汽车,110105198001010016\n",
     );
     let until = (chrono::Utc::now() + chrono::Duration::days(90))
         .date_naive()
@@ -125,6 +126,21 @@ async fn the_urgent_entry_permit_end_to_end() {
     let (status, v) = common::post_toml(&s, &tsteward, PERMIT);
     assert_eq!(status, 201, "{v}");
     assert_eq!(v["version"], 1);
+    // A service that spends a vehicle's quota without tying the vehicle to the applicant is
+    // applied with a warning.
+    let start = PERMIT.find("[behalf]").unwrap();
+    let end = start + PERMIT[start..].find("\n\n").unwrap();
+    let loose = format!("{}{}", &PERMIT[..start], &PERMIT[end..])
+        .replace("name = \"urgent-entry-permit\"", "name = \"loose-permit\"");
+    let file = dir.path().join("loose.toml");
+    std::fs::write(&file, loose).unwrap();
+    let (code, out, err) =
+        common::cli(&s, &tsteward, &["service", "apply", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("warning: quota monthly is counted by the input plate, which nothing ties to the applicant"),
+        "{err}"
+    );
     let (code, out, err) = common::cli(&s, &tsteward, &["service", "list"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
@@ -264,10 +280,9 @@ async fn the_urgent_entry_permit_end_to_end() {
     );
     assert!(v["reason"].as_str().unwrap().contains("闯限行区"), "{v}");
     let token = token.to_string();
-    // Refusals say why: a local plate, an unknown vehicle, a holiday of the city's calendar.
+    // Refusals say why: a local plate, a holiday of the city's calendar.
     for (plate, date, reason) in [
         ("浙A11111", &day, "浙A号牌"),
-        ("沪C00000", &day, "未查到该车辆"),
         ("沪B12345", &days[1], "节假日"),
     ] {
         let (status, r) = apply(
@@ -280,6 +295,53 @@ async fn the_urgent_entry_permit_end_to_end() {
         assert_eq!(r["decision"], "refused", "{r}");
         assert!(r["reasons"][0].as_str().unwrap().contains(reason), "{r}");
     }
+    // Only for one's own vehicle: another person's plate, and a plate the registry does not
+    // know, are refused alike as audited denials that say nothing of the owner, and spend
+    // nothing of the vehicle's quota. The owner applies for it as usual.
+    for plate in ["浙D48BP5", "沪C00000"] {
+        let (status, r) = apply(
+            &s,
+            &citizen,
+            json!({"plate": plate, "date": day, "window": "day", "reason": "x"}),
+            None,
+        );
+        assert_eq!(status, 403, "{plate}: {r}");
+        assert_eq!(r["error"]["code"], "permission_denied", "{r}");
+        assert!(
+            r["error"]["detail"].as_str().unwrap().contains("本人名下"),
+            "{r}"
+        );
+        assert!(
+            !r.to_string().contains("110105"),
+            "nothing of the owner: {r}"
+        );
+    }
+    let denials = s
+        .audit_all()
+        .into_iter()
+        .filter(|r| {
+            r["action"] == "service.apply" && r["outcome"] == "denied" && r["principal"] == "c_li"
+        })
+        .count();
+    assert_eq!(denials, 2, "each denial is audited");
+    let (status, r) = apply(
+        &s,
+        &neighbour,
+        json!({"plate": "浙D48BP5", "date": day, "window": "day", "reason": "x"}),
+        None,
+    );
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["decision"], "approved", "{r}");
+    assert_eq!(
+        r["explanation"]["quotas"][1]["used"], 1,
+        "untouched by the denials: {r}"
+    );
+    assert!(
+        r["explanation"]["data"]["vehicle"]
+            .get("owner_id")
+            .is_none(),
+        "the decision shows no ID number: {r}"
+    );
     // Bad inputs are refused at the edge; an analyst is not an applicant.
     let (status, r) = apply(
         &s,

@@ -70,8 +70,12 @@ async fn business_registration_with_review() {
     let adult = id_number("330106", "19850312", 17);
     let minor = id_number("330106", "20150601", 21);
     let stranger = id_number("330106", "19790101", 33);
+    let ghost = id_number("330106", "19700101", 99);
+    let newcomer = id_number("330106", "19900101", 55);
     let founder = common::citizen(&s, "c_wang", &adult);
     let other = common::citizen(&s, "c_zhao", &stranger);
+    let young = common::citizen(&s, "c_xiao", &minor);
+    let unregistered = common::citizen(&s, "c_wu", &ghost);
 
     common::dataset(
         &s,
@@ -92,6 +96,20 @@ async fn business_registration_with_review() {
     let until = (chrono::Utc::now() + chrono::Duration::days(90))
         .date_naive()
         .to_string();
+    // Authorised agents (代办): c_zhao may register a business for the newcomer; an
+    // authorisation for the founder has lapsed.
+    let yesterday = (chrono::Utc::now() - chrono::Duration::days(2))
+        .date_naive()
+        .to_string();
+    common::dataset(
+        &s,
+        &msteward,
+        "market",
+        "agents",
+        &format!(
+            "agent_id,subject_id,until\n{stranger},{newcomer},{until}\n{stranger},{adult},{yesterday}\n"
+        ),
+    );
     let residents_grant = common::grant(
         &s,
         &msteward,
@@ -162,8 +180,42 @@ async fn business_registration_with_review() {
     let (_, acc) = s.call("GET", "/api/v1/me/accesses", Some(&other), None);
     assert!(!acc.to_string().contains("business-registration"), "{acc}");
 
+    // Nobody registers a business in someone else's name: a citizen who is neither the
+    // legal representative nor their agent is refused as a denial, audited, and spends
+    // nothing (the name stays free).
+    let (status, denied) = apply(
+        &s,
+        &other,
+        REG,
+        company("杭州冒名顶替有限公司", &adult, "software"),
+    );
+    assert_eq!(status, 403, "{denied}");
+    assert_eq!(denied["error"]["code"], "permission_denied", "{denied}");
+    assert!(
+        denied["error"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("法定代表人须为申请人本人"),
+        "{denied}"
+    );
+    assert!(!denied.to_string().contains(&adult), "{denied}");
+    let audited = s.audit_all();
+    assert!(
+        audited.iter().any(|r| r["action"] == "service.apply"
+            && r["outcome"] == "denied"
+            && r["principal"] == "c_zhao"),
+        "the denial is audited"
+    );
+    let (_, own) = apply(
+        &s,
+        &founder,
+        REG,
+        company("杭州冒名顶替有限公司", &adult, "software"),
+    );
+    assert_eq!(own["decision"], "approved", "the name was not spent: {own}");
+
     // Lookups are as fresh as the data: a resident added by a new version is found at once.
-    let newcomer = id_number("330106", "19900101", 55);
+    // c_zhao applies as the newcomer's registered agent.
     let (status, v) = s.call(
         "POST",
         "/api/v1/datasets/city/residents/import",
@@ -196,16 +248,21 @@ async fn business_registration_with_review() {
             "年满18周岁",
         ),
         (
-            company(
-                "杭州无名科技有限公司",
-                &id_number("330106", "19700101", 99),
-                "software",
-            ),
+            company("杭州无名科技有限公司", &ghost, "software"),
             "核验未通过",
         ),
         (company("云栖", &adult, "software"), "组织形式"),
     ] {
-        let (status, r) = apply(&s, &other, REG, inputs.clone());
+        // Each applies as the representative themself.
+        let rep = inputs["legal_rep"].as_str().unwrap();
+        let who = if rep == minor {
+            &young
+        } else if rep == ghost {
+            &unregistered
+        } else {
+            &founder
+        };
+        let (status, r) = apply(&s, who, REG, inputs.clone());
         assert_eq!(status, 200, "{r}");
         assert_eq!(r["decision"], "refused", "{inputs}: {r}");
         assert!(r["reasons"].to_string().contains(reason), "{inputs}: {r}");
@@ -226,7 +283,7 @@ async fn business_registration_with_review() {
     assert_eq!(due - decided, chrono::Duration::hours(24));
     let (_, food2) = apply(
         &s,
-        &other,
+        &founder,
         REG,
         company("杭州某某医疗器械有限公司", &adult, "medical_devices"),
     );
@@ -335,7 +392,7 @@ async fn business_registration_with_review() {
     assert_eq!(v["decision"], "refused");
     let (_, again) = apply(
         &s,
-        &other,
+        &founder,
         REG,
         company("杭州某某医疗器械有限公司", &adult, "medical_devices"),
     );
@@ -355,7 +412,7 @@ async fn business_registration_with_review() {
     assert_eq!(status, 200, "{v}");
     let (_, masked) = apply(
         &s,
-        &other,
+        &founder,
         REG,
         company("杭州遮蔽以后科技有限公司", &adult, "software"),
     );
@@ -382,7 +439,7 @@ async fn business_registration_with_review() {
     assert_eq!(status, 200, "{v}");
     let (status, v) = apply(
         &s,
-        &other,
+        &founder,
         REG,
         company("杭州撤销以后有限公司", &adult, "software"),
     );
