@@ -6,6 +6,7 @@ use axum::extract::{Path, State};
 use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use yunqi_serve::explain::Lang;
 use yunqi_types::Error;
 
 use crate::AppState;
@@ -48,6 +49,22 @@ pub async fn get(
 pub struct NewApplication {
     /// The inputs, by name.
     pub inputs: serde_json::Map<String, Value>,
+}
+
+/// The language an `Accept-Language` header asks for.
+fn lang(headers: &axum::http::HeaderMap) -> Lang {
+    Lang::from_accept_language(
+        headers
+            .get(axum::http::header::ACCEPT_LANGUAGE)
+            .and_then(|v| v.to_str().ok()),
+    )
+}
+
+/// A decision with its readable explanation (`readable`, in the language asked for).
+fn decision_read(state: &AppState, d: &yunqi_serve::decider::Decision, lang: Lang) -> Value {
+    let mut v = decision_json(d);
+    v["readable"] = state.serve.readable(d, lang);
+    v
 }
 
 fn decision_json(d: &yunqi_serve::decider::Decision) -> Value {
@@ -104,13 +121,14 @@ pub async fn application(
     State(state): State<AppState>,
     auth: Authed,
     Path((department, name, number)): Path<(String, String, String)>,
+    headers: axum::http::HeaderMap,
 ) -> ApiResult<axum::Json<Value>> {
     let id = application_id(&department, &name, &number)?;
     let d = state
         .serve
         .application(&auth.actor, &id, &auth.ctx())
         .await?;
-    Ok(axum::Json(decision_json(&d)))
+    Ok(axum::Json(decision_read(&state, &d, lang(&headers))))
 }
 
 /// What an act on an application carries.
@@ -173,7 +191,7 @@ pub async fn act(
             &auth.ctx(),
         )
         .await?;
-    Ok(axum::Json(decision_json(&d)))
+    Ok(axum::Json(decision_read(&state, &d, lang(&headers))))
 }
 
 /// `GET /api/v1/services/{department}/{name}/reviews`: the applications waiting for review,
@@ -310,7 +328,7 @@ pub async fn apply_for(
             &auth.ctx(),
         )
         .await?;
-    Ok(axum::Json(decision_json(&d)))
+    Ok(axum::Json(decision_read(&state, &d, lang(&headers))))
 }
 
 /// `GET /api/v1/services/{department}/{name}/applications`: the caller's own, newest first.
@@ -318,11 +336,13 @@ pub async fn my_applications(
     State(state): State<AppState>,
     auth: Authed,
     Path((department, name)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
 ) -> ApiResult<axum::Json<Value>> {
     let list = state
         .serve
         .my_applications(&auth.actor, &format!("{department}.{name}"))?;
+    let lang = lang(&headers);
     Ok(axum::Json(json!({
-        "applications": list.iter().map(|d| decision_json(d)).collect::<Vec<_>>()
+        "applications": list.iter().map(|d| decision_read(&state, d, lang)).collect::<Vec<_>>()
     })))
 }

@@ -546,7 +546,7 @@ pub fn check_input(
             }
             Ok(Value::Date(d))
         }
-        InputType::Enum { values } => {
+        InputType::Enum { values, .. } => {
             let s = text()?;
             if values.iter().any(|v| v == s) {
                 Ok(Value::Text(s.to_string()))

@@ -37,7 +37,7 @@
 //! `quota.<name>.used`, `.left` and `.limit`. Lookup columns are checked when the lookup's SQL
 //! is planned, as the service's department.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::ops::Range;
 
 use serde::Deserialize;
@@ -105,6 +105,8 @@ struct InputDef {
     #[serde(default)]
     values: Option<Spanned<Vec<String>>>,
     #[serde(default)]
+    value_labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
     min_days: Option<i64>,
     #[serde(default)]
     max_days: Option<i64>,
@@ -123,6 +125,10 @@ fn yes() -> bool {
 struct LookupDef {
     name: Spanned<String>,
     sql: Spanned<String>,
+    #[serde(default)]
+    label: Option<String>,
+    #[serde(default)]
+    fields: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -186,6 +192,10 @@ struct BehalfDef {
 struct RuleDef {
     name: Spanned<String>,
     require: Spanned<String>,
+    #[serde(default)]
+    label: Option<String>,
+    #[serde(default)]
+    label_en: Option<String>,
     reason: String,
     #[serde(default)]
     reason_en: Option<String>,
@@ -254,6 +264,8 @@ pub enum InputType {
     Enum {
         /// The values.
         values: Vec<String>,
+        /// What each value means, for the applicant (`"全天 / All day"`).
+        labels: BTreeMap<String, String>,
     },
     /// Money in yuan (kept in fen), up to a maximum.
     Money {
@@ -292,6 +304,10 @@ pub struct Lookup {
     /// The SQL with its parameters as `$1, $2, …` in that order, as it is planned.
     #[serde(skip)]
     pub positional: String,
+    /// What it reads, for the applicant (`"机动车登记 / Vehicle registration"`).
+    pub label: Option<String>,
+    /// Each column's label for the applicant; `service apply` checks every column has one.
+    pub fields: BTreeMap<String, String>,
 }
 
 /// A quota.
@@ -443,6 +459,10 @@ pub struct Rule {
     /// Parsed.
     #[serde(skip)]
     pub expr: Expr,
+    /// What it checks, as a sentence an applicant reads (`车辆不是浙A号牌`).
+    pub label: String,
+    /// The same in English.
+    pub label_en: String,
     /// Shown when it is not met.
     pub reason: String,
     /// The same in English.
@@ -763,9 +783,30 @@ pub fn parse(src: &str) -> Result<Service, Error> {
                 max_days: i.max_days,
             },
             "enum" => match &i.values {
-                Some(v) if !v.get_ref().is_empty() => InputType::Enum {
-                    values: v.get_ref().clone(),
-                },
+                Some(v) if !v.get_ref().is_empty() => {
+                    let labels = i.value_labels.clone().unwrap_or_default();
+                    let missing: Vec<&str> = v
+                        .get_ref()
+                        .iter()
+                        .filter(|x| !labels.contains_key(*x))
+                        .map(String::as_str)
+                        .collect();
+                    if !missing.is_empty() {
+                        p.add(
+                            i.kind.span(),
+                            format!(
+                                "input {}: label every value for applicants, e.g. value_labels = {{ {} = \"… / …\" }} (missing: {})",
+                                i.name.get_ref(),
+                                missing[0],
+                                missing.join(", ")
+                            ),
+                        );
+                    }
+                    InputType::Enum {
+                        values: v.get_ref().clone(),
+                        labels,
+                    }
+                }
                 _ => {
                     p.add(
                         i.kind.span(),
@@ -837,6 +878,8 @@ pub fn parse(src: &str) -> Result<Service, Error> {
             sql: l.sql.get_ref().clone(),
             params: ps,
             positional,
+            label: l.label.clone(),
+            fields: l.fields.clone(),
         });
     }
 
@@ -1143,6 +1186,21 @@ pub fn parse(src: &str) -> Result<Service, Error> {
                 );
             }
         }
+        let (label, label_en) = match (&r.label, &r.label_en) {
+            (Some(zh), Some(en)) if !zh.trim().is_empty() && !en.trim().is_empty() => {
+                (zh.clone(), en.clone())
+            }
+            _ => {
+                p.add(
+                    r.name.span(),
+                    format!(
+                        "rule {}: say what it checks in words an applicant reads, in Chinese and English: label = \"车辆不是浙A号牌\" and label_en = \"The vehicle does not have a local 浙A plate\"",
+                        r.name.get_ref()
+                    ),
+                );
+                (String::new(), String::new())
+            }
+        };
         let otherwise = match r.otherwise.as_ref().map(|o| o.get_ref().as_str()) {
             None | Some("refuse") => Otherwise::Refuse,
             Some("review") => Otherwise::Review,
@@ -1160,6 +1218,8 @@ pub fn parse(src: &str) -> Result<Service, Error> {
             name: r.name.get_ref().clone(),
             require: r.require.get_ref().clone(),
             expr,
+            label,
+            label_en,
             reason: r.reason.clone(),
             reason_en: r.reason_en.clone(),
             otherwise,
@@ -1495,7 +1555,12 @@ decide = "sometimes"
         ] {
             assert!(d.contains(want), "missing {want:?} in:\n{d}");
         }
-        assert!(!d.contains("rule local"), "the good rule is fine:\n{d}");
+        assert!(
+            !d.lines()
+                .any(|l| l.contains("rule local") && !l.contains("say what it checks")),
+            "the good rule is fine but for its label:\n{d}"
+        );
+        assert!(d.contains("line 27: rule local: say what it checks"), "{d}");
         assert!(e.message.contains("problems"));
         // Syntax and unknown fields: the TOML error, with its line.
         let e = parse("[service]\ndepartment = \"traffic\"\nname = \"x\"\ntitle = \"x\"\napplicants = [\"citizen\"]\ncolour = 1\n[outcome]\ndecide = \"automatic\"\n").unwrap_err();

@@ -25,6 +25,7 @@ pub mod calendar;
 pub mod decider;
 pub mod definition;
 pub mod document;
+pub mod explain;
 pub mod ledger;
 pub mod lookup;
 pub mod rules;

@@ -395,8 +395,16 @@ impl Serve {
         self.gov.get_department(actor, &service.department)?;
         // Lookups must plan as the department: tables it may read, columns that exist.
         let as_service = service_actor(&service)?;
+        // What applicants read is labelled: every input, every lookup and each of its columns.
+        let mut unlabelled = Vec::new();
+        for i in &service.inputs {
+            if i.label.as_deref().is_none_or(|l| l.trim().is_empty()) {
+                unlabelled.push(format!("input {}: label = \"车牌号 / Plate\"", i.name));
+            }
+        }
         for l in &service.lookups {
-            self.sql
+            let planned = self
+                .sql
                 .plan(&as_service, &l.positional, ctx)
                 .await
                 .map_err(|e| {
@@ -406,6 +414,31 @@ impl Serve {
                     );
                     e
                 })?;
+            if l.label.as_deref().is_none_or(|x| x.trim().is_empty()) {
+                unlabelled.push(format!(
+                    "lookup {}: label = \"机动车登记 / Vehicle registration\"",
+                    l.name
+                ));
+            }
+            for f in planned.plan.schema().fields() {
+                if !l.fields.contains_key(f.name()) {
+                    unlabelled.push(format!(
+                        "lookup {}: column {} needs a label in fields = {{ {} = \"… / …\" }}",
+                        l.name,
+                        f.name(),
+                        f.name()
+                    ));
+                }
+            }
+        }
+        if !unlabelled.is_empty() {
+            return Err(Error::invalid(format!(
+                "the definition of {name} leaves {} thing{} unlabelled for applicants",
+                unlabelled.len(),
+                if unlabelled.len() == 1 { "" } else { "s" }
+            ))
+            .detail(unlabelled.join("\n"))
+            .hint("label each in Chinese and English, \"中文 / English\"; nothing was applied"));
         }
         self.cancel_sources(&service)?;
         if let Ok(live) = self.live(&name) {
@@ -744,6 +777,8 @@ impl Serve {
                 .replace(":subject", "$2"),
             sql,
             params: vec!["applicant.id_number".into(), "subject".into()],
+            label: None,
+            fields: Default::default(),
         };
         let found = self
             .lookups
@@ -761,6 +796,33 @@ impl Serve {
             )
             .await?;
         Ok(found.row.is_some())
+    }
+
+    /// The decision as its applicant reads it, in `lang` (see [`crate::explain`]): the live
+    /// definition's labels, and each looked-up column's class from its dataset.
+    pub fn readable(&self, d: &Decision, lang: crate::explain::Lang) -> Json {
+        let Ok(live) = self.live(&d.service) else {
+            return Json::Null;
+        };
+        let service = live.decider.service().clone();
+        let store = self.gov.dataset_store().clone();
+        let class_of = |lookup: &str, column: &str| -> Option<String> {
+            let datasets = d
+                .data
+                .get(lookup)?
+                .get("source")?
+                .get("datasets")?
+                .as_array()?;
+            datasets.iter().filter_map(Json::as_str).find_map(|t| {
+                let (dept, name) = t.split_once('.')?;
+                let m = store.get(dept, name).ok()?;
+                m.columns
+                    .iter()
+                    .find(|c| c.name == column)
+                    .map(|c| c.class.as_str().to_string())
+            })
+        };
+        crate::explain::readable(&service, d, lang, &class_of)
     }
 
     fn load_consents(&self) -> Result<(), Error> {

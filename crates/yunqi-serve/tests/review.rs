@@ -107,6 +107,8 @@ reason = "患者未开通先看病后付费"
 [[rules]]
 name = "scored"
 require = "score.found and not line.credit.overdue"
+label = "有信用分且没有逾期"
+label_en = "Scored and nothing overdue"
 reason = "患者没有信用分，或有逾期"
 
 [outcome]

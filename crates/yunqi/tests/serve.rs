@@ -121,6 +121,34 @@ async fn the_urgent_entry_permit_end_to_end() {
             .contains("unknown quota period \"week\""),
         "{v}"
     );
+    // What an applicant reads must be labelled: a lookup's columns, each rule in both
+    // languages.
+    let (status, v) = common::post_toml(
+        &s,
+        &tsteward,
+        &PERMIT.replace(", vehicle_type = \"车辆类型 / Vehicle type\"", ""),
+    );
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("lookup vehicle: column vehicle_type needs a label"),
+        "{v}"
+    );
+    let (status, v) = common::post_toml(
+        &s,
+        &tsteward,
+        &PERMIT.replace("label_en = \"The vehicle is in the registry\"\n", ""),
+    );
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("rule vehicle_known: say what it checks"),
+        "{v}"
+    );
     let (status, v) = common::post_toml(&s, &analyst, PERMIT);
     assert_eq!(status, 403, "{v}");
     let (status, v) = common::post_toml(&s, &tsteward, PERMIT);
@@ -165,6 +193,87 @@ async fn the_urgent_entry_permit_end_to_end() {
     );
     assert_eq!(d["explanation"]["rules"].as_array().unwrap().len(), 4);
     assert_eq!(d["explanation"]["quotas"][1]["used"], 1, "{d}");
+    // The citizen reads it as sentences, in the city's time, with every value labelled.
+    let r = &d["readable"];
+    assert_eq!(r["language"], "zh", "{r}");
+    assert_eq!(r["decision"], "已批准", "{r}");
+    assert_eq!(r["rules"][0]["label"], "车辆不是浙A号牌", "{r}");
+    assert_eq!(r["rules"][0]["result"], "符合", "{r}");
+    assert!(
+        r["decided_at"].as_str().unwrap().ends_with("（北京时间）"),
+        "{r}"
+    );
+    let window = r["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "window")
+        .unwrap();
+    assert_eq!(window["label"], "通行时段", "{r}");
+    assert_eq!(window["value"], "当日全天（0时至24时）", "{r}");
+    assert_eq!(r["data"][0]["label"], "机动车登记信息（交通运输局）", "{r}");
+    assert!(
+        r["data"][0]["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["label"] == "车辆类型" && f["value"] == "小型汽车"),
+        "{r}"
+    );
+    let (y, m, dd) = (
+        &day[..4],
+        day[5..7].trim_start_matches('0'),
+        day[8..].trim_start_matches('0'),
+    );
+    assert!(
+        r["document"]["valid"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{y}年{m}月{dd}日 00:00（北京时间） 至 ")),
+        "{r}"
+    );
+    assert!(
+        r["quotas"][1]["text"]
+            .as_str()
+            .unwrap()
+            .contains("已用 1 次，上限 3 次"),
+        "{r}"
+    );
+    assert!(
+        !r.to_string().contains("starts_with"),
+        "no expressions for the citizen: {r}"
+    );
+    // In English when the phone asks for it.
+    let mut resp = common::agent()
+        .get(format!(
+            "{}/api/v1/services/traffic/urgent-entry-permit/applications/{}",
+            s.url,
+            d["id"].as_str().unwrap().rsplit('/').next().unwrap()
+        ))
+        .header("Authorization", format!("Bearer {citizen}"))
+        .header("Accept-Language", "en-GB,en;q=0.9,zh;q=0.5")
+        .call()
+        .unwrap();
+    let en: Value = serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap();
+    let r = &en["readable"];
+    assert_eq!(r["language"], "en", "{r}");
+    assert_eq!(
+        r["rules"][0]["label"], "The vehicle does not have a local 浙A plate",
+        "{r}"
+    );
+    assert_eq!(r["decision"], "Approved", "{r}");
+    assert!(
+        r["decided_at"]
+            .as_str()
+            .unwrap()
+            .ends_with("(Beijing time)"),
+        "{r}"
+    );
+    // The expressions stay for officers and stewards.
+    assert_eq!(
+        en["explanation"]["rules"][0]["require"],
+        "not starts_with(plate, '浙A')"
+    );
     // A retry with the same key is the same decision.
     let (_, again) = apply(&s, &citizen, inputs.clone(), Some("app-1"));
     assert_eq!(again["id"], d["id"]);
