@@ -96,7 +96,10 @@ def main():
             page.fill("#in-reason", "送货")
             page.click("#apply button[type=submit]")
             expect(page.locator("#decision")).to_have_text("已通过")
-            expect(page.locator("text=transport.vehicles").first).to_be_visible()
+            # Explained in sentences, the data by its labels, times in Beijing time.
+            expect(page.locator("#rules")).to_contain_text("车辆不是浙A号牌")
+            expect(page.locator("main")).to_contain_text("机动车登记信息")
+            expect(page.locator(".valid-window")).to_contain_text("北京时间")
             qr = page.locator("#qr")
             expect(qr).to_be_visible()
             r = page.request.get(url + qr.get_attribute("src"))
@@ -195,6 +198,41 @@ def main():
             # A large operations-centre screen.
             page.set_viewport_size({"width": 2560, "height": 1440})
             shot("12-dashboard-wall")
+
+            # On a phone (浙里办 is an app): a citizen applies at 390×844 with touch, reads the
+            # decision in sentences, and may not apply for another citizen's vehicle.
+            phone = browser.new_context(locale="zh-CN", viewport={"width": 390, "height": 844},
+                                        device_scale_factor=2, is_mobile=True, has_touch=True)
+            page = phone.new_page()
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            login("c_wang")
+            page.goto(url + "/#/services/traffic.urgent-entry-permit")
+            expect(page.locator("#apply")).to_be_visible()
+            mine = next(p for p in tok["c_wang"]["plates"] if not p.startswith("浙A"))
+            page.fill("#in-plate", mine)
+            page.fill("#in-date", workday())
+            expect(page.locator("#in-window option").first).to_have_text("当日全天（0时至24时）")
+            shot("13-phone-form")
+            # Touch targets are large enough to hit with a thumb; nothing scrolls sideways.
+            for sel in ["#apply button[type=submit]", "#in-window", "#in-plate", "#logout"]:
+                box = page.locator(sel).bounding_box()
+                assert box and box["height"] >= 44, (sel, box)
+            page.fill("#in-reason", "就医")
+            page.click("#apply button[type=submit]")
+            expect(page.locator("#decision")).to_have_text("已通过")
+            expect(page.locator("#rules li").first).to_contain_text("车辆不是浙A号牌")
+            text = page.locator("main").inner_text()
+            assert "starts_with" not in text and "not_met" not in text, text
+            assert "北京时间" in text and "Z" not in page.locator(".valid-window").inner_text(), text
+            width = page.evaluate("document.documentElement.scrollWidth")
+            assert width <= 390, ("the page scrolls sideways", width)
+            shot("14-phone-decision")
+            theirs = next(p for p in tok["c_zhao"]["plates"] if not p.startswith("浙A"))
+            page.fill("#in-plate", theirs)
+            page.click("#apply button[type=submit]")
+            expect(page.locator("[role=alert]")).to_contain_text("本人名下")
+            shot("15-phone-refused")
+            phone.close()
 
             assert not errors, errors
             browser.close()

@@ -29,6 +29,8 @@ const I18N = {
     "dash.segments": "最拥堵路段", "dash.zone": "限行区车流 / 阈值", "dash.permits": "今日签发通行凭证",
     "dash.window": "窗口", "audit.title": "审计", "audit.mine": "谁访问了我的数据",
     "audit.search": "按操作筛选（如 sql.*）", "audit.go": "查询", "none": "暂无", "review.mine": "分配给我",
+    "services.inputs": "申请信息", "services.expressions": "规则表达式与原始数据（工作人员）", "services.valid": "有效期",
+    "services.qr": "电子凭证二维码", "decision.number": "受理编号", "sql.maskedcell": "已脱敏",
   },
   en: {
     brand: "yunqi · City Cloud", logout: "Log out", "nav.catalog": "Catalog", "nav.sql": "SQL",
@@ -55,6 +57,8 @@ const I18N = {
     "dash.segments": "Most loaded segments", "dash.zone": "Restricted zone load / threshold", "dash.permits": "Permits issued today",
     "dash.window": "Window", "audit.title": "Audit", "audit.mine": "Who accessed my data",
     "audit.search": "Filter by action (e.g. sql.*)", "audit.go": "Search", "none": "None", "review.mine": "Assign to me",
+    "services.inputs": "What you gave", "services.expressions": "Rule expressions and raw data (staff)", "services.valid": "Valid",
+    "services.qr": "QR code of the document", "decision.number": "No.", "sql.maskedcell": "masked",
   },
 };
 
@@ -82,7 +86,7 @@ function h(tag, attrs, ...kids) {
 function token() { return sessionStorage.getItem("yunqi.token"); }
 
 async function api(method, path, body, extra) {
-  const headers = Object.assign({ Authorization: "Bearer " + token() }, extra || {});
+  const headers = Object.assign({ Authorization: "Bearer " + token(), "Accept-Language": lang === "en" ? "en" : "zh-CN" }, extra || {});
   let payload;
   if (body !== undefined) { headers["Content-Type"] = "application/json"; payload = JSON.stringify(body); }
   const r = await fetch(path, { method, headers, body: payload });
@@ -263,37 +267,70 @@ async function grantsPage() {
   load();
 }
 
+// A moment in the city's time zone (北京时间), as people read it.
+function cityTime(iso) {
+  if (!iso) return "";
+  const f = new Intl.DateTimeFormat(lang === "en" ? "en-GB" : "zh-CN", { timeZone: "Asia/Shanghai", year: "numeric", month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", hour12: false });
+  return f.format(new Date(iso)) + (lang === "en" ? " (Beijing time)" : "（北京时间）");
+}
+
+// The side of a "中文 / English" label for the console's language.
+function pick(label) {
+  if (!label) return "";
+  let m = label.split(" / ");
+  if (m.length < 2) { const k = label.indexOf("）/ "); if (k >= 0) m = [label.slice(0, k + 1), label.slice(k + 3)]; }
+  return m.length < 2 ? label : (lang === "en" ? m.slice(1).join(" / ") : m[0]).trim();
+}
+
+// A decision as the applicant reads it (the API's `readable`, in the console's language);
+// officers and stewards can also open the expressions and raw data.
 function decisionCard(d) {
-  const kids = [h("h2", {}, t("services.decision") + " ", h("span", { class: "badge " + d.decision, id: "decision", text: t("decision." + d.decision) }), " ", h("span", { class: "muted", text: d.id }))];
-  for (const r of d.reasons || []) kids.push(h("p", { text: "• " + r }));
-  if (d.due_at) kids.push(h("p", { class: "muted", text: "⏱ " + d.due_at }));
-  const ex = d.explanation || {};
-  kids.push(h("h2", { text: t("services.rules") }),
-    table(["rule", "require", "met", "reason"], (ex.rules || []).map((r) => [r.rule, r.require, r.met === null ? "?" : (r.met ? "✓" : "✗"), r.reason || ""])));
-  const data = Object.entries(ex.data || {}).map(([k, v]) => [k, v.found === false ? "—" : JSON.stringify(Object.fromEntries(Object.entries(v).filter(([x]) => x !== "source" && x !== "found"))), v.source ? v.source.datasets.join(", ") + " · " + (v.source.grants || []).join("; ") : ""]);
-  kids.push(h("h2", { text: t("services.data") }), table(["", "", "source"], data));
-  if ((ex.quotas || []).length) kids.push(h("h2", { text: t("services.quotas") }), table(["quota", "key", "period", "used", "limit"], ex.quotas.map((q) => [q.quota, q.key, q.period, q.used, q.limit])));
+  const r = d.readable || {};
+  const kids = [h("h2", {}, t("services.decision") + " ", h("span", { class: "badge " + d.decision, id: "decision", text: r.decision || t("decision." + d.decision) })),
+    h("p", { class: "muted", text: (r.service || d.service) + " · " + (r.decided_at || d.decided_at) + " · " + t("decision.number") + " " + d.id.split("/").pop() })];
+  for (const x of r.reasons || d.reasons || []) kids.push(h("p", { class: "reason", text: "• " + x }));
+  if (r.due) kids.push(h("p", { class: "muted", text: "⏱ " + r.due }));
   if (d.document) {
-    kids.push(h("h2", { text: t("services.document") }),
-      h("div", { class: "row" }, h("img", { class: "qr", id: "qr", alt: "QR", src: "/api/v1/documents/qr?token=" + encodeURIComponent(d.document.token) }),
-        h("div", { class: "grow" }, d.document.code ? h("p", { text: "统一社会信用代码 " + d.document.code }) : null,
-          h("p", { class: "muted", text: `${d.document.valid_from || ""} → ${d.document.valid_to || ""}` }),
-          h("a", { href: "#/verify/" + encodeURIComponent(d.document.token), text: t("nav.verify") }))));
+    const doc = r.document || {};
+    kids.push(h("h3", { text: doc.title || t("services.document") }),
+      h("div", { class: "row" }, h("img", { class: "qr", id: "qr", alt: t("services.qr"), src: "/api/v1/documents/qr?token=" + encodeURIComponent(d.document.token) }),
+        h("div", { class: "grow" }, doc.code ? h("p", { text: doc.code.label + " " + doc.code.value }) : null,
+          h("p", { class: "valid-window", text: t("services.valid") + " " + (doc.valid || "") }),
+          h("a", { class: "button", href: "#/verify/" + encodeURIComponent(d.document.token), text: t("nav.verify") }))));
   }
-  return h("div", { class: "card" }, kids);
+  kids.push(h("h3", { text: t("services.rules") }),
+    h("ul", { class: "checks", id: "rules" }, (r.rules || []).map((x) => h("li", { class: x.met === true ? "met" : (x.met === false ? "unmet" : "unknown") },
+      h("span", { class: "mark", "aria-hidden": "true", text: x.met === true ? "✓" : (x.met === false ? "✗" : "?") }),
+      h("span", {}, h("span", { text: x.label }), h("span", { class: "muted", text: " · " + x.result }), x.reason ? h("div", { class: "reason", text: x.reason }) : null)))));
+  kids.push(h("h3", { text: t("services.inputs") }),
+    h("dl", { class: "fields" }, (r.inputs || []).map((x) => [h("dt", { text: x.label }), h("dd", { text: x.value })])));
+  kids.push(h("h3", { text: t("services.data") }), ...(r.data || []).map((x) => h("div", { class: "source" },
+    h("div", { class: "source-title", text: x.label }),
+    x.found ? h("dl", { class: "fields" }, x.fields.map((f) => [h("dt", { text: f.label }), h("dd", { class: f.masked ? "masked" : "", title: f.masked ? t("sql.maskedcell") : "", text: f.value })]))
+      : h("p", { class: "muted", text: x.note || t("none") }))));
+  if ((r.quotas || []).length) kids.push(h("h3", { text: t("services.quotas") }), h("ul", { class: "quotas" }, r.quotas.map((q) => h("li", { text: q.text }))));
+  if (me && me.principal.role !== "citizen") {
+    const ex = d.explanation || {};
+    const data = Object.entries(ex.data || {}).map(([k, v]) => [k, v.found === false ? "—" : JSON.stringify(Object.fromEntries(Object.entries(v).filter(([y]) => y !== "source" && y !== "found"))), v.source ? v.source.datasets.join(", ") + " · " + (v.source.grants || []).join("; ") : ""]);
+    kids.push(h("details", { class: "officer" }, h("summary", { text: t("services.expressions") }),
+      h("div", { class: "scroll" }, table(["rule", "require", "met", "reason"], (ex.rules || []).map((x) => [x.rule, x.require, x.met === null ? "?" : (x.met ? "✓" : "✗"), x.reason || ""]))),
+      h("div", { class: "scroll" }, table(["lookup", "values", "source"], data)),
+      (ex.quotas || []).length ? h("div", { class: "scroll" }, table(["quota", "key", "period", "used", "limit"], ex.quotas.map((q) => [q.quota, q.key, q.period, q.used, q.limit]))) : null));
+  }
+  return h("div", { class: "card decision" }, kids);
 }
 
 function inputFor(i) {
   const id = "in-" + i.name;
   const k = i.kind || {};
   let e;
-  if (k.type === "enum") e = h("select", { id }, k.values.map((v) => h("option", { value: v, text: v })));
+  if (k.type === "enum") e = h("select", { id }, k.values.map((v) => h("option", { value: v, text: pick((k.labels || {})[v]) || v })));
   else if (k.type === "date") {
     const d = new Date(Date.now() + 86400000 * Math.max(1, k.min_days || 0));
     e = h("input", { id, type: "date", value: d.toISOString().slice(0, 10) });
   } else if (k.type === "money") e = h("input", { id, type: "number", step: "0.01", min: "0" });
   else e = h("input", { id, type: "text" });
-  return [h("label", { for: id, text: i.label || i.name }), e];
+  return [h("label", { for: id, text: pick(i.label) || i.name }), e];
 }
 
 async function servicesPage(which) {
@@ -311,7 +348,8 @@ async function servicesPage(which) {
     const loadMine = async () => {
       try {
         const m = await api("GET", `/api/v1/services/${dept}/${name}/applications`);
-        mine.replaceChildren(table(["id", "decision", "decided_at"], m.applications.map((a) => [a.id, t("decision." + a.decision), a.decided_at])));
+        mine.replaceChildren(h("ul", { class: "apps" }, m.applications.map((a) => h("li", {}, h("span", { class: "badge " + a.decision, text: (a.readable && a.readable.decision) || t("decision." + a.decision) }), " ",
+          h("span", { text: (a.readable && a.readable.decided_at) || cityTime(a.decided_at) }), h("span", { class: "muted", text: " · " + t("decision.number") + " " + a.id.split("/").pop() })))));
       } catch (e) { mine.replaceChildren(errorBox(e)); }
     };
     const form = h("form", { id: "apply", onsubmit: async (ev) => {
@@ -336,7 +374,7 @@ async function servicesPage(which) {
           q.replaceChildren(...(r.pending.length ? r.pending.map((p) => {
             const reason = h("input", { "aria-label": t("grants.reason"), placeholder: t("grants.reason") });
             return h("div", { class: "card review" }, h("strong", { text: p.id }), " ",
-              h("span", { class: p.overdue ? "badge refused" : "badge pending", text: (p.overdue ? "⚠ " : "⏱ ") + p.due_at }),
+              h("span", { class: p.overdue ? "badge refused" : "badge pending", text: (p.overdue ? "⚠ " : "⏱ ") + cityTime(p.due_at) }),
               h("div", { text: (p.reasons || []).join("; ") }),
               h("div", { class: "muted", text: JSON.stringify(p.explanation.inputs) + ((p.review && p.review.assignee) ? " · → " + p.review.assignee : "") }),
               h("button", { onclick: act(p, "assign", () => ({ assignee: me.principal.name })), text: t("review.mine") }), " ",

@@ -141,9 +141,9 @@ pub fn readable(
     class_of: &dyn Fn(&str, &str) -> Option<String>,
 ) -> Json {
     let verdict = match d.decision {
-        Verdict::Approved => words("已批准", "Approved", lang),
+        Verdict::Approved => words("已通过", "Approved", lang),
         Verdict::Refused => words("未通过", "Refused", lang),
-        Verdict::Pending => words("人工审核中", "Waiting for an officer", lang),
+        Verdict::Pending => words("审核中", "Waiting for an officer", lang),
     };
     let title = match lang {
         Lang::En => service

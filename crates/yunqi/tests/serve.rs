@@ -196,7 +196,7 @@ async fn the_urgent_entry_permit_end_to_end() {
     // The citizen reads it as sentences, in the city's time, with every value labelled.
     let r = &d["readable"];
     assert_eq!(r["language"], "zh", "{r}");
-    assert_eq!(r["decision"], "已批准", "{r}");
+    assert_eq!(r["decision"], "已通过", "{r}");
     assert_eq!(r["rules"][0]["label"], "车辆不是浙A号牌", "{r}");
     assert_eq!(r["rules"][0]["result"], "符合", "{r}");
     assert!(
