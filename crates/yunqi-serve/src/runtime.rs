@@ -581,17 +581,8 @@ impl Serve {
                 "it takes applications from accounts of: {}",
                 allowed.join(", ")
             ));
-            self.gov
-                .record_access(
-                    actor,
-                    "service.apply",
-                    &format!("service:{name}"),
-                    Outcome::Denied,
-                    e.message.clone(),
-                    ctx,
-                )
-                .await?;
-            return Err(e);
+            let why = e.message.clone();
+            return Err(self.deny(actor, name, e, why, ctx).await);
         }
         let today = self
             .calendar
@@ -734,20 +725,38 @@ impl Serve {
         ))
         .detail(detail)
         .hint(hint);
-        self.gov
+        let why = format!(
+            "{what} is not the applicant's ({mode:?} applies to a {})",
+            kind.as_str()
+        );
+        Err(self.deny(actor, &name, e, why, ctx).await)
+    }
+
+    /// Records a refused application as an audited `service.apply` denial and gives back the
+    /// error to answer with (or the audit's own error, if the record could not be written).
+    async fn deny(
+        &self,
+        actor: &Actor,
+        service: &str,
+        e: Error,
+        detail: String,
+        ctx: &CallContext,
+    ) -> Error {
+        match self
+            .gov
             .record_access(
                 actor,
                 "service.apply",
-                &format!("service:{name}"),
+                &format!("service:{service}"),
                 Outcome::Denied,
-                format!(
-                    "{what} is not the applicant's ({mode:?} applies to a {})",
-                    kind.as_str()
-                ),
+                detail,
                 ctx,
             )
-            .await?;
-        Err(e)
+            .await
+        {
+            Ok(()) => e,
+            Err(audit) => audit,
+        }
     }
 
     /// Whether the applicant (a citizen) is registered in the service's agents dataset as an
