@@ -378,7 +378,63 @@ pub async fn serve(
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router.into_make_service())
+    use axum::ServiceExt;
+    use tower::Layer;
+    // Paths are normalised before routing, so that every route of the subtree sees them.
+    let app = tower::util::MapRequestLayer::new(ngsi_without_trailing_slash).layer(router);
+    axum::serve(listener, app.into_make_service())
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// NGSI-LD clients send `/ngsi-ld/v1/entities/` and `/ngsi-ld/v1/entityOperations/upsert/`;
+/// brokers answer both forms (ETSI GS CIM 009 does not distinguish them), so the trailing
+/// slash is taken off every path under `/ngsi-ld/` before it is routed.
+fn ngsi_without_trailing_slash(mut req: axum::extract::Request) -> axum::extract::Request {
+    let uri = req.uri();
+    let path = uri.path();
+    if path.starts_with("/ngsi-ld/") && path.ends_with('/') {
+        let trimmed = path.trim_end_matches('/');
+        let pq = match uri.query() {
+            Some(q) => format!("{trimmed}?{q}"),
+            None => trimmed.to_string(),
+        };
+        let mut parts = uri.clone().into_parts();
+        if let Ok(pq) = pq.parse() {
+            parts.path_and_query = Some(pq);
+            if let Ok(u) = axum::http::Uri::from_parts(parts) {
+                *req.uri_mut() = u;
+            }
+        }
+    }
+    req
+}
+
+#[cfg(test)]
+mod path_tests {
+    #[test]
+    fn ngsi_paths_lose_their_trailing_slash() {
+        for (from, to) in [
+            ("/ngsi-ld/v1/entities/", "/ngsi-ld/v1/entities"),
+            (
+                "/ngsi-ld/v1/entities/?type=T&limit=1",
+                "/ngsi-ld/v1/entities?type=T&limit=1",
+            ),
+            (
+                "/ngsi-ld/v1/entityOperations/upsert//",
+                "/ngsi-ld/v1/entityOperations/upsert",
+            ),
+            ("/api/v1/datasets/", "/api/v1/datasets/"),
+            ("/ngsi-ld/v1/types", "/ngsi-ld/v1/types"),
+        ] {
+            let req = axum::extract::Request::builder()
+                .uri(from)
+                .body(axum::body::Body::empty())
+                .unwrap();
+            assert_eq!(
+                super::ngsi_without_trailing_slash(req).uri().to_string(),
+                to
+            );
+        }
+    }
 }

@@ -694,7 +694,13 @@ impl Sense {
         query: &EntityQuery,
         ctx: &CallContext,
     ) -> Result<(Vec<Value>, usize), Error> {
-        let store = self.entity_store(&query.entity_type)?;
+        // A type no stream records has no entities: brokers answer such a query (clients
+        // send one as a connectivity probe) with an empty list, not an error.
+        let store = match self.entity_store(&query.entity_type) {
+            Ok(s) => s,
+            Err(e) if e.code == yunqi_types::ErrorCode::NotFound => return Ok((Vec::new(), 0)),
+            Err(e) => return Err(e),
+        };
         let (table, view) = self.entity_view(actor, &store, ctx).await?;
         let schema = &store.schema;
         let q = match &query.q {

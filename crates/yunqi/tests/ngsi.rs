@@ -544,3 +544,71 @@ async fn ngsi_ld_entities_end_to_end() {
         "denials audited"
     );
 }
+
+/// As published NGSI-LD clients send requests: paths with a trailing slash, and a query for a
+/// type nobody records as their connectivity probe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ngsi_ld_paths_with_trailing_slashes_and_empty_queries() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    s.dept("traffic");
+    let steward = s.principal("tsteward", "steward", Some("traffic"));
+    let device = s.principal("iot_agent", "service", Some("traffic"));
+    let (status, v) = sql(&s, &steward, STREAM);
+    assert_eq!(status, 200, "{v}");
+
+    // The probe: a type that does not exist is an empty list, counted 0.
+    let (status, h, v) = raw(
+        &s,
+        "GET",
+        "/ngsi-ld/v1/entities/?type=NoSuchType&count=true",
+        &device,
+        None,
+    );
+    assert_eq!((status, &v), (200, &json!([])), "{v}");
+    assert_eq!(header(&h, "ngsild-results-count"), Some("0"));
+
+    // Creates and batch operations with a trailing slash land as without one.
+    let one = kv(1, 5, 40.0, 1);
+    let (status, _, v) = raw(&s, "POST", "/ngsi-ld/v1/entities/", &device, Some(&one));
+    assert_eq!(status, 201, "{v}");
+    let batch = json!([kv(2, 6, 41.0, 2), kv(3, 7, 42.0, 3)]);
+    let (status, _, v) = raw(
+        &s,
+        "POST",
+        "/ngsi-ld/v1/entityOperations/create/",
+        &device,
+        Some(&batch),
+    );
+    assert_eq!(status, 201, "{v}");
+    let (status, _, v) = raw(
+        &s,
+        "POST",
+        "/ngsi-ld/v1/entityOperations/upsert/?options=update",
+        &device,
+        Some(&json!([kv(3, 70, 42.0, 4)])),
+    );
+    assert_eq!(status, 204, "{v}");
+    let (status, h, v) = raw(
+        &s,
+        "GET",
+        "/ngsi-ld/v1/entities/?type=TrafficFlowObserved&count=true&options=keyValues",
+        &device,
+        None,
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(header(&h, "ngsild-results-count"), Some("3"), "{v}");
+    assert_eq!(v[2]["intensity"], 70, "{v}");
+    let (status, _, v) = raw(&s, "GET", "/ngsi-ld/v1/types/", &device, None);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["typeList"], json!(["TrafficFlowObserved"]), "{v}");
+    // An entity that does not exist is still not found, with or without the slash.
+    let (status, _, _) = raw(
+        &s,
+        "GET",
+        "/ngsi-ld/v1/entities/urn:ngsi-ld:TrafficFlowObserved:none/",
+        &device,
+        None,
+    );
+    assert_eq!(status, 404);
+}
