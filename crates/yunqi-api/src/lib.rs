@@ -295,6 +295,47 @@ async fn request_middleware(
         .map(|m| m.as_str().to_string())
         .unwrap_or_else(|| "unmatched".to_string());
 
+    // NGSI-LD: the representations a client may ask for and send, checked before routing.
+    let mut wants = ngsi::Wants::Json;
+    if path.starts_with("/ngsi-ld/") {
+        let h = req.headers();
+        let accept = h
+            .get(axum::http::header::ACCEPT)
+            .and_then(|v| v.to_str().ok());
+        match ngsi::negotiate(accept) {
+            Some(w) => wants = w,
+            None => {
+                return ngsi::refused(
+                    StatusCode::NOT_ACCEPTABLE,
+                    "not acceptable",
+                    format!(
+                        "Accept: {} names neither application/json nor application/ld+json",
+                        accept.unwrap_or("")
+                    ),
+                    &info.id,
+                );
+            }
+        }
+        let ct = h
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        let has_body = matches!(
+            method,
+            axum::http::Method::POST | axum::http::Method::PATCH | axum::http::Method::PUT
+        );
+        if has_body && !ngsi::content_type_ok(ct) {
+            return ngsi::refused(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported media type",
+                format!(
+                    "Content-Type {} is not application/json or application/ld+json",
+                    ct.unwrap_or("")
+                ),
+                &info.id,
+            );
+        }
+    }
+
     let mut response = match state.in_flight.clone().try_acquire_owned() {
         Err(_) => ApiError::from(
             Error::unavailable("too many requests in flight")
@@ -346,6 +387,9 @@ async fn request_middleware(
         }
         None => None,
     };
+    if wants == ngsi::Wants::JsonLd {
+        response = ngsi::as_json_ld(response).await;
+    }
     if let Ok(v) = HeaderValue::from_str(&info.id) {
         response.headers_mut().insert("x-request-id", v);
     }

@@ -371,3 +371,143 @@ pub async fn types(State(state): State<AppState>, auth: Authed) -> ApiResult<Res
                "types": types}),
     ))
 }
+
+/// What a client asks an NGSI-LD response to be (ETSI GS CIM 009 §6.3.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wants {
+    /// `application/json`, `*/*` or no `Accept`: the `@context` in a `Link` header.
+    Json,
+    /// `application/ld+json` preferred: the `@context` in the body.
+    JsonLd,
+}
+
+/// The representation `accept` asks for, or `None` when it accepts neither JSON form (406).
+pub fn negotiate(accept: Option<&str>) -> Option<Wants> {
+    let Some(accept) = accept.filter(|a| !a.trim().is_empty()) else {
+        return Some(Wants::Json);
+    };
+    let mut json: f32 = -1.0;
+    let mut ld: f32 = -1.0;
+    for part in accept.split(',') {
+        let mut it = part.split(';');
+        let media = it.next().unwrap_or("").trim().to_ascii_lowercase();
+        let q = it
+            .find_map(|p| p.trim().strip_prefix("q="))
+            .and_then(|q| q.trim().parse::<f32>().ok())
+            .unwrap_or(1.0);
+        match media.as_str() {
+            "application/ld+json" => ld = ld.max(q),
+            "application/json" | "application/*" | "*/*" => json = json.max(q),
+            _ => {}
+        }
+    }
+    if ld > 0.0 && ld > json {
+        Some(Wants::JsonLd)
+    } else if json > 0.0 || ld > 0.0 {
+        Some(Wants::Json)
+    } else {
+        None
+    }
+}
+
+/// A request body's media type must be one of the two JSON forms (415 otherwise).
+pub fn content_type_ok(content_type: Option<&str>) -> bool {
+    match content_type {
+        None => true,
+        Some(ct) => {
+            let media = ct
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            media == "application/json" || media == "application/ld+json"
+        }
+    }
+}
+
+/// The ProblemDetails response for a request refused before it is routed.
+pub fn refused(status: StatusCode, title: &str, detail: String, request_id: &str) -> Response {
+    let body = json!({
+        "type": "https://uri.etsi.org/ngsi-ld/errors/InvalidRequest",
+        "title": title,
+        "detail": detail,
+        "request_id": request_id,
+    });
+    let mut r = (status, axum::Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str("application/problem+json") {
+        r.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+/// Rewrites a successful JSON response as JSON-LD: the `@context` moves from the `Link`
+/// header into each entity (or the one object) of the body.
+pub async fn as_json_ld(r: Response) -> Response {
+    let is_json = r
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !r.status().is_success() || !is_json {
+        return r;
+    }
+    let (mut parts, body) = r.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "response body").into_response();
+    };
+    let Ok(mut v) = serde_json::from_slice::<Value>(&bytes) else {
+        return Response::from_parts(parts, axum::body::Body::from(bytes));
+    };
+    let ctx = Value::String(CORE_CONTEXT.to_string());
+    match &mut v {
+        Value::Array(items) => {
+            for i in items {
+                if let Value::Object(o) = i {
+                    o.insert("@context".into(), ctx.clone());
+                }
+            }
+        }
+        Value::Object(o) => {
+            o.insert("@context".into(), ctx);
+        }
+        _ => {}
+    }
+    parts.headers.remove(header::LINK);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    if let Ok(ct) = HeaderValue::from_str("application/ld+json") {
+        parts.headers.insert(header::CONTENT_TYPE, ct);
+    }
+    let body = serde_json::to_vec(&v).unwrap_or_default();
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
+#[cfg(test)]
+mod negotiation_tests {
+    use super::*;
+
+    #[test]
+    fn accept_headers_pick_the_representation() {
+        for (accept, want) in [
+            (None, Some(Wants::Json)),
+            (Some("application/json"), Some(Wants::Json)),
+            (Some("application/ld+json"), Some(Wants::JsonLd)),
+            (Some("*/*"), Some(Wants::Json)),
+            (
+                Some("application/ld+json, application/json;q=0.5"),
+                Some(Wants::JsonLd),
+            ),
+            (
+                Some("application/json, application/ld+json;q=0.9"),
+                Some(Wants::Json),
+            ),
+            (Some("text/html"), None),
+            (Some("application/xml, text/plain"), None),
+        ] {
+            assert_eq!(negotiate(accept), want, "{accept:?}");
+        }
+        assert!(content_type_ok(Some("application/ld+json; charset=utf-8")));
+        assert!(content_type_ok(Some("application/json")));
+        assert!(!content_type_ok(Some("text/plain")));
+    }
+}

@@ -602,6 +602,50 @@ async fn ngsi_ld_paths_with_trailing_slashes_and_empty_queries() {
     let (status, _, v) = raw(&s, "GET", "/ngsi-ld/v1/types/", &device, None);
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["typeList"], json!(["TrafficFlowObserved"]), "{v}");
+    // Content negotiation: JSON-LD puts the @context in the body, JSON in a Link header;
+    // neither is 406; a body that is not JSON is 415.
+    let path = format!("/ngsi-ld/v1/entities/{}", id(1));
+    let get_with = |accept: &str| {
+        let mut r = common::agent()
+            .get(format!("{}{path}", s.url))
+            .header("Authorization", format!("Bearer {device}"))
+            .header("Accept", accept)
+            .call()
+            .unwrap();
+        let status = r.status().as_u16();
+        let ct = r
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_string());
+        let link = r.headers().get("link").is_some();
+        let body: Value =
+            serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap_or(Value::Null);
+        (status, ct, link, body)
+    };
+    let (status, ct, link, body) = get_with("application/ld+json");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(ct.as_deref(), Some("application/ld+json"));
+    assert!(!link, "no Link header with JSON-LD");
+    assert!(
+        body["@context"]
+            .as_str()
+            .unwrap()
+            .contains("ngsi-ld-core-context"),
+        "{body}"
+    );
+    let (status, ct, link, body) = get_with("application/json");
+    assert_eq!(status, 200, "{body}");
+    assert!(ct.unwrap().starts_with("application/json"));
+    assert!(link && body.get("@context").is_none(), "{body}");
+    let (status, _, _, body) = get_with("text/html");
+    assert_eq!(status, 406, "{body}");
+    let r = common::agent()
+        .post(format!("{}/ngsi-ld/v1/entities", s.url))
+        .header("Authorization", format!("Bearer {device}"))
+        .header("Content-Type", "text/plain")
+        .send(kv(9, 1, 1.0, 1).to_string())
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 415);
     // An entity that does not exist is still not found, with or without the slash.
     let (status, _, _) = raw(
         &s,
