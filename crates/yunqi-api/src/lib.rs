@@ -208,7 +208,14 @@ pub fn router(state: AppState) -> Router {
             "/ngsi-ld/v1/entities",
             get(ngsi::query_entities).post(ngsi::create_entity),
         )
-        .route("/ngsi-ld/v1/entities/{id}", get(ngsi::get_entity))
+        .route(
+            "/ngsi-ld/v1/entities/{id}",
+            get(ngsi::get_entity).delete(ngsi::delete_entity),
+        )
+        .route(
+            "/ngsi-ld/v1/entityOperations/delete",
+            post(ngsi::batch_delete).layer(DefaultBodyLimit::max(ENTITY_BATCH_BYTES_MAX)),
+        )
         .route("/ngsi-ld/v1/entities/{id}/attrs", patch(ngsi::patch_attrs))
         .route(
             "/ngsi-ld/v1/entityOperations/create",

@@ -511,3 +511,59 @@ mod negotiation_tests {
         assert!(!content_type_ok(Some("text/plain")));
     }
 }
+
+/// `DELETE /ngsi-ld/v1/entities/{id}`: 204, or 404 when no type records it.
+pub async fn delete_entity(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let out = state
+        .sense
+        .ngsi_delete(&auth.actor, vec![id], &auth.ctx())
+        .await?;
+    let o = out
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::internal("no outcome"))?;
+    Ok(match o.result {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(p) => json_response(
+            StatusCode::from_u16(p.status()).unwrap_or(StatusCode::BAD_REQUEST),
+            problem_json(&p),
+        ),
+    })
+}
+
+/// `POST /ngsi-ld/v1/entityOperations/delete` with a JSON array of ids: 204 when all were
+/// deleted, 207 with `{"success", "errors"}` otherwise.
+pub async fn batch_delete(
+    State(state): State<AppState>,
+    auth: Authed,
+    RawBody(body): RawBody,
+) -> ApiResult<Response> {
+    let ids: Vec<String> = match parse_body(&body)? {
+        Value::Array(a) => a
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                _ => Err(
+                    Error::invalid("a batch delete takes a JSON array of entity ids")
+                        .hint("send [\"urn:ngsi-ld:T:1\", \"urn:ngsi-ld:T:2\"]"),
+                ),
+            })
+            .collect::<Result<_, _>>()?,
+        _ => {
+            return Err(
+                Error::invalid("a batch delete takes a JSON array of entity ids")
+                    .hint("send [\"urn:ngsi-ld:T:1\", \"urn:ngsi-ld:T:2\"]")
+                    .into(),
+            );
+        }
+    };
+    let out = state
+        .sense
+        .ngsi_delete(&auth.actor, ids, &auth.ctx())
+        .await?;
+    Ok(batch_response(out, false))
+}

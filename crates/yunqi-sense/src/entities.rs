@@ -20,7 +20,7 @@ use yunqi_stream::StreamLog;
 use yunqi_types::{Error, Outcome};
 
 use crate::ngsi::{self, EntitySchema, Incoming, Problem, Row, View};
-use crate::runtime::{Sense, decode_ipc, encode_ipc};
+use crate::runtime::{DELETED_METADATA, Sense, decode_ipc_marked, encode_ipc};
 
 /// Most entities in one write request.
 pub const ENTITIES_PER_REQUEST_MAX: usize = 10_000;
@@ -43,6 +43,8 @@ pub enum WriteMode {
     },
     /// Change attributes of existing entities only (`ResourceNotFound` otherwise).
     Patch,
+    /// Delete existing entities (`ResourceNotFound` otherwise).
+    Delete,
 }
 
 /// What happened to one entity of a write.
@@ -145,9 +147,18 @@ impl EntityStore {
             }
             for e in entries {
                 let skip = offset.saturating_sub(e.first) as usize;
-                for b in decode_ipc(&e.payload)? {
-                    for r in ngsi::batch_to_rows(&schema, &b)?.into_iter().skip(skip) {
-                        rows.insert(id_of(&schema, &r), r);
+                let mut seen = 0usize;
+                for (b, deleted) in decode_ipc_marked(&e.payload)? {
+                    for r in ngsi::batch_to_rows(&schema, &b)? {
+                        seen += 1;
+                        if seen <= skip {
+                            continue;
+                        }
+                        if deleted {
+                            rows.remove(&id_of(&schema, &r));
+                        } else {
+                            rows.insert(id_of(&schema, &r), r);
+                        }
                     }
                 }
                 offset = e.end();
@@ -217,7 +228,9 @@ impl EntityStore {
             }
             // New states, against the published state and this round's earlier changes.
             let now = now_us();
-            let mut overlay: HashMap<Box<str>, Row> = HashMap::new();
+            // The round's new states; `None`: deleted (its last state kept in `tombstones`).
+            let mut overlay: HashMap<Box<str>, Option<Row>> = HashMap::new();
+            let mut tombstones: HashMap<Box<str>, Row> = HashMap::new();
             let mut changed: Vec<Box<str>> = Vec::new();
             let mut results: Vec<Vec<Result<bool, Problem>>> = Vec::with_capacity(ops.len());
             {
@@ -225,22 +238,31 @@ impl EntityStore {
                 for op in &ops {
                     let mut out = Vec::with_capacity(op.entities.len());
                     for inc in &op.entities {
-                        let prev = overlay
-                            .get(inc.id.as_str())
-                            .or_else(|| st.rows.get(inc.id.as_str()));
+                        let prev = match overlay.get(inc.id.as_str()) {
+                            Some(state) => state.as_ref(),
+                            None => st.rows.get(inc.id.as_str()),
+                        };
                         let r = match (op.mode, prev) {
+                            (WriteMode::Delete | WriteMode::Patch, None) => Err(not_found(&inc.id)),
+                            (WriteMode::Delete, Some(last)) => {
+                                let id: Box<str> = inc.id.as_str().into();
+                                tombstones.insert(id.clone(), last.clone());
+                                if overlay.insert(id.clone(), None).is_none() {
+                                    changed.push(id);
+                                }
+                                Ok(false)
+                            }
                             (WriteMode::Create, Some(_)) => Err(Problem {
                                 kind: "AlreadyExists",
                                 title: "entity already exists".into(),
                                 detail: format!("entity {} already exists", inc.id),
                             }),
-                            (WriteMode::Patch, None) => Err(not_found(&inc.id)),
                             (mode, prev) => {
                                 let replace = matches!(mode, WriteMode::Upsert { replace: true });
                                 let row = ngsi::merge(&self.schema, prev, inc, replace, now);
                                 let created = prev.is_none();
                                 let id: Box<str> = inc.id.as_str().into();
-                                if overlay.insert(id.clone(), row).is_none() {
+                                if overlay.insert(id.clone(), Some(row)).is_none() {
                                     changed.push(id);
                                 }
                                 Ok(created)
@@ -264,21 +286,33 @@ impl EntityStore {
                     } else {
                         Outcome::Ok
                     };
-                    (
-                        &op.actor,
-                        "entity.write",
-                        object.clone(),
-                        outcome,
-                        format!(
-                            "{}: {created} created, {updated} changed, {refused} refused",
-                            mode_word(op.mode)
-                        ),
-                        &op.ctx,
-                    )
+                    let (action, detail) = if op.mode == WriteMode::Delete {
+                        (
+                            "entity.delete",
+                            format!("{updated} deleted, {refused} refused"),
+                        )
+                    } else {
+                        (
+                            "entity.write",
+                            format!(
+                                "{}: {created} created, {updated} changed, {refused} refused",
+                                mode_word(op.mode)
+                            ),
+                        )
+                    };
+                    (&op.actor, action, object.clone(), outcome, detail, &op.ctx)
                 })
                 .collect();
             let committed = self
-                .commit(&gov, log.as_ref(), &stream, audit, &changed, overlay)
+                .commit(
+                    &gov,
+                    log.as_ref(),
+                    &stream,
+                    audit,
+                    &changed,
+                    overlay,
+                    tombstones,
+                )
                 .await;
             if committed.is_ok() && !changed.is_empty() {
                 wake();
@@ -300,23 +334,54 @@ impl EntityStore {
         stream: &str,
         audit: Vec<(&Actor, &str, String, Outcome, String, &CallContext)>,
         changed: &[Box<str>],
-        overlay: HashMap<Box<str>, Row>,
+        overlay: HashMap<Box<str>, Option<Row>>,
+        tombstones: HashMap<Box<str>, Row>,
     ) -> Result<(), Error> {
         gov.record_accesses(audit).await?;
         if changed.is_empty() {
             return Ok(());
         }
-        // One event per changed entity: its state after the round.
-        let payload = {
-            let rows: Vec<&Row> = changed.iter().map(|id| &overlay[id]).collect();
-            encode_ipc(&ngsi::rows_to_batch(&self.schema, &rows)?)?
-        };
-        let count =
-            u32::try_from(changed.len()).map_err(|_| Error::internal("entity round too large"))?;
-        let appended = log.append(stream, count, payload).await?;
+        // One event per changed entity: its state after the round; then one entry of the
+        // deleted ones' last states, marked as deletions (views never see it).
+        let (kept, deleted): (Vec<&Box<str>>, Vec<&Box<str>>) =
+            changed.iter().partition(|id| overlay[*id].is_some());
+        let mut end = None;
+        if !kept.is_empty() {
+            let rows: Vec<&Row> = kept.iter().filter_map(|id| overlay[*id].as_ref()).collect();
+            let payload = encode_ipc(&ngsi::rows_to_batch(&self.schema, &rows)?)?;
+            let count =
+                u32::try_from(rows.len()).map_err(|_| Error::internal("entity round too large"))?;
+            end = Some(log.append(stream, count, payload).await?.end);
+        }
+        if !deleted.is_empty() {
+            let rows: Vec<&Row> = deleted.iter().map(|id| &tombstones[*id]).collect();
+            let batch = ngsi::rows_to_batch(&self.schema, &rows)?;
+            let metadata = std::collections::HashMap::from([(
+                DELETED_METADATA.to_string(),
+                rows.len().to_string(),
+            )]);
+            let schema = batch.schema().as_ref().clone().with_metadata(metadata);
+            let marked = batch
+                .with_schema(Arc::new(schema))
+                .map_err(|e| Error::internal(format!("deletion entry: {e}")))?;
+            let count =
+                u32::try_from(rows.len()).map_err(|_| Error::internal("entity round too large"))?;
+            end = Some(log.append(stream, count, encode_ipc(&marked)?).await?.end);
+        }
         let mut st = self.state.write().expect("entities lock");
-        st.rows.extend(overlay);
-        st.offset = appended.end;
+        for (id, state) in overlay {
+            match state {
+                Some(row) => {
+                    st.rows.insert(id, row);
+                }
+                None => {
+                    st.rows.remove(&id);
+                }
+            }
+        }
+        if let Some(end) = end {
+            st.offset = end;
+        }
         st.version += 1;
         Ok(())
     }
@@ -452,6 +517,7 @@ fn mode_word(m: WriteMode) -> &'static str {
         WriteMode::Upsert { replace: true } => "upsert (replace)",
         WriteMode::Upsert { replace: false } => "upsert (update)",
         WriteMode::Patch => "patch",
+        WriteMode::Delete => "delete",
     }
 }
 
@@ -640,6 +706,67 @@ impl Sense {
             self.gov.authorize_append(actor, &key, ctx).await?;
             let (idx, incs): (Vec<usize>, Vec<Incoming>) = incs.into_iter().unzip();
             let results = store.submit(actor, ctx, mode, incs, refused).await?;
+            for (i, r) in idx.into_iter().zip(results) {
+                outcomes[i].result = r;
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// Deletes entities by id (NGSI-LD delete and batch delete): each is refused alone when
+    /// no type records it; the rest are deleted durably, audited as `entity.delete`, under the
+    /// same right as writes.
+    pub async fn ngsi_delete(
+        &self,
+        actor: &Actor,
+        ids: Vec<String>,
+        ctx: &CallContext,
+    ) -> Result<Vec<EntityOutcome>, Error> {
+        if ids.len() > ENTITIES_PER_REQUEST_MAX {
+            return Err(Error::limit(
+                "entities_per_request",
+                ENTITIES_PER_REQUEST_MAX as u64,
+                "too many entities in one request",
+            )
+            .hint("send them in several requests"));
+        }
+        let mut outcomes: Vec<EntityOutcome> = Vec::with_capacity(ids.len());
+        let mut groups: BTreeMap<String, Group> = BTreeMap::new();
+        for id in ids {
+            let i = outcomes.len();
+            let checked = ngsi::check_entity_id(&id);
+            let store = checked.as_ref().ok().and_then(|_| self.store_of(&id));
+            outcomes.push(EntityOutcome {
+                id: id.clone(),
+                result: Ok(false),
+                not_updated: Vec::new(),
+            });
+            match (checked, store) {
+                (Err(p), _) => outcomes[i].result = Err(p),
+                (Ok(()), None) => outcomes[i].result = Err(not_found(&id)),
+                (Ok(()), Some(store)) => {
+                    let key = store.schema.stream.sql_name();
+                    let group = groups
+                        .entry(key)
+                        .or_insert_with(|| (store.clone(), Vec::new(), 0));
+                    group.1.push((
+                        i,
+                        Incoming {
+                            id,
+                            attrs: Vec::new(),
+                            observed_at: None,
+                            unknown: Vec::new(),
+                        },
+                    ));
+                }
+            }
+        }
+        for (key, (store, incs, refused)) in groups {
+            self.gov.authorize_append(actor, &key, ctx).await?;
+            let (idx, incs): (Vec<usize>, Vec<Incoming>) = incs.into_iter().unzip();
+            let results = store
+                .submit(actor, ctx, WriteMode::Delete, incs, refused)
+                .await?;
             for (i, r) in idx.into_iter().zip(results) {
                 outcomes[i].result = r;
             }

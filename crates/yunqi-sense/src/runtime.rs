@@ -621,6 +621,20 @@ pub fn encode_ipc(batch: &RecordBatch) -> Result<Vec<u8>, Error> {
 
 /// Decodes an Arrow IPC stream.
 pub fn decode_ipc(bytes: &[u8]) -> Result<Vec<RecordBatch>, Error> {
+    // Deletions of NGSI-LD entities are the entity store's business: no event for anyone else.
+    Ok(decode_ipc_marked(bytes)?
+        .into_iter()
+        .filter(|(_, deleted)| !deleted)
+        .map(|(b, _)| b)
+        .collect())
+}
+
+/// The schema metadata key that marks a log entry of an NGSI-LD stream as deletions: its rows
+/// are the last states of entities deleted (see `entities.rs`).
+pub const DELETED_METADATA: &str = "yunqi.ngsi.deleted";
+
+/// The batches of an entry, each with whether it records deletions.
+pub(crate) fn decode_ipc_marked(bytes: &[u8]) -> Result<Vec<(RecordBatch, bool)>, Error> {
     let reader =
         datafusion::arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
             .map_err(|e| Error::internal(format!("decode events: {e}")))?;
@@ -632,12 +646,14 @@ pub fn decode_ipc(bytes: &[u8]) -> Result<Vec<RecordBatch>, Error> {
         .into_iter()
         .map(|b| {
             if b.schema().metadata().is_empty() {
-                return Ok(b);
+                return Ok((b, false));
             }
+            let deleted = b.schema().metadata().contains_key(DELETED_METADATA);
             let plain = Arc::new(datafusion::arrow::datatypes::Schema::new(
                 b.schema().fields().clone(),
             ));
             RecordBatch::try_new(plain, b.columns().to_vec())
+                .map(|b| (b, deleted))
                 .map_err(|e| Error::internal(format!("decode events: {e}")))
         })
         .collect()
@@ -966,4 +982,34 @@ fn live_message(plan: &ViewPlan, rows: &RecordBatch, through: i64) -> String {
     }
     out.push_str("]}");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::Int64Array;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+
+    #[test]
+    fn deletion_entries_reach_no_view() {
+        let schema = Schema::new(vec![Field::new("x", DataType::Int64, false)]);
+        let batch = RecordBatch::try_new(
+            Arc::new(schema.clone()),
+            vec![Arc::new(Int64Array::from(vec![1, 2]))],
+        )
+        .unwrap();
+        let marked = batch
+            .clone()
+            .with_schema(Arc::new(schema.with_metadata(std::collections::HashMap::from([(
+                DELETED_METADATA.to_string(),
+                "2".to_string(),
+            )]))))
+            .unwrap();
+        let plain = encode_ipc(&batch).unwrap();
+        let deleted = encode_ipc(&marked).unwrap();
+        assert_eq!(decode_ipc(&plain).unwrap()[0].num_rows(), 2);
+        assert!(decode_ipc(&deleted).unwrap().is_empty());
+        let m = decode_ipc_marked(&deleted).unwrap();
+        assert!(m[0].1 && m[0].0.schema().metadata().is_empty());
+    }
 }

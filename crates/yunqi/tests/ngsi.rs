@@ -37,6 +37,7 @@ fn raw(
             .header("Authorization", &auth)
             .header("Content-Type", "application/ld+json")
             .send(b.to_string()),
+        ("DELETE", _) => agent.delete(&url).header("Authorization", &auth).call(),
         ("PATCH", Some(b)) => agent
             .patch(&url)
             .header("Authorization", &auth)
@@ -550,10 +551,12 @@ async fn ngsi_ld_entities_end_to_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ngsi_ld_paths_with_trailing_slashes_and_empty_queries() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(dir.path());
+    let mut s = Server::start(dir.path());
     s.dept("traffic");
+    s.dept("police");
     let steward = s.principal("tsteward", "steward", Some("traffic"));
     let device = s.principal("iot_agent", "service", Some("traffic"));
+    let police = s.principal("pofficer", "analyst", Some("police"));
     let (status, v) = sql(&s, &steward, STREAM);
     assert_eq!(status, 200, "{v}");
 
@@ -655,4 +658,70 @@ async fn ngsi_ld_paths_with_trailing_slashes_and_empty_queries() {
         None,
     );
     assert_eq!(status, 404);
+
+    // Deleting: one entity (204, then gone, then 404), a batch with one unknown id (207),
+    // only by the type's department, audited, and still deleted after kill -9.
+    let path1 = format!("/ngsi-ld/v1/entities/{}", id(1));
+    let (status, _, v) = raw(&s, "DELETE", &path1, &police, None);
+    assert_eq!(status, 403, "{v}");
+    let (status, _, v) = raw(&s, "DELETE", &path1, &device, None);
+    assert_eq!(status, 204, "{v}");
+    let (status, _, _) = raw(&s, "GET", &path1, &device, None);
+    assert_eq!(status, 404);
+    let (status, _, v) = raw(&s, "DELETE", &format!("{path1}/"), &device, None);
+    assert_eq!(status, 404, "{v}");
+    let (status, _, v) = raw(
+        &s,
+        "POST",
+        "/ngsi-ld/v1/entityOperations/delete/",
+        &device,
+        Some(&json!([id(2), id(77)])),
+    );
+    assert_eq!(status, 207, "{v}");
+    assert_eq!(v["success"], json!([id(2)]), "{v}");
+    assert_eq!(v["errors"][0]["entityId"], id(77), "{v}");
+    let deletes = s
+        .audit_all()
+        .into_iter()
+        .filter(|r| r["action"] == "entity.delete" && r["principal"] == "iot_agent")
+        .count();
+    assert_eq!(deletes, 2, "each delete request is audited");
+    // A re-created entity is a new one.
+    let (status, _, v) = raw(
+        &s,
+        "POST",
+        "/ngsi-ld/v1/entities",
+        &device,
+        Some(&kv(2, 9, 9.0, 9)),
+    );
+    assert_eq!(status, 201, "{v}");
+    s.kill9();
+    s = Server::start(dir.path());
+    let (status, _, all) = raw(
+        &s,
+        "GET",
+        "/ngsi-ld/v1/entities?type=TrafficFlowObserved&options=keyValues",
+        &device,
+        None,
+    );
+    assert_eq!(status, 200, "{all}");
+    let all = all.as_array().unwrap().clone();
+    let ids: Vec<&str> = all.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [id(2), id(3)], "after kill -9");
+    assert_eq!(all[0]["intensity"], 9);
+    // The latest-state table follows (snapshotted at most once a second).
+    let mut rows = Value::Null;
+    for _ in 0..50 {
+        let (_, v) = sql(
+            &s,
+            &steward,
+            "SELECT id FROM traffic.flow_latest ORDER BY id",
+        );
+        rows = v["rows"].clone();
+        if rows.as_array().is_some_and(|r| r.len() == 2) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(rows.as_array().map(Vec::len), Some(2), "{rows}");
 }
