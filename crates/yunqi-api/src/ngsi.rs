@@ -482,36 +482,6 @@ pub async fn as_json_ld(r: Response) -> Response {
     Response::from_parts(parts, axum::body::Body::from(body))
 }
 
-#[cfg(test)]
-mod negotiation_tests {
-    use super::*;
-
-    #[test]
-    fn accept_headers_pick_the_representation() {
-        for (accept, want) in [
-            (None, Some(Wants::Json)),
-            (Some("application/json"), Some(Wants::Json)),
-            (Some("application/ld+json"), Some(Wants::JsonLd)),
-            (Some("*/*"), Some(Wants::Json)),
-            (
-                Some("application/ld+json, application/json;q=0.5"),
-                Some(Wants::JsonLd),
-            ),
-            (
-                Some("application/json, application/ld+json;q=0.9"),
-                Some(Wants::Json),
-            ),
-            (Some("text/html"), None),
-            (Some("application/xml, text/plain"), None),
-        ] {
-            assert_eq!(negotiate(accept), want, "{accept:?}");
-        }
-        assert!(content_type_ok(Some("application/ld+json; charset=utf-8")));
-        assert!(content_type_ok(Some("application/json")));
-        assert!(!content_type_ok(Some("text/plain")));
-    }
-}
-
 /// `DELETE /ngsi-ld/v1/entities/{id}`: 204, or 404 when no type records it.
 pub async fn delete_entity(
     State(state): State<AppState>,
@@ -566,4 +536,34 @@ pub async fn batch_delete(
         .ngsi_delete(&auth.actor, ids, &auth.ctx())
         .await?;
     Ok(batch_response(out, false))
+}
+
+#[cfg(test)]
+mod negotiation_tests {
+    use super::*;
+
+    #[test]
+    fn accept_headers_pick_the_representation() {
+        for (accept, want) in [
+            (None, Some(Wants::Json)),
+            (Some("application/json"), Some(Wants::Json)),
+            (Some("application/ld+json"), Some(Wants::JsonLd)),
+            (Some("*/*"), Some(Wants::Json)),
+            (
+                Some("application/ld+json, application/json;q=0.5"),
+                Some(Wants::JsonLd),
+            ),
+            (
+                Some("application/json, application/ld+json;q=0.9"),
+                Some(Wants::Json),
+            ),
+            (Some("text/html"), None),
+            (Some("application/xml, text/plain"), None),
+        ] {
+            assert_eq!(negotiate(accept), want, "{accept:?}");
+        }
+        assert!(content_type_ok(Some("application/ld+json; charset=utf-8")));
+        assert!(content_type_ok(Some("application/json")));
+        assert!(!content_type_ok(Some("text/plain")));
+    }
 }

@@ -87,6 +87,9 @@ struct Table {
     version: u64,
 }
 
+/// A round's new states by id (`None`: deleted) and the deleted entities' last states.
+type RoundStates = (HashMap<Box<str>, Option<Row>>, HashMap<Box<str>, Row>);
+
 struct WriteOp {
     actor: Actor,
     ctx: CallContext,
@@ -310,8 +313,7 @@ impl EntityStore {
                     &stream,
                     audit,
                     &changed,
-                    overlay,
-                    tombstones,
+                    (overlay, tombstones),
                 )
                 .await;
             if committed.is_ok() && !changed.is_empty() {
@@ -334,8 +336,7 @@ impl EntityStore {
         stream: &str,
         audit: Vec<(&Actor, &str, String, Outcome, String, &CallContext)>,
         changed: &[Box<str>],
-        overlay: HashMap<Box<str>, Option<Row>>,
-        tombstones: HashMap<Box<str>, Row>,
+        (overlay, tombstones): RoundStates,
     ) -> Result<(), Error> {
         gov.record_accesses(audit).await?;
         if changed.is_empty() {

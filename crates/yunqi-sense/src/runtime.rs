@@ -1000,10 +1000,9 @@ mod tests {
         .unwrap();
         let marked = batch
             .clone()
-            .with_schema(Arc::new(schema.with_metadata(std::collections::HashMap::from([(
-                DELETED_METADATA.to_string(),
-                "2".to_string(),
-            )]))))
+            .with_schema(Arc::new(schema.with_metadata(
+                std::collections::HashMap::from([(DELETED_METADATA.to_string(), "2".to_string())]),
+            )))
             .unwrap();
         let plain = encode_ipc(&batch).unwrap();
         let deleted = encode_ipc(&marked).unwrap();
