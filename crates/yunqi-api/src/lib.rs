@@ -218,6 +218,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/ngsi-ld/v1/entities/{id}/attrs", patch(ngsi::patch_attrs))
         .route(
+            "/ngsi-ld/v1/entities/{id}/attrs/{attr}",
+            axum::routing::delete(ngsi::delete_attr),
+        )
+        .route(
             "/ngsi-ld/v1/entityOperations/create",
             post(ngsi::batch_create).layer(DefaultBodyLimit::max(ENTITY_BATCH_BYTES_MAX)),
         )

@@ -538,6 +538,26 @@ pub async fn batch_delete(
     Ok(batch_response(out, false))
 }
 
+/// `DELETE /ngsi-ld/v1/entities/{id}/attrs/{attrId}`: 204, or 404 when the entity or the
+/// attribute does not exist.
+pub async fn delete_attr(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path((id, attr)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let r = state
+        .sense
+        .ngsi_delete_attr(&auth.actor, &id, &attr, &auth.ctx())
+        .await?;
+    Ok(match r {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(p) => json_response(
+            StatusCode::from_u16(p.status()).unwrap_or(StatusCode::BAD_REQUEST),
+            problem_json(&p),
+        ),
+    })
+}
+
 #[cfg(test)]
 mod negotiation_tests {
     use super::*;

@@ -775,6 +775,62 @@ impl Sense {
         Ok(outcomes)
     }
 
+    /// Deletes one attribute of an entity (NGSI-LD `DELETE …/attrs/{attrId}`): the attribute
+    /// is cleared as a patch would set it, durably and audited; an attribute the entity does
+    /// not have is not found, and `id` and the event-time attribute cannot be deleted.
+    pub async fn ngsi_delete_attr(
+        &self,
+        actor: &Actor,
+        id: &str,
+        attr: &str,
+        ctx: &CallContext,
+    ) -> Result<Result<(), Problem>, Error> {
+        if let Err(p) = ngsi::check_entity_id(id) {
+            return Ok(Err(p));
+        }
+        let Some(store) = self.store_of(id) else {
+            return Ok(Err(not_found(id)));
+        };
+        let schema = &store.schema;
+        let missing = |detail: String| Problem {
+            kind: "ResourceNotFound",
+            title: "attribute not found".into(),
+            detail,
+        };
+        let Some(c) = schema.cols.iter().position(|c| c.attr == attr) else {
+            return Ok(Err(missing(format!(
+                "entities of type {} have no attribute {attr}",
+                schema.entity_type
+            ))));
+        };
+        if c == schema.id_col || c == schema.time_col {
+            return Ok(Err(Problem::bad(
+                "attribute cannot be deleted",
+                format!("{attr} is the entity's id or its event time, which every state has"),
+            )));
+        }
+        // The right to write comes first: nobody else learns which attributes are set.
+        self.gov
+            .authorize_append(actor, &schema.stream.sql_name(), ctx)
+            .await?;
+        if !store
+            .get(id)
+            .is_some_and(|r| !matches!(r[c], ngsi::Val::Null))
+        {
+            return Ok(Err(missing(format!("entity {id} has no attribute {attr}"))));
+        }
+        let inc = Incoming {
+            id: id.to_string(),
+            attrs: vec![(c, ngsi::Val::Null)],
+            observed_at: None,
+            unknown: Vec::new(),
+        };
+        let results = store
+            .submit(actor, ctx, WriteMode::Patch, vec![inc], 0)
+            .await?;
+        Ok(results.into_iter().next().unwrap_or(Ok(false)).map(|_| ()))
+    }
+
     /// One entity, as `actor` may see it (NGSI-LD retrieve).
     pub async fn ngsi_get(
         &self,

@@ -686,6 +686,43 @@ async fn ngsi_ld_paths_with_trailing_slashes_and_empty_queries() {
         .filter(|r| r["action"] == "entity.delete" && r["principal"] == "iot_agent")
         .count();
     assert_eq!(deletes, 2, "each delete request is audited");
+    // Deleting one attribute: gone from the entity; again, or an unknown one, is 404; the
+    // event time cannot be deleted; another department may not.
+    let path3 = format!("/ngsi-ld/v1/entities/{}", id(3));
+    let (status, _, v) = raw(
+        &s,
+        "DELETE",
+        &format!("{path3}/attrs/operator"),
+        &police,
+        None,
+    );
+    assert_eq!(status, 403, "{v}");
+    let (status, _, v) = raw(
+        &s,
+        "DELETE",
+        &format!("{path3}/attrs/operator"),
+        &device,
+        None,
+    );
+    assert_eq!(status, 204, "{v}");
+    let (_, _, e) = raw(
+        &s,
+        "GET",
+        &format!("{path3}?options=keyValues"),
+        &device,
+        None,
+    );
+    assert!(e.get("operator").is_none() && e["intensity"] == 70, "{e}");
+    for (attr, want) in [("operator", 404), ("colour", 404), ("dateObserved", 400)] {
+        let (status, _, v) = raw(
+            &s,
+            "DELETE",
+            &format!("{path3}/attrs/{attr}"),
+            &device,
+            None,
+        );
+        assert_eq!(status, want, "{attr}: {v}");
+    }
     // A re-created entity is a new one.
     let (status, _, v) = raw(
         &s,
