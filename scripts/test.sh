@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test of yunqi: unit, boundary (HTTP, audit, store), crash and layering tests, and
-# the console's tests in Chromium.
+# Runs every test of yunqi: unit, boundary (HTTP, audit, store), crash and layering tests, the
+# console's tests in Chromium, and the NGSI-LD API under a published client library.
 # This is the README's test command, and what CI runs (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,3 +10,6 @@ cargo test --workspace --locked "$@"
 # The console in a real browser, over `yunqi demo` (the debug binary the tests just built).
 bash scripts/browser.sh
 python3 tests/browser/console_test.py "${CARGO_TARGET_DIR:-target}/debug/yunqi"
+# The NGSI-LD API driven by a published client library (installed by scripts/ngsi_clients.sh).
+bash scripts/ngsi_clients.sh
+"${CARGO_TARGET_DIR:-target}/ngsi-clients/venv/bin/python" tests/ngsi_clients/ngsildclient_test.py "${CARGO_TARGET_DIR:-target}/debug/yunqi"
