@@ -12,4 +12,5 @@ bash scripts/browser.sh
 python3 tests/browser/console_test.py "${CARGO_TARGET_DIR:-target}/debug/yunqi"
 # The NGSI-LD API driven by a published client library (installed by scripts/ngsi_clients.sh).
 bash scripts/ngsi_clients.sh
-"${CARGO_TARGET_DIR:-target}/ngsi-clients/venv/bin/python" tests/ngsi_clients/ngsildclient_test.py "${CARGO_TARGET_DIR:-target}/debug/yunqi"
+NGSIJS_MODULES="$(cd "${CARGO_TARGET_DIR:-target}/ngsi-clients/node/node_modules" && pwd)" \
+  "${CARGO_TARGET_DIR:-target}/ngsi-clients/venv/bin/python" tests/ngsi_clients/ngsildclient_test.py "${CARGO_TARGET_DIR:-target}/debug/yunqi"

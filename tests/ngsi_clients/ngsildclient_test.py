@@ -1,6 +1,7 @@
-"""yunqi's NGSI-LD API driven by a published client library, PyPI's ngsildclient, as a FIWARE
-agent would use it: the client's connectivity probe, create, batch upsert, query with q,
-count, retrieve, delete; and a department without the right is refused.
+"""yunqi's NGSI-LD API driven by published client libraries, as FIWARE agents and applications
+use them: PyPI's ngsildclient (the client's connectivity probe, create, batch upsert, query with
+q, count, retrieve, delete; a department without the right is refused) and npm's ngsijs
+(ngsijs_test.js, against the same server).
 
 Usage: python tests/ngsi_clients/ngsildclient_test.py BINARY   (with ngsildclient installed:
 scripts/ngsi_clients.sh)
@@ -102,6 +103,13 @@ def main():
         assert r.status_code == 403, (r.status_code, r.text)
         assert client.count(type="TrafficFlowObserved") == 19
         print("ngsildclient: probe, create, upsert, get, query, count, delete and refusal passed")
+
+        # npm's ngsijs against the same server.
+        modules = os.environ.get("NGSIJS_MODULES")
+        assert modules, "NGSIJS_MODULES names the node_modules with ngsijs (scripts/ngsi_clients.sh)"
+        subprocess.run(["node", os.path.join(os.path.dirname(__file__), "ngsijs_test.js")],
+                       check=True, env=dict(os.environ, NODE_PATH=modules, YUNQI_URL=url,
+                                            YUNQI_TOKEN=tok["iot_agent"]))
     finally:
         server.terminate()
         server.wait(timeout=30)
