@@ -310,6 +310,10 @@ pub struct QueryParams {
     limit: Option<usize>,
     offset: Option<usize>,
     count: Option<bool>,
+    georel: Option<String>,
+    geometry: Option<String>,
+    coordinates: Option<String>,
+    geoproperty: Option<String>,
     #[serde(flatten)]
     options: Options,
 }
@@ -335,7 +339,23 @@ pub async fn query_entities(
         .hint("page with offset")
         .into());
     }
+    let geo = match (&p.georel, &p.geometry, &p.coordinates) {
+        (None, None, None) => None,
+        (Some(r), Some(g), Some(c)) => Some(
+            yunqi_sense::geo::parse(r, g, c, p.geoproperty.as_deref()).map_err(|e| {
+                Error::invalid(format!("the geo-query is not valid: {e}")).hint(
+                    "e.g. georel=near;maxDistance==500&geometry=Point&coordinates=[120.16,30.27]",
+                )
+            })?,
+        ),
+        _ => {
+            return Err(Error::invalid("a geo-query needs georel, geometry and coordinates")
+                .hint("e.g. georel=within&geometry=Polygon&coordinates=[[[120.1,30.2],[120.2,30.2],[120.2,30.3],[120.1,30.2]]]")
+                .into());
+        }
+    };
     let query = EntityQuery {
+        geo,
         entity_type,
         ids: p
             .id

@@ -77,6 +77,8 @@ pub struct EntityQuery {
     pub limit: usize,
     /// Key-value rendering.
     pub key_values: bool,
+    /// A geo-query on a GeoProperty.
+    pub geo: Option<crate::geo::GeoQuery>,
 }
 
 struct Table {
@@ -909,6 +911,30 @@ impl Sense {
             })?),
             None => None,
         };
+        // A geo-query reads its GeoProperty in clear: the grant must show it unmasked.
+        let geo = match &query.geo {
+            Some(g) => {
+                let c = schema
+                    .cols
+                    .iter()
+                    .position(|c| c.attr == g.property && c.kind == ngsi::AttrKind::GeoProperty)
+                    .ok_or_else(|| {
+                        Error::invalid(format!(
+                            "geoproperty {} is not a GeoProperty of {}",
+                            g.property, schema.entity_type
+                        ))
+                        .hint("geo-queries match the location attribute: geoproperty=location")
+                    })?;
+                if !view.sees_clear(c) {
+                    return Err(Error::denied(format!(
+                        "a geo-query reads {}, which your grant does not show unmasked",
+                        g.property
+                    )));
+                }
+                Some((c, g))
+            }
+            None => None,
+        };
         let attrs = attr_columns(schema, query.attrs.as_deref())?;
         let limit = query.limit.min(QUERY_LIMIT_MAX);
         let mut total = 0usize;
@@ -918,6 +944,10 @@ impl Sense {
             let matches = |id: &str, row: &Row| {
                 pattern.as_ref().is_none_or(|p| p.is_match(id))
                     && q.as_ref().is_none_or(|q| q.matches(row))
+                    && geo.is_none_or(|(c, g)| match &row[c] {
+                        ngsi::Val::Text(t) => crate::geo::point_of(t).is_some_and(|p| g.matches(p)),
+                        _ => false,
+                    })
             };
             let mut take = |id: &str, row: &Row| {
                 if matches(id, row) {

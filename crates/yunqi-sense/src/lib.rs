@@ -18,6 +18,7 @@
 pub mod dedup;
 pub mod engine;
 pub mod entities;
+pub mod geo;
 pub mod hll;
 pub mod ingest;
 pub mod keys;

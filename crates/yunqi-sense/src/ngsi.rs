@@ -671,6 +671,11 @@ impl View {
     pub fn sees(&self, c: usize) -> bool {
         self.shown[c].is_some()
     }
+
+    /// Whether column `c` is shown unmasked.
+    pub fn sees_clear(&self, c: usize) -> bool {
+        self.shown[c] == Some(false)
+    }
 }
 
 fn rfc3339(us: i64) -> String {

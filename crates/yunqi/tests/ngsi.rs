@@ -649,6 +649,49 @@ async fn ngsi_ld_paths_with_trailing_slashes_and_empty_queries() {
         .send(kv(9, 1, 1.0, 1).to_string())
         .unwrap();
     assert_eq!(r.status().as_u16(), 415);
+    // Geo-queries on the location: near a point within a distance (metres, great circle),
+    // within a polygon; a bad geometry says what to send.
+    let geo = |georel: &str, geometry: &str, coords: &str| {
+        let (status, _, v) = raw(
+            &s,
+            "GET",
+            &format!(
+                "/ngsi-ld/v1/entities?type=TrafficFlowObserved&georel={}&geometry={geometry}&coordinates={}",
+                urlencode(georel),
+                urlencode(coords)
+            ),
+            &device,
+            None,
+        );
+        let ids: Vec<String> = v
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| e["id"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        (status, ids, v)
+    };
+    assert_eq!(
+        geo("near;maxDistance==50", "Point", "[120.102,30.25]").1,
+        [id(2)]
+    );
+    assert_eq!(
+        geo("near;maxDistance==100", "Point", "[120.102,30.25]").1,
+        [id(1), id(2), id(3)]
+    );
+    assert_eq!(
+        geo("near;minDistance==50", "Point", "[120.102,30.25]").1,
+        [id(1), id(3)]
+    );
+    let square =
+        "[[[120.1005,30.2],[120.1025,30.2],[120.1025,30.3],[120.1005,30.3],[120.1005,30.2]]]";
+    assert_eq!(geo("within", "Polygon", square).1, [id(1), id(2)]);
+    assert_eq!(geo("disjoint", "Polygon", square).1, [id(3)]);
+    let (status, _, v) = geo("near", "Point", "[120.1,30.2]");
+    assert_eq!(status, 400, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("maxDistance"), "{v}");
     // An entity that does not exist is still not found, with or without the slash.
     let (status, _, _) = raw(
         &s,
