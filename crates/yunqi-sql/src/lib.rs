@@ -19,6 +19,7 @@
 #![deny(missing_docs)]
 
 pub mod convert;
+pub mod explain;
 mod pg_catalog;
 pub mod secure;
 pub mod subject;
@@ -62,6 +63,8 @@ pub struct Planned {
     /// The plan with the subject column carried as a last column ([`subject`]), when the
     /// query returns rows of a dataset with a subject column one for one.
     pub subject_plan: Option<LogicalPlan>,
+    /// Set for `EXPLAIN [ANALYZE] [VERBOSE]`: yunqi renders the plan ([`explain`]).
+    pub explain: Option<explain::ExplainKind>,
 }
 
 /// What a session holds besides its tables.
@@ -248,6 +251,7 @@ impl SqlEngine {
                 columns: Vec::new(),
                 grants: Vec::new(),
                 subject_plan: None,
+                explain: None,
             };
             self.audit(actor, &failed, outcome_of(e), &e.message, call)
                 .await?;
@@ -329,7 +333,11 @@ impl SqlEngine {
             .iter()
             .filter_map(|t| registered.grants.get(t).cloned())
             .collect();
-        let subject_plan = subject::augment(&plan, &registered.subjects);
+        let explain = explain::ExplainKind::of(&plan).map(|(k, _)| k);
+        let subject_plan = match explain {
+            Some(_) => None,
+            None => subject::augment(&plan, &registered.subjects),
+        };
         Ok(Planned {
             sql: sql.to_string(),
             plan,
@@ -337,6 +345,7 @@ impl SqlEngine {
             columns,
             grants,
             subject_plan,
+            explain,
         })
     }
 
@@ -465,11 +474,17 @@ impl SqlEngine {
         let schema = planned.schema();
         let timeout = Duration::from_millis(self.limits.query_timeout_ms);
         let run = async {
-            let df = ctx.execute_logical_plan(plan).await?;
-            df.collect().await
+            if let Some(kind) = planned.explain {
+                return explain_rows(&ctx, &plan, kind, &schema).await;
+            }
+            let df = ctx
+                .execute_logical_plan(plan)
+                .await
+                .map_err(|e| map_error(e, &[]))?;
+            df.collect().await.map_err(|e| map_error(e, &[]))
         };
         let batches = match tokio::time::timeout(timeout, run).await {
-            Ok(r) => r.map_err(|e| map_error(e, &[]))?,
+            Ok(r) => r?,
             Err(_) => {
                 return Err(Error::limit(
                     "query_timeout_ms",
@@ -726,6 +741,44 @@ impl SqlEngine {
     }
 }
 
+/// Plans (and for `ANALYZE` runs) the statement an `EXPLAIN` explains, and renders it with
+/// yunqi's own displayer: plan shapes and operators, never files, paths or statistics.
+async fn explain_rows(
+    ctx: &SessionContext,
+    plan: &LogicalPlan,
+    kind: explain::ExplainKind,
+    schema: &SchemaRef,
+) -> Result<Vec<RecordBatch>, Error> {
+    let (_, inner) = explain::ExplainKind::of(plan)
+        .ok_or_else(|| Error::internal("an EXPLAIN plan lost its statement"))?;
+    let state = ctx.state();
+    let files = explain::dataset_files(inner);
+    let optimized = state.optimize(inner).map_err(|e| map_error(e, &[]))?;
+    let physical = state
+        .create_physical_plan(inner)
+        .await
+        .map_err(|e| map_error(e, &[]))?;
+    let mut rows = Vec::new();
+    if kind.verbose {
+        rows.push(("initial_logical_plan", explain::logical(inner)));
+    }
+    rows.push(("logical_plan", explain::logical(&optimized)));
+    if kind.analyze {
+        datafusion::physical_plan::collect(physical.clone(), ctx.task_ctx())
+            .await
+            .map_err(|e| map_error(e, &[]))?;
+        rows.push((
+            "plan_with_metrics",
+            explain::physical(&physical, kind, &files),
+        ));
+    } else {
+        rows.push(("physical_plan", explain::physical(&physical, kind, &files)));
+    }
+    Ok(vec![
+        explain::rows(schema, rows).map_err(|e| Error::internal(format!("EXPLAIN: {e}")))?,
+    ])
+}
+
 fn outcome_of(e: &Error) -> Outcome {
     match e.code {
         ErrorCode::PermissionDenied | ErrorCode::Unauthenticated => Outcome::Denied,
@@ -776,8 +829,73 @@ fn syntax_error(message: &str) -> Error {
         .hint("yunqi speaks PostgreSQL-flavoured SQL (Apache DataFusion); check the statement near the position given")
 }
 
-/// Turns a DataFusion error into an error people can act on.
+/// Whether a DataFusion error comes from reading stored files (object store, Parquet, IO):
+/// such errors name the files' paths in the data directory, which nobody querying may see.
+fn is_storage_error(e: &DataFusionError) -> bool {
+    use datafusion::arrow::error::ArrowError;
+    match e {
+        DataFusionError::ObjectStore(_)
+        | DataFusionError::ParquetError(_)
+        | DataFusionError::IoError(_)
+        | DataFusionError::External(_) => true,
+        DataFusionError::ArrowError(a, _) => matches!(
+            a.as_ref(),
+            ArrowError::IoError(..) | ArrowError::ExternalError(_) | ArrowError::ParquetError(_)
+        ),
+        _ => false,
+    }
+}
+
+/// Turns a DataFusion error into an error people can act on. Errors from reading stored files
+/// are replaced whole by one that names no path (the original goes to the server's log), and
+/// any other message is cleared of path-like words ([`scrub_paths`]).
 pub fn map_error(e: DataFusionError, visible: &[String]) -> Error {
+    let mut out = map_error_inner(e, visible);
+    out.message = scrub_paths(&out.message);
+    out.detail = out.detail.as_deref().map(scrub_paths);
+    out
+}
+
+/// Replaces every word that looks like a file system path or a file URL (`/a/b`, `a/b/c.parquet`,
+/// `file:///…`) by `<path>`: a second line of defence behind the structural handling of
+/// storage errors and plans.
+pub fn scrub_paths(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        let core = word.trim_matches(|c: char| "[]()'\",;:{}`<>".contains(c));
+        let slashes = core.matches('/').count();
+        let pathlike = core.contains("://")
+            || (core.starts_with('/') && slashes >= 2)
+            || slashes >= 2 && (core.ends_with(".parquet") || core.contains("/data/"))
+            || core.contains(".parquet") && slashes >= 1;
+        if pathlike && !core.is_empty() {
+            out.push_str(&word.replace(core, "<path>"));
+        } else {
+            out.push_str(word);
+        }
+        word.clear();
+    };
+    for c in text.chars() {
+        if c.is_whitespace() {
+            flush(&mut word, &mut out);
+            out.push(c);
+        } else {
+            word.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
+}
+
+fn map_error_inner(e: DataFusionError, visible: &[String]) -> Error {
+    if is_storage_error(e.find_root()) {
+        let root = e.find_root().strip_backtrace();
+        tracing::warn!(error = %root, "a query could not read stored data");
+        return Error::internal("the query could not read a dataset's stored data")
+            .detail("the query stopped while reading; nothing was changed")
+            .hint("try again; if it keeps failing, tell the platform's operators the request id");
+    }
     let root = e.find_root().strip_backtrace();
     match e.find_root() {
         DataFusionError::SQL(..) => syntax_error(&root),
@@ -802,5 +920,27 @@ pub fn map_error(e: DataFusionError, visible: &[String]) -> Error {
             Error::invalid(format!("not supported: {root}")).hint("rewrite the query without this construct")
         }
         _ => Error::internal(format!("query failed: {root}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scrub_paths;
+
+    #[test]
+    fn scrub_paths_removes_paths_and_keeps_words() {
+        assert_eq!(
+            scrub_paths("cannot read /srv/yunqi/datasets/a/b/data/v1.parquet: eof"),
+            "cannot read <path>: eof"
+        );
+        assert_eq!(
+            scrub_paths("object at srv/yunqi/datasets/a/b/data/v1-ab.parquet (42)"),
+            "object at <path> (42)"
+        );
+        assert_eq!(scrub_paths("url 'file:///x/y'"), "url '<path>'");
+        assert_eq!(
+            scrub_paths("column \"a/b\" of 1/2 does not exist"),
+            "column \"a/b\" of 1/2 does not exist"
+        );
     }
 }

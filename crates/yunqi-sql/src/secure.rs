@@ -25,6 +25,8 @@ use datafusion::logical_expr::{
     ColumnarValue, Expr, LogicalPlan, LogicalPlanBuilder, ScalarFunctionArgs, ScalarUDF,
     ScalarUDFImpl, Signature, Volatility, col,
 };
+use datafusion::physical_plan::metrics::{ExecutionPlanMetricsSet, MetricBuilder, MetricsSet};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, PhysicalExpr, PlanProperties,
 };
@@ -213,6 +215,7 @@ impl TableProvider for GrantedTable {
         let inner = state.create_physical_plan(&builder.build()?).await?;
         Ok(Arc::new(GrantBoundaryExec::new(
             inner,
+            self.grant.dataset.clone(),
             self.grant.id.clone(),
         )))
     }
@@ -222,18 +225,34 @@ impl TableProvider for GrantedTable {
 #[derive(Debug)]
 pub struct GrantBoundaryExec {
     input: Arc<dyn ExecutionPlan>,
+    dataset: String,
     grant: String,
     properties: Arc<PlanProperties>,
+    /// Rows passed up (what the grant lets through, which its holder may count anyway), for
+    /// `EXPLAIN ANALYZE`; nothing is measured below the boundary.
+    metrics: ExecutionPlanMetricsSet,
 }
 
 impl GrantBoundaryExec {
-    fn new(input: Arc<dyn ExecutionPlan>, grant: String) -> Self {
+    fn new(input: Arc<dyn ExecutionPlan>, dataset: String, grant: String) -> Self {
         let properties = input.properties().clone();
         GrantBoundaryExec {
             input,
+            dataset,
             grant,
             properties,
+            metrics: ExecutionPlanMetricsSet::new(),
         }
+    }
+
+    /// The dataset read under the grant, `department.dataset`.
+    pub fn dataset(&self) -> &str {
+        &self.dataset
+    }
+
+    /// The grant's id.
+    pub fn grant(&self) -> &str {
+        &self.grant
     }
 }
 
@@ -278,7 +297,11 @@ impl ExecutionPlan for GrantBoundaryExec {
         let [input] = <[_; 1]>::try_from(children).map_err(|_| {
             datafusion::error::DataFusionError::Internal("GrantBoundaryExec has one child".into())
         })?;
-        Ok(Arc::new(GrantBoundaryExec::new(input, self.grant.clone())))
+        Ok(Arc::new(GrantBoundaryExec::new(
+            input,
+            self.dataset.clone(),
+            self.grant.clone(),
+        )))
     }
 
     fn execute(
@@ -286,6 +309,20 @@ impl ExecutionPlan for GrantBoundaryExec {
         partition: usize,
         context: Arc<TaskContext>,
     ) -> DfResult<SendableRecordBatchStream> {
-        self.input.execute(partition, context)
+        use futures::StreamExt;
+        let input = self.input.execute(partition, context)?;
+        let schema = input.schema();
+        let rows = MetricBuilder::new(&self.metrics).output_rows(partition);
+        let counted = input.map(move |b| {
+            if let Ok(b) = &b {
+                rows.add(b.num_rows());
+            }
+            b
+        });
+        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, counted)))
+    }
+
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
     }
 }

@@ -47,7 +47,7 @@ fn n(s: &str) -> Name {
 ///   owner_name unmasked;
 /// - principals: `ta` (transport analyst), `pa` (police analyst), `ha` (health analyst, no
 ///   grant), `admin`.
-async fn city(dir: &Path) -> (Arc<Governance>, BTreeMap<String, Actor>) {
+async fn city(dir: &Path) -> (Arc<Governance>, BTreeMap<String, Actor>, String) {
     let clock = Arc::new(SystemClock);
     let audit =
         Arc::new(AuditChain::open(&dir.join("audit"), clock.clone(), &Limits::default()).unwrap());
@@ -191,7 +191,7 @@ async fn city(dir: &Path) -> (Arc<Governance>, BTreeMap<String, Actor>) {
         .unwrap();
     gov.approve_grant(&ts, &grant.id, &call()).await.unwrap();
     actors.insert("admin".into(), admin);
-    (gov, actors)
+    (gov, actors, grant.id)
 }
 
 enum Block {
@@ -278,7 +278,8 @@ fn render(blocks: &[Block], actual: &[Option<Vec<String>>]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn golden_files() {
     let dir = tempfile::tempdir().unwrap();
-    let (gov, actors) = city(dir.path()).await;
+    let (gov, actors, grant_id) = city(dir.path()).await;
+    let grant_id = grant_id.as_str();
     let engine = SqlEngine::new(gov, Limits::default());
     let update = std::env::var_os("UPDATE_GOLDEN").is_some();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
@@ -325,8 +326,11 @@ async fn golden_files() {
                                         })
                                         .collect::<Vec<_>>()
                                         .join("|")
+                                        // Grant ids are random; EXPLAIN names the grant.
+                                        .replace(grant_id, "g_GRANT")
                                 })
                             })
+                            .flat_map(|row| row.lines().map(str::to_string).collect::<Vec<_>>())
                             .collect::<Vec<_>>(),
                         Err(e) => vec![format!("ERROR {}: {}", e.code, e.message)],
                     };
@@ -369,4 +373,140 @@ async fn golden_files() {
         failures.len(),
         failures.join("\n\n")
     );
+}
+
+/// Every EXPLAIN variant, for a grantee, an owner and the platform admin, searched for the
+/// data directory, file names and what the grant hides; then a damaged dataset file, whose
+/// error must not name its path either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_and_errors_show_no_server_internals() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gov, actors, _) = city(dir.path()).await;
+    let engine = SqlEngine::new(gov, Limits::default());
+    let data_dir = dir.path().to_string_lossy().to_string();
+    // Object-store locations drop the leading slash.
+    let data_dir_relative = data_dir.trim_start_matches('/').to_string();
+    let queries = [
+        ("pa", "SELECT * FROM transport.vehicles"),
+        (
+            "pa",
+            "SELECT district, count(*) FROM transport.vehicles GROUP BY district",
+        ),
+        (
+            "pa",
+            "SELECT v.plate, w.note FROM transport.vehicles v JOIN police.watchlist w ON v.owner_id = w.id_number WHERE v.year > 2000",
+        ),
+        (
+            "ta",
+            "SELECT * FROM transport.vehicles WHERE district = '西湖区'",
+        ),
+        (
+            "ta",
+            "SELECT plate, amount FROM transport.fines__v1 UNION ALL SELECT plate, amount FROM transport.fines",
+        ),
+        ("ta", "SELECT * FROM transport.vehicles__rejects"),
+        ("admin", "SELECT * FROM system.principals"),
+    ];
+    let mut checked = 0;
+    for (who, q) in queries {
+        for variant in [
+            "EXPLAIN",
+            "EXPLAIN VERBOSE",
+            "EXPLAIN ANALYZE",
+            "EXPLAIN ANALYZE VERBOSE",
+        ] {
+            let sql = format!("{variant} {q}");
+            let r = engine
+                .query(&actors[who], &sql, &call())
+                .await
+                .unwrap_or_else(|e| panic!("{who}: {sql}: {e:?}"));
+            let text = r
+                .batches
+                .iter()
+                .flat_map(|b| {
+                    (0..b.num_rows()).map(move |i| {
+                        (0..b.num_columns())
+                            .map(|c| array_value_to_string(b.column(c), i).unwrap())
+                            .collect::<Vec<_>>()
+                            .join("|")
+                    })
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            let mut forbidden = vec![
+                data_dir.as_str(),
+                data_dir_relative.as_str(),
+                ".parquet",
+                "datasets/",
+                "file_groups",
+                "statistics",
+                "pruning_predicate",
+            ];
+            if who == "pa" {
+                // The grant's row filter, masks, hidden ID numbers and the rows it hides.
+                forbidden.extend([
+                    "西湖区",
+                    "mask_",
+                    "330106197001011003",
+                    "FilterExec: district",
+                ]);
+            }
+            for f in forbidden {
+                assert!(!text.contains(f), "{who}: {sql} shows {f:?}:\n{text}");
+            }
+            let expected = if variant.contains("ANALYZE") {
+                "plan_with_metrics|"
+            } else {
+                "physical_plan|"
+            };
+            assert!(
+                text.contains(expected),
+                "{who}: {sql}: no {expected}:\n{text}"
+            );
+            // Operators that count rows say so (an in-memory table's scan alone has no metrics).
+            if variant.contains("ANALYZE") && !text.contains("plan_with_metrics|MemoryScan") {
+                assert!(
+                    text.contains("output_rows="),
+                    "{who}: {sql}: no metrics:\n{text}"
+                );
+            }
+            if who != "admin" && !q.contains("rejects") {
+                assert!(
+                    text.contains("Scan: dataset="),
+                    "{who}: {sql}: no named scan:\n{text}"
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 28);
+
+    // A damaged file of transport.fines: the error names no path.
+    let data = dir.path().join("datasets/transport/fines/data");
+    let mut damaged = 0;
+    for f in std::fs::read_dir(&data).unwrap() {
+        let f = f.unwrap().path();
+        if f.extension().is_some_and(|e| e == "parquet") {
+            // A footer that claims no metadata: unreadable, as a torn copy would be.
+            std::fs::write(&f, b"PAR1 not a parquet file\x00\x00\x00\x00PAR1").unwrap();
+            damaged += 1;
+        }
+    }
+    assert!(damaged > 0);
+    for sql in [
+        "SELECT * FROM transport.fines",
+        "EXPLAIN ANALYZE SELECT * FROM transport.fines",
+    ] {
+        let e = engine.query(&actors["ta"], sql, &call()).await.unwrap_err();
+        let shown = format!("{} {:?} {:?}", e.message, e.detail, e.hint);
+        for f in [
+            data_dir.as_str(),
+            data_dir_relative.as_str(),
+            ".parquet",
+            "datasets/",
+        ] {
+            assert!(!shown.contains(f), "{sql}: the error shows {f:?}: {shown}");
+        }
+        assert!(shown.contains("dataset"), "{sql}: {shown}");
+    }
 }
