@@ -231,6 +231,14 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/ngsi-ld/v1/types", get(ngsi::types))
         .route(
+            "/ngsi-ld/v1/temporal/entities",
+            get(ngsi::temporal_entities),
+        )
+        .route(
+            "/ngsi-ld/v1/temporal/entities/{id}",
+            get(ngsi::temporal_entity),
+        )
+        .route(
             "/api/v1/services",
             get(services::list).post(services::apply),
         )

@@ -578,6 +578,116 @@ pub async fn delete_attr(
     })
 }
 
+/// Query parameters of `GET /ngsi-ld/v1/temporal/entities`.
+#[derive(Debug, Default, Deserialize)]
+pub struct TemporalParams {
+    #[serde(rename = "type")]
+    entity_type: Option<String>,
+    id: Option<String>,
+    timerel: Option<String>,
+    #[serde(rename = "timeAt")]
+    time_at: Option<String>,
+    #[serde(rename = "endTimeAt")]
+    end_time_at: Option<String>,
+    #[serde(rename = "lastN")]
+    last_n: Option<usize>,
+    #[serde(flatten)]
+    options: Options,
+}
+
+fn instant(name: &str, v: Option<&String>) -> Result<i64, Error> {
+    let v = v.ok_or_else(|| {
+        Error::invalid(format!("timerel needs {name}"))
+            .hint("e.g. timerel=after&timeAt=2026-12-06T08:00:00Z")
+    })?;
+    chrono::DateTime::parse_from_rfc3339(v)
+        .map(|t| t.timestamp_micros())
+        .map_err(|_| {
+            Error::invalid(format!("{name} {v} is not a DateTime"))
+                .hint("give an RFC 3339 time, e.g. 2026-12-06T08:00:00Z")
+        })
+}
+
+fn temporal_query(
+    p: &TemporalParams,
+    id: Option<String>,
+) -> Result<yunqi_sense::entities::TemporalQuery, Error> {
+    use yunqi_sense::entities::TimeRel;
+    let timerel = match p.timerel.as_deref() {
+        None => None,
+        Some("before") => Some(TimeRel::Before(instant("timeAt", p.time_at.as_ref())?)),
+        Some("after") => Some(TimeRel::After(instant("timeAt", p.time_at.as_ref())?)),
+        Some("between") => Some(TimeRel::Between(
+            instant("timeAt", p.time_at.as_ref())?,
+            instant("endTimeAt", p.end_time_at.as_ref())?,
+        )),
+        Some(other) => {
+            return Err(Error::invalid(format!(
+                "timerel {other} is not before, after or between"
+            )));
+        }
+    };
+    let ids = match id {
+        Some(i) => Some(vec![i]),
+        None => {
+            p.id.as_deref()
+                .map(|s| s.split(',').map(str::to_string).collect())
+        }
+    };
+    let entity_type = match (&p.entity_type, &ids) {
+        (Some(t), _) => t.clone(),
+        (None, Some(_)) => String::new(),
+        (None, None) => {
+            return Err(Error::invalid("a temporal query needs type").hint(
+                "add ?type=TrafficFlowObserved, or ask for one entity: /temporal/entities/{id}",
+            ));
+        }
+    };
+    Ok(yunqi_sense::entities::TemporalQuery {
+        entity_type,
+        ids,
+        attrs: p.options.attrs(),
+        timerel,
+        last_n: p.last_n,
+        temporal_values: p.options.has("temporalValues"),
+    })
+}
+
+/// `GET /ngsi-ld/v1/temporal/entities?type=&id=&attrs=&timerel=&timeAt=&endTimeAt=&lastN=&options=temporalValues`:
+/// the history of entities, each attribute's instances in time order.
+pub async fn temporal_entities(
+    State(state): State<AppState>,
+    auth: Authed,
+    Query(p): Query<TemporalParams>,
+) -> ApiResult<Response> {
+    let q = temporal_query(&p, None)?;
+    let out = state
+        .sense
+        .ngsi_temporal(&auth.actor, &q, &auth.ctx())
+        .await?;
+    Ok(json_response(StatusCode::OK, Value::Array(out)))
+}
+
+/// `GET /ngsi-ld/v1/temporal/entities/{id}`: one entity's history; 404 if no type records it.
+pub async fn temporal_entity(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path(id): Path<String>,
+    Query(p): Query<TemporalParams>,
+) -> ApiResult<Response> {
+    let q = temporal_query(&p, Some(id.clone()))?;
+    let out = state
+        .sense
+        .ngsi_temporal(&auth.actor, &q, &auth.ctx())
+        .await?;
+    match out.into_iter().next() {
+        Some(e) => Ok(json_response(StatusCode::OK, e)),
+        None => Err(Error::not_found("entity", &id)
+            .hint("no change of it falls within the time asked for, or it does not exist")
+            .into()),
+    }
+}
+
 #[cfg(test)]
 mod negotiation_tests {
     use super::*;

@@ -649,6 +649,50 @@ async fn ngsi_ld_paths_with_trailing_slashes_and_empty_queries() {
         .send(kv(9, 1, 1.0, 1).to_string())
         .unwrap();
     assert_eq!(r.status().as_u16(), 415);
+    // Temporal queries over the log: an attribute's instances in time order, each observed
+    // at its event time; lastN, timerel and temporalValues; an unknown type is empty.
+    let path3 = format!("/ngsi-ld/v1/temporal/entities/{}", id(3));
+    let (status, _, h3) = raw(&s, "GET", &path3, &device, None);
+    assert_eq!(status, 200, "{h3}");
+    let values: Vec<i64> = h3["intensity"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["value"].as_i64().unwrap())
+        .collect();
+    assert_eq!(values, [7, 70], "{h3}");
+    assert_eq!(h3["intensity"][1]["observedAt"], ts(4), "{h3}");
+    let (_, _, last) = raw(
+        &s,
+        "GET",
+        &format!("{path3}?lastN=1&attrs=intensity"),
+        &device,
+        None,
+    );
+    assert_eq!(last["intensity"].as_array().unwrap().len(), 1, "{last}");
+    assert!(last.get("district").is_none(), "{last}");
+    let after = format!(
+        "/ngsi-ld/v1/temporal/entities?type=TrafficFlowObserved&timerel=after&timeAt={}&options=temporalValues",
+        urlencode(&ts(3))
+    );
+    let (status, _, v) = raw(&s, "GET", &after, &device, None);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v.as_array().unwrap().len(),
+        1,
+        "only entity 3 changed after second 3: {v}"
+    );
+    assert_eq!(v[0]["intensity"]["values"], json!([[70, ts(4)]]), "{v}");
+    let (status, _, v) = raw(
+        &s,
+        "GET",
+        "/ngsi-ld/v1/temporal/entities?type=NoSuchType",
+        &device,
+        None,
+    );
+    assert_eq!((status, v), (200, json!([])));
+    let (status, _, v) = raw(&s, "GET", &path3, &police, None);
+    assert_eq!(status, 403, "{v}");
     // Geo-queries on the location: near a point within a distance (metres, great circle),
     // within a polygon; a bad geometry says what to send.
     let geo = |georel: &str, geometry: &str, coords: &str| {
