@@ -591,8 +591,46 @@ pub struct TemporalParams {
     end_time_at: Option<String>,
     #[serde(rename = "lastN")]
     last_n: Option<usize>,
+    #[serde(rename = "aggrMethods")]
+    aggr_methods: Option<String>,
+    #[serde(rename = "aggrPeriodDuration")]
+    aggr_period: Option<String>,
     #[serde(flatten)]
     options: Options,
+}
+
+/// An ISO 8601 duration `PnDTnHnMnS` (weeks `PnW` too) in microseconds; months and years are
+/// refused (they have no fixed length).
+fn duration_us(s: &str) -> Result<i64, Error> {
+    let bad = || {
+        Error::invalid(format!(
+            "aggrPeriodDuration {s} is not an ISO 8601 duration"
+        ))
+        .hint("e.g. PT1M, PT1H, P1D or P1DT12H (months and years have no fixed length)")
+    };
+    let rest = s.strip_prefix('P').ok_or_else(bad)?;
+    let (date, time) = rest.split_once('T').unwrap_or((rest, ""));
+    let mut total = 0f64;
+    let mut eat = |part: &str, units: &[(char, f64)]| -> Result<(), Error> {
+        let mut num = String::new();
+        for c in part.chars() {
+            if c.is_ascii_digit() || c == '.' {
+                num.push(c);
+            } else {
+                let scale = units.iter().find(|(u, _)| *u == c).ok_or_else(bad)?.1;
+                let n: f64 = num.parse().map_err(|_| bad())?;
+                total += n * scale;
+                num.clear();
+            }
+        }
+        if num.is_empty() { Ok(()) } else { Err(bad()) }
+    };
+    eat(date, &[('W', 7.0 * 86_400e6), ('D', 86_400e6)])?;
+    eat(time, &[('H', 3_600e6), ('M', 60e6), ('S', 1e6)])?;
+    if total < 1.0 || (date.is_empty() && time.is_empty()) {
+        return Err(bad());
+    }
+    Ok(total as i64)
 }
 
 fn instant(name: &str, v: Option<&String>) -> Result<i64, Error> {
@@ -650,6 +688,24 @@ fn temporal_query(
         timerel,
         last_n: p.last_n,
         temporal_values: p.options.has("temporalValues"),
+        aggregate: match (&p.aggr_methods, p.options.has("aggregatedValues")) {
+            (None, false) => None,
+            (None, true) => {
+                return Err(Error::invalid("aggregatedValues needs aggrMethods")
+                    .hint("e.g. aggrMethods=totalCount,avg,max&aggrPeriodDuration=PT1H"));
+            }
+            (Some(m), _) => {
+                let methods: Vec<String> = m.split(',').map(|x| x.trim().to_string()).collect();
+                const KNOWN: [&str; 6] =
+                    ["totalCount", "distinctCount", "sum", "avg", "min", "max"];
+                if let Some(x) = methods.iter().find(|x| !KNOWN.contains(&x.as_str())) {
+                    return Err(Error::invalid(format!("aggrMethods {x} is not served"))
+                        .hint(format!("use {}", KNOWN.join(", "))));
+                }
+                let period = p.aggr_period.as_deref().map(duration_us).transpose()?;
+                Some((methods, period))
+            }
+        },
     })
 }
 
@@ -691,6 +747,16 @@ pub async fn temporal_entity(
 #[cfg(test)]
 mod negotiation_tests {
     use super::*;
+
+    #[test]
+    fn durations_are_iso_8601() {
+        assert_eq!(duration_us("PT1M").unwrap(), 60_000_000);
+        assert_eq!(duration_us("P1DT12H").unwrap(), 36 * 3_600_000_000);
+        assert_eq!(duration_us("PT0.5S").unwrap(), 500_000);
+        for bad in ["P1M", "1H", "PT", "P", "PT1X", "PT0S"] {
+            assert!(duration_us(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn accept_headers_pick_the_representation() {

@@ -87,6 +87,65 @@ pub struct TemporalQuery {
     pub last_n: Option<usize>,
     /// `options=temporalValues`: `[value, observedAt]` pairs.
     pub temporal_values: bool,
+    /// `options=aggregatedValues`: the methods (`totalCount`, `distinctCount`, `sum`, `avg`,
+    /// `min`, `max`) over periods of this many microseconds (`None`: the whole range).
+    pub aggregate: Option<(Vec<String>, Option<i64>)>,
+}
+
+/// Aggregates an attribute's instances (`[value, observedAt]` in time order) by period:
+/// for each method, `[[result, from, to], …]` with RFC 3339 bounds.
+fn aggregate(instances: &[(Value, i64)], methods: &[String], period_us: Option<i64>) -> Value {
+    let mut buckets: BTreeMap<i64, Vec<&Value>> = BTreeMap::new();
+    let origin = instances.first().map_or(0, |(_, t)| *t);
+    for (v, t) in instances {
+        let b = match period_us {
+            Some(p) if p > 0 => origin + (t - origin).div_euclid(p) * p,
+            _ => origin,
+        };
+        buckets.entry(b).or_default().push(v);
+    }
+    let last = instances.last().map_or(0, |(_, t)| *t);
+    let mut out = serde_json::Map::new();
+    out.insert("type".into(), Value::String("Property".into()));
+    for m in methods {
+        let rows: Vec<Value> = buckets
+            .iter()
+            .map(|(from, vals)| {
+                let to = match period_us {
+                    Some(p) if p > 0 => from + p,
+                    _ => last + 1,
+                };
+                let nums: Vec<f64> = vals.iter().filter_map(|v| v.as_f64()).collect();
+                let r = match m.as_str() {
+                    "totalCount" => Value::from(vals.len()),
+                    "distinctCount" => {
+                        let mut seen: Vec<String> = vals.iter().map(|v| v.to_string()).collect();
+                        seen.sort();
+                        seen.dedup();
+                        Value::from(seen.len())
+                    }
+                    "sum" => Value::from(nums.iter().sum::<f64>()),
+                    "avg" if !nums.is_empty() => {
+                        Value::from(nums.iter().sum::<f64>() / nums.len() as f64)
+                    }
+                    "min" => nums
+                        .iter()
+                        .copied()
+                        .reduce(f64::min)
+                        .map_or(Value::Null, Value::from),
+                    "max" => nums
+                        .iter()
+                        .copied()
+                        .reduce(f64::max)
+                        .map_or(Value::Null, Value::from),
+                    _ => Value::Null,
+                };
+                serde_json::json!([r, ngsi::rfc3339(*from), ngsi::rfc3339(to)])
+            })
+            .collect();
+        out.insert(m.clone(), Value::Array(rows));
+    }
+    Value::Object(out)
 }
 
 /// A query over the entities of a type.
@@ -983,7 +1042,22 @@ impl Sense {
                 {
                     list.drain(..list.len() - n);
                 }
-                let v = if query.temporal_values {
+                let v = if let Some((methods, period)) = &query.aggregate {
+                    let pairs: Vec<(Value, i64)> = list
+                        .iter()
+                        .filter_map(|v| {
+                            let value = v.get("value").or_else(|| v.get("object"))?.clone();
+                            let t = v.get("observedAt")?.as_str()?;
+                            let t = chrono::DateTime::parse_from_rfc3339(t)
+                                .ok()?
+                                .timestamp_micros();
+                            Some((value, t))
+                        })
+                        .collect::<Vec<_>>();
+                    let mut pairs = pairs;
+                    pairs.sort_by_key(|(_, t)| *t);
+                    aggregate(&pairs, methods, *period)
+                } else if query.temporal_values {
                     let kind = list
                         .first()
                         .and_then(|v| v.get("type").cloned())

@@ -683,6 +683,27 @@ async fn ngsi_ld_paths_with_trailing_slashes_and_empty_queries() {
         "only entity 3 changed after second 3: {v}"
     );
     assert_eq!(v[0]["intensity"]["values"], json!([[70, ts(4)]]), "{v}");
+    let (status, _, agg) = raw(
+        &s,
+        "GET",
+        &format!(
+            "{path3}?options=aggregatedValues&aggrMethods=totalCount,avg,max&aggrPeriodDuration=PT1H&attrs=intensity"
+        ),
+        &device,
+        None,
+    );
+    assert_eq!(status, 200, "{agg}");
+    assert_eq!(agg["intensity"]["totalCount"][0][0], 2, "{agg}");
+    assert_eq!(agg["intensity"]["avg"][0][0], 38.5, "{agg}");
+    assert_eq!(agg["intensity"]["max"][0][0], 70.0, "{agg}");
+    let (status, _, v) = raw(
+        &s,
+        "GET",
+        &format!("{path3}?aggrMethods=median"),
+        &device,
+        None,
+    );
+    assert_eq!(status, 400, "{v}");
     let (status, _, v) = raw(
         &s,
         "GET",
