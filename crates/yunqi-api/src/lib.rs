@@ -231,6 +231,16 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/ngsi-ld/v1/types", get(ngsi::types))
         .route(
+            "/ngsi-ld/v1/subscriptions",
+            get(ngsi::list_subscriptions).post(ngsi::create_subscription),
+        )
+        .route(
+            "/ngsi-ld/v1/subscriptions/{id}",
+            get(ngsi::get_subscription)
+                .patch(ngsi::patch_subscription)
+                .delete(ngsi::delete_subscription),
+        )
+        .route(
             "/ngsi-ld/v1/temporal/entities",
             get(ngsi::temporal_entities),
         )

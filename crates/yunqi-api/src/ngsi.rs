@@ -783,3 +783,93 @@ mod negotiation_tests {
         assert!(!content_type_ok(Some("text/plain")));
     }
 }
+
+/// Paging of `GET /ngsi-ld/v1/subscriptions`.
+#[derive(Debug, Default, Deserialize)]
+pub struct SubscriptionPage {
+    limit: Option<usize>,
+    offset: Option<usize>,
+    count: Option<bool>,
+}
+
+/// `POST /ngsi-ld/v1/subscriptions`: 201 with `Location`.
+pub async fn create_subscription(
+    State(state): State<AppState>,
+    auth: Authed,
+    RawBody(body): RawBody,
+) -> ApiResult<Response> {
+    let v = parse_body(&body)?;
+    let id = state
+        .sense
+        .create_subscription(&auth.actor, &v, &auth.ctx())
+        .await?;
+    let mut r = StatusCode::CREATED.into_response();
+    if let Ok(loc) = HeaderValue::from_str(&format!("/ngsi-ld/v1/subscriptions/{id}")) {
+        r.headers_mut().insert(header::LOCATION, loc);
+    }
+    Ok(r)
+}
+
+/// `GET /ngsi-ld/v1/subscriptions`: the caller's subscriptions (an admin's: all).
+pub async fn list_subscriptions(
+    State(state): State<AppState>,
+    auth: Authed,
+    Query(p): Query<SubscriptionPage>,
+) -> ApiResult<Response> {
+    let limit = p.limit.unwrap_or(DEFAULT_LIMIT);
+    if limit > 1000 {
+        return Err(Error::invalid("limit is at most 1000").into());
+    }
+    let all = state.sense.subscriptions(&auth.actor);
+    let total = all.len();
+    let page: Vec<Value> = all
+        .into_iter()
+        .skip(p.offset.unwrap_or(0))
+        .take(limit)
+        .collect();
+    let mut r = json_response(StatusCode::OK, Value::Array(page));
+    if p.count == Some(true)
+        && let Ok(v) = HeaderValue::from_str(&total.to_string())
+    {
+        r.headers_mut().insert("ngsild-results-count", v);
+    }
+    Ok(r)
+}
+
+/// `GET /ngsi-ld/v1/subscriptions/{id}`.
+pub async fn get_subscription(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let v = state.sense.get_subscription(&auth.actor, &id)?;
+    Ok(json_response(StatusCode::OK, v))
+}
+
+/// `PATCH /ngsi-ld/v1/subscriptions/{id}`: 204.
+pub async fn patch_subscription(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path(id): Path<String>,
+    RawBody(body): RawBody,
+) -> ApiResult<Response> {
+    let v = parse_body(&body)?;
+    state
+        .sense
+        .update_subscription(&auth.actor, &id, &v, &auth.ctx())
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `DELETE /ngsi-ld/v1/subscriptions/{id}`: 204.
+pub async fn delete_subscription(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    state
+        .sense
+        .delete_subscription(&auth.actor, &id, &auth.ctx())
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

@@ -312,6 +312,39 @@ impl Governance {
         })
     }
 
+    /// The actor a standing request (an NGSI-LD subscription) acts as: the principal of token
+    /// `token_id` as it is now, while the token is neither revoked nor expired.
+    pub fn actor_of_token(&self, token_id: &str) -> Result<Actor, Error> {
+        let state = self.read();
+        let stored = state
+            .tokens
+            .get(token_id)
+            .ok_or_else(|| Error::unauthenticated(format!("token {token_id} no longer exists")))?;
+        if stored.info.revoked_at.is_some() {
+            return Err(Error::unauthenticated(format!(
+                "token {token_id} was revoked"
+            )));
+        }
+        if stored
+            .info
+            .expires_at
+            .is_some_and(|at| self.clock.now() >= at)
+        {
+            return Err(Error::unauthenticated(format!(
+                "token {token_id} has expired"
+            )));
+        }
+        let principal = state
+            .principals
+            .get(&stored.info.principal)
+            .cloned()
+            .ok_or_else(|| Error::internal("token belongs to no principal"))?;
+        Ok(Actor {
+            principal,
+            token_id: token_id.to_string(),
+        })
+    }
+
     /// Audits a denied call: failed authentication (`principal` = who the token named, if
     /// anyone) or any other refusal made outside governance.
     pub async fn record_denial(

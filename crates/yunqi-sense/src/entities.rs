@@ -202,6 +202,8 @@ pub(crate) struct EntityStore {
     stop: AtomicBool,
     /// Events the log had dropped by retention before the snapshot read them (lost changes).
     lost: u64,
+    /// Subscriptions, told of every durable change.
+    subs: Arc<crate::subscriptions::Subscriptions>,
 }
 
 fn now_us() -> i64 {
@@ -214,6 +216,7 @@ impl EntityStore {
         gov: Arc<Governance>,
         log: Arc<dyn StreamLog>,
         wake: Arc<dyn Fn() + Send + Sync>,
+        subs: Arc<crate::subscriptions::Subscriptions>,
         m: &yunqi_datasets::StreamManifest,
     ) -> Result<Arc<EntityStore>, Error> {
         let schema = Arc::new(EntitySchema::new(m)?);
@@ -272,6 +275,7 @@ impl EntityStore {
             threads: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
             lost,
+            subs,
         });
         let writer = {
             let (es, gov, log) = (es.clone(), gov.clone(), log.clone());
@@ -461,10 +465,16 @@ impl EntityStore {
                 u32::try_from(rows.len()).map_err(|_| Error::internal("entity round too large"))?;
             end = Some(log.append(stream, count, encode_ipc(&marked)?).await?.end);
         }
+        // Subscriptions see each kept entity's state before and after the round.
+        let mut notify: Vec<crate::subscriptions::Change> = Vec::new();
+        let watching = self.subs.watching();
         let mut st = self.state.write().expect("entities lock");
         for (id, state) in overlay {
             match state {
                 Some(row) => {
+                    if watching {
+                        notify.push((id.clone(), st.rows.get(&id).cloned(), row.clone()));
+                    }
                     st.rows.insert(id, row);
                 }
                 None => {
@@ -476,6 +486,10 @@ impl EntityStore {
             st.offset = end;
         }
         st.version += 1;
+        drop(st);
+        if !notify.is_empty() {
+            self.subs.on_commit(&self.schema.entity_type, &notify);
+        }
         Ok(())
     }
 
@@ -634,7 +648,7 @@ fn type_of(v: &Value) -> Option<&str> {
 }
 
 impl Sense {
-    fn entity_store(&self, entity_type: &str) -> Result<Arc<EntityStore>, Error> {
+    pub(crate) fn entity_store(&self, entity_type: &str) -> Result<Arc<EntityStore>, Error> {
         // By the stores' own types: no catalog read per entity of a batch.
         if let Some(s) = self
             .entities
@@ -670,6 +684,7 @@ impl Sense {
             self.gov.clone(),
             self.log.clone(),
             Arc::new(move || wake.notify()),
+            self.subs.clone(),
             m,
         )?;
         self.entities
@@ -1286,7 +1301,7 @@ impl Sense {
             .collect())
     }
 
-    async fn entity_view(
+    pub(crate) async fn entity_view(
         &self,
         actor: &Actor,
         store: &EntityStore,

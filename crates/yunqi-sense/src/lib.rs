@@ -11,6 +11,8 @@
 //! - [`ngsi`], [`q`], [`entities`]: NGSI-LD entities on a stream — attributes mapped to
 //!   columns, the `q` query language, the latest state per entity (written through the log,
 //!   snapshotted as the stream's entity table);
+//! - [`subscriptions`]: NGSI-LD subscriptions, matched in the entity writer and delivered
+//!   over HTTP by one task per subscription (`notify`);
 //! - [`hll`]: the mergeable approximate distinct count;
 //! - [`keys`]: group keys to dense group numbers.
 #![deny(missing_docs)]
@@ -23,9 +25,11 @@ pub mod hll;
 pub mod ingest;
 pub mod keys;
 pub mod ngsi;
+mod notify;
 pub mod plan;
 pub mod q;
 pub mod runtime;
+pub mod subscriptions;
 pub mod validate;
 
 pub use engine::{Closed, Engine, EngineStats, Late};

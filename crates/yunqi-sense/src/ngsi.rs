@@ -177,7 +177,7 @@ impl EntitySchema {
             .copied()
     }
 
-    fn attr_names(&self) -> String {
+    pub(crate) fn attr_names(&self) -> String {
         self.cols
             .iter()
             .enumerate()

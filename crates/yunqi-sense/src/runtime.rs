@@ -151,6 +151,8 @@ pub struct Sense {
     views: RwLock<BTreeMap<String, Arc<ViewHandle>>>,
     /// The entities of each NGSI-LD stream, by stream.
     pub(crate) entities: RwLock<BTreeMap<String, Arc<crate::entities::EntityStore>>>,
+    /// NGSI-LD subscriptions.
+    pub(crate) subs: Arc<crate::subscriptions::Subscriptions>,
     pub(crate) wake: Arc<Wake>,
     dedup: Arc<crate::dedup::Dedup>,
     stop: Arc<AtomicBool>,
@@ -184,7 +186,9 @@ impl Sense {
     ) -> Result<Arc<Sense>, Error> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::internal(format!("create {}: {e}", dir.display())))?;
+        let subs = crate::subscriptions::Subscriptions::open(gov.clone(), dir)?;
         let sense = Arc::new(Sense {
+            subs,
             gov,
             log,
             dir: dir.to_path_buf(),
@@ -199,6 +203,15 @@ impl Sense {
         for m in sense.gov.ngsi_streams() {
             sense.start_entities(&m)?;
         }
+        sense.subs.restore(&|t| {
+            sense
+                .entities
+                .read()
+                .expect("entities lock")
+                .values()
+                .find(|s| s.schema.entity_type == t)
+                .map(|s| s.schema.clone())
+        });
         let manifests = sense.gov.dataset_store().list()?;
         for m in manifests {
             let Some(v) = &m.view else { continue };
@@ -585,6 +598,7 @@ impl Sense {
     pub fn shutdown(&self) {
         self.begin_shutdown();
         self.shutdown_entities();
+        self.subs.shutdown();
         self.stop.store(true, Ordering::Release);
         self.wake.notify();
         let handles: Vec<Arc<ViewHandle>> = self

@@ -42,6 +42,14 @@ pub struct ServeArgs {
     /// PEM private key for TLS on the PostgreSQL endpoint (with --pg-tls-cert).
     #[arg(long, requires = "pg_tls_cert")]
     pg_tls_key: Option<PathBuf>,
+    /// URL prefix NGSI-LD subscriptions may notify (repeatable, or comma-separated in
+    /// YUNQI_NOTIFY_ALLOW), e.g. http://notify.city.example/ ; none by default.
+    #[arg(
+        long = "notify-allow",
+        env = "YUNQI_NOTIFY_ALLOW",
+        value_delimiter = ','
+    )]
+    notify_allow: Vec<String>,
 }
 
 /// Holds the data directory's lock for as long as it lives.
@@ -213,6 +221,14 @@ async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
     );
     let sense = yunqi_sense::Sense::open(gov.clone(), log.clone(), &data.join("views"))
         .map_err(crate::user_error)?;
+    for p in &args.notify_allow {
+        if !p.starts_with("http://") || p.len() <= "http://".len() {
+            bail!(
+                "--notify-allow {p:?} is not an http:// URL prefix\nhint: e.g. --notify-allow http://notify.city.example/"
+            );
+        }
+    }
+    sense.allow_notifications_to(args.notify_allow.clone());
 
     let token_path = data.join("admin.token");
     if let Some(token) = gov.bootstrap().await.map_err(crate::user_error)? {
