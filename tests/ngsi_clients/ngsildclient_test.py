@@ -1,14 +1,17 @@
 """yunqi's NGSI-LD API driven by published client libraries, as FIWARE agents and applications
 use them: PyPI's ngsildclient (the client's connectivity probe, create, batch upsert, query with
-q, count, retrieve, delete; a department without the right is refused) and npm's ngsijs
-(ngsijs_test.js, against the same server).
+q, count, retrieve, delete, subscriptions with their notifications received over HTTP; a
+department without the right is refused) and npm's ngsijs (ngsijs_test.js, against the same
+server).
 
 Usage: python tests/ngsi_clients/ngsildclient_test.py BINARY   (with ngsildclient installed:
 scripts/ngsi_clients.sh)
 """
 
+import http.server
 import json
 import os
+import threading
 import subprocess
 import sys
 import tempfile
@@ -40,10 +43,40 @@ def call(url, token, method, path, body=None):
         return json.loads(text) if text else None
 
 
+RECEIVED = []
+
+
+class Hook(http.server.BaseHTTPRequestHandler):
+    """The endpoint notifications are sent to: records each, answers 204."""
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        RECEIVED.append((self.path, json.loads(body)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def received(path, until, what):
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        data = [e for p, n in list(RECEIVED) if p == path for e in n["data"]]
+        if until(data):
+            return data
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: {path} received {RECEIVED}")
+
+
 def main():
+    hook = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    hook_url = f"http://127.0.0.1:{hook.server_address[1]}"
     data = tempfile.mkdtemp(prefix="yunqi-ngsi-")
     server = subprocess.Popen([BINARY, "serve", "--data", data, "--http", "127.0.0.1:0",
-                               "--pg", "127.0.0.1:0"], stdout=subprocess.PIPE,
+                               "--pg", "127.0.0.1:0", "--notify-allow", hook_url + "/"],
+                              stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True,
                               env=dict(os.environ, RUST_LOG="warn"))
     try:
@@ -104,12 +137,43 @@ def main():
         assert client.count(type="TrafficFlowObserved") == 19
         print("ngsildclient: probe, create, upsert, get, query, count, delete and refusal passed")
 
+        # Subscriptions through the client's API; notifications arrive at the endpoint.
+        sid = client.subscriptions.create({
+            "type": "Subscription",
+            "name": "heavy traffic",
+            "entities": [{"type": "TrafficFlowObserved"}],
+            "watchedAttributes": ["intensity"],
+            "q": "intensity>500",
+            "notification": {"format": "keyValues", "endpoint": {"uri": hook_url + "/py",
+                                                                   "accept": "application/json"}},
+            "@context": "https://uri.etsi.org/ngsi-ld/v1/ngsi-ld-core-context.jsonld",
+        })
+        assert sid and sid.startswith("urn:ngsi-ld:Subscription:"), sid
+        assert [s["id"] for s in client.subscriptions.list()] == [sid]
+        assert client.subscriptions.get(sid)["status"] == "active"
+        client.upsert(flow(1, 501), flow(2, 7))
+        got = received("/py", lambda d: len(d) >= 1, "python subscription")
+        assert [(e["id"], e["intensity"]) for e in got] == [
+            ("urn:ngsi-ld:TrafficFlowObserved:seg-001", 501)], got
+        deadline = time.time() + 20
+        while client.subscriptions.get(sid)["notification"]["timesSent"] < 1:
+            assert time.time() < deadline, client.subscriptions.get(sid)
+            time.sleep(0.05)
+        assert client.subscriptions.delete("heavy")
+        client.upsert(flow(1, 101))
+        assert client.subscriptions.list() == []
+        print("ngsildclient: subscription create, list, get, notification and delete passed")
+
         # npm's ngsijs against the same server.
         modules = os.environ.get("NGSIJS_MODULES")
         assert modules, "NGSIJS_MODULES names the node_modules with ngsijs (scripts/ngsi_clients.sh)"
         subprocess.run(["node", os.path.join(os.path.dirname(__file__), "ngsijs_test.js")],
                        check=True, env=dict(os.environ, NODE_PATH=modules, YUNQI_URL=url,
-                                            YUNQI_TOKEN=tok["iot_agent"]))
+                                            YUNQI_TOKEN=tok["iot_agent"],
+                                            NOTIFY_URL=hook_url + "/js"))
+        got = received("/js", lambda d: len(d) >= 1, "ngsijs subscription")
+        assert got[0]["id"] == "urn:ngsi-ld:TrafficFlowObserved:js-002", got
+        print("ngsijs: its subscription's notification arrived")
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -801,7 +801,9 @@ fn represent(c: &Compiled, d: &Delivery, now: DateTime<Utc>) -> Value {
         "owner": def.owner,
     });
     if let Some(n) = &def.name {
+        // Both spellings: `name` (NGSI-LD 1.3, which clients still read), `subscriptionName`.
         out["subscriptionName"] = json!(n);
+        out["name"] = json!(n);
     }
     if let Some(d) = &def.description {
         out["description"] = json!(d);
