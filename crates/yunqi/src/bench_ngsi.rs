@@ -2,7 +2,8 @@
 //! acknowledged only once audited and durable — (a) batch upserts
 //! (`POST /ngsi-ld/v1/entityOperations/upsert`), (b) one entity per request
 //! (`PATCH /ngsi-ld/v1/entities/{id}/attrs`), the way a device or an IoT agent sends them —
-//! with request latency, against the published Orion-LD figure.
+//! with request latency, against the published Orion-LD figure — and (c) the latency of a
+//! subscription's notifications at a steady update rate (`bench_notify`).
 
 use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::bench::{median, progress, workdir};
-use crate::bench_stream::{post, start_server};
+use crate::bench_stream::post;
 use crate::simulate::DISTRICTS;
 
 /// Orion-LD's published figure: about 12,000 entity updates per second on a 38-CPU machine
@@ -45,6 +46,12 @@ pub struct NgsiBench {
     /// Runs of each measurement (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Entity updates per second sent while a subscription notifies every one of them.
+    #[arg(long, default_value_t = 10_000)]
+    pub notify_rate: usize,
+    /// Seconds of each notification-latency run.
+    #[arg(long, default_value_t = 5.0)]
+    pub notify_secs: f64,
     /// Directory to write in (default: a temporary directory).
     #[arg(long)]
     pub dir: Option<std::path::PathBuf>,
@@ -136,7 +143,9 @@ pub fn ngsi(o: NgsiBench, json_out: bool) -> anyhow::Result<ExitCode> {
     let say = progress(json_out);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let data = dir.join("ngsi-server");
-    let (mut child, url, admin) = start_server(&data)?;
+    let (endpoint, arrivals) = crate::bench_notify::endpoint()?;
+    let (mut child, url, admin) =
+        crate::bench_stream::start_server_with(&data, &["--notify-allow", &endpoint])?;
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(120)))
@@ -228,6 +237,40 @@ pub fn ngsi(o: NgsiBench, json_out: bool) -> anyhow::Result<ExitCode> {
         ));
         patch_runs.push(run);
     }
+    // (c) A subscription notified of every update at a steady rate.
+    post(
+        &agent,
+        &format!("{url}/api/v1/sql"),
+        &steward,
+        j,
+        &json!({ "sql": crate::bench_notify::PROBE_STREAM }).to_string(),
+    )?;
+    crate::bench_notify::subscribe(&agent, &url, &steward, &endpoint)?;
+    let mut notify_runs = Vec::new();
+    for r in 0..runs {
+        say(format!(
+            "(c) run {}: {} updates/s for {} s with a subscription notifying each…",
+            r + 1,
+            o.notify_rate,
+            o.notify_secs
+        ));
+        let run = crate::bench_notify::run(
+            &agent,
+            &url,
+            &agent_token,
+            &arrivals,
+            (r as i64 + 1) * 1_000_000_000,
+            o.notify_rate.max(100),
+            o.notify_secs,
+            100,
+            n,
+        )?;
+        say(format!(
+            "    sent {:.0} updates/s; {} of {} notified in {} POSTs; latency p50 {:.1} ms, p99 {:.1} ms",
+            run.sent_per_s, run.notified, run.sent, run.posts, run.p50_ms, run.p99_ms
+        ));
+        notify_runs.push(run);
+    }
     // What the entities hold afterwards: every one is there.
     let check = agent
         .get(format!(
@@ -259,6 +302,15 @@ pub fn ngsi(o: NgsiBench, json_out: bool) -> anyhow::Result<ExitCode> {
     };
     let (b, b50, b99) = summary(&batch_runs);
     let (p, p50, p99) = summary(&patch_runs);
+    let c_rate = median(notify_runs.iter().map(|r| r.sent_per_s).collect());
+    let c50 = median(notify_runs.iter().map(|r| r.p50_ms).collect());
+    let c99 = median(notify_runs.iter().map(|r| r.p99_ms).collect());
+    let c_share = median(
+        notify_runs
+            .iter()
+            .map(|r| r.notified as f64 / r.sent as f64)
+            .collect(),
+    );
     let orion_per_core = ORION_LD_UPDATES_PER_S / ORION_LD_CPUS;
     say(format!(
         "(a) batch upsert: {b:.0} updates/s (median of {runs}); p50 {b50:.1} ms, p99 {b99:.1} ms; \
@@ -272,6 +324,11 @@ pub fn ngsi(o: NgsiBench, json_out: bool) -> anyhow::Result<ExitCode> {
         p / ORION_LD_UPDATES_PER_S,
         p / cores / orion_per_core
     ));
+    say(format!(
+        "(c) subscription: {c_rate:.0} updates/s sent; notification latency p50 {c50:.1} ms, \
+         p99 {c99:.1} ms; {:.1}% of updates notified (the rest coalesced into a later state)",
+        c_share * 100.0
+    ));
     if json_out {
         println!(
             "{}",
@@ -280,6 +337,9 @@ pub fn ngsi(o: NgsiBench, json_out: bool) -> anyhow::Result<ExitCode> {
                    "batch_upsert": {"updates": o.upserts, "batch": batch, "updates_per_s": b,
                                     "p50_ms": b50, "p99_ms": b99},
                    "patch": {"updates": o.patches, "updates_per_s": p, "p50_ms": p50, "p99_ms": p99},
+                   "subscription": {"target_updates_per_s": o.notify_rate, "updates_per_s": c_rate,
+                                    "latency_p50_ms": c50, "latency_p99_ms": c99,
+                                    "notified_share": c_share},
                    "orion_ld_updates_per_s": ORION_LD_UPDATES_PER_S, "orion_ld_cpus": ORION_LD_CPUS})
         );
     }

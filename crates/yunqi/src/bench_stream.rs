@@ -315,10 +315,19 @@ pub fn stream(o: StreamBench, json_out: bool) -> anyhow::Result<ExitCode> {
 pub(crate) fn start_server(
     data: &std::path::Path,
 ) -> anyhow::Result<(std::process::Child, String, String)> {
+    start_server_with(data, &[])
+}
+
+/// [`start_server`] with more arguments to `yunqi serve`.
+pub(crate) fn start_server_with(
+    data: &std::path::Path,
+    extra: &[&str],
+) -> anyhow::Result<(std::process::Child, String, String)> {
     let mut child = Command::new(std::env::current_exe()?)
         .args(["serve", "--data"])
         .arg(data)
         .args(["--http", "127.0.0.1:0", "--pg", "127.0.0.1:0"])
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

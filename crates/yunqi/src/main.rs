@@ -5,6 +5,7 @@
 mod bench;
 mod bench_decide;
 mod bench_ngsi;
+mod bench_notify;
 mod bench_share;
 mod bench_stream;
 mod client;
