@@ -151,6 +151,35 @@ impl Metrics {
             "# HELP yunqi_audit_last_seq Sequence number of the last durable audit record.\n# TYPE yunqi_audit_last_seq gauge"
         );
         let _ = writeln!(out, "yunqi_audit_last_seq {audit_seq}");
+        for (name, kind, help, v) in [
+            (
+                "yunqi_audit_witness_checkpoints_total",
+                "counter",
+                "Signed checkpoints of the audit chain made for the witnesses.",
+                &audit.witness_checkpoints,
+            ),
+            (
+                "yunqi_audit_witness_last_seq",
+                "gauge",
+                "Record of the last checkpoint made for the witnesses.",
+                &audit.witness_last_seq,
+            ),
+            (
+                "yunqi_audit_witness_failures_total",
+                "counter",
+                "Checkpoint writes to a witness that failed or were dropped.",
+                &audit.witness_failures,
+            ),
+            (
+                "yunqi_audit_witness_tsa_failures_total",
+                "counter",
+                "Checkpoints the time-stamp authority did not stamp.",
+                &audit.witness_tsa_failures,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
+        }
         out
     }
 }

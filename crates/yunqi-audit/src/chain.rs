@@ -44,6 +44,14 @@ pub struct AuditStats {
     pub group_commits: AtomicU64,
     /// Total time spent in those fdatasync calls, in microseconds.
     pub sync_micros_total: AtomicU64,
+    /// Checkpoints made for the witnesses (see `witness`).
+    pub witness_checkpoints: AtomicU64,
+    /// The record of the last checkpoint.
+    pub witness_last_seq: AtomicU64,
+    /// Checkpoint writes that failed or were dropped (a witness too slow).
+    pub witness_failures: AtomicU64,
+    /// Time stamps that failed.
+    pub witness_tsa_failures: AtomicU64,
 }
 
 enum Events {

@@ -12,6 +12,7 @@ pub mod chain;
 pub mod format;
 pub mod query;
 pub mod verify;
+pub mod witness;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,6 +22,7 @@ pub use chain::{AuditChain, AuditStats, Receipt};
 pub use format::{AuditRecord, Hash};
 pub use query::{AuditPage, AuditQuery};
 pub use verify::{Problem, VerifyReport, verify};
+pub use witness::{Checkpoint, Target, WitnessConfig, WitnessReport, Witnesser, verify_witnessed};
 use yunqi_types::{AuditEvent, Error};
 
 /// A boxed future, for the object-safe [`AuditLog`] trait.

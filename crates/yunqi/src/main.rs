@@ -130,9 +130,44 @@ enum AuditCommand {
         /// Hashing threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// Also check the chain against the checkpoints of a witness (a file or directory the
+        /// server wrote with --audit-witness, or where an HTTP witness stored them); repeatable.
+        #[arg(long)]
+        witness: Vec<PathBuf>,
     },
     /// Read records from a running server.
     List(client::AuditListArgs),
+}
+
+fn print_witnessed(w: &yunqi_audit::WitnessReport) {
+    match &w.problem {
+        None => println!(
+            "witnessed: OK, {} checkpoints up to record {} (last at {}), {} time-stamped",
+            w.checkpoints,
+            w.witnessed_seq,
+            w.last_time.as_deref().unwrap_or("-"),
+            w.stamped
+        ),
+        Some(p) => {
+            println!("witnessed: the chain is NOT what the witnesses saw: {p}");
+            if let Some(seq) = w.first_touched {
+                println!("first touched record: {seq}");
+            }
+        }
+    }
+    match w.node_key_matches {
+        Some(false) => println!(
+            "note: the data directory's node key did not sign every checkpoint (keys: {})",
+            w.keys.join(", ")
+        ),
+        None if w.checkpoints > 0 => {
+            println!(
+                "note: no node key in the data directory; checkpoints signed by {}",
+                w.keys.join(", ")
+            )
+        }
+        _ => {}
+    }
 }
 
 /// A library error for the command line: its message, then its detail and hint, so that the
@@ -154,7 +189,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Demo(args) => demo::run(args),
-        Command::Audit(AuditCommand::Verify { data, threads }) => verify(&data, threads, json),
+        Command::Audit(AuditCommand::Verify {
+            data,
+            threads,
+            witness,
+        }) => verify(&data, threads, &witness, json),
         Command::Bench(cmd) => bench::run(cmd, json),
         Command::Simulate(SimulateCommand::Traffic(args)) => simulate::traffic(args),
         other => {
@@ -196,17 +235,35 @@ fn main() -> ExitCode {
     }
 }
 
-fn verify(data: &std::path::Path, threads: Option<usize>, json: bool) -> anyhow::Result<ExitCode> {
+fn verify(
+    data: &std::path::Path,
+    threads: Option<usize>,
+    witnesses: &[PathBuf],
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let dir = data.join("audit");
     let threads =
         threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let started = std::time::Instant::now();
     let report = yunqi_audit::verify(&dir, threads).map_err(user_error)?;
     let seconds = started.elapsed().as_secs_f64();
+    let witnessed = if witnesses.is_empty() {
+        None
+    } else {
+        let mut checkpoints = Vec::new();
+        for w in witnesses {
+            checkpoints.extend(yunqi_audit::witness::read_checkpoints(w).map_err(user_error)?);
+        }
+        Some(yunqi_audit::verify_witnessed(&dir, data, checkpoints).map_err(user_error)?)
+    };
+    let ok = report.ok() && witnessed.as_ref().is_none_or(|w| w.ok());
     if json {
         let mut v = serde_json::to_value(&report)?;
-        v["ok"] = report.ok().into();
+        v["ok"] = ok.into();
         v["seconds"] = seconds.into();
+        if let Some(w) = &witnessed {
+            v["witness"] = serde_json::to_value(w)?;
+        }
         println!("{v}");
     } else {
         match &report.problem {
@@ -236,8 +293,11 @@ fn verify(data: &std::path::Path, threads: Option<usize>, json: bool) -> anyhow:
                 "note: the last segment ends in a torn, unacknowledged write (a crash); the next start cuts it off"
             );
         }
+        if let Some(w) = &witnessed {
+            print_witnessed(w);
+        }
     }
-    Ok(if report.ok() {
+    Ok(if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -50,6 +50,23 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     notify_allow: Vec<String>,
+    /// Where signed checkpoints of the audit chain go (repeatable, or comma-separated in
+    /// YUNQI_AUDIT_WITNESS): a file or directory outside the data directory, or an http:// URL.
+    #[arg(
+        long = "audit-witness",
+        env = "YUNQI_AUDIT_WITNESS",
+        value_delimiter = ','
+    )]
+    audit_witness: Vec<String>,
+    /// A checkpoint at least every this many seconds while records are appended.
+    #[arg(long, default_value_t = 10)]
+    audit_checkpoint_secs: u64,
+    /// A checkpoint at least every this many records.
+    #[arg(long, default_value_t = 10_000)]
+    audit_checkpoint_records: u64,
+    /// An RFC 3161 time-stamp authority (http:// URL) that stamps every checkpoint.
+    #[arg(long, env = "YUNQI_AUDIT_TSA")]
+    audit_tsa: Option<String>,
 }
 
 /// Holds the data directory's lock for as long as it lives.
@@ -111,6 +128,53 @@ pub fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> anyhow::Resu
     fs::rename(&tmp, path)?;
     File::open(dir)?.sync_all()?;
     Ok(())
+}
+
+/// Starts writing signed checkpoints of the audit chain to the witnesses the operator names.
+fn start_witness(
+    args: &ServeArgs,
+    data: &Path,
+    audit: &Arc<AuditChain>,
+) -> anyhow::Result<yunqi_audit::Witnesser> {
+    let targets = args
+        .audit_witness
+        .iter()
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| yunqi_audit::Target::parse(t.trim(), data))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(crate::user_error)?;
+    if let Some(tsa) = &args.audit_tsa {
+        if !tsa.starts_with("http://") {
+            bail!(
+                "--audit-tsa {tsa:?} is not an http:// URL\nhint: e.g. --audit-tsa http://tsa.city.example/"
+            );
+        }
+        if targets.is_empty() {
+            bail!(
+                "--audit-tsa stamps checkpoints, which go to witnesses\nhint: name one with --audit-witness"
+            );
+        }
+    }
+    if args.audit_checkpoint_secs == 0 || args.audit_checkpoint_records == 0 {
+        bail!("--audit-checkpoint-secs and --audit-checkpoint-records are at least 1");
+    }
+    let key = yunqi_audit::witness::node_key(data).map_err(crate::user_error)?;
+    let n = targets.len();
+    let w = yunqi_audit::Witnesser::start(
+        audit.clone(),
+        key,
+        yunqi_audit::WitnessConfig {
+            targets,
+            every: std::time::Duration::from_secs(args.audit_checkpoint_secs),
+            records: args.audit_checkpoint_records,
+            tsa: args.audit_tsa.clone(),
+        },
+    )
+    .map_err(crate::user_error)?;
+    if n > 0 {
+        tracing::info!(witnesses = n, "audit checkpoints go to the witnesses");
+    }
+    Ok(w)
 }
 
 fn init_logging(format: &str, level: &str) -> anyhow::Result<()> {
@@ -199,6 +263,7 @@ async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
     let audit = Arc::new(
         AuditChain::open(&data.join("audit"), clock.clone(), &limits).map_err(crate::user_error)?,
     );
+    let witness = start_witness(&args, &data, &audit)?;
     let store = Arc::new(SqliteStore::open(&data.join("meta.db")).map_err(crate::user_error)?);
     let datasets =
         yunqi_datasets::DatasetStore::open(&data.join("datasets"), limits.import_bytes_max)
@@ -329,6 +394,7 @@ async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
         .record_system("yunqi.stop", "graceful shutdown".into())
         .await;
     audit.shutdown().await;
+    let _ = tokio::task::spawn_blocking(move || witness.stop()).await;
     let _ = fs::remove_file(data.join("endpoints.json"));
     tracing::info!(audit_seq = audit.durable_head().seq, "stopped");
     Ok(())
