@@ -142,13 +142,34 @@ fn fsync_latency(dir: &Path) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(median(samples)))
 }
 
-/// Appends from `writers` concurrent tasks for `seconds`; returns (appends/s, group commits,
-/// mean fdatasync time in µs).
-async fn append_run(dir: &Path, writers: usize, seconds: f64) -> anyhow::Result<(f64, u64, f64)> {
+/// Appends from `writers` concurrent tasks for `seconds`, checkpointed to a file witness
+/// `witness` when given; returns (appends/s, group commits, mean fdatasync time in µs).
+async fn append_run(
+    dir: &Path,
+    writers: usize,
+    seconds: f64,
+    witness: Option<&Path>,
+) -> anyhow::Result<(f64, u64, f64)> {
     let chain = Arc::new(
         AuditChain::open(dir, Arc::new(SystemClock), &Limits::default())
             .map_err(crate::user_error)?,
     );
+    let witnesser = match witness {
+        Some(w) => Some(
+            yunqi_audit::Witnesser::start(
+                chain.clone(),
+                yunqi_audit::witness::node_key(dir).map_err(crate::user_error)?,
+                yunqi_audit::WitnessConfig {
+                    targets: vec![yunqi_audit::Target::File(w.to_path_buf())],
+                    every: Duration::from_secs(1),
+                    records: 10_000,
+                    tsa: None,
+                },
+            )
+            .map_err(crate::user_error)?,
+        ),
+        None => None,
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let commits_before = chain.stats().group_commits.load(Ordering::Relaxed);
@@ -171,6 +192,14 @@ async fn append_run(dir: &Path, writers: usize, seconds: f64) -> anyhow::Result<
         t.await?;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    if let Some(w) = witnesser {
+        w.stop();
+        anyhow::ensure!(
+            chain.stats().witness_checkpoints.load(Ordering::Relaxed) > 0
+                && chain.stats().witness_failures.load(Ordering::Relaxed) == 0,
+            "the witness got no checkpoint"
+        );
+    }
     let commits = chain.stats().group_commits.load(Ordering::Relaxed) - commits_before;
     let sync_us =
         chain.stats().sync_micros_total.load(Ordering::Relaxed) as f64 / commits.max(1) as f64;
@@ -234,14 +263,15 @@ fn audit(
     let mut single = Vec::new();
     let mut many = Vec::new();
     let mut batch = Vec::new();
+    let mut witnessed = Vec::new();
     for r in 0..runs {
         let d = base.join(format!("single-{r}"));
-        let (rate, _, _) = runtime.block_on(append_run(&d, 1, seconds.min(2.0)))?;
+        let (rate, _, _) = runtime.block_on(append_run(&d, 1, seconds.min(2.0), None))?;
         say(format!("run {}: 1 writer: {rate:.0} appends/s", r + 1));
         single.push(rate);
         std::fs::remove_dir_all(&d)?;
         let d = base.join(format!("many-{r}"));
-        let (rate, commits, sync_us) = runtime.block_on(append_run(&d, writers, seconds))?;
+        let (rate, commits, sync_us) = runtime.block_on(append_run(&d, writers, seconds, None))?;
         let per_commit = rate * seconds / commits.max(1) as f64;
         say(format!(
             "run {}: {writers} writers: {rate:.0} appends/s, {per_commit:.1} records per group commit, {sync_us:.0} µs per fdatasync",
@@ -250,6 +280,19 @@ fn audit(
         many.push(rate);
         batch.push(per_commit);
         std::fs::remove_dir_all(&d)?;
+        // The same with a file witness, checkpointed every 10,000 records or second.
+        let d = base.join(format!("witnessed-{r}"));
+        let w = base.join(format!("witness-{r}.jsonl"));
+        std::fs::create_dir_all(&d)?;
+        let (rate, _, _) = runtime.block_on(append_run(&d, writers, seconds, Some(&w)))?;
+        let checkpoints = std::fs::read_to_string(&w)?.lines().count();
+        say(format!(
+            "run {}: {writers} writers, witnessed: {rate:.0} appends/s, {checkpoints} checkpoints",
+            r + 1
+        ));
+        witnessed.push(rate);
+        std::fs::remove_dir_all(&d)?;
+        std::fs::remove_file(&w)?;
     }
 
     // Verification: build a chain of verify_records quickly (batches), then verify it.
@@ -307,6 +350,7 @@ fn audit(
     std::fs::remove_dir_all(&vdir)?;
 
     let (single, many, batch) = (median(single), median(many), median(batch));
+    let witnessed = median(witnessed);
     let verify_rate = median(verify_rates);
     let hash_rate = median(hash_rates);
     let verify_bytes_rate = verify_rate * bytes as f64 / verify_records as f64;
@@ -322,6 +366,8 @@ fn audit(
         "records_per_group_commit": batch,
         "ratio_vs_1_writer": many / single,
         "ratio_vs_fsync_bound": many / fsync_bound,
+        "appends_per_s_witnessed": witnessed,
+        "witnessed_ratio": witnessed / many,
         "verify_records": verify_records,
         "verify_bytes": bytes,
         "verify_records_per_s": verify_rate,
@@ -337,6 +383,10 @@ fn audit(
             "audit appends, {writers} writers: {many:.0}/s median of {runs} ({:.1}× one writer at {single:.0}/s; {:.1}× the one-commit-per-fsync bound {fsync_bound:.0}/s; {batch:.1} records per group commit)",
             many / single,
             many / fsync_bound
+        );
+        println!(
+            "audit appends, {writers} writers, with a file witness (a checkpoint per 10,000 records or second): {witnessed:.0}/s ({:.2}× unwitnessed)",
+            witnessed / many
         );
         println!(
             "audit verify: {verify_rate:.0} records/s median of {runs} ({:.0} MB/s on {threads} threads; {:.2}× SHA-256 alone on one thread at {:.0} MB/s)",
