@@ -65,6 +65,16 @@ def main():
             browser = pw.chromium.launch(executable_path="/usr/bin/chromium",
                                          args=["--no-sandbox", "--disable-dev-shm-usage"])
             page = browser.new_page(locale="zh-CN", viewport={"width": 1366, "height": 900})
+            # On request (a flag in the session), the next whoami answers 500 ms late.
+            page.add_init_script("""
+                const realFetch = window.fetch;
+                window.fetch = (u, o) => {
+                  if (sessionStorage.getItem("test.slow-whoami") && String(u).endsWith("/whoami")) {
+                    sessionStorage.removeItem("test.slow-whoami");
+                    return new Promise((r) => setTimeout(r, 500)).then(() => realFetch(u, o));
+                  }
+                  return realFetch(u, o);
+                };""")
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
 
@@ -73,6 +83,8 @@ def main():
 
             def login(name):
                 page.goto(url + "/")
+                # Either the login form, or the page of whoever is still logged in.
+                page.locator("#token, #logout:visible").first.wait_for()
                 if page.locator("#logout").is_visible():
                     page.click("#logout")
                 page.fill("#token", tok[name]["token"])
@@ -82,10 +94,27 @@ def main():
             # Chinese by default for a Chinese browser; a wrong token says what went wrong.
             page.goto(url + "/")
             expect(page.locator("h1")).to_have_text("登录")
+            expect(page.locator("#nav")).to_be_hidden()
             page.fill("#token", "yq_not_a_token")
             page.press("#token", "Enter")
             expect(page.locator("[role=alert]")).to_be_visible()
             shot("01-login")
+            # An empty token is refused before anything is sent.
+            page.fill("#token", "")
+            page.press("#token", "Enter")
+            expect(page.locator("[role=alert]")).to_contain_text("请先粘贴令牌")
+            # A logout clicked while the page is still asking who is logged in stays a logout.
+            page.fill("#token", tok["city_analyst"]["token"])
+            page.press("#token", "Enter")
+            expect(page.locator("#who")).to_contain_text(tok["city_analyst"]["role"])
+            page.evaluate("sessionStorage.setItem('test.slow-whoami', '1')")
+            page.goto(url + "/")
+            page.evaluate("document.getElementById('logout').click()")
+            expect(page.locator("#token")).to_be_visible()
+            page.wait_for_timeout(800)  # the slowed whoami answers meanwhile
+            expect(page.locator("#token")).to_be_visible()
+            expect(page.locator("#who")).to_have_text("")
+            expect(page.locator("#nav")).to_be_hidden()
 
             # A citizen applies for the permit: decision, explanation, QR code.
             login("c_zhang")

@@ -8,7 +8,7 @@ const I18N = {
     brand: "云栖 · 城市政务云", logout: "退出", "nav.catalog": "数据目录", "nav.sql": "SQL",
     "nav.grants": "授权", "nav.services": "办事", "nav.dashboard": "城市大脑", "nav.audit": "审计",
     "nav.verify": "验证电子证照", "login.title": "登录", "login.token": "令牌（token）",
-    "login.help": "粘贴您的令牌。演示城市的令牌在 DIR/demo/credentials.json。", "login.go": "登录",
+    "login.help": "粘贴您的令牌。演示城市的令牌在 DIR/demo/credentials.json。", "login.go": "登录", "login.empty": "请先粘贴令牌，再点登录。",
     "catalog.title": "数据目录", "catalog.search": "搜索数据集", "catalog.go": "搜索",
     "catalog.rows": "行", "catalog.columns": "字段", "catalog.versions": "版本",
     "catalog.lineage": "血缘", "catalog.from": "来源", "catalog.usedby": "被使用",
@@ -36,7 +36,7 @@ const I18N = {
     brand: "yunqi · City Cloud", logout: "Log out", "nav.catalog": "Catalog", "nav.sql": "SQL",
     "nav.grants": "Grants", "nav.services": "Services", "nav.dashboard": "City brain", "nav.audit": "Audit",
     "nav.verify": "Verify a document", "login.title": "Log in", "login.token": "Token",
-    "login.help": "Paste your token. The demo city's tokens are in DIR/demo/credentials.json.", "login.go": "Log in",
+    "login.help": "Paste your token. The demo city's tokens are in DIR/demo/credentials.json.", "login.go": "Log in", "login.empty": "Paste a token first, then log in.",
     "catalog.title": "Catalog", "catalog.search": "Search datasets", "catalog.go": "Search",
     "catalog.rows": "rows", "catalog.columns": "Columns", "catalog.versions": "Versions",
     "catalog.lineage": "Lineage", "catalog.from": "Derived from", "catalog.usedby": "Used by",
@@ -125,9 +125,12 @@ function loginPage() {
   const out = h("div", {});
   const form = h("form", { onsubmit: async (ev) => {
     ev.preventDefault();
-    sessionStorage.setItem("yunqi.token", input.value.trim());
-    try { await loadMe(); location.hash = me.principal.role === "citizen" ? "#/services" : "#/catalog"; }
-    catch (e) { sessionStorage.removeItem("yunqi.token"); out.replaceChildren(errorBox(e)); }
+    const tok = input.value.trim();
+    if (!tok) { out.replaceChildren(errorBox(new Error(t("login.empty")))); input.focus(); return; }
+    sessionStorage.setItem("yunqi.token", tok);
+    const e = ++epoch;
+    try { if (await loadMe(e)) location.hash = me.principal.role === "citizen" ? "#/services" : "#/catalog"; }
+    catch (err) { if (e === epoch) { sessionStorage.removeItem("yunqi.token"); out.replaceChildren(errorBox(err)); } }
   } },
   h("label", { for: "token", text: t("login.token") }), input,
   h("p", { id: "token-help", class: "muted", text: t("login.help") }),
@@ -504,12 +507,19 @@ async function auditPage() {
 
 // ---- shell ----
 
-async function loadMe() {
-  me = await api("GET", "/api/v1/whoami");
+// Each login and logout starts a new epoch: an answer to an older whoami (a logout clicked while the
+// page was still loading, a second token typed quickly) must not log the page back in or out.
+let epoch = 0;
+
+async function loadMe(e) {
+  const v = await api("GET", "/api/v1/whoami");
+  if (e !== epoch) return false;
+  me = v;
   const p = me.principal;
   document.getElementById("who").textContent = `${p.display_name || p.name} · ${p.role}${p.department ? " · " + p.department : ""}`;
   document.getElementById("nav").hidden = false;
   document.getElementById("logout").hidden = false;
+  return true;
 }
 
 async function route() {
@@ -518,7 +528,11 @@ async function route() {
   document.querySelectorAll("#nav a").forEach((a) => a.toggleAttribute("aria-current", a.getAttribute("href") === "#/" + parts[0]));
   if (parts[0] === "verify") { verifyPage(parts[1]); return; }
   if (!token()) { loginPage(); return; }
-  if (!me) { try { await loadMe(); } catch { sessionStorage.removeItem("yunqi.token"); loginPage(); return; } }
+  if (!me) {
+    const e = epoch;
+    try { if (!(await loadMe(e))) return; }
+    catch { if (e === epoch) { sessionStorage.removeItem("yunqi.token"); loginPage(); } return; }
+  }
   switch (parts[0]) {
     case "catalog": return catalogPage();
     case "dataset": return datasetPage(parts[1], parts[2]);
@@ -537,7 +551,7 @@ window.addEventListener("DOMContentLoaded", () => {
     lang = lang === "zh" ? "en" : "zh"; localStorage.setItem("yunqi.lang", lang); applyI18n(); route();
   });
   document.getElementById("logout").addEventListener("click", () => {
-    sessionStorage.removeItem("yunqi.token"); me = null;
+    sessionStorage.removeItem("yunqi.token"); me = null; epoch++;
     document.getElementById("nav").hidden = true; document.getElementById("logout").hidden = true;
     document.getElementById("who").textContent = ""; location.hash = "#/"; route();
   });
