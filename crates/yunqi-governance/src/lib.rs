@@ -79,6 +79,8 @@ pub struct PrincipalSpec {
 
 #[derive(Default)]
 struct State {
+    /// The store's version this state stands at.
+    version: u64,
     departments: BTreeMap<Name, Department>,
     principals: BTreeMap<Name, Principal>,
     tokens: HashMap<String, StoredToken>,
@@ -88,6 +90,7 @@ struct State {
 impl State {
     fn from_snapshot(s: IdentitySnapshot) -> State {
         State {
+            version: s.version,
             departments: s
                 .departments
                 .into_iter()
@@ -168,6 +171,65 @@ pub struct Governance {
     limits: Limits,
     /// Stream definitions, when streams are enabled.
     streams: Option<Arc<yunqi_datasets::StreamCatalog>>,
+    /// In a cluster: refuses requests while this node cannot confirm it is current.
+    fence: Option<Arc<Fence>>,
+}
+
+/// A node's lease on being current with the cluster's metadata store.
+///
+/// The node renews it each time it has read the store's version and stands at it; it serves
+/// requests only while its last renewal is younger than the lease. A node that revokes something
+/// therefore knows that, one lease after its commit, every other node has either loaded the
+/// revocation or stopped serving ([`IdentityStore::confirm`]).
+pub struct Fence {
+    origin: std::time::Instant,
+    lease: std::time::Duration,
+    /// Milliseconds after `origin` of the last renewal, plus one; 0 while never renewed.
+    renewed: std::sync::atomic::AtomicU64,
+}
+
+impl Fence {
+    /// A fence with `lease`, not yet renewed (the node starts fenced off).
+    pub fn new(lease: std::time::Duration) -> Fence {
+        Fence {
+            origin: std::time::Instant::now(),
+            lease,
+            renewed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The lease.
+    pub fn lease(&self) -> std::time::Duration {
+        self.lease
+    }
+
+    /// Renews the lease from `at`: the moment the read that confirmed this node current began.
+    pub fn renew(&self, at: std::time::Instant) {
+        let ms = at.saturating_duration_since(self.origin).as_millis() as u64 + 1;
+        self.renewed
+            .fetch_max(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the lease holds now.
+    pub fn holds(&self) -> bool {
+        let renewed = self.renewed.load(std::sync::atomic::Ordering::SeqCst);
+        if renewed == 0 {
+            return false;
+        }
+        let at = self.origin + std::time::Duration::from_millis(renewed - 1);
+        at.elapsed() < self.lease
+    }
+
+    fn check(&self) -> Result<(), Error> {
+        if self.holds() {
+            return Ok(());
+        }
+        Err(Error::unavailable(
+            "this node cannot confirm that it is current with the cluster's metadata store",
+        )
+        .detail("a revocation made on another node may not have reached it")
+        .hint("send the request to another node; this one serves again once PostgreSQL answers it"))
+    }
 }
 
 impl Governance {
@@ -189,7 +251,47 @@ impl Governance {
             write_lock: tokio::sync::Mutex::new(()),
             limits: Limits::default(),
             streams: None,
+            fence: None,
         })
+    }
+
+    /// Serves only while `fence` holds (cluster mode).
+    pub fn with_fence(mut self, fence: Arc<Fence>) -> Governance {
+        self.fence = Some(fence);
+        self
+    }
+
+    /// The store's version the in-memory state stands at.
+    pub fn version(&self) -> u64 {
+        self.read().version
+    }
+
+    /// Loads the store again if another node has changed it; returns the version now held.
+    pub async fn refresh(&self) -> Result<u64, Error> {
+        let _guard = self.write_lock.lock().await;
+        self.reload_locked().await
+    }
+
+    /// Reloads the state from the store if the store is ahead. The caller holds `write_lock`.
+    async fn reload_locked(&self) -> Result<u64, Error> {
+        let store = self.store.clone();
+        let snapshot = tokio::task::spawn_blocking(move || store.load())
+            .await
+            .map_err(|e| Error::internal(format!("metadata store task failed: {e}")))??;
+        let mut state = self.state.write().expect("state lock");
+        if snapshot.version > state.version {
+            *state = State::from_snapshot(snapshot);
+        }
+        Ok(state.version)
+    }
+
+    /// The actor of an open session (a PostgreSQL connection) as of now: refused once its token
+    /// is revoked or expired, or while this node is fenced off.
+    pub fn revalidate(&self, actor: &Actor) -> Result<Actor, Error> {
+        if let Some(f) = &self.fence {
+            f.check()?;
+        }
+        self.actor_of_token(&actor.token_id)
     }
 
     /// Uses `limits` instead of the defaults.
@@ -271,6 +373,9 @@ impl Governance {
     /// denial with the request it came with ([`Governance::record_denial`]).
     pub fn authenticate(&self, bearer: &str) -> Result<Actor, (Error, Option<Name>)> {
         let (id, secret_hash) = tokens::parse(bearer).map_err(|e| (e, None))?;
+        if let Some(f) = &self.fence {
+            f.check().map_err(|e| (e, None))?;
+        }
         let state = self.read();
         let unknown = || {
             Error::unauthenticated("token is not valid")
@@ -612,21 +717,54 @@ impl Governance {
         self.audit.append(vec![event]).await?;
         let store = self.store.clone();
         let to_store = changes.clone();
-        let stored = tokio::task::spawn_blocking(move || store.apply(&to_store))
+        let base = self.read().version;
+        let stored = tokio::task::spawn_blocking(move || store.apply(base, &to_store))
             .await
             .map_err(|e| Error::internal(format!("metadata store task failed: {e}")))?;
-        if let Err(e) = stored {
-            // The audit says it was done; say that it was not.
-            let _ = self
-                .audit
-                .append(vec![AuditEvent {
-                    detail: format!("metadata store write failed: {}", e.message),
-                    ..failed_event
-                }])
-                .await;
-            return Err(e);
+        let stored = match stored {
+            Err(e) if e.detail.as_deref() == Some(yunqi_store::STALE) => {
+                // Another node wrote first: catch up, so that the user's retry is checked
+                // against what is stored now.
+                let _ = self.reload_locked().await;
+                Err(Error::new(
+                    yunqi_types::ErrorCode::Conflict,
+                    "another node changed departments, principals, tokens or grants at the same moment",
+                )
+                .hint("send the request again"))
+            }
+            other => other,
+        };
+        let version = match stored {
+            Ok(v) => v,
+            Err(e) => {
+                // The audit says it was done; say that it was not.
+                let _ = self
+                    .audit
+                    .append(vec![AuditEvent {
+                        detail: format!("metadata store write failed: {}", e.message),
+                        ..failed_event
+                    }])
+                    .await;
+                return Err(e);
+            }
+        };
+        // A revocation is answered only once no node serves what it took away.
+        let revokes = changes.iter().any(|c| match c {
+            IdentityChange::RevokeToken { .. } => true,
+            IdentityChange::PutGrant(g) => g.revoked_at.is_some(),
+            _ => false,
+        });
+        {
+            let mut state = self.state.write().expect("state lock");
+            state.apply(changes);
+            state.version = state.version.max(version);
         }
-        self.state.write().expect("state lock").apply(changes);
+        if revokes {
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || store.confirm(version))
+                .await
+                .map_err(|e| Error::internal(format!("metadata store task failed: {e}")))??;
+        }
         Ok(())
     }
 

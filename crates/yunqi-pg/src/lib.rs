@@ -164,6 +164,19 @@ fn actor_of<C: ClientInfo + ?Sized>(client: &C) -> PgWireResult<Arc<Actor>> {
         .ok_or_else(|| fatal("28000", &Error::unauthenticated("not logged in")))
 }
 
+impl PgServer {
+    /// The session's actor as of this statement: a token revoked (on any node) since the login
+    /// ends what the session may do, and a fenced-off node serves no statement.
+    fn current_actor<C: ClientInfo + ?Sized>(&self, client: &C) -> PgWireResult<Arc<Actor>> {
+        let actor = actor_of(client)?;
+        match self.gov.revalidate(&actor) {
+            Ok(now) if now == *actor => Ok(actor),
+            Ok(now) => Ok(Arc::new(now)),
+            Err(e) => Err(fatal(sqlstate(&e), &e)),
+        }
+    }
+}
+
 #[async_trait]
 impl StartupHandler for PgServer {
     async fn on_startup<C>(
@@ -267,7 +280,7 @@ impl SimpleQueryHandler for PgServer {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let actor = actor_of(client)?;
+        let actor = self.current_actor(client)?;
         let call = self.call(client);
         let ddl = query.trim().trim_end_matches(';');
         if let Some(kind) = yunqi_sense::ddl_kind(ddl) {
@@ -352,7 +365,7 @@ impl QueryParser for Parser {
     where
         C: ClientInfo + Unpin + Send + Sync,
     {
-        let actor = actor_of(client)?;
+        let actor = self.server.current_actor(client)?;
         let statements = self.server.engine.split(sql).map_err(|e| to_pg(&e))?;
         let kind = match statements.as_slice() {
             [] => return Ok(None),
@@ -464,7 +477,7 @@ impl ExtendedQueryHandler for Extended {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let actor = actor_of(client)?;
+        let actor = self.server.current_actor(client)?;
         match &portal.statement.statement {
             PgStatement::Session(kind) => {
                 Ok(session_response(kind).unwrap_or(Response::EmptyQuery))

@@ -68,6 +68,18 @@ impl Notifier {
     }
 }
 
+impl Drop for Notifier {
+    /// Dropping a runtime blocks, which is not allowed inside another runtime (a server that
+    /// fails to start drops Sense from its async start-up).
+    fn drop(&mut self) {
+        if let Ok(mut rt) = self.rt.lock()
+            && let Some(rt) = rt.take()
+        {
+            rt.shutdown_background();
+        }
+    }
+}
+
 fn backoff(failures: u32) -> Duration {
     let d = Duration::from_millis(500).saturating_mul(1u32 << failures.saturating_sub(1).min(10));
     d.min(BACKOFF_MAX)

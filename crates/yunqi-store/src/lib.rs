@@ -2,8 +2,10 @@
 //!
 //! [`IdentityStore`] is the narrow interface; [`SqliteStore`] the embedded implementation (one
 //! SQLite file in the data directory, WAL, `synchronous = FULL`, so that a change is durable
-//! when `apply` returns). A PostgreSQL implementation only has to apply a list of changes
-//! atomically and load everything back.
+//! when `apply` returns). The PostgreSQL implementation (`yunqi-store-pg`) is shared by the nodes
+//! of a cluster: every batch it applies raises the store's version, a batch based on an older
+//! version is refused as stale, and [`IdentityStore::confirm`] waits until every live node has
+//! loaded a version.
 //!
 //! The store holds no policy: it is told what to write by `yunqi-governance`, which has already
 //! validated, authorised and audited the change.
@@ -36,6 +38,8 @@ pub struct IdentitySnapshot {
     pub tokens: Vec<StoredToken>,
     /// Grants and requests for them, in every state.
     pub grants: Vec<Grant>,
+    /// The store's version when this was loaded: it grows with every applied batch.
+    pub version: u64,
 }
 
 /// One change; a list of them is applied atomically.
@@ -58,12 +62,27 @@ pub enum IdentityChange {
     PutGrant(Box<Grant>),
 }
 
+/// The detail of the conflict a shared store answers when a batch was based on an old version.
+pub const STALE: &str = "the metadata store changed since this node last loaded it";
+
 /// What yunqi needs of a metadata store.
 pub trait IdentityStore: Send + Sync + 'static {
     /// Loads everything.
     fn load(&self) -> Result<IdentitySnapshot, Error>;
-    /// Applies the changes atomically and durably, or none of them.
-    fn apply(&self, changes: &[IdentityChange]) -> Result<(), Error>;
+    /// Applies the changes atomically and durably, or none of them, and returns the store's new
+    /// version. `base` is the version the caller's state stands at; a store that other writers
+    /// share refuses a batch whose base is not its current version (a conflict whose detail is
+    /// [`STALE`]): the caller reloads and the user retries.
+    fn apply(&self, base: u64, changes: &[IdentityChange]) -> Result<u64, Error>;
+    /// The store's current version, without loading anything.
+    fn version(&self) -> Result<u64, Error>;
+    /// Returns once every other live reader of the store has loaded `version` or has fenced
+    /// itself off (refuses requests until it has caught up). A store with one reader returns at
+    /// once.
+    fn confirm(&self, version: u64) -> Result<(), Error> {
+        let _ = version;
+        Ok(())
+    }
 }
 
 /// The version of the SQLite schema this code writes.
@@ -102,8 +121,12 @@ CREATE TABLE grant_record (
 ";
 
 /// The embedded store: one SQLite file.
+///
+/// The data directory's lock makes its server the only writer, so the version is a counter kept
+/// in memory: it starts at 0 on every open and is never compared.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    version: std::sync::atomic::AtomicU64,
 }
 
 fn db_error(e: rusqlite::Error) -> Error {
@@ -163,6 +186,7 @@ impl SqliteStore {
         }
         Ok(SqliteStore {
             conn: Mutex::new(conn),
+            version: std::sync::atomic::AtomicU64::new(0),
         })
     }
 }
@@ -271,10 +295,15 @@ impl IdentityStore for SqliteStore {
         snapshot
             .grants
             .sort_by(|a, b| (a.requested_at, &a.id).cmp(&(b.requested_at, &b.id)));
+        snapshot.version = self.version.load(std::sync::atomic::Ordering::SeqCst);
         Ok(snapshot)
     }
 
-    fn apply(&self, changes: &[IdentityChange]) -> Result<(), Error> {
+    fn version(&self) -> Result<u64, Error> {
+        Ok(self.version.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    fn apply(&self, _base: u64, changes: &[IdentityChange]) -> Result<u64, Error> {
         let mut conn = self.conn.lock().expect("store lock");
         let tx = conn.transaction().map_err(db_error)?;
         for change in changes {
@@ -338,7 +367,11 @@ impl IdentityStore for SqliteStore {
                 other => db_error(other),
             })?;
         }
-        tx.commit().map_err(db_error)
+        tx.commit().map_err(db_error)?;
+        Ok(self
+            .version
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1)
     }
 }
 
@@ -379,11 +412,14 @@ mod tests {
             secret_hash: [7; 32],
         };
         store
-            .apply(&[
-                IdentityChange::CreateDepartment(dept.clone()),
-                IdentityChange::CreatePrincipal(alice.clone()),
-                IdentityChange::CreateToken(token.clone()),
-            ])
+            .apply(
+                0,
+                &[
+                    IdentityChange::CreateDepartment(dept.clone()),
+                    IdentityChange::CreatePrincipal(alice.clone()),
+                    IdentityChange::CreateToken(token.clone()),
+                ],
+            )
             .unwrap();
         // A batch with a failing change writes nothing.
         let bob = Principal {
@@ -391,17 +427,23 @@ mod tests {
             ..alice.clone()
         };
         let err = store
-            .apply(&[
-                IdentityChange::CreatePrincipal(bob),
-                IdentityChange::CreateDepartment(dept.clone()),
-            ])
+            .apply(
+                0,
+                &[
+                    IdentityChange::CreatePrincipal(bob),
+                    IdentityChange::CreateDepartment(dept.clone()),
+                ],
+            )
             .unwrap_err();
         assert_eq!(err.code, yunqi_types::ErrorCode::Conflict);
         store
-            .apply(&[IdentityChange::RevokeToken {
-                id: token.info.id.clone(),
-                at: t(5),
-            }])
+            .apply(
+                0,
+                &[IdentityChange::RevokeToken {
+                    id: token.info.id.clone(),
+                    at: t(5),
+                }],
+            )
             .unwrap();
         drop(store);
 
@@ -439,12 +481,12 @@ mod tests {
             revoked_at: None,
         };
         store
-            .apply(&[IdentityChange::PutGrant(Box::new(g.clone()))])
+            .apply(0, &[IdentityChange::PutGrant(Box::new(g.clone()))])
             .unwrap();
         g.status = yunqi_types::GrantStatus::Approved;
         g.decided_by = Some("li".into());
         store
-            .apply(&[IdentityChange::PutGrant(Box::new(g.clone()))])
+            .apply(0, &[IdentityChange::PutGrant(Box::new(g.clone()))])
             .unwrap();
         drop(store);
         let loaded = SqliteStore::open(&path).unwrap().load().unwrap();
@@ -456,10 +498,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("meta.db")).unwrap();
         let err = store
-            .apply(&[IdentityChange::RevokeToken {
-                id: "nope".into(),
-                at: t(0),
-            }])
+            .apply(
+                0,
+                &[IdentityChange::RevokeToken {
+                    id: "nope".into(),
+                    at: t(0),
+                }],
+            )
             .unwrap_err();
         assert_eq!(err.code, yunqi_types::ErrorCode::NotFound);
     }
