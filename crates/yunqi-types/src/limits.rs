@@ -1,8 +1,10 @@
 //! Every limit of the platform, in one place. Names end with their unit. Exceeding a limit is a
 //! typed [`crate::ErrorCode::LimitExceeded`] error, never an out-of-memory or an endless wait.
 
-/// The named limits. `Limits::default()` holds the values a fresh install uses.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The named limits. `Limits::default()` holds the values a fresh install uses; the `[limits]`
+/// section of `yunqi.toml` sets any of them by name.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Largest HTTP request body.
     pub request_body_bytes_max: usize,

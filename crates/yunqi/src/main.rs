@@ -11,6 +11,8 @@ mod bench_stream;
 mod client;
 mod client_service;
 mod client_stream;
+mod cluster;
+mod config;
 mod demo;
 mod serve;
 mod simulate;
@@ -105,6 +107,9 @@ enum Command {
     Audit(AuditCommand),
     /// Who the token belongs to.
     Whoami,
+    /// Cluster mode: prepare the shared engines, list the nodes.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
     /// Benchmarks; figures go to BENCHMARKS.md.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -195,6 +200,7 @@ fn main() -> ExitCode {
             witness,
         }) => verify(&data, threads, &witness, json),
         Command::Bench(cmd) => bench::run(cmd, json),
+        Command::Cluster(cmd) => cluster::run(cmd, json),
         Command::Simulate(SimulateCommand::Traffic(args)) => simulate::traffic(args),
         other => {
             let api = client::Api::new(&cli.url, cli.token.as_deref());

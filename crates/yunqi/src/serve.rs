@@ -18,21 +18,30 @@ use clap::Args;
 use yunqi_audit::AuditChain;
 use yunqi_governance::Governance;
 use yunqi_store::SqliteStore;
-use yunqi_types::{Clock, Limits, SystemClock};
+use yunqi_types::{Clock, SystemClock};
 
 use crate::{DEFAULT_DATA, DEFAULT_HTTP, DEFAULT_PG};
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// Data directory (created on first start).
-    #[arg(long, default_value = DEFAULT_DATA)]
-    data: PathBuf,
-    /// HTTP address (API, console, metrics). Port 0 picks a free port.
-    #[arg(long, default_value = DEFAULT_HTTP)]
-    http: String,
-    /// PostgreSQL wire protocol address. Port 0 picks a free port.
-    #[arg(long, default_value = DEFAULT_PG)]
-    pg: String,
+    /// Configuration file (yunqi.toml; docs/configuration.md); flags override it.
+    #[arg(long, env = "YUNQI_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (created on first start) [default: ./yunqi-data].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// HTTP address (API, console, metrics). Port 0 picks a free port [default: 127.0.0.1:7700].
+    #[arg(long)]
+    http: Option<String>,
+    /// PostgreSQL wire protocol address. Port 0 picks a free port [default: 127.0.0.1:7432].
+    #[arg(long)]
+    pg: Option<String>,
+    /// Cluster mode: the PostgreSQL database the nodes share (run `yunqi cluster init` first).
+    #[arg(long, env = "YUNQI_POSTGRES")]
+    postgres: Option<String>,
+    /// Cluster mode: this node's name, unique in the cluster.
+    #[arg(long, env = "YUNQI_NODE")]
+    node: Option<String>,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -239,7 +248,26 @@ pub fn run_with(args: ServeArgs, level: &str, on_ready: OnReady) -> anyhow::Resu
 }
 
 async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
-    let data = args.data.clone();
+    let config = match &args.config {
+        Some(path) => crate::config::Config::load(path)?,
+        None => crate::config::Config::default(),
+    };
+    let data = args
+        .data
+        .clone()
+        .or(config.server.data.clone())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA));
+    let http_addr_arg = args
+        .http
+        .clone()
+        .or(config.server.http.clone())
+        .unwrap_or_else(|| DEFAULT_HTTP.to_string());
+    let pg_addr_arg = args
+        .pg
+        .clone()
+        .or(config.server.pg.clone())
+        .unwrap_or_else(|| DEFAULT_PG.to_string());
+    let cluster = config.cluster(args.node.as_deref(), args.postgres.as_deref())?;
     let tls = match (&args.pg_tls_cert, &args.pg_tls_key) {
         (Some(cert), Some(key)) => {
             Some(yunqi_pg::tls_acceptor(cert, key).map_err(crate::user_error)?)
@@ -257,14 +285,33 @@ async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
         .create(&data)
         .with_context(|| format!("cannot create data directory {}", data.display()))?;
     let _lock = lock_data_dir(&data)?;
-    let limits = Limits::default();
+    let limits = config.limits.clone();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
 
     let audit = Arc::new(
         AuditChain::open(&data.join("audit"), clock.clone(), &limits).map_err(crate::user_error)?,
     );
     let witness = start_witness(&args, &data, &audit)?;
-    let store = Arc::new(SqliteStore::open(&data.join("meta.db")).map_err(crate::user_error)?);
+    let (store, shared): (Arc<dyn yunqi_store::IdentityStore>, _) = match &cluster {
+        None => (
+            Arc::new(SqliteStore::open(&data.join("meta.db")).map_err(crate::user_error)?),
+            None,
+        ),
+        Some(c) => {
+            let node = match &c.node {
+                Some(n) => n.clone(),
+                None => crate::cluster::default_node_name(&http_addr_arg)?,
+            };
+            let pg = Arc::new(
+                yunqi_store_pg::PgStore::open(&c.postgres, &node, c.lease)
+                    .map_err(crate::user_error)?,
+            );
+            (pg.clone() as Arc<dyn yunqi_store::IdentityStore>, Some(pg))
+        }
+    };
+    let fence = cluster
+        .as_ref()
+        .map(|c| Arc::new(yunqi_governance::Fence::new(c.lease)));
     let datasets =
         yunqi_datasets::DatasetStore::open(&data.join("datasets"), limits.import_bytes_max)
             .map_err(crate::user_error)?;
@@ -278,12 +325,14 @@ async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
         clock.clone(),
     )
     .map_err(crate::user_error)?;
-    let gov = Arc::new(
-        Governance::open(store, datasets, audit.clone(), clock)
-            .map_err(crate::user_error)?
-            .with_limits(limits.clone())
-            .with_streams(streams_catalog),
-    );
+    let gov = Governance::open(store, datasets, audit.clone(), clock)
+        .map_err(crate::user_error)?
+        .with_limits(limits.clone())
+        .with_streams(streams_catalog);
+    let gov = Arc::new(match &fence {
+        Some(f) => gov.with_fence(f.clone()),
+        None => gov,
+    });
     let sense = yunqi_sense::Sense::open(gov.clone(), log.clone(), &data.join("views"))
         .map_err(crate::user_error)?;
     for p in &args.notify_allow {
@@ -296,15 +345,40 @@ async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
     sense.allow_notifications_to(args.notify_allow.clone());
 
     let token_path = data.join("admin.token");
-    if let Some(token) = gov.bootstrap().await.map_err(crate::user_error)? {
+    // Nodes of a new cluster may start together: one bootstraps, the others see its admin.
+    let bootstrapped = match gov.bootstrap().await {
+        Err(e) if shared.is_some() && e.code == yunqi_types::ErrorCode::Conflict => {
+            gov.refresh().await.map_err(crate::user_error)?;
+            gov.bootstrap().await
+        }
+        other => other,
+    };
+    if let Some(token) = bootstrapped.map_err(crate::user_error)? {
         write_atomically(&token_path, format!("{}\n", token.token).as_bytes(), 0o600)?;
         tracing::info!(path = %token_path.display(), "created the bootstrap principal \"admin\"");
     }
 
-    let http = bind(&args.http, "HTTP").await?;
+    let http = bind(&http_addr_arg, "HTTP").await?;
     let http_addr = http.local_addr()?;
-    let pg = bind(&args.pg, "PostgreSQL").await?;
+    let pg = bind(&pg_addr_arg, "PostgreSQL").await?;
     let pg_addr = pg.local_addr()?;
+    let (sync_stop, sync_rx) = tokio::sync::watch::channel(false);
+    let sync = match (&shared, &fence, &cluster) {
+        (Some(store), Some(fence), Some(c)) => Some(
+            crate::cluster::join(
+                store.clone(),
+                gov.clone(),
+                fence.clone(),
+                c.heartbeat,
+                format!("http://{http_addr}"),
+                pg_addr.to_string(),
+                sync_rx,
+            )
+            .await
+            .map_err(crate::user_error)?,
+        ),
+        _ => None,
+    };
     let endpoints = serde_json::json!({
         "http": format!("http://{http_addr}"),
         "pg": pg_addr.to_string(),
@@ -334,7 +408,17 @@ async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
         pg_addr.ip(),
         pg_addr.port()
     );
-    println!("  admin token {}", token_path.display());
+    if let Some(store) = &shared {
+        println!(
+            "  cluster     node {} over the shared metadata store (`yunqi cluster status`)",
+            store.node()
+        );
+    }
+    if token_path.exists() {
+        println!("  admin token {}", token_path.display());
+    } else {
+        println!("  admin token on the node that bootstrapped the cluster (its DIR/admin.token)");
+    }
     println!(
         "  try: export YUNQI_URL=http://{http_addr} YUNQI_TOKEN=$(cat {})",
         token_path.display()
@@ -390,6 +474,12 @@ async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
     }
     yunqi_stream::StreamLog::shutdown(log.as_ref()).await;
 
+    let _ = sync_stop.send(true);
+    if let (Some(task), Some(store)) = (sync, &shared) {
+        let _ = task.await;
+        let store = store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.deregister()).await;
+    }
     let _ = gov
         .record_system("yunqi.stop", "graceful shutdown".into())
         .await;

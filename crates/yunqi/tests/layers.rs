@@ -11,13 +11,14 @@ const LAYERS: &[(&str, u8)] = &[
     ("yunqi-store", 1),
     ("yunqi-datasets", 1),
     ("yunqi-stream", 1),
-    ("yunqi-governance", 2),
-    ("yunqi-sql", 3),
-    ("yunqi-sense", 3),
-    ("yunqi-serve", 4),
-    ("yunqi-api", 5),
-    ("yunqi-pg", 5),
-    ("yunqi", 6),
+    ("yunqi-store-pg", 2),
+    ("yunqi-governance", 3),
+    ("yunqi-sql", 4),
+    ("yunqi-sense", 4),
+    ("yunqi-serve", 5),
+    ("yunqi-api", 6),
+    ("yunqi-pg", 6),
+    ("yunqi", 7),
 ];
 
 #[test]

@@ -1,0 +1,230 @@
+//! Cluster mode: a node joins the cluster over the shared PostgreSQL store and keeps current
+//! with it; `yunqi cluster init` and `yunqi cluster status`.
+//!
+//! Keeping current: a task heartbeats every `heartbeat_ms` (and at once when the store announces
+//! a new version), reloads governance when the store is ahead, and renews the node's fence from
+//! the moment the read that proved it current began. A node whose heartbeats fail stops serving
+//! when its lease runs out, so a revocation on another node never waits longer than one lease.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Subcommand;
+use yunqi_governance::{Fence, Governance};
+use yunqi_store_pg::{NodeInfo, PgStore};
+use yunqi_types::Error;
+
+#[derive(Subcommand)]
+pub enum ClusterCommand {
+    /// Create or migrate yunqi's schema in the shared PostgreSQL database (idempotent).
+    Init {
+        /// The database the nodes share.
+        #[arg(long, env = "YUNQI_POSTGRES")]
+        postgres: String,
+    },
+    /// The nodes of the cluster: their addresses, versions, heartbeats and what they hold.
+    Status {
+        /// The database the nodes share.
+        #[arg(long, env = "YUNQI_POSTGRES")]
+        postgres: String,
+    },
+}
+
+/// A node's default name: the host name and the HTTP port (`host-7700`).
+pub fn default_node_name(http: &str) -> anyhow::Result<String> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_else(|_| "node".into())
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect::<String>();
+    let port = http.rsplit(':').next().unwrap_or("0");
+    if port == "0" {
+        anyhow::bail!(
+            "a cluster node on a free port (--http HOST:0) needs a name\nhint: give it one with --node NAME or [cluster] node"
+        );
+    }
+    let name: String = format!("{host}-{port}").chars().take(63).collect();
+    crate::config::check_node_name(&name)?;
+    Ok(name)
+}
+
+/// Registers this node, confirms it current once, and starts keeping it current until `stop`.
+pub async fn join(
+    store: Arc<PgStore>,
+    gov: Arc<Governance>,
+    fence: Arc<Fence>,
+    every: Duration,
+    http: String,
+    pg: String,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>, Error> {
+    let info = NodeInfo {
+        name: store.node().to_string(),
+        http,
+        pg,
+        software: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let s = store.clone();
+    let seen = gov.version();
+    blocking(move || s.register(&info, seen)).await?;
+    sync_once(&store, &gov, &fence).await?;
+    tracing::info!(node = store.node(), "joined the cluster");
+    Ok(tokio::spawn(keep_current(store, gov, fence, every, stop)))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::internal(format!("metadata store task failed: {e}")))?
+}
+
+/// One round: heartbeat, catch up if behind, renew the fence.
+async fn sync_once(
+    store: &Arc<PgStore>,
+    gov: &Arc<Governance>,
+    fence: &Fence,
+) -> Result<(), Error> {
+    let began = Instant::now();
+    let seen = gov.version();
+    let s = store.clone();
+    let current = blocking(move || s.heartbeat(seen)).await?;
+    if current > seen {
+        let now = gov.refresh().await?;
+        if now < current {
+            return Err(Error::unavailable(
+                "the metadata store went back in version",
+            ));
+        }
+        fence.renew(began);
+        // Say at once that this node has the new version: a revocation may be waiting for it.
+        let s = store.clone();
+        blocking(move || s.heartbeat(now)).await?;
+    } else {
+        fence.renew(began);
+    }
+    Ok(())
+}
+
+async fn keep_current(
+    store: Arc<PgStore>,
+    gov: Arc<Governance>,
+    fence: Arc<Fence>,
+    every: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let changes = store.changes();
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = changes.notified() => {}
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        match sync_once(&store, &gov, &fence).await {
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!("the metadata store answers again: this node serves");
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e.message, lease_ms = fence.lease().as_millis() as u64,
+                    "cannot confirm this node is current; it stops serving when its lease runs out");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// `yunqi cluster …`.
+pub fn run(cmd: ClusterCommand, json: bool) -> anyhow::Result<std::process::ExitCode> {
+    match cmd {
+        ClusterCommand::Init { postgres } => {
+            let r = yunqi_store_pg::init(&postgres).map_err(crate::user_error)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"schema_from": r.from, "schema": r.to})
+                );
+            } else if r.from == r.to {
+                println!("yunqi schema version {} is in place; nothing to do", r.to);
+            } else if r.from == 0 {
+                println!("created yunqi schema version {}", r.to);
+            } else {
+                println!("migrated yunqi schema from version {} to {}", r.from, r.to);
+            }
+        }
+        ClusterCommand::Status { postgres } => {
+            let (version, nodes) = yunqi_store_pg::status(&postgres).map_err(crate::user_error)?;
+            if json {
+                let nodes: Vec<_> = nodes
+                    .iter()
+                    .map(|n| {
+                        serde_json::json!({
+                            "name": n.info.name, "http": n.info.http, "pg": n.info.pg,
+                            "software": n.info.software, "state": state(n),
+                            "started_at": n.started_at, "heartbeat_at": n.heartbeat_at,
+                            "heartbeat_age_ms": n.heartbeat_age_ms, "stopped_at": n.stopped_at,
+                            "metadata_version": n.seen_version, "lease_ms": n.lease_ms,
+                            "holds": holds(n),
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"metadata_version": version, "nodes": nodes})
+                );
+            } else {
+                println!("metadata version {version}; {} node(s)", nodes.len());
+                println!(
+                    "{:<20} {:<8} {:<9} {:>8} {:>10}  {:<24} {:<22} holds",
+                    "NODE", "STATE", "SOFTWARE", "VERSION", "HEARTBEAT", "HTTP", "PG"
+                );
+                for n in &nodes {
+                    println!(
+                        "{:<20} {:<8} {:<9} {:>8} {:>8}ms  {:<24} {:<22} {}",
+                        n.info.name,
+                        state(n),
+                        n.info.software,
+                        n.seen_version,
+                        n.heartbeat_age_ms,
+                        n.info.http,
+                        n.info.pg,
+                        holds(n)
+                    );
+                }
+            }
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn state(n: &yunqi_store_pg::NodeStatus) -> &'static str {
+    if n.stopped_at.is_some() {
+        "stopped"
+    } else if n.live() {
+        "live"
+    } else {
+        "lapsed"
+    }
+}
+
+/// What the node holds of the cluster's work. Until writers are spread over the nodes, every
+/// node holds its own data directory's datasets, streams, views and services.
+fn holds(n: &yunqi_store_pg::NodeStatus) -> &'static str {
+    if n.stopped_at.is_some() {
+        "-"
+    } else {
+        "identities; its own datasets, streams, services"
+    }
+}

@@ -1,0 +1,276 @@
+//! `yunqi.toml`: what `yunqi serve --config FILE` reads. Flags and environment variables
+//! override it; what neither sets takes the defaults documented in docs/configuration.md.
+//!
+//! ```toml
+//! [server]
+//! data = "/var/lib/yunqi"
+//! http = "0.0.0.0:7700"
+//! pg = "0.0.0.0:7432"
+//!
+//! [limits]
+//! query_timeout_ms = 10000
+//!
+//! [cluster]
+//! node = "node-a"
+//! postgres = "postgresql://db.city.example:5432/yunqi"
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use yunqi_types::Limits;
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listen addresses and the data directory.
+    #[serde(default)]
+    pub server: ServerSection,
+    /// Every limit of the platform, by name.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Cluster mode; absent: embedded.
+    pub cluster: Option<ClusterSection>,
+}
+
+/// `[server]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Data directory.
+    pub data: Option<PathBuf>,
+    /// HTTP address.
+    pub http: Option<String>,
+    /// PostgreSQL wire protocol address.
+    pub pg: Option<String>,
+}
+
+/// `[cluster]`: the shared engines and this node's place among the nodes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// This node's name, unique in the cluster (default: the host name and HTTP port).
+    pub node: Option<String>,
+    /// The PostgreSQL database every node shares.
+    pub postgres: Option<String>,
+    /// How often a node confirms it is current (milliseconds).
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// How long a node serves after its last confirmation (milliseconds); also the longest a
+    /// revocation waits for a node that does not confirm it.
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+}
+
+fn default_heartbeat_ms() -> u64 {
+    250
+}
+
+fn default_lease_ms() -> u64 {
+    2_000
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            node: None,
+            postgres: None,
+            heartbeat_ms: default_heartbeat_ms(),
+            lease_ms: default_lease_ms(),
+        }
+    }
+}
+
+/// Cluster mode, resolved.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// This node's name.
+    pub node: Option<String>,
+    /// The PostgreSQL URL.
+    pub postgres: String,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+    /// Lease.
+    pub lease: Duration,
+}
+
+impl Config {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the configuration file {}", path.display()))?;
+        Config::parse(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    /// Parses and checks a configuration.
+    pub fn parse(text: &str) -> anyhow::Result<Config> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            anyhow::anyhow!(
+                "{}\nhint: docs/configuration.md lists every section and key",
+                e.to_string().trim_end()
+            )
+        })?;
+        check_limits(&config.limits)?;
+        if let Some(c) = &config.cluster {
+            check_cluster(c)?;
+        }
+        Ok(config)
+    }
+
+    /// The cluster section with flags applied: `node` and `postgres` override the file's.
+    pub fn cluster(
+        &self,
+        node: Option<&str>,
+        postgres: Option<&str>,
+    ) -> anyhow::Result<Option<Cluster>> {
+        let section = match (&self.cluster, postgres) {
+            (None, None) => {
+                if node.is_some() {
+                    bail!(
+                        "--node names a node of a cluster, but no cluster is configured\nhint: add --postgres URL or a [cluster] section with postgres = \"URL\""
+                    );
+                }
+                return Ok(None);
+            }
+            (Some(c), _) => c.clone(),
+            (None, Some(_)) => ClusterSection::default(),
+        };
+        let Some(postgres) = postgres
+            .map(str::to_string)
+            .or_else(|| section.postgres.clone())
+        else {
+            bail!(
+                "[cluster] needs postgres = \"URL\", the database the nodes share\nhint: e.g. postgres = \"postgresql://127.0.0.1:5432/yunqi\""
+            );
+        };
+        let node = node.map(str::to_string).or(section.node.clone());
+        if let Some(n) = &node {
+            check_node_name(n)?;
+        }
+        Ok(Some(Cluster {
+            node,
+            postgres,
+            heartbeat: Duration::from_millis(section.heartbeat_ms),
+            lease: Duration::from_millis(section.lease_ms),
+        }))
+    }
+}
+
+/// A node name: 1 to 63 of a-z, 0-9, - and _, starting with a letter or digit.
+pub fn check_node_name(n: &str) -> anyhow::Result<()> {
+    let ok = !n.is_empty()
+        && n.len() <= 63
+        && n.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        && n.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if !ok {
+        bail!("node name {n:?} is not valid\nhint: use 1 to 63 of a-z, 0-9, - and _, e.g. node-a");
+    }
+    Ok(())
+}
+
+fn check_cluster(c: &ClusterSection) -> anyhow::Result<()> {
+    if c.heartbeat_ms == 0 || c.lease_ms == 0 {
+        bail!("[cluster] heartbeat_ms and lease_ms are at least 1");
+    }
+    if c.lease_ms < 2 * c.heartbeat_ms {
+        bail!(
+            "[cluster] lease_ms ({}) must be at least twice heartbeat_ms ({}), or a node that misses one heartbeat stops serving\nhint: the defaults are heartbeat_ms = 250 and lease_ms = 2000",
+            c.lease_ms,
+            c.heartbeat_ms
+        );
+    }
+    Ok(())
+}
+
+/// Every limit is a positive number.
+fn check_limits(limits: &Limits) -> anyhow::Result<()> {
+    let v = serde_json::to_value(limits)?;
+    for (name, value) in v.as_object().into_iter().flatten() {
+        if value.as_u64() == Some(0) {
+            bail!(
+                "[limits] {name} = 0 is not allowed: every limit is at least 1\nhint: remove the key to use its default ({})",
+                serde_json::to_value(Limits::default())?[name]
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_is_the_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.limits, Limits::default());
+        assert!(c.cluster.is_none());
+        assert!(c.cluster(None, None).unwrap().is_none());
+    }
+
+    #[test]
+    fn limits_are_set_by_name_and_typos_are_refused() {
+        let c = Config::parse("[limits]\nquery_timeout_ms = 5000\n").unwrap();
+        assert_eq!(c.limits.query_timeout_ms, 5000);
+        assert_eq!(
+            c.limits.sql_result_rows_max,
+            Limits::default().sql_result_rows_max
+        );
+        let e = Config::parse("[limits]\nquery_timeout = 5000\n").unwrap_err();
+        assert!(format!("{e:#}").contains("query_timeout"), "{e:#}");
+        let e = Config::parse("[limits]\nquery_timeout_ms = 0\n").unwrap_err();
+        assert!(format!("{e:#}").contains("at least 1"), "{e:#}");
+        let e = Config::parse("[serverr]\n").unwrap_err();
+        assert!(format!("{e:#}").contains("serverr"), "{e:#}");
+    }
+
+    #[test]
+    fn flags_override_the_cluster_section() {
+        let c = Config::parse(
+            "[cluster]\nnode = \"node-a\"\npostgres = \"postgresql://db/yunqi\"\nlease_ms = 3000\n",
+        )
+        .unwrap();
+        let k = c.cluster(Some("node-b"), None).unwrap().unwrap();
+        assert_eq!(k.node.as_deref(), Some("node-b"));
+        assert_eq!(k.postgres, "postgresql://db/yunqi");
+        assert_eq!(k.lease, Duration::from_millis(3000));
+        assert_eq!(k.heartbeat, Duration::from_millis(250));
+        let k = Config::default()
+            .cluster(None, Some("postgresql://x/y"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(k.postgres, "postgresql://x/y");
+        assert!(Config::default().cluster(Some("n1"), None).is_err());
+        assert!(
+            Config::parse("[cluster]\nnode = \"a\"\n")
+                .unwrap()
+                .cluster(None, None)
+                .is_err()
+        );
+        assert!(Config::parse("[cluster]\npostgres = \"p\"\nheartbeat_ms = 2000\n").is_err());
+        assert!(check_node_name("Node A").is_err());
+    }
+
+    /// docs/configuration.md names every limit with its default: a new limit must be documented.
+    #[test]
+    fn every_limit_is_documented_with_its_default() {
+        let doc = include_str!("../../../docs/configuration.md");
+        let defaults = serde_json::to_value(Limits::default()).unwrap();
+        for (name, value) in defaults.as_object().unwrap() {
+            let row = doc
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{name}` ")))
+                .unwrap_or_else(|| panic!("docs/configuration.md does not list {name}"));
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            assert_eq!(
+                cells[2].replace('_', ""),
+                value.to_string(),
+                "docs/configuration.md gives another default for {name}"
+            );
+        }
+    }
+}
