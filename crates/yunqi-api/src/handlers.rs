@@ -28,15 +28,24 @@ fn title(raw: Option<String>, fallback: &str, max: usize) -> Result<String, Erro
     Ok(t)
 }
 
-/// Liveness and the audit position.
+/// Liveness and the audit position. A cluster node that cannot confirm it is current answers
+/// 503 with status `fenced`, so that a load balancer sends requests elsewhere.
 #[utoipa::path(get, path = "/healthz", tag = "operations",
-    responses((status = 200, body = Health)))]
-pub async fn healthz(State(state): State<AppState>) -> axum::Json<Health> {
-    axum::Json(Health {
-        status: "ok".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        audit_seq: state.gov.audit().durable_head().seq,
-    })
+    responses((status = 200, body = Health), (status = 503, body = Health)))]
+pub async fn healthz(State(state): State<AppState>) -> (StatusCode, axum::Json<Health>) {
+    let serving = state.gov.serving();
+    (
+        if serving {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        axum::Json(Health {
+            status: if serving { "ok" } else { "fenced" }.into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            audit_seq: state.gov.audit().durable_head().seq,
+        }),
+    )
 }
 
 /// Prometheus metrics.

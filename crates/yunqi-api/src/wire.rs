@@ -305,7 +305,7 @@ pub struct WhoAmI {
 /// `GET /healthz`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
-    /// `ok`.
+    /// `ok`, or `fenced` (a cluster node that cannot confirm it is current: it refuses requests).
     pub status: String,
     /// yunqi version.
     pub version: String,

@@ -261,6 +261,11 @@ impl Governance {
         self
     }
 
+    /// Whether this node serves requests: always embedded; in a cluster, while its fence holds.
+    pub fn serving(&self) -> bool {
+        self.fence.as_ref().is_none_or(|f| f.holds())
+    }
+
     /// The store's version the in-memory state stands at.
     pub fn version(&self) -> u64 {
         self.read().version

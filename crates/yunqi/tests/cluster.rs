@@ -321,3 +321,129 @@ fn a_config_file_sets_addresses_limits_and_the_cluster() {
     assert_ne!(code, 0);
     assert!(err.contains("sql_rows_max"), "{err}");
 }
+
+/// A TCP proxy to the local PostgreSQL that the test can cut and restore: a node behind it
+/// loses its metadata store while the others keep theirs.
+struct Proxy {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    fn start() -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::<std::net::TcpStream>::new()));
+        let (c, k) = (cut.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if c.load(Ordering::SeqCst) {
+                    continue; // dropped: refused
+                }
+                let Ok(upstream) = std::net::TcpStream::connect("127.0.0.1:5432") else {
+                    continue;
+                };
+                let mut list = k.lock().unwrap();
+                list.push(client.try_clone().unwrap());
+                list.push(upstream.try_clone().unwrap());
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), upstream.try_clone().unwrap()),
+                    (upstream, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { port, cut, conns }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::SeqCst);
+        if cut {
+            for c in self.conns.lock().unwrap().drain(..) {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_node_cut_off_from_postgres_stops_serving_and_resumes_without_a_restart() {
+    let db = Database::create("fence");
+    let url = db.url();
+    let (code, _, err) = yunqi(&["cluster", "init", "--postgres", &url]);
+    assert_eq!(code, 0, "{err}");
+    let dir_a = tempfile::tempdir().unwrap();
+    let a = node(dir_a.path(), &db, "a");
+    let proxy = Proxy::start();
+    let via_proxy = format!("postgresql://postgres@127.0.0.1:{}/{}", proxy.port, db.name);
+    let dir_b = tempfile::tempdir().unwrap();
+    let b = Server::start_with(dir_b.path(), &["--postgres", &via_proxy, "--node", "b"]);
+    a.dept("transport");
+    let token = a.principal("wang", "steward", Some("transport"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.call("GET", "/api/v1/whoami", Some(&token), None).0 != 200 {
+        assert!(Instant::now() < deadline, "node b never saw wang");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(b.call("GET", "/healthz", None, None).0, 200);
+
+    // Cut b off: within its lease (2 s) it stops serving, and says where to go.
+    proxy.set_cut(true);
+    let cut_at = Instant::now();
+    let fenced = loop {
+        let (status, v) = b.call("GET", "/api/v1/whoami", Some(&token), None);
+        if status == 503 {
+            break v;
+        }
+        assert_eq!(status, 200, "{v}");
+        assert!(
+            cut_at.elapsed() < Duration::from_secs(4),
+            "node b still serves {:?} after losing PostgreSQL",
+            cut_at.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        fenced["error"]["hint"]
+            .as_str()
+            .unwrap()
+            .contains("another node"),
+        "{fenced}"
+    );
+    let (status, h) = b.call("GET", "/healthz", None, None);
+    assert_eq!((status, h["status"].as_str()), (503, Some("fenced")), "{h}");
+    // Meanwhile a revokes wang's token: the call returns, and b, once back, refuses it.
+    let id = token.split('_').nth(1).unwrap();
+    let (status, v) = a.admin("POST", &format!("/api/v1/tokens/{id}/revoke"), None);
+    assert_eq!(status, 200, "{v}");
+    proxy.set_cut(false);
+    let back = Instant::now();
+    loop {
+        let (status, v) = b.call("GET", "/api/v1/whoami", Some(&token), None);
+        if status == 401 {
+            assert!(
+                v["error"]["message"].as_str().unwrap().contains("revoked"),
+                "{v}"
+            );
+            break;
+        }
+        assert_eq!(
+            status, 503,
+            "a reconnected node served a revoked token: {v}"
+        );
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "node b did not resume after PostgreSQL came back"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(b.call("GET", "/healthz", None, None).0, 200);
+}
