@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# A three-node yunqi cluster on this machine, to try cluster mode in one command:
+# starts PostgreSQL (scripts/services.sh), creates the database yunqi_dev if it is missing,
+# prepares it (`yunqi cluster init`), and runs nodes a, b, c on HTTP 7701-7703 and PostgreSQL
+# protocol 7431-7433 with data directories under DIR (default ./yunqi-cluster). Ctrl-C stops
+# them. Usage: bash scripts/dev-cluster.sh [DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DIR="${1:-./yunqi-cluster}"
+bash scripts/services.sh
+cargo build --locked -p yunqi
+BIN="${CARGO_TARGET_DIR:-target}/debug/yunqi"
+psql -qX -h 127.0.0.1 -U postgres -d test -tc "SELECT 1 FROM pg_database WHERE datname = 'yunqi_dev'" | grep -q 1 \
+  || psql -qX -h 127.0.0.1 -U postgres -d test -c "CREATE DATABASE yunqi_dev"
+export YUNQI_POSTGRES=postgresql://postgres@127.0.0.1:5432/yunqi_dev
+"$BIN" cluster init
+mkdir -p "$DIR"
+trap 'kill $(jobs -p) 2>/dev/null; wait' INT TERM EXIT
+i=1
+for n in a b c; do
+  "$BIN" serve --node "$n" --data "$DIR/$n" --http "127.0.0.1:770$i" --pg "127.0.0.1:743$i" \
+    >"$DIR/$n.log" 2>&1 &
+  for _ in $(seq 1 100); do grep -q '^ready' "$DIR/$n.log" 2>/dev/null && break; sleep 0.1; done
+  grep -q '^ready' "$DIR/$n.log" || { echo "node $n did not start:" >&2; cat "$DIR/$n.log" >&2; exit 1; }
+  i=$((i + 1))
+done
+"$BIN" cluster status
+TOKEN_FILE=$(ls "$DIR"/*/admin.token | head -n 1)
+echo
+echo "admin token: $TOKEN_FILE (any node accepts it)"
+echo "try: export YUNQI_URL=http://127.0.0.1:7702 YUNQI_TOKEN=\$(cat $TOKEN_FILE); yunqi whoami"
+echo "logs: $DIR/{a,b,c}.log — Ctrl-C stops the nodes"
+wait
