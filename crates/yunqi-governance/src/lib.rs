@@ -293,10 +293,13 @@ impl Governance {
     /// The actor of an open session (a PostgreSQL connection) as of now: refused once its token
     /// is revoked or expired, or while this node is fenced off.
     pub fn revalidate(&self, actor: &Actor) -> Result<Actor, Error> {
-        if let Some(f) = &self.fence {
-            f.check()?;
-        }
+        self.check_serving()?;
         self.actor_of_token(&actor.token_id)
+    }
+
+    /// Refuses while this node is fenced off (cluster mode).
+    fn check_serving(&self) -> Result<(), Error> {
+        self.fence.as_ref().map_or(Ok(()), |f| f.check())
     }
 
     /// Uses `limits` instead of the defaults.
@@ -378,9 +381,7 @@ impl Governance {
     /// denial with the request it came with ([`Governance::record_denial`]).
     pub fn authenticate(&self, bearer: &str) -> Result<Actor, (Error, Option<Name>)> {
         let (id, secret_hash) = tokens::parse(bearer).map_err(|e| (e, None))?;
-        if let Some(f) = &self.fence {
-            f.check().map_err(|e| (e, None))?;
-        }
+        self.check_serving().map_err(|e| (e, None))?;
         let state = self.read();
         let unknown = || {
             Error::unauthenticated("token is not valid")

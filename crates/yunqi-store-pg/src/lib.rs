@@ -121,7 +121,7 @@ pub fn parse_url(url: &str) -> Result<Config, Error> {
     Ok(config)
 }
 
-fn unreachable(e: impl std::fmt::Display) -> Error {
+fn store_unreachable(e: impl std::fmt::Display) -> Error {
     tracing::warn!(error = %e, "metadata store (PostgreSQL) unreachable");
     Error::unavailable("the cluster's metadata store (PostgreSQL) is unreachable")
         .hint("retry shortly; yunqi resumes by itself once PostgreSQL answers")
@@ -148,9 +148,11 @@ fn pg_error(e: tokio_postgres::Error) -> Error {
                 message = db.message(),
                 "metadata store error"
             );
-            Error::internal(format!("metadata store error: {}", db.message()))
+            // The database's words name its tables: they go to the log, not to the caller.
+            Error::internal("the cluster's metadata store refused the operation")
+                .hint("an operator finds the cause in the server's log (\"metadata store error\")")
         }
-        None => unreachable(e),
+        None => store_unreachable(e),
     }
 }
 
@@ -164,7 +166,7 @@ fn corrupt(what: &str, e: Error) -> Error {
 async fn connect(config: &Config) -> Result<Client, Error> {
     let (client, conn) = tokio::time::timeout(OPERATION_TIMEOUT, config.connect(NoTls))
         .await
-        .map_err(|_| unreachable("connect timed out"))?
+        .map_err(|_| store_unreachable("connect timed out"))?
         .map_err(pg_error)?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
@@ -396,7 +398,7 @@ impl PgStore {
                 Err(_) => {
                     // The connection may be wedged: the next call starts a new one.
                     *guard = None;
-                    return Err(unreachable("operation timed out"));
+                    return Err(store_unreachable("operation timed out"));
                 }
             };
             if result.is_err() && guard.as_ref().is_some_and(Client::is_closed) {
@@ -819,20 +821,6 @@ impl IdentityStore for PgStore {
     fn apply(&self, base: u64, changes: &[IdentityChange]) -> Result<u64, Error> {
         let changes = changes.to_vec();
         self.run(Box::new(move |c| Box::pin(apply(c, base, changes))))
-    }
-
-    fn version(&self) -> Result<u64, Error> {
-        self.run(Box::new(|c| {
-            Box::pin(async move {
-                Ok(c.query_one(
-                    "SELECT version FROM yunqi_identity_version WHERE id = 1",
-                    &[],
-                )
-                .await
-                .map_err(pg_error)?
-                .get::<_, i64>(0) as u64)
-            })
-        }))
     }
 
     /// Waits until every other live node has loaded `version`, polling the membership table;

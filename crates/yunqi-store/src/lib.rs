@@ -74,8 +74,6 @@ pub trait IdentityStore: Send + Sync + 'static {
     /// share refuses a batch whose base is not its current version (a conflict whose detail is
     /// [`STALE`]): the caller reloads and the user retries.
     fn apply(&self, base: u64, changes: &[IdentityChange]) -> Result<u64, Error>;
-    /// The store's current version, without loading anything.
-    fn version(&self) -> Result<u64, Error>;
     /// Returns once every other live reader of the store has loaded `version` or has fenced
     /// itself off (refuses requests until it has caught up). A store with one reader returns at
     /// once.
@@ -297,10 +295,6 @@ impl IdentityStore for SqliteStore {
             .sort_by(|a, b| (a.requested_at, &a.id).cmp(&(b.requested_at, &b.id)));
         snapshot.version = self.version.load(std::sync::atomic::Ordering::SeqCst);
         Ok(snapshot)
-    }
-
-    fn version(&self) -> Result<u64, Error> {
-        Ok(self.version.load(std::sync::atomic::Ordering::SeqCst))
     }
 
     fn apply(&self, _base: u64, changes: &[IdentityChange]) -> Result<u64, Error> {

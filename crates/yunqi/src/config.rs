@@ -50,27 +50,17 @@ pub struct ServerSection {
 
 /// `[cluster]`: the shared engines and this node's place among the nodes.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct ClusterSection {
     /// This node's name, unique in the cluster (default: the host name and HTTP port).
     pub node: Option<String>,
     /// The PostgreSQL database every node shares.
     pub postgres: Option<String>,
     /// How often a node confirms it is current (milliseconds).
-    #[serde(default = "default_heartbeat_ms")]
     pub heartbeat_ms: u64,
     /// How long a node serves after its last confirmation (milliseconds); also the longest a
     /// revocation waits for a node that does not confirm it.
-    #[serde(default = "default_lease_ms")]
     pub lease_ms: u64,
-}
-
-fn default_heartbeat_ms() -> u64 {
-    250
-}
-
-fn default_lease_ms() -> u64 {
-    2_000
 }
 
 impl Default for ClusterSection {
@@ -78,8 +68,8 @@ impl Default for ClusterSection {
         ClusterSection {
             node: None,
             postgres: None,
-            heartbeat_ms: default_heartbeat_ms(),
-            lease_ms: default_lease_ms(),
+            heartbeat_ms: 250,
+            lease_ms: 2_000,
         }
     }
 }

@@ -17,18 +17,23 @@ struct Database {
 
 const ADMIN_URL: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=10";
 
-fn admin_sql(sql: &str) {
+/// Runs `sql` on the database at `url`.
+fn run_sql(url: &str, sql: &str) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let (client, conn) = tokio_postgres::connect(ADMIN_URL, tokio_postgres::NoTls)
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
             .await
             .expect("PostgreSQL on 127.0.0.1:5432 (scripts/services.sh starts it)");
         tokio::spawn(conn);
         client.batch_execute(sql).await.expect(sql);
     });
+}
+
+fn admin_sql(sql: &str) {
+    run_sql(ADMIN_URL, sql);
 }
 
 impl Database {
@@ -50,18 +55,7 @@ impl Database {
     }
 
     fn sql(&self, sql: &str) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let url = self.url();
-        rt.block_on(async {
-            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            client.batch_execute(sql).await.expect(sql);
-        });
+        run_sql(&self.url(), sql);
     }
 }
 
