@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/services.sh
+# NATS 2.15 for cluster mode's tests, which start servers of their own from it.
+eval "$(bash scripts/engines.sh)"
 export YUNQI_CRASH_ITERATIONS="${YUNQI_CRASH_ITERATIONS:-20}"
 cargo test --workspace --locked "$@"
 # The console in a real browser, over `yunqi demo` (the debug binary the tests just built).

@@ -7,6 +7,13 @@
 //! In memory, per stream, at most [`KEYS_MAX`] keys, oldest forgotten first. A retry of a key
 //! whose first attempt is still in flight waits for it; if the first attempt fails, the retry
 //! appends itself.
+//!
+//! On a shared log (cluster mode: other nodes append to the same stream) a key this node does
+//! not know may have been appended by another node — the producer's first attempt went there,
+//! and that node died before answering. So before appending a key it has not seen, a node reads
+//! the keys of the entries appended since it last looked (its own appends excepted: it knows
+//! their keys). Two attempts of one key on two nodes *at the same moment* can still both
+//! append; a producer retries after an answer or a timeout, not in parallel across nodes.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -44,8 +51,27 @@ type Slot = tokio::sync::watch::Receiver<Option<Done>>;
 #[derive(Default)]
 struct Keys {
     loaded: bool,
+    /// Every key appended before this offset is in `map` (or was forgotten as too old).
+    scanned: u64,
     map: HashMap<String, Slot>,
     order: VecDeque<String>,
+}
+
+impl Keys {
+    fn remember(&mut self, found: Vec<(String, Done)>) {
+        for (key, done) in found {
+            let (_tx, rx) = tokio::sync::watch::channel(Some(done));
+            if let std::collections::hash_map::Entry::Vacant(v) = self.map.entry(key.clone()) {
+                v.insert(rx);
+                self.order.push_back(key);
+            }
+        }
+        while self.order.len() > KEYS_MAX {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+    }
 }
 
 /// The keys of every stream.
@@ -76,6 +102,12 @@ impl Ticket {
     pub fn done(mut self, done: Done) {
         if let Some(tx) = self.tx.take() {
             let _ = tx.send(Some(done));
+            let mut keys = self.dedup.keys.lock().expect("dedup lock");
+            if let Some(k) = keys.get_mut(&self.stream)
+                && k.scanned == done.first
+            {
+                k.scanned = done.end;
+            }
         }
     }
 }
@@ -118,6 +150,9 @@ impl Dedup {
         key: &str,
     ) -> Result<Claim, Error> {
         self.load(log, stream).await?;
+        if log.shared() {
+            self.catch_up(log, stream, key).await?;
+        }
         loop {
             let waiting = {
                 let mut all = self.keys.lock().expect("dedup lock");
@@ -151,15 +186,19 @@ impl Dedup {
         }
     }
 
-    /// Reads a stream's recent keys from its log, once per stream per process.
-    async fn load(&self, log: &Arc<dyn StreamLog>, stream: &str) -> Result<(), Error> {
-        let gate = self
-            .streams
+    /// The lock that serialises reading a stream's keys.
+    fn gate(&self, stream: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.streams
             .lock()
             .expect("dedup lock")
             .entry(stream.to_string())
             .or_default()
-            .clone();
+            .clone()
+    }
+
+    /// Reads a stream's recent keys from its log, once per stream per process.
+    async fn load(&self, log: &Arc<dyn StreamLog>, stream: &str) -> Result<(), Error> {
+        let gate = self.gate(stream);
         let _g = gate.lock().await;
         if self
             .keys
@@ -170,39 +209,86 @@ impl Dedup {
         {
             return Ok(());
         }
+        self.scan_from(log, stream, |log, s| {
+            log.end_offset(s)
+                .saturating_sub(SCAN_EVENTS)
+                .max(log.start_offset(s))
+        })
+        .await?;
+        if let Some(k) = self.keys.lock().expect("dedup lock").get_mut(stream) {
+            k.loaded = true;
+        }
+        Ok(())
+    }
+
+    /// Reads the keys from the offset `from` picks to the end and remembers them.
+    async fn scan_from(
+        &self,
+        log: &Arc<dyn StreamLog>,
+        stream: &str,
+        from: impl FnOnce(&dyn StreamLog, &str) -> u64 + Send + 'static,
+    ) -> Result<(), Error> {
         let (log2, s) = (log.clone(), stream.to_string());
-        let found = tokio::task::spawn_blocking(move || scan(log2.as_ref(), &s))
-            .await
-            .map_err(|e| Error::internal(format!("idempotency scan failed: {e}")))??;
+        let (found, scanned) = tokio::task::spawn_blocking(move || {
+            let from = from(log2.as_ref(), &s);
+            scan(log2.as_ref(), &s, from)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("idempotency scan failed: {e}")))??;
         let mut all = self.keys.lock().expect("dedup lock");
         let keys = all.entry(stream.to_string()).or_default();
-        for (key, done) in found {
-            let (_tx, rx) = tokio::sync::watch::channel(Some(done));
-            if keys.map.insert(key.clone(), rx).is_none() {
-                keys.order.push_back(key);
-            }
-        }
-        while keys.order.len() > KEYS_MAX {
-            if let Some(old) = keys.order.pop_front() {
-                keys.map.remove(&old);
-            }
-        }
-        keys.loaded = true;
+        keys.remember(found);
+        keys.scanned = keys.scanned.max(scanned);
         Ok(())
+    }
+
+    /// On a shared log: learns the keys other nodes appended since this node last looked,
+    /// unless `key` is known already.
+    async fn catch_up(
+        &self,
+        log: &Arc<dyn StreamLog>,
+        stream: &str,
+        key: &str,
+    ) -> Result<(), Error> {
+        let known = |d: &Dedup| {
+            d.keys
+                .lock()
+                .expect("dedup lock")
+                .get(stream)
+                .is_some_and(|k| k.map.contains_key(key))
+        };
+        if known(self) {
+            return Ok(());
+        }
+        let gate = self.gate(stream);
+        let _g = gate.lock().await;
+        if known(self) {
+            return Ok(());
+        }
+        let from = self
+            .keys
+            .lock()
+            .expect("dedup lock")
+            .get(stream)
+            .map(|k| k.scanned)
+            .unwrap_or(0);
+        self.scan_from(log, stream, move |log, s| from.max(log.start_offset(s)))
+            .await
     }
 }
 
-/// The keys of a stream's last [`SCAN_EVENTS`] events, oldest first.
-fn scan(log: &dyn StreamLog, stream: &str) -> Result<Vec<(String, Done)>, Error> {
-    let end = log.end_offset(stream);
-    let mut from = end
-        .saturating_sub(SCAN_EVENTS)
-        .max(log.start_offset(stream));
+/// The keys of a stream's entries from `from` to its end, oldest first, and the offset
+/// the scan reached.
+fn scan(
+    log: &dyn StreamLog,
+    stream: &str,
+    mut from: u64,
+) -> Result<(Vec<(String, Done)>, u64), Error> {
     let mut out = Vec::new();
     loop {
         let entries = log.read(stream, from, 8 << 20)?;
         if entries.is_empty() {
-            return Ok(out);
+            return Ok((out, from));
         }
         for e in entries {
             from = e.end();

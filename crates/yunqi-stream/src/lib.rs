@@ -135,7 +135,7 @@ pub struct LogStats {
     pub sync_micros_total: AtomicU64,
 }
 
-/// What yunqi needs of a stream log; NATS JetStream can implement it later.
+/// What yunqi needs of a stream log (`yunqi-stream-nats` implements it on NATS JetStream).
 pub trait StreamLog: Send + Sync + 'static {
     /// Appends one entry of `count` events to `stream` (created on first append); resolves to
     /// its offsets once it is durable.
@@ -179,6 +179,11 @@ pub trait StreamLog: Send + Sync + 'static {
     fn stats(&self) -> &LogStats;
     /// Makes everything queued durable and stops; later appends fail with `unavailable`.
     fn shutdown(&self) -> BoxFuture<'_, ()>;
+    /// Whether other processes (the other nodes of a cluster) append to the same streams, so
+    /// that what this process has not appended may appear at the end.
+    fn shared(&self) -> bool {
+        false
+    }
 }
 
 /// Checks a stream key: 1 to [`NAME_BYTES_MAX`] characters of `a-z`, `0-9`, `_`, `.` and `-`,

@@ -21,13 +21,44 @@ pub enum ClusterCommand {
         /// The database the nodes share.
         #[arg(long, env = "YUNQI_POSTGRES")]
         postgres: String,
+        #[command(flatten)]
+        nats: NatsArgs,
     },
     /// The nodes of the cluster: their addresses, versions, heartbeats and what they hold.
     Status {
         /// The database the nodes share.
         #[arg(long, env = "YUNQI_POSTGRES")]
         postgres: String,
+        #[command(flatten)]
+        nats: NatsArgs,
     },
+}
+
+/// The NATS engine of `yunqi cluster init|status`.
+#[derive(clap::Args)]
+pub struct NatsArgs {
+    /// NATS servers with JetStream (comma separated), when the cluster keeps its streams there.
+    #[arg(long, env = "YUNQI_NATS")]
+    nats: Option<String>,
+    /// Prefix of yunqi's JetStream streams and buckets (as `[cluster] nats_prefix`).
+    #[arg(long, default_value = "yunqi")]
+    nats_prefix: String,
+    /// Replicas of the offsets bucket made by `init` (as `[cluster] nats_replicas`).
+    #[arg(long, default_value_t = 1)]
+    nats_replicas: usize,
+}
+
+impl NatsArgs {
+    fn config(&self) -> Option<yunqi_stream_nats::NatsConfig> {
+        self.nats
+            .as_ref()
+            .map(|urls| yunqi_stream_nats::NatsConfig {
+                urls: urls.clone(),
+                prefix: self.nats_prefix.clone(),
+                replicas: self.nats_replicas,
+                ..Default::default()
+            })
+    }
 }
 
 /// A node's default name: the host name and the HTTP port (`host-7700`).
@@ -149,14 +180,38 @@ async fn keep_current(
 /// `yunqi cluster …`.
 pub fn run(cmd: ClusterCommand, json: bool) -> anyhow::Result<std::process::ExitCode> {
     match cmd {
-        ClusterCommand::Init { postgres } => {
+        ClusterCommand::Init { postgres, nats } => {
             let r = yunqi_store_pg::init(&postgres).map_err(crate::user_error)?;
+            let n = match nats.config() {
+                Some(c) => Some(yunqi_stream_nats::init(&c).map_err(crate::user_error)?),
+                None => None,
+            };
             if json {
+                let nats = n.as_ref().map(|n| {
+                    serde_json::json!({"server_version": n.server_version,
+                        "created_offsets_bucket": n.created_offsets_bucket,
+                        "streams": n.streams, "max_payload": n.max_payload})
+                });
                 println!(
                     "{}",
-                    serde_json::json!({"schema_from": r.from, "schema": r.to})
+                    serde_json::json!({"schema_from": r.from, "schema": r.to, "nats": nats})
                 );
-            } else if r.from == r.to {
+                return Ok(std::process::ExitCode::SUCCESS);
+            }
+            if let Some(n) = &n {
+                println!(
+                    "NATS {}: {}; {} yunqi stream(s); messages up to {} bytes",
+                    n.server_version,
+                    if n.created_offsets_bucket {
+                        "created the offsets bucket"
+                    } else {
+                        "the offsets bucket is in place"
+                    },
+                    n.streams,
+                    n.max_payload
+                );
+            }
+            if r.from == r.to {
                 println!("yunqi schema version {} is in place; nothing to do", r.to);
             } else if r.from == 0 {
                 println!("created yunqi schema version {}", r.to);
@@ -164,8 +219,11 @@ pub fn run(cmd: ClusterCommand, json: bool) -> anyhow::Result<std::process::Exit
                 println!("migrated yunqi schema from version {} to {}", r.from, r.to);
             }
         }
-        ClusterCommand::Status { postgres } => {
+        ClusterCommand::Status { postgres, nats } => {
             let (version, nodes) = yunqi_store_pg::status(&postgres).map_err(crate::user_error)?;
+            let nats = nats
+                .config()
+                .map(|c| yunqi_stream_nats::status(&c).map_err(|e| e.message));
             if json {
                 let nodes: Vec<_> = nodes
                     .iter()
@@ -180,12 +238,24 @@ pub fn run(cmd: ClusterCommand, json: bool) -> anyhow::Result<std::process::Exit
                         })
                     })
                     .collect();
+                let nats = nats.map(|n| match n {
+                    Ok(s) => serde_json::json!({"state": "up", "server_version": s.server_version, "streams": s.streams}),
+                    Err(e) => serde_json::json!({"state": "unreachable", "error": e}),
+                });
                 println!(
                     "{}",
-                    serde_json::json!({"metadata_version": version, "nodes": nodes})
+                    serde_json::json!({"metadata_version": version, "nodes": nodes, "nats": nats})
                 );
             } else {
                 println!("metadata version {version}; {} node(s)", nodes.len());
+                match &nats {
+                    Some(Ok(s)) => println!(
+                        "NATS {} up; {} yunqi stream(s) in JetStream",
+                        s.server_version, s.streams
+                    ),
+                    Some(Err(e)) => println!("NATS unreachable: {e}"),
+                    None => {}
+                }
                 println!(
                     "{:<20} {:<8} {:<9} {:>8} {:>10}  {:<24} {:<22} holds",
                     "NODE", "STATE", "SOFTWARE", "VERSION", "HEARTBEAT", "HTTP", "PG"

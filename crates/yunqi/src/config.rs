@@ -13,6 +13,7 @@
 //! [cluster]
 //! node = "node-a"
 //! postgres = "postgresql://db.city.example:5432/yunqi"
+//! nats = "nats://nats-1.city.example:4222,nats://nats-2.city.example:4222"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -61,6 +62,13 @@ pub struct ClusterSection {
     /// How long a node serves after its last confirmation (milliseconds); also the longest a
     /// revocation waits for a node that does not confirm it.
     pub lease_ms: u64,
+    /// NATS servers with JetStream (comma separated) for the streams' events; absent: each
+    /// node keeps its streams in its data directory.
+    pub nats: Option<String>,
+    /// Prefix of yunqi's JetStream streams and buckets: one per cluster on a NATS system.
+    pub nats_prefix: String,
+    /// Replicas of each JetStream stream (3 on a JetStream cluster).
+    pub nats_replicas: usize,
 }
 
 impl Default for ClusterSection {
@@ -70,6 +78,9 @@ impl Default for ClusterSection {
             postgres: None,
             heartbeat_ms: 250,
             lease_ms: 2_000,
+            nats: None,
+            nats_prefix: "yunqi".into(),
+            nats_replicas: 1,
         }
     }
 }
@@ -85,6 +96,8 @@ pub struct Cluster {
     pub heartbeat: Duration,
     /// Lease.
     pub lease: Duration,
+    /// The stream log on NATS JetStream, when configured.
+    pub nats: Option<yunqi_stream_nats::NatsConfig>,
 }
 
 impl Config {
@@ -110,17 +123,19 @@ impl Config {
         Ok(config)
     }
 
-    /// The cluster section with flags applied: `node` and `postgres` override the file's.
+    /// The cluster section with flags applied: `node`, `postgres` and `nats` override the
+    /// file's.
     pub fn cluster(
         &self,
         node: Option<&str>,
         postgres: Option<&str>,
+        nats: Option<&str>,
     ) -> anyhow::Result<Option<Cluster>> {
         let section = match (&self.cluster, postgres) {
             (None, None) => {
-                if node.is_some() {
+                if node.is_some() || nats.is_some() {
                     bail!(
-                        "--node names a node of a cluster, but no cluster is configured\nhint: add --postgres URL or a [cluster] section with postgres = \"URL\""
+                        "--node and --nats belong to a cluster, but no cluster is configured\nhint: add --postgres URL or a [cluster] section with postgres = \"URL\""
                     );
                 }
                 return Ok(None);
@@ -140,11 +155,21 @@ impl Config {
         if let Some(n) = &node {
             check_node_name(n)?;
         }
+        let nats = nats
+            .map(str::to_string)
+            .or(section.nats.clone())
+            .map(|urls| yunqi_stream_nats::NatsConfig {
+                urls,
+                prefix: section.nats_prefix.clone(),
+                replicas: section.nats_replicas,
+                ..Default::default()
+            });
         Ok(Some(Cluster {
             node,
             postgres,
             heartbeat: Duration::from_millis(section.heartbeat_ms),
             lease: Duration::from_millis(section.lease_ms),
+            nats,
         }))
     }
 }
@@ -173,6 +198,12 @@ fn check_cluster(c: &ClusterSection) -> anyhow::Result<()> {
             c.heartbeat_ms
         );
     }
+    if !(1..=5).contains(&c.nats_replicas) {
+        bail!(
+            "[cluster] nats_replicas = {} is not allowed: JetStream keeps 1 to 5 replicas\nhint: 1 on a single NATS server, 3 on a JetStream cluster",
+            c.nats_replicas
+        );
+    }
     Ok(())
 }
 
@@ -199,7 +230,7 @@ mod tests {
         let c = Config::parse("").unwrap();
         assert_eq!(c.limits, Limits::default());
         assert!(c.cluster.is_none());
-        assert!(c.cluster(None, None).unwrap().is_none());
+        assert!(c.cluster(None, None, None).unwrap().is_none());
     }
 
     #[test]
@@ -224,25 +255,51 @@ mod tests {
             "[cluster]\nnode = \"node-a\"\npostgres = \"postgresql://db/yunqi\"\nlease_ms = 3000\n",
         )
         .unwrap();
-        let k = c.cluster(Some("node-b"), None).unwrap().unwrap();
+        let k = c.cluster(Some("node-b"), None, None).unwrap().unwrap();
         assert_eq!(k.node.as_deref(), Some("node-b"));
         assert_eq!(k.postgres, "postgresql://db/yunqi");
         assert_eq!(k.lease, Duration::from_millis(3000));
         assert_eq!(k.heartbeat, Duration::from_millis(250));
         let k = Config::default()
-            .cluster(None, Some("postgresql://x/y"))
+            .cluster(None, Some("postgresql://x/y"), None)
             .unwrap()
             .unwrap();
         assert_eq!(k.postgres, "postgresql://x/y");
-        assert!(Config::default().cluster(Some("n1"), None).is_err());
+        assert!(Config::default().cluster(Some("n1"), None, None).is_err());
         assert!(
             Config::parse("[cluster]\nnode = \"a\"\n")
                 .unwrap()
-                .cluster(None, None)
+                .cluster(None, None, None)
                 .is_err()
         );
         assert!(Config::parse("[cluster]\npostgres = \"p\"\nheartbeat_ms = 2000\n").is_err());
         assert!(check_node_name("Node A").is_err());
+        assert!(k.nats.is_none());
+        let c = Config::parse(
+            "[cluster]\npostgres = \"p\"\nnats = \"nats://a:4222\"\nnats_prefix = \"city\"\nnats_replicas = 3\n",
+        )
+        .unwrap();
+        let n = c.cluster(None, None, None).unwrap().unwrap().nats.unwrap();
+        assert_eq!(
+            (n.urls.as_str(), n.prefix.as_str(), n.replicas),
+            ("nats://a:4222", "city", 3)
+        );
+        let n = c
+            .cluster(None, None, Some("nats://b:4222"))
+            .unwrap()
+            .unwrap()
+            .nats
+            .unwrap();
+        assert_eq!(
+            (n.urls.as_str(), n.prefix.as_str()),
+            ("nats://b:4222", "city")
+        );
+        assert!(
+            Config::default()
+                .cluster(None, None, Some("nats://b"))
+                .is_err()
+        );
+        assert!(Config::parse("[cluster]\npostgres = \"p\"\nnats_replicas = 0\n").is_err());
     }
 
     /// docs/configuration.md names every limit with its default: a new limit must be documented.

@@ -42,6 +42,10 @@ pub struct ServeArgs {
     /// Cluster mode: this node's name, unique in the cluster.
     #[arg(long, env = "YUNQI_NODE")]
     node: Option<String>,
+    /// Cluster mode: NATS servers with JetStream (comma separated) that keep the streams'
+    /// events for all nodes (run `yunqi cluster init --nats URL` first).
+    #[arg(long, env = "YUNQI_NATS")]
+    nats: Option<String>,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -267,7 +271,11 @@ async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
         .clone()
         .or(config.server.pg.clone())
         .unwrap_or_else(|| DEFAULT_PG.to_string());
-    let cluster = config.cluster(args.node.as_deref(), args.postgres.as_deref())?;
+    let cluster = config.cluster(
+        args.node.as_deref(),
+        args.postgres.as_deref(),
+        args.nats.as_deref(),
+    )?;
     let tls = match (&args.pg_tls_cert, &args.pg_tls_key) {
         (Some(cert), Some(key)) => {
             Some(yunqi_pg::tls_acceptor(cert, key).map_err(crate::user_error)?)
@@ -319,12 +327,22 @@ async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
         yunqi_datasets::StreamCatalog::open(&data.join("streams").join("catalog"))
             .map_err(crate::user_error)?,
     );
-    let log = yunqi_stream::SegmentLog::open(
+    // Services' decision logs stay in the data directory until their writers hold leases
+    // (one writer per service across the cluster); the streams' events go to JetStream when
+    // it is configured.
+    let log: Arc<dyn yunqi_stream::StreamLog> = yunqi_stream::SegmentLog::open(
         &data.join("streams").join("log"),
         yunqi_stream::LogConfig::default(),
         clock.clone(),
     )
     .map_err(crate::user_error)?;
+    let events: Arc<dyn yunqi_stream::StreamLog> =
+        match cluster.as_ref().and_then(|c| c.nats.clone()) {
+            None => log.clone(),
+            Some(n) => Arc::new(
+                yunqi_stream_nats::NatsLog::open(n, clock.clone()).map_err(crate::user_error)?,
+            ),
+        };
     let gov = Governance::open(store, datasets, audit.clone(), clock)
         .map_err(crate::user_error)?
         .with_limits(limits.clone())
@@ -333,7 +351,7 @@ async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
         Some(f) => gov.with_fence(f.clone()),
         None => gov,
     });
-    let sense = yunqi_sense::Sense::open(gov.clone(), log.clone(), &data.join("views"))
+    let sense = yunqi_sense::Sense::open(gov.clone(), events.clone(), &data.join("views"))
         .map_err(crate::user_error)?;
     for p in &args.notify_allow {
         if !p.starts_with("http://") || p.len() <= "http://".len() {
@@ -414,6 +432,12 @@ async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
             store.node()
         );
     }
+    if let Some(n) = cluster.as_ref().and_then(|c| c.nats.as_ref()) {
+        println!(
+            "  streams     events on NATS JetStream (prefix {}, {} replica(s))",
+            n.prefix, n.replicas
+        );
+    }
     if token_path.exists() {
         println!("  admin token {}", token_path.display());
     } else {
@@ -473,6 +497,9 @@ async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
         let _ = tokio::task::spawn_blocking(move || serve.shutdown()).await;
     }
     yunqi_stream::StreamLog::shutdown(log.as_ref()).await;
+    if !Arc::ptr_eq(&log, &events) {
+        yunqi_stream::StreamLog::shutdown(events.as_ref()).await;
+    }
 
     let _ = sync_stop.send(true);
     if let (Some(task), Some(store)) = (sync, &shared) {

@@ -8,77 +8,10 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{BIN, Server, connect};
-
-/// A database of its own on the local PostgreSQL, dropped at the end.
-struct Database {
-    name: String,
-}
-
-const ADMIN_URL: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=10";
-
-/// Runs `sql` on the database at `url`.
-fn run_sql(url: &str, sql: &str) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-            .await
-            .expect("PostgreSQL on 127.0.0.1:5432 (scripts/services.sh starts it)");
-        tokio::spawn(conn);
-        client.batch_execute(sql).await.expect(sql);
-    });
-}
-
-fn admin_sql(sql: &str) {
-    run_sql(ADMIN_URL, sql);
-}
-
-impl Database {
-    fn create(tag: &str) -> Database {
-        let name = format!(
-            "yunqi_test_{tag}_{}_{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .subsec_nanos()
-        );
-        admin_sql(&format!("CREATE DATABASE {name}"));
-        Database { name }
-    }
-
-    fn url(&self) -> String {
-        format!("postgresql://postgres@127.0.0.1:5432/{}", self.name)
-    }
-
-    fn sql(&self, sql: &str) {
-        run_sql(&self.url(), sql);
-    }
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        admin_sql(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        ));
-    }
-}
-
-fn yunqi(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN).args(args).output().expect("run yunqi");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::{Database, Server, connect, yunqi};
 
 fn node(data: &std::path::Path, db: &Database, name: &str) -> Server {
-    Server::start_with(data, &["--postgres", &db.url(), "--node", name])
+    common::cluster_node(data, &db.url(), None, name)
 }
 
 /// Starts a node that must refuse to start; returns what it said.
@@ -440,4 +373,187 @@ fn a_node_cut_off_from_postgres_stops_serving_and_resumes_without_a_restart() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(b.call("GET", "/healthz", None, None).0, 200);
+}
+
+/// POSTs NDJSON events to `traffic.detections`, keyed when `key` is given.
+fn post_events(s: &Server, token: &str, key: Option<&str>, body: &str) -> (u16, serde_json::Value) {
+    let agent = common::agent();
+    let mut req = agent
+        .post(format!(
+            "{}/api/v1/streams/traffic/detections/events",
+            s.url
+        ))
+        .header("Authorization", format!("Bearer {token}"))
+        .header("Content-Type", "application/x-ndjson");
+    if let Some(k) = key {
+        req = req.header("Idempotency-Key", k);
+    }
+    let mut r = req.send(body).expect("post");
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
+}
+
+fn detections(n: usize, second: u64) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                r#"{{"plate":"浙A{i:04}","segment":{},"ts":"2026-12-07T08:00:{:02}Z"}}"#,
+                i % 7,
+                second % 60
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+const DETECTIONS: &str = "CREATE STREAM traffic.detections (plate TEXT, segment INT, ts TIMESTAMP) WITH (event_time = 'ts', watermark = '1 second')";
+
+/// With `[cluster] nats`, a stream's events live in JetStream: they outlive the node that took
+/// them (a keyed retry after kill -9 is answered from the shared log), a second node declaring
+/// the stream continues its offsets, and NATS down gives 503s with a hint until it is back —
+/// without restarting yunqi.
+#[test]
+fn streams_on_jetstream_outlive_the_node_and_the_engine_being_down() {
+    let db = Database::create("streams_js");
+    let nats_dir = tempfile::tempdir().unwrap();
+    let mut nats = yunqi_stream_nats::server::NatsServer::start(nats_dir.path());
+    // A node pointed at NATS not prepared by init is refused, saying what to run.
+    let (code, _, err) = yunqi(&["cluster", "init", "--postgres", &db.url()]);
+    assert_eq!(code, 0, "{err}");
+    let dir_a = tempfile::tempdir().unwrap();
+    let (code, _, err) = yunqi(&[
+        "serve",
+        "--data",
+        dir_a.path().to_str().unwrap(),
+        "--http",
+        "127.0.0.1:0",
+        "--pg",
+        "127.0.0.1:0",
+        "--postgres",
+        &db.url(),
+        "--nats",
+        &nats.url(),
+        "--node",
+        "a",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("yunqi cluster init"), "{err}");
+    let (code, out, err) = yunqi(&[
+        "cluster",
+        "init",
+        "--postgres",
+        &db.url(),
+        "--nats",
+        &nats.url(),
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["nats"]["created_offsets_bucket"], true, "{v}");
+
+    let start = |dir: &std::path::Path, name: &str| {
+        common::cluster_node(dir, &db.url(), Some(&nats.url()), name)
+    };
+    let mut a = start(dir_a.path(), "a");
+    a.dept("traffic");
+    let steward = a.principal("tsteward", "steward", Some("traffic"));
+    let camera = a.principal("cameras", "service", Some("traffic"));
+    let body = serde_json::json!({ "sql": DETECTIONS }).to_string();
+    let (status, v) = a.call("POST", "/api/v1/sql", Some(&steward), Some(&body));
+    assert_eq!(status, 200, "{v}");
+    let (status, first) = post_events(&a, &camera, Some("cam-7-0001"), &detections(300, 1));
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(
+        (first["first_offset"].as_u64(), first["end_offset"].as_u64()),
+        (Some(0), Some(300))
+    );
+
+    // kill -9; the restarted node (a replacement, under another name) answers the retry from
+    // the shared log: the same offsets, nothing appended twice.
+    a.kill9();
+    let a = start(dir_a.path(), "a2");
+    let (status, again) = post_events(&a, &camera, Some("cam-7-0001"), &detections(300, 1));
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["duplicate"], true, "{again}");
+    assert_eq!(again["end_offset"], 300, "{again}");
+
+    // A second node declaring the same stream appends after a's events.
+    let dir_b = tempfile::tempdir().unwrap();
+    let mut b = start(dir_b.path(), "b");
+    b.admin_token = a.admin_token.clone();
+    let (status, v) = b.call("POST", "/api/v1/sql", Some(&steward), Some(&body));
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = post_events(&b, &camera, None, &detections(50, 2));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (v["first_offset"].as_u64(), v["end_offset"].as_u64()),
+        (Some(300), Some(350)),
+        "{v}"
+    );
+    // b has read the stream's keys; a then takes a keyed batch and (say) dies before answering:
+    // the producer's retry on b is answered with a's offsets, not appended again.
+    let (status, v) = post_events(&b, &camera, Some("cam-9-0001"), &detections(5, 4));
+    assert_eq!((status, v["end_offset"].as_u64()), (200, Some(355)), "{v}");
+    let (status, on_a) = post_events(&a, &camera, Some("cam-9-0002"), &detections(20, 5));
+    assert_eq!(
+        (status, on_a["end_offset"].as_u64()),
+        (200, Some(375)),
+        "{on_a}"
+    );
+    let (status, on_b) = post_events(&b, &camera, Some("cam-9-0002"), &detections(20, 5));
+    assert_eq!(status, 200, "{on_b}");
+    assert_eq!(on_b["duplicate"], true, "{on_b}");
+    assert_eq!(
+        (&on_b["first_offset"], &on_b["end_offset"]),
+        (&on_a["first_offset"], &on_a["end_offset"])
+    );
+
+    // NATS stopped: 503 with a hint, nothing of the engine's address; back: accepted again.
+    nats.stop();
+    let (status, v) = post_events(&a, &camera, Some("cam-7-0002"), &detections(10, 3));
+    assert_eq!(status, 503, "{v}");
+    assert!(
+        v["error"]["hint"]
+            .as_str()
+            .is_some_and(|h| h.contains("Idempotency-Key")),
+        "{v}"
+    );
+    assert!(!v.to_string().contains("127.0.0.1"), "{v}");
+    nats.restart();
+    let back = Instant::now();
+    let v = loop {
+        let (status, v) = post_events(&a, &camera, Some("cam-7-0002"), &detections(10, 3));
+        if status == 200 {
+            break v;
+        }
+        assert_eq!(status, 503, "{v}");
+        assert!(
+            back.elapsed() < Duration::from_secs(20),
+            "did not resume: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Whether the attempt during the outage was stored or not, the key is appended once.
+    let end = v["end_offset"].as_u64().unwrap();
+    assert_eq!(end, 385, "{v}");
+    let (code, out, err) = yunqi(&[
+        "cluster",
+        "status",
+        "--postgres",
+        &db.url(),
+        "--nats",
+        &nats.url(),
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (v["nats"]["state"].as_str(), v["nats"]["streams"].as_u64()),
+        (Some("up"), Some(1)),
+        "{v}"
+    );
 }

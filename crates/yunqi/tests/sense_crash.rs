@@ -125,8 +125,49 @@ fn final_rows(s: &Server, token: &str, end: u64) -> BTreeMap<String, String> {
 
 #[test]
 fn kill_9_at_random_points_gives_the_uninterrupted_results() {
-    let seed = common::test_seed();
     let kills: u64 = common::env_or("YUNQI_SENSE_KILLS", 50);
+    killed_runs_match_the_uninterrupted_run(kills, &|dir, _| Server::start(dir));
+}
+
+/// The same on a cluster node whose streams' events live in NATS JetStream (a server of this
+/// test's own): the node is killed, the log outlives it, the restarted node (a new name each
+/// time, as a replacement node would have) carries on from the shared log and its checkpoints.
+#[test]
+fn kill_9_of_a_node_with_streams_on_jetstream_gives_the_uninterrupted_results() {
+    let kills: u64 = common::env_or("YUNQI_SENSE_KILLS_CLUSTER", 12);
+    let db = common::Database::create("sense_js");
+    let nats_dir = tempfile::tempdir().unwrap();
+    let nats = yunqi_stream_nats::server::NatsServer::start(nats_dir.path());
+    let (code, out, err) = common::yunqi(&[
+        "cluster",
+        "init",
+        "--postgres",
+        &db.url(),
+        "--nats",
+        &nats.url(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("created the offsets bucket"), "{out}");
+    killed_runs_match_the_uninterrupted_run(kills, &|dir, i| {
+        common::cluster_node(dir, &db.url(), Some(&nats.url()), &format!("n{i}"))
+    });
+    let (code, out, err) = common::yunqi(&[
+        "cluster",
+        "status",
+        "--postgres",
+        &db.url(),
+        "--nats",
+        &nats.url(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("up; 1 yunqi stream(s) in JetStream"), "{out}");
+}
+
+fn killed_runs_match_the_uninterrupted_run(
+    kills: u64,
+    start: &dyn Fn(&std::path::Path, u64) -> Server,
+) {
+    let seed = common::test_seed();
     println!("sense crash test seed {seed} ({kills} kills); replay with YUNQI_TEST_SEED={seed}");
     let mut rng = Rng(seed);
     let batches_per_round = 3;
@@ -156,10 +197,10 @@ fn kill_9_at_random_points_gives_the_uninterrupted_results() {
 
     // The same events, with a kill -9 after every few batches, at a random moment.
     let dir = tempfile::tempdir().unwrap();
-    let mut s = Server::start(dir.path());
+    let mut s = start(dir.path(), 0);
     let (steward, camera) = setup(&s);
     let mut next = 0u64;
-    for _ in 0..kills {
+    for k in 1..=kills {
         for _ in 0..batches_per_round {
             send(&s, &camera, &batch(next));
             next += 1;
@@ -171,7 +212,7 @@ fn kill_9_at_random_points_gives_the_uninterrupted_results() {
         };
         std::thread::sleep(Duration::from_millis(pause));
         s.kill9();
-        s = Server::start(dir.path());
+        s = start(dir.path(), k);
     }
     assert_eq!(next, total);
     let end2 = send(&s, &camera, &flush);

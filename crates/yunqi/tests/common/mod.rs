@@ -480,3 +480,81 @@ pub fn permit_streams(s: &Server, steward: &str) {
         assert_eq!(status, 200, "{v}");
     }
 }
+
+/// A database of its own on the local PostgreSQL, dropped at the end.
+pub struct Database {
+    pub name: String,
+}
+
+pub const ADMIN_URL: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=10";
+
+/// Runs `sql` on the database at `url`.
+pub fn run_sql(url: &str, sql: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .expect("PostgreSQL on 127.0.0.1:5432 (scripts/services.sh starts it)");
+        tokio::spawn(conn);
+        client.batch_execute(sql).await.expect(sql);
+    });
+}
+
+pub fn admin_sql(sql: &str) {
+    run_sql(ADMIN_URL, sql);
+}
+
+impl Database {
+    pub fn create(tag: &str) -> Database {
+        let name = format!(
+            "yunqi_test_{tag}_{}_{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos()
+        );
+        admin_sql(&format!("CREATE DATABASE {name}"));
+        Database { name }
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgresql://postgres@127.0.0.1:5432/{}", self.name)
+    }
+
+    pub fn sql(&self, sql: &str) {
+        run_sql(&self.url(), sql);
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        admin_sql(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ));
+    }
+}
+
+/// Runs the yunqi binary with `args`: (exit code, stdout, stderr).
+pub fn yunqi(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).args(args).output().expect("run yunqi");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Starts a cluster node `name` on `data` over the database at `postgres`, its streams in the
+/// NATS server at `nats` when given.
+pub fn cluster_node(data: &Path, postgres: &str, nats: Option<&str>, name: &str) -> Server {
+    let mut args = vec!["--postgres", postgres, "--node", name];
+    if let Some(n) = nats {
+        args.extend(["--nats", n]);
+    }
+    Server::start_with(data, &args)
+}
