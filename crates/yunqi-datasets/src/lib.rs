@@ -32,7 +32,7 @@ use yunqi_types::{ColumnClass, Error, Name, suggest};
 
 pub use csv_import::Reject;
 pub use schema::{Column, ColumnType, Derivation, Manifest, Version, ViewSource};
-pub use streams::{StreamCatalog, StreamManifest};
+pub use streams::{StreamCatalog, StreamDeclarations, StreamManifest};
 
 /// How an import combines with what is there.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

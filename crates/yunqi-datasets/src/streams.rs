@@ -217,15 +217,10 @@ impl StreamCatalog {
     /// A stream's definition by `department.name`.
     pub fn get(&self, sql_name: &str) -> Result<StreamManifest, Error> {
         let streams = self.streams.read().expect("streams lock");
-        streams.get(sql_name).cloned().ok_or_else(|| {
-            let e = Error::not_found("stream", sql_name);
-            match suggest::did_you_mean(sql_name, streams.keys().map(String::as_str)) {
-                Some(s) => e.hint(format!("did you mean \"{s}\"?")),
-                None => e.hint(
-                    "declare it with CREATE STREAM, or list streams with `yunqi stream list`",
-                ),
-            }
-        })
+        streams
+            .get(sql_name)
+            .cloned()
+            .ok_or_else(|| not_found(sql_name, streams.keys().map(String::as_str)))
     }
 
     /// Every stream, by name.
@@ -236,5 +231,37 @@ impl StreamCatalog {
             .values()
             .cloned()
             .collect()
+    }
+}
+
+/// The error for a stream that is not declared, suggesting a near name among `known`.
+pub fn not_found<'a>(sql_name: &str, known: impl Iterator<Item = &'a str>) -> Error {
+    let e = Error::not_found("stream", sql_name);
+    match suggest::did_you_mean(sql_name, known) {
+        Some(s) => e.hint(format!("did you mean \"{s}\"?")),
+        None => e.hint("declare it with CREATE STREAM, or list streams with `yunqi stream list`"),
+    }
+}
+
+/// Where streams are declared: [`StreamCatalog`] in the data directory, or the cluster's shared
+/// catalog (`yunqi-store-pg`). Declarations are never changed or removed once made.
+pub trait StreamDeclarations: Send + Sync + 'static {
+    /// Stores a new stream's definition; refuses one that exists.
+    fn create(&self, m: StreamManifest) -> Result<StreamManifest, Error>;
+    /// A stream's definition by `department.name`.
+    fn get(&self, sql_name: &str) -> Result<StreamManifest, Error>;
+    /// Every stream, by name.
+    fn list(&self) -> Vec<StreamManifest>;
+}
+
+impl StreamDeclarations for StreamCatalog {
+    fn create(&self, m: StreamManifest) -> Result<StreamManifest, Error> {
+        StreamCatalog::create(self, m)
+    }
+    fn get(&self, sql_name: &str) -> Result<StreamManifest, Error> {
+        StreamCatalog::get(self, sql_name)
+    }
+    fn list(&self) -> Vec<StreamManifest> {
+        StreamCatalog::list(self)
     }
 }

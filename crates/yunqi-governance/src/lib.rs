@@ -170,7 +170,7 @@ pub struct Governance {
     write_lock: tokio::sync::Mutex<()>,
     limits: Limits,
     /// Stream definitions, when streams are enabled.
-    streams: Option<Arc<yunqi_datasets::StreamCatalog>>,
+    streams: Option<Arc<dyn yunqi_datasets::StreamDeclarations>>,
     /// In a cluster: refuses requests while this node cannot confirm it is current.
     fence: Option<Arc<Fence>>,
 }

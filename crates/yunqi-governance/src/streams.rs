@@ -5,7 +5,9 @@
 
 use std::sync::Arc;
 
-use yunqi_datasets::{Column, DatasetSpec, Manifest, StreamCatalog, StreamManifest, ViewSource};
+use yunqi_datasets::{
+    Column, DatasetSpec, Manifest, StreamDeclarations, StreamManifest, ViewSource,
+};
 use yunqi_types::{Error, Name, Outcome};
 
 use crate::{Action, Actor, CallContext, Governance};
@@ -27,7 +29,7 @@ pub struct NewView {
 
 impl Governance {
     /// Uses `catalog` for stream definitions.
-    pub fn with_streams(mut self, catalog: Arc<StreamCatalog>) -> Governance {
+    pub fn with_streams(mut self, catalog: Arc<dyn StreamDeclarations>) -> Governance {
         self.streams = Some(catalog);
         self
     }
@@ -37,7 +39,7 @@ impl Governance {
         &self.datasets
     }
 
-    fn stream_catalog(&self) -> Result<&Arc<StreamCatalog>, Error> {
+    fn stream_catalog(&self) -> Result<&Arc<dyn StreamDeclarations>, Error> {
         self.streams
             .as_ref()
             .ok_or_else(|| Error::unavailable("streams are not enabled on this server"))

@@ -682,7 +682,7 @@ impl Sense {
         let wake = self.wake.clone();
         let store = EntityStore::open(
             self.gov.clone(),
-            self.log.clone(),
+            self.entity_log.clone(),
             Arc::new(move || wake.notify()),
             self.subs.clone(),
             m,
@@ -982,10 +982,10 @@ impl Sense {
         };
         // Each entity's states, in log order.
         let mut history: BTreeMap<Box<str>, Vec<Row>> = BTreeMap::new();
-        let mut offset = self.log.start_offset(&stream);
+        let mut offset = self.entity_log.start_offset(&stream);
         let mut read = 0u64;
         loop {
-            let entries = self.log.read(&stream, offset, 8 << 20)?;
+            let entries = self.entity_log.read(&stream, offset, 8 << 20)?;
             if entries.is_empty() {
                 break;
             }

@@ -147,6 +147,9 @@ struct ViewHandle {
 pub struct Sense {
     pub(crate) gov: Arc<Governance>,
     pub(crate) log: Arc<dyn StreamLog>,
+    /// The log of NGSI-LD entity streams: the node's own, also in cluster mode (their entity
+    /// writer runs on the node that declared them).
+    pub(crate) entity_log: Arc<dyn StreamLog>,
     dir: PathBuf,
     views: RwLock<BTreeMap<String, Arc<ViewHandle>>>,
     /// The entities of each NGSI-LD stream, by stream.
@@ -178,10 +181,13 @@ fn rfc3339(us: i64) -> String {
 }
 
 impl Sense {
-    /// Starts the runners of every existing view. `dir` holds the views' checkpoints.
+    /// Starts the runners of every existing view. `log` holds the streams' events,
+    /// `entity_log` the NGSI-LD entity streams' (the same log on one node; in a cluster whose
+    /// streams live in NATS JetStream, the node's own); `dir` holds the views' checkpoints.
     pub fn open(
         gov: Arc<Governance>,
         log: Arc<dyn StreamLog>,
+        entity_log: Arc<dyn StreamLog>,
         dir: &Path,
     ) -> Result<Arc<Sense>, Error> {
         std::fs::create_dir_all(dir)
@@ -191,6 +197,7 @@ impl Sense {
             subs,
             gov,
             log,
+            entity_log,
             dir: dir.to_path_buf(),
             views: RwLock::new(BTreeMap::new()),
             entities: RwLock::new(BTreeMap::new()),
@@ -255,7 +262,10 @@ impl Sense {
             if r.max_age.is_none() && r.max_bytes.is_none() {
                 continue;
             }
-            if let Err(e) = self.log.apply_retention(&m.sql_name(), &r, now) {
+            if let Err(e) = self
+                .log_for(&m.sql_name())
+                .apply_retention(&m.sql_name(), &r, now)
+            {
                 tracing::warn!(stream = %m.sql_name(), error = %e.message, "retention failed");
             }
         }
@@ -558,7 +568,21 @@ impl Sense {
 
     /// Whether `stream` is the key of a declared stream the log knows.
     pub fn end_offset(&self, stream: &str) -> u64 {
-        self.log.end_offset(stream)
+        self.log_for(stream).end_offset(stream)
+    }
+
+    /// The log that holds `stream`'s events.
+    pub(crate) fn log_for(&self, stream: &str) -> &Arc<dyn StreamLog> {
+        if self
+            .entities
+            .read()
+            .expect("entities lock")
+            .contains_key(stream)
+        {
+            &self.entity_log
+        } else {
+            &self.log
+        }
     }
 
     fn start(self: &Arc<Self>, plan: Arc<ViewPlan>) -> Result<(), Error> {
@@ -762,15 +786,15 @@ impl Runner {
         let mut seen = self.sense.wake.current();
         loop {
             let stopping = self.sense.stop.load(Ordering::Acquire);
-            let end = self.sense.log.end_offset(&stream);
+            let end = self.sense.log_for(&stream).end_offset(&stream);
             let mut progressed = false;
             if self.offset < end {
                 match self.step(&stream) {
                     Ok(()) => progressed = true,
-                    Err(_) if self.offset < self.sense.log.start_offset(&stream) => {
+                    Err(_) if self.offset < self.sense.log_for(&stream).start_offset(&stream) => {
                         // Retention removed events this view had not read: say so and go on
                         // from what is left, rather than stop for good.
-                        let start = self.sense.log.start_offset(&stream);
+                        let start = self.sense.log_for(&stream).start_offset(&stream);
                         let lost = start - self.offset;
                         tracing::error!(view = %self.handle.plan.sql_name(), lost, "events were removed by retention before the view read them");
                         self.lost += lost;
@@ -816,7 +840,10 @@ impl Runner {
 
     /// Reads a chunk of the log into the engine.
     fn step(&mut self, stream: &str) -> Result<(), Error> {
-        let entries = self.sense.log.read(stream, self.offset, READ_BYTES)?;
+        let entries = self
+            .sense
+            .log_for(stream)
+            .read(stream, self.offset, READ_BYTES)?;
         for e in entries {
             let skip = self.offset.saturating_sub(e.first) as usize;
             if skip >= e.count as usize {

@@ -16,6 +16,9 @@
 //! a small runtime of its own, so that it may be called from anywhere.
 #![deny(missing_docs)]
 
+mod streams;
+pub use streams::ClusterStreams;
+
 use std::future::Future;
 use std::pin::Pin;
 use std::str::FromStr;
@@ -32,7 +35,7 @@ use yunqi_types::{
 };
 
 /// The version of the PostgreSQL schema this code reads and writes.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// The channel on which a batch's new version is announced.
 const CHANNEL: &str = "yunqi_identity";
@@ -44,7 +47,8 @@ const OPERATION_TIMEOUT: Duration = Duration::from_secs(5);
 const INIT_LOCK: i64 = 0x7975_6e71_6900_0001;
 
 /// Schema migrations: the n-th entry takes the schema from version n to n + 1.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE yunqi_identity_version (
     id       int PRIMARY KEY CHECK (id = 1),
     version  bigint NOT NULL
@@ -86,7 +90,15 @@ CREATE TABLE yunqi_node (
     seen_version  bigint NOT NULL,
     lease_ms      bigint NOT NULL
 );
-"];
+",
+    "
+CREATE TABLE yunqi_stream (
+    sql_name    text PRIMARY KEY,
+    manifest    jsonb NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+",
+];
 
 /// Where the database is, for messages to the operator (host, port and database; never the
 /// password).

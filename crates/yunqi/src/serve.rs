@@ -323,10 +323,17 @@ async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
     let datasets =
         yunqi_datasets::DatasetStore::open(&data.join("datasets"), limits.import_bytes_max)
             .map_err(crate::user_error)?;
-    let streams_catalog = Arc::new(
-        yunqi_datasets::StreamCatalog::open(&data.join("streams").join("catalog"))
-            .map_err(crate::user_error)?,
-    );
+    let local_streams = yunqi_datasets::StreamCatalog::open(&data.join("streams").join("catalog"))
+        .map_err(crate::user_error)?;
+    // With the streams' events in JetStream, their declarations are the cluster's too.
+    let streams_catalog: Arc<dyn yunqi_datasets::StreamDeclarations> =
+        match (&shared, cluster.as_ref().and_then(|c| c.nats.as_ref())) {
+            (Some(pg), Some(_)) => Arc::new(yunqi_store_pg::ClusterStreams::new(
+                pg.clone(),
+                local_streams,
+            )),
+            _ => Arc::new(local_streams),
+        };
     // Services' decision logs stay in the data directory until their writers hold leases
     // (one writer per service across the cluster); the streams' events go to JetStream when
     // it is configured.
@@ -351,8 +358,13 @@ async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
         Some(f) => gov.with_fence(f.clone()),
         None => gov,
     });
-    let sense = yunqi_sense::Sense::open(gov.clone(), events.clone(), &data.join("views"))
-        .map_err(crate::user_error)?;
+    let sense = yunqi_sense::Sense::open(
+        gov.clone(),
+        events.clone(),
+        log.clone(),
+        &data.join("views"),
+    )
+    .map_err(crate::user_error)?;
     for p in &args.notify_allow {
         if !p.starts_with("http://") || p.len() <= "http://".len() {
             bail!(
