@@ -618,7 +618,7 @@ fn three_nodes_take_any_stream_and_a_node_killed_mid_ingest_loses_nothing() {
 
     let batches = 30u64;
     let per = 100usize;
-    let mut alive = vec![true; 3];
+    let mut alive = [true; 3];
     let mut end = 0;
     for k in 0..batches {
         let key = format!("cam-{k:04}");
