@@ -134,6 +134,12 @@ async fn sync_once(
         if now < current {
             return Err(Error::unavailable(
                 "the metadata store went back in version",
+            )
+            .detail(format!(
+                "the store announced version {current} but reads as {now}"
+            ))
+            .hint(
+                "the cluster's database was restored from an older backup or replaced; stop every node, check the database, then start them again",
             ));
         }
         fence.renew(began);
@@ -290,11 +296,12 @@ fn state(n: &yunqi_store_pg::NodeStatus) -> &'static str {
 }
 
 /// What the node holds of the cluster's work. Until writers are spread over the nodes, every
-/// node holds its own data directory's datasets, streams, views and services.
+/// node holds its own data directory's datasets, views' outputs, NGSI-LD entity streams and
+/// services; streams are the cluster's when NATS is configured (status shows NATS then).
 fn holds(n: &yunqi_store_pg::NodeStatus) -> &'static str {
     if n.stopped_at.is_some() {
         "-"
     } else {
-        "identities; its own datasets, streams, services"
+        "its own datasets, views, entity streams, services"
     }
 }
