@@ -272,8 +272,8 @@ impl Dedup {
             .get(stream)
             .map(|k| k.scanned)
             .unwrap_or(0);
-        self.scan_from(log, stream, move |log, s| from.max(log.start_offset(s)))
-            .await
+        // A shared log reads from its first kept offset when `from` was removed by retention.
+        self.scan_from(log, stream, move |_, _| from).await
     }
 }
 

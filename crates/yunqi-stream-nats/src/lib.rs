@@ -158,6 +158,13 @@ struct Pending {
     tx: oneshot::Sender<Result<Appended, Error>>,
 }
 
+/// An append ready to queue: its writer's queue, the append, where its outcome arrives.
+type Prepared = (
+    mpsc::Sender<Pending>,
+    Pending,
+    oneshot::Receiver<Result<Appended, Error>>,
+);
+
 /// The tail a writer appends after.
 #[derive(Clone, Copy)]
 struct Tail {
@@ -463,12 +470,10 @@ impl NatsLog {
         self.runtime.handle()
     }
 
-    fn enqueue(
-        &self,
-        stream: &str,
-        count: u32,
-        payload: Vec<u8>,
-    ) -> Result<oneshot::Receiver<Result<Appended, Error>>, Error> {
+    /// Checks an append and finds its stream's writer (starting it): the queue to send the
+    /// append to, and where its outcome arrives. The caller waits for room in the bounded queue
+    /// (async callers asynchronously, blocking ones blocking).
+    fn prepare(&self, stream: &str, count: u32, payload: Vec<u8>) -> Result<Prepared, Error> {
         validate_stream_key(stream)?;
         if payload.len() > self.entry_bytes_max() {
             return Err(Error::invalid(format!(
@@ -505,22 +510,7 @@ impl NatsLog {
             }
         };
         let (tx, rx) = oneshot::channel();
-        let pending = Pending { count, payload, tx };
-        // The queue is bounded: wait for room on the log's own runtime.
-        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-        match sender.try_send(pending) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(closed()),
-            Err(mpsc::error::TrySendError::Full(p)) => {
-                self.handle().spawn(async move {
-                    let _ = ready_tx.send(sender.send(p).await.is_ok());
-                });
-                if !ready_rx.recv().unwrap_or(false) {
-                    return Err(closed());
-                }
-            }
-        }
-        Ok(rx)
+        Ok((sender, Pending { count, payload, tx }, rx))
     }
 
     fn cached(&self, stream: &str) -> Arc<Cached> {
@@ -539,12 +529,13 @@ impl Inner {
     }
 
     fn stream(&self, key: &str) -> stream::Stream<()> {
-        // Only checks the name, which validate_stream_key already did.
-        futures::executor::block_on(
-            self.js
-                .get_stream_no_info(stream_name(&self.config.prefix, key)),
-        )
-        .expect("a valid stream name")
+        // No I/O: only checks the name, which validate_stream_key already did.
+        use futures::FutureExt;
+        self.js
+            .get_stream_no_info(stream_name(&self.config.prefix, key))
+            .now_or_never()
+            .expect("ready at once")
+            .expect("a valid stream name")
     }
 
     fn stream_config(&self, key: &str) -> stream::Config {
@@ -700,16 +691,19 @@ impl Inner {
     }
 
     /// The sequence of the first round whose events end after `from`, by binary search.
-    async fn locate(&self, key: &str, from: u64) -> Result<Option<u64>, Error> {
+    async fn locate(
+        &self,
+        key: &str,
+        from: u64,
+        state: &stream::State,
+    ) -> Result<Option<u64>, Error> {
         if let Some((end, next)) = *self.cached(key).cursor.lock().expect("cursor lock")
             && end == from
         {
             return Ok(Some(next));
         }
-        let Some((mut lo, mut hi)) = self.bounds(key).await? else {
-            return Ok(None);
-        };
-        if hi < lo {
+        let (mut lo, mut hi) = (state.first_sequence, state.last_sequence);
+        if hi == 0 || hi < lo {
             return Ok(None);
         }
         // Invariant: every round before lo ends at or before `from`; answer in [lo, hi + 1].
@@ -732,10 +726,17 @@ impl Inner {
     }
 
     async fn read(&self, key: &str, from: u64, max_bytes: usize) -> Result<Vec<Entry>, Error> {
-        let Some(seq) = self.locate(key, from).await? else {
+        let Some(state) = self.state(key).await? else {
             return Ok(Vec::new());
         };
-        let Some(state) = self.state(key).await? else {
+        // At the end (a caught-up reader, an idempotency check): no search.
+        if let Some((seq, end, _)) = *self.cached(key).tail.lock().expect("tail lock")
+            && seq == state.last_sequence
+            && end <= from
+        {
+            return Ok(Vec::new());
+        }
+        let Some(seq) = self.locate(key, from, &state).await? else {
             return Ok(Vec::new());
         };
         let last = state.last_sequence;
@@ -983,9 +984,11 @@ impl StreamLog for NatsLog {
         count: u32,
         payload: Vec<u8>,
     ) -> BoxFuture<'_, Result<Appended, Error>> {
-        let rx = self.enqueue(stream, count, payload);
+        let prepared = self.prepare(stream, count, payload);
         Box::pin(async move {
-            rx?.await
+            let (sender, pending, rx) = prepared?;
+            sender.send(pending).await.map_err(|_| closed())?;
+            rx.await
                 .unwrap_or_else(|_| Err(Error::internal("the stream engine's writer ended")))
         })
     }
@@ -996,7 +999,8 @@ impl StreamLog for NatsLog {
         count: u32,
         payload: Vec<u8>,
     ) -> Result<Appended, Error> {
-        let rx = self.enqueue(stream, count, payload)?;
+        let (sender, pending, rx) = self.prepare(stream, count, payload)?;
+        sender.blocking_send(pending).map_err(|_| closed())?;
         rx.blocking_recv()
             .unwrap_or_else(|_| Err(Error::internal("the stream engine's writer ended")))
     }

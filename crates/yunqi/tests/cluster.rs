@@ -442,15 +442,7 @@ fn streams_on_jetstream_outlive_the_node_and_the_engine_being_down() {
     ]);
     assert_ne!(code, 0);
     assert!(err.contains("yunqi cluster init"), "{err}");
-    let (code, out, err) = yunqi(&[
-        "cluster",
-        "init",
-        "--postgres",
-        &db.url(),
-        "--nats",
-        &nats.url(),
-        "--json",
-    ]);
+    let (code, out, err) = common::cluster_cli("init", &db.url(), &nats.url(), &["--json"]);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["nats"]["created_offsets_bucket"], true, "{v}");
@@ -539,15 +531,7 @@ fn streams_on_jetstream_outlive_the_node_and_the_engine_being_down() {
     // Whether the attempt during the outage was stored or not, the key is appended once.
     let end = v["end_offset"].as_u64().unwrap();
     assert_eq!(end, 385, "{v}");
-    let (code, out, err) = yunqi(&[
-        "cluster",
-        "status",
-        "--postgres",
-        &db.url(),
-        "--nats",
-        &nats.url(),
-        "--json",
-    ]);
+    let (code, out, err) = common::cluster_cli("status", &db.url(), &nats.url(), &["--json"]);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
@@ -567,14 +551,7 @@ fn three_nodes_take_any_stream_and_a_node_killed_mid_ingest_loses_nothing() {
     let db = Database::create("three_js");
     let nats_dir = tempfile::tempdir().unwrap();
     let nats = yunqi_stream_nats::server::NatsServer::start(nats_dir.path());
-    let (code, _, err) = yunqi(&[
-        "cluster",
-        "init",
-        "--postgres",
-        &db.url(),
-        "--nats",
-        &nats.url(),
-    ]);
+    let (code, _, err) = common::cluster_cli("init", &db.url(), &nats.url(), &[]);
     assert_eq!(code, 0, "{err}");
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut nodes: Vec<Server> = ["a", "b", "c"]

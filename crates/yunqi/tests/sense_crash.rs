@@ -138,27 +138,13 @@ fn kill_9_of_a_node_with_streams_on_jetstream_gives_the_uninterrupted_results() 
     let db = common::Database::create("sense_js");
     let nats_dir = tempfile::tempdir().unwrap();
     let nats = yunqi_stream_nats::server::NatsServer::start(nats_dir.path());
-    let (code, out, err) = common::yunqi(&[
-        "cluster",
-        "init",
-        "--postgres",
-        &db.url(),
-        "--nats",
-        &nats.url(),
-    ]);
+    let (code, out, err) = common::cluster_cli("init", &db.url(), &nats.url(), &[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("created the offsets bucket"), "{out}");
     killed_runs_match_the_uninterrupted_run(kills, &|dir, i| {
         common::cluster_node(dir, &db.url(), Some(&nats.url()), &format!("n{i}"))
     });
-    let (code, out, err) = common::yunqi(&[
-        "cluster",
-        "status",
-        "--postgres",
-        &db.url(),
-        "--nats",
-        &nats.url(),
-    ]);
+    let (code, out, err) = common::cluster_cli("status", &db.url(), &nats.url(), &[]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("up; 1 yunqi stream(s) in JetStream"), "{out}");
 }

@@ -558,3 +558,15 @@ pub fn cluster_node(data: &Path, postgres: &str, nats: Option<&str>, name: &str)
     }
     Server::start_with(data, &args)
 }
+
+/// `yunqi cluster COMMAND --postgres POSTGRES --nats NATS EXTRA…`: (exit code, stdout, stderr).
+pub fn cluster_cli(
+    command: &str,
+    postgres: &str,
+    nats: &str,
+    extra: &[&str],
+) -> (i32, String, String) {
+    let mut args = vec!["cluster", command, "--postgres", postgres, "--nats", nats];
+    args.extend_from_slice(extra);
+    yunqi(&args)
+}
