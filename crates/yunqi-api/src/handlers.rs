@@ -454,6 +454,7 @@ pub async fn create_dataset(
         .map(|s| Name::parse("column", &s).map(|n| n.to_string()))
         .transpose()?;
     let spec = yunqi_datasets::DatasetSpec {
+        on_node: false,
         department,
         name,
         description,

@@ -1,5 +1,7 @@
 //! Dataset storage: each dataset is a directory `DIR/datasets/<department>/<name>/` holding its
-//! `manifest.json` and its Parquet files under `data/`.
+//! `manifest.json` and its Parquet files under `data/` — or, in a cluster, a manifest in the
+//! shared metadata store and files in object storage ([`shared`]), for every dataset but those
+//! the node's own streams write (views' results, entity tables), which stay in its directory.
 //!
 //! Architecture invariant: a version is visible whole or not at all. An import writes its
 //! Parquet file (fsynced) first, then a new manifest to a temporary file (fsynced), then renames
@@ -14,6 +16,7 @@ pub mod csv_import;
 pub mod ndjson_import;
 pub mod parquet_import;
 pub mod schema;
+pub mod shared;
 pub mod streams;
 
 use std::collections::HashSet;
@@ -32,6 +35,7 @@ use yunqi_types::{ColumnClass, Error, Name, suggest};
 
 pub use csv_import::Reject;
 pub use schema::{Column, ColumnType, Derivation, Manifest, Version, ViewSource};
+pub use shared::{BlobInfo, Blobs, SharedManifests, SharedStore, SweepReport};
 pub use streams::{StreamCatalog, StreamDeclarations, StreamManifest};
 
 /// How an import combines with what is there.
@@ -112,7 +116,10 @@ pub struct Staged {
     pub manifest: Manifest,
     /// What the import did.
     pub report: ImportReport,
-    written: Vec<PathBuf>,
+    written: Vec<String>,
+    /// The revision of the shared manifest the version was prepared on (`None` for a
+    /// dataset in the node's directory).
+    base: Option<u64>,
 }
 
 /// A new dataset.
@@ -130,18 +137,52 @@ pub struct DatasetSpec {
     pub subject: Option<String>,
     /// Tags.
     pub tags: Vec<String>,
+    /// Kept in the node's own directory even in a cluster: written by the node's own streams
+    /// (a view's results, an entity table).
+    pub on_node: bool,
 }
 
 /// Files written for a version that is not staged yet: removed if the import stops on an error
 /// (a failed write, a full disk), so nothing half-written stays behind.
-struct Unstaged(Vec<PathBuf>);
+struct Unstaged<'a> {
+    store: &'a DatasetStore,
+    place: Place,
+    files: Vec<String>,
+}
 
-impl Drop for Unstaged {
+impl Drop for Unstaged<'_> {
     fn drop(&mut self) {
-        for f in &self.0 {
-            let _ = fs::remove_file(f);
+        for f in &self.files {
+            self.store.remove_file(&self.place, f);
         }
     }
+}
+
+/// Where a dataset's manifest and files are.
+#[derive(Debug, Clone)]
+enum Place {
+    /// `DIR/datasets/<department>/<name>/`.
+    Local(PathBuf),
+    /// The shared store, under `datasets/<department>/<name>/`.
+    Shared(String),
+}
+
+/// This node's view of the shared store.
+struct Shared {
+    store: SharedStore,
+    /// The revision of each shared dataset's manifest as this node last read or wrote it.
+    revisions: Mutex<std::collections::HashMap<String, u64>>,
+    /// The highest revision read (sync holds the lock, so syncs do not interleave).
+    seen: Mutex<u64>,
+}
+
+fn conflict(sql_name: &str) -> Error {
+    Error::new(
+        yunqi_types::ErrorCode::Conflict,
+        format!("dataset {sql_name} was changed on another node meanwhile"),
+    )
+    .detail("nothing of this change is visible")
+    .hint("retry: the change is applied to the latest version")
 }
 
 /// Imports of this many rows or more are written as one Parquet file per core, in parallel.
@@ -166,6 +207,8 @@ pub struct DatasetStore {
     /// by `write_manifest` (all writes go through this store), so that planning a query reads
     /// no file.
     manifests: std::sync::RwLock<std::collections::BTreeMap<String, Manifest>>,
+    /// The cluster's shared store, if any.
+    shared: Option<Shared>,
 }
 
 fn io(e: std::io::Error, what: &str) -> Error {
@@ -197,17 +240,46 @@ impl DatasetStore {
     /// Opens the store under `root` (created if missing) and removes files no manifest names
     /// (left by imports a crash interrupted).
     pub fn open(root: &Path, import_bytes_max: usize) -> Result<Arc<DatasetStore>, Error> {
+        DatasetStore::open_with(root, import_bytes_max, None)
+    }
+
+    /// Opens the store of a cluster's node: datasets in `shared`, and those of the node's own
+    /// streams under `root`.
+    pub fn open_shared(
+        root: &Path,
+        import_bytes_max: usize,
+        shared: SharedStore,
+    ) -> Result<Arc<DatasetStore>, Error> {
+        DatasetStore::open_with(root, import_bytes_max, Some(shared))
+    }
+
+    fn open_with(
+        root: &Path,
+        import_bytes_max: usize,
+        shared: Option<SharedStore>,
+    ) -> Result<Arc<DatasetStore>, Error> {
         fs::create_dir_all(root).map_err(|e| io(e, "create datasets directory"))?;
         let store = DatasetStore {
             root: root.to_path_buf(),
             import_bytes_max,
             imports: Mutex::new(()),
             manifests: Default::default(),
+            shared: shared.map(|store| Shared {
+                store,
+                revisions: Default::default(),
+                seen: Mutex::new(0),
+            }),
         };
         let loaded = store.load_all()?;
         *store.manifests.write().expect("manifests lock") =
             loaded.into_iter().map(|m| (m.sql_name(), m)).collect();
-        for m in store.list()? {
+        store.sync()?;
+        let local: Vec<Manifest> = store
+            .list()?
+            .into_iter()
+            .filter(|m| !store.is_shared(&m.sql_name()))
+            .collect();
+        for m in local {
             let dir = store.dir(&m.department, &m.name);
             let named: HashSet<String> = m
                 .versions
@@ -230,31 +302,169 @@ impl DatasetStore {
         self.root.join(department).join(name)
     }
 
-    /// Absolute paths of the rejects files of every version.
-    pub fn rejects_files(&self, m: &Manifest) -> Vec<PathBuf> {
-        let dir = self.dir(&m.department, &m.name);
+    /// Whether `sql_name` is a dataset of the shared store.
+    fn is_shared(&self, sql_name: &str) -> bool {
+        self.shared.as_ref().is_some_and(|s| {
+            s.revisions
+                .lock()
+                .expect("revisions lock")
+                .contains_key(sql_name)
+        })
+    }
+
+    fn place(&self, department: &str, name: &str) -> Place {
+        if self.is_shared(&format!("{department}.{name}")) {
+            Place::Shared(shared::dataset_prefix(department, name))
+        } else {
+            Place::Local(self.dir(department, name))
+        }
+    }
+
+    /// Where DataFusion reads a file of a dataset: an absolute path, or an object's URL.
+    fn location(&self, place: &Place, rel: &str) -> String {
+        match (place, &self.shared) {
+            (Place::Local(dir), _) => dir.join(rel).to_string_lossy().into_owned(),
+            (Place::Shared(prefix), Some(s)) => s.store.blobs.url(&format!("{prefix}{rel}")),
+            (Place::Shared(_), None) => unreachable!("shared datasets need a shared store"),
+        }
+    }
+
+    fn blobs(&self) -> &dyn Blobs {
+        self.shared
+            .as_ref()
+            .expect("shared datasets need a shared store")
+            .store
+            .blobs
+            .as_ref()
+    }
+
+    /// The object store DataFusion reads shared datasets through, and the URL to register it
+    /// under (`None` when every dataset is on this node).
+    pub fn object_store(&self) -> Option<(String, Arc<dyn object_store::ObjectStore>)> {
+        self.shared.as_ref().map(|s| s.store.blobs.object_store())
+    }
+
+    /// Where the rejects files of every version are (absolute paths or object URLs).
+    pub fn rejects_files(&self, m: &Manifest) -> Vec<String> {
+        let place = self.place(&m.department, &m.name);
         m.versions
             .iter()
             .filter_map(|v| v.rejects_file.as_ref())
-            .map(|f| dir.join(f))
+            .map(|f| self.location(&place, f))
             .collect()
     }
 
-    /// Absolute paths of a version's data files (the current version when `None`).
-    pub fn files(&self, m: &Manifest, version: Option<u64>) -> Result<Vec<PathBuf>, Error> {
+    /// Where a version's data files are (the current version when `None`): absolute paths,
+    /// or object URLs.
+    pub fn files(&self, m: &Manifest, version: Option<u64>) -> Result<Vec<String>, Error> {
         let v = match version {
             Some(n) => Some(m.version(n)?),
             None => m.current(),
         };
-        let dir = self.dir(&m.department, &m.name);
-        Ok(v.map(|v| v.files.iter().map(|f| dir.join(f)).collect())
-            .unwrap_or_default())
+        let place = self.place(&m.department, &m.name);
+        Ok(
+            v.map(|v| v.files.iter().map(|f| self.location(&place, f)).collect())
+                .unwrap_or_default(),
+        )
+    }
+
+    /// Reads the shared manifests committed since this node last looked (nothing to do
+    /// without a shared store). Queries call it through [`DatasetStore::list`], so that a
+    /// version committed on any node before a query starts is the version it reads.
+    pub fn sync(&self) -> Result<(), Error> {
+        let Some(s) = &self.shared else {
+            return Ok(());
+        };
+        let mut seen = s.seen.lock().expect("seen lock");
+        let (changed, top) = s.store.manifests.since(*seen)?;
+        if !changed.is_empty() {
+            let mut manifests = self.manifests.write().expect("manifests lock");
+            let mut revisions = s.revisions.lock().expect("revisions lock");
+            for (m, revision) in changed {
+                let name = m.sql_name();
+                if !revisions.contains_key(&name) && manifests.contains_key(&name) {
+                    tracing::warn!(
+                        dataset = %name,
+                        "a shared dataset has the name of one of this node's own; the node's is kept"
+                    );
+                    continue;
+                }
+                if revisions.get(&name).is_none_or(|&r| r < revision) {
+                    revisions.insert(name.clone(), revision);
+                    manifests.insert(name, m);
+                }
+            }
+        }
+        *seen = top.max(*seen);
+        Ok(())
+    }
+
+    /// Holds the cluster-wide lock on writes to a shared dataset until the guard is dropped
+    /// (`None` for a dataset on this node, which the caller's own lock serialises).
+    pub fn lock_writes(
+        &self,
+        department: &str,
+        name: &str,
+    ) -> Result<Option<Box<dyn Send>>, Error> {
+        let sql_name = format!("{department}.{name}");
+        self.sync()?;
+        match &self.shared {
+            Some(s) if self.is_shared(&sql_name) => Ok(Some(s.store.manifests.lock(&sql_name)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Removes the shared store's files that no manifest names and that are older than
+    /// `grace` (an import on another node may still be about to commit younger ones).
+    pub fn sweep(
+        &self,
+        grace: std::time::Duration,
+        now: DateTime<Utc>,
+    ) -> Result<SweepReport, Error> {
+        let mut report = SweepReport::default();
+        if self.shared.is_none() {
+            return Ok(report);
+        }
+        // Listed before the manifests are read: a file committed meanwhile is named by them.
+        let objects = self.blobs().list("datasets/")?;
+        self.sync()?;
+        let mut named = HashSet::new();
+        for m in self.manifests.read().expect("manifests lock").values() {
+            if !self.is_shared(&m.sql_name()) {
+                continue;
+            }
+            let prefix = shared::dataset_prefix(&m.department, &m.name);
+            for v in &m.versions {
+                for f in v.files.iter().chain(v.rejects_file.iter()) {
+                    named.insert(format!("{prefix}{f}"));
+                }
+            }
+        }
+        let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
+        for o in objects {
+            report.objects += 1;
+            if named.contains(&o.key) {
+                continue;
+            }
+            if now - o.modified < grace {
+                report.young += 1;
+                continue;
+            }
+            self.blobs().delete(&o.key)?;
+            report.removed += 1;
+            report.bytes_removed += o.size;
+        }
+        Ok(report)
     }
 
     /// Creates an empty dataset.
     pub fn create(&self, spec: DatasetSpec, now: DateTime<Utc>) -> Result<Manifest, Error> {
         let _guard = self.imports.lock().expect("imports lock");
         let dir = self.dir(spec.department.as_str(), spec.name.as_str());
+        let shared = self.shared.is_some() && !spec.on_node;
+        if shared {
+            self.sync()?;
+        }
         if self
             .get(spec.department.as_str(), spec.name.as_str())
             .is_ok()
@@ -289,7 +499,9 @@ impl DatasetStore {
                     .hint("name one of the declared columns, or leave the subject out"),
             );
         }
-        fs::create_dir_all(dir.join("data")).map_err(|e| io(e, "create dataset directory"))?;
+        if !shared {
+            fs::create_dir_all(dir.join("data")).map_err(|e| io(e, "create dataset directory"))?;
+        }
         let tags = check_tags(spec.tags)?;
         let m = Manifest {
             derived_from: None,
@@ -305,7 +517,15 @@ impl DatasetStore {
             created_at: now,
             view: None,
         };
-        self.write_manifest(&m)?;
+        if shared {
+            self.commit_shared(&m, None).map_err(|e| match e.code {
+                yunqi_types::ErrorCode::Conflict => Error::already_exists("dataset", &m.sql_name())
+                    .hint("import into it, or pick another name"),
+                _ => e,
+            })?;
+        } else {
+            self.write_manifest(&m)?;
+        }
         Ok(m)
     }
 
@@ -344,6 +564,58 @@ impl DatasetStore {
         )
     }
 
+    /// A dataset's manifest and, for a shared one, the revision it is at (read together).
+    fn get_based(&self, department: &str, name: &str) -> Result<(Manifest, Option<u64>), Error> {
+        let sql_name = format!("{department}.{name}");
+        {
+            let manifests = self.manifests.read().expect("manifests lock");
+            if let Some(m) = manifests.get(&sql_name) {
+                let revision = self.shared.as_ref().and_then(|s| {
+                    s.revisions
+                        .lock()
+                        .expect("revisions lock")
+                        .get(&sql_name)
+                        .copied()
+                });
+                return Ok((m.clone(), revision));
+            }
+        }
+        self.get(department, name).map(|m| (m, None))
+    }
+
+    /// Commits a shared dataset's manifest over revision `expected` (`None`: a new dataset).
+    fn commit_shared(&self, m: &Manifest, expected: Option<u64>) -> Result<(), Error> {
+        let s = self
+            .shared
+            .as_ref()
+            .expect("shared datasets need a shared store");
+        let name = m.sql_name();
+        let revision = s
+            .store
+            .manifests
+            .commit(m, expected)
+            .map_err(|e| match e.code {
+                yunqi_types::ErrorCode::Conflict => conflict(&name),
+                _ => e,
+            })?;
+        let mut manifests = self.manifests.write().expect("manifests lock");
+        let mut revisions = s.revisions.lock().expect("revisions lock");
+        if revisions.get(&name).is_none_or(|&r| r < revision) {
+            revisions.insert(name.clone(), revision);
+            manifests.insert(name, m.clone());
+        }
+        Ok(())
+    }
+
+    /// Writes a manifest read at revision `base` (shared) or from this node's directory
+    /// (`None`).
+    fn write(&self, m: &Manifest, base: Option<u64>) -> Result<(), Error> {
+        match base {
+            Some(b) => self.commit_shared(m, Some(b)),
+            None => self.write_manifest(m),
+        }
+    }
+
     /// Reads one manifest from disk.
     fn read_manifest(&self, department: &str, name: &str) -> Result<Manifest, Error> {
         let path = self.dir(department, name).join("manifest.json");
@@ -363,8 +635,13 @@ impl DatasetStore {
         Ok(m)
     }
 
-    /// Every dataset, by `department.name`.
+    /// Every dataset, by `department.name`. In a cluster it first reads the shared manifests
+    /// committed since it last looked (when the metadata store cannot be reached, it answers
+    /// with what it read before).
     pub fn list(&self) -> Result<Vec<Manifest>, Error> {
+        if let Err(e) = self.sync() {
+            tracing::warn!(error = %e.message, "shared dataset manifests not refreshed");
+        }
         Ok(self
             .manifests
             .read()
@@ -420,7 +697,44 @@ impl DatasetStore {
         Ok(())
     }
 
-    fn write_parquet(&self, path: &Path, batch: &RecordBatch) -> Result<u64, Error> {
+    /// Writes `batch` as the Parquet file `rel` of the dataset at `place`; returns its size.
+    fn write_parquet(&self, place: &Place, rel: &str, batch: &RecordBatch) -> Result<u64, Error> {
+        match place {
+            Place::Local(dir) => self.write_parquet_file(&dir.join(rel), batch),
+            Place::Shared(prefix) => {
+                let props = WriterProperties::builder()
+                    .set_compression(Compression::SNAPPY)
+                    .build();
+                let mut out = Vec::new();
+                let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(props))
+                    .map_err(|e| Error::internal(format!("cannot write Parquet: {e}")))?;
+                writer
+                    .write(batch)
+                    .and_then(|_| writer.close().map(|_| ()))
+                    .map_err(|e| Error::internal(format!("cannot write Parquet: {e}")))?;
+                let size = out.len() as u64;
+                self.blobs()
+                    .put(&format!("{prefix}{rel}"), bytes::Bytes::from(out))?;
+                Ok(size)
+            }
+        }
+    }
+
+    /// Removes file `rel` of the dataset at `place`, if it is there.
+    fn remove_file(&self, place: &Place, rel: &str) {
+        match place {
+            Place::Local(dir) => {
+                let _ = fs::remove_file(dir.join(rel));
+            }
+            Place::Shared(prefix) => {
+                if let Err(e) = self.blobs().delete(&format!("{prefix}{rel}")) {
+                    tracing::warn!(error = %e.message, file = %rel, "a file left for the sweeper");
+                }
+            }
+        }
+    }
+
+    fn write_parquet_file(&self, path: &Path, batch: &RecordBatch) -> Result<u64, Error> {
         let file = File::create(path).map_err(|e| io(e, "create data file"))?;
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
@@ -474,7 +788,9 @@ impl DatasetStore {
             )
             .hint("split the file and import the parts with --mode append"));
         }
-        let mut m = self.get(department, name)?;
+        // In a cluster, the version is prepared on the latest one any node committed.
+        self.sync()?;
+        let (mut m, base) = self.get_based(department, name)?;
         if let Some(v) = &m.view {
             return Err(Error::invalid(format!(
                 "{} is written by a continuous view, not by imports",
@@ -563,14 +879,18 @@ impl DatasetStore {
         }
         let previous = m.current().cloned();
         let number = previous.as_ref().map_or(0, |v| v.version) + 1;
-        let dir = self.dir(&m.department, &m.name);
+        let place = self.place(&m.department, &m.name);
         let (mut files, mut rows_total, mut bytes_total) = match (options.mode, &previous) {
             (Mode::Append, Some(p)) => (p.files.clone(), p.rows, p.bytes),
             _ => (Vec::new(), 0, 0),
         };
         let imported = parsed.rows() as u64;
         // Removed again if the import stops on an error before it is staged.
-        let mut written = Unstaged(Vec::new());
+        let mut written = Unstaged {
+            store: self,
+            place: place.clone(),
+            files: Vec::new(),
+        };
         let mut rows_replaced = 0;
         if let (Some(key), Some(p)) = (&key, &previous) {
             // The previous rows whose key no new row has, rewritten as one file.
@@ -584,8 +904,8 @@ impl DatasetStore {
             rows_replaced = p.rows - kept.num_rows() as u64;
             if kept.num_rows() > 0 {
                 let rel = format!("data/v{number:06}-kept-{}.parquet", random_suffix());
-                written.0.push(dir.join(&rel));
-                bytes_total += self.write_parquet(&dir.join(&rel), &kept)?;
+                written.files.push(rel.clone());
+                bytes_total += self.write_parquet(&place, &rel, &kept)?;
                 files.push(rel);
                 rows_total += kept.num_rows() as u64;
             }
@@ -624,14 +944,14 @@ impl DatasetStore {
                     .collect()
             };
             written
-                .0
-                .extend(slices.iter().map(|(rel, _)| dir.join(rel)));
+                .files
+                .extend(slices.iter().map(|(rel, _)| rel.clone()));
             let sizes: Vec<Result<u64, Error>> = std::thread::scope(|scope| {
                 let handles: Vec<_> = slices
                     .iter()
                     .map(|(rel, batch)| {
-                        let path = dir.join(rel);
-                        scope.spawn(move || self.write_parquet(&path, batch))
+                        let place = &place;
+                        scope.spawn(move || self.write_parquet(place, rel, batch))
                     })
                     .collect();
                 handles
@@ -652,8 +972,8 @@ impl DatasetStore {
             None
         } else {
             let rel = format!("data/v{number:06}-rejects-{}.parquet", random_suffix());
-            written.0.push(dir.join(&rel));
-            self.write_parquet(&dir.join(&rel), &rejects_batch(number, &parsed.rejects)?)?;
+            written.files.push(rel.clone());
+            self.write_parquet(&place, &rel, &rejects_batch(number, &parsed.rejects)?)?;
             Some(rel)
         };
         csv_import::update_classes(&mut m.columns, &parsed.samples);
@@ -705,21 +1025,30 @@ impl DatasetStore {
         Ok(Staged {
             manifest: m,
             report,
-            written: std::mem::take(&mut written.0),
+            written: std::mem::take(&mut written.files),
+            base,
         })
     }
 
     /// Reads data files of `m` with its current schema (columns added since read as NULL).
     fn read_files(&self, m: &Manifest, files: &[String]) -> Result<Vec<RecordBatch>, Error> {
         use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-        let dir = self.dir(&m.department, &m.name);
+        let place = self.place(&m.department, &m.name);
         let schema = m.arrow_schema();
         let mut out = Vec::new();
         for f in files {
-            let file = fs::File::open(dir.join(f)).map_err(|e| io(e, "read a data file"))?;
-            let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-                .and_then(|b| b.build())
-                .map_err(|e| Error::internal(format!("cannot read {f}: {e}")))?;
+            let reader = match &place {
+                Place::Local(dir) => {
+                    let file =
+                        fs::File::open(dir.join(f)).map_err(|e| io(e, "read a data file"))?;
+                    ParquetRecordBatchReaderBuilder::try_new(file).and_then(|b| b.build())
+                }
+                Place::Shared(prefix) => {
+                    let bytes = self.blobs().get(&format!("{prefix}{f}"))?;
+                    ParquetRecordBatchReaderBuilder::try_new(bytes).and_then(|b| b.build())
+                }
+            }
+            .map_err(|e| Error::internal(format!("cannot read {f}: {e}")))?;
             for b in reader {
                 let b = b.map_err(|e| Error::internal(format!("cannot read {f}: {e}")))?;
                 let columns: Vec<ArrayRef> = schema
@@ -743,15 +1072,18 @@ impl DatasetStore {
     }
 
     /// Makes a prepared version visible, atomically.
+    /// In a cluster, a version prepared on a revision another node has since replaced is
+    /// refused with a `conflict` error, and nothing of it becomes visible.
     pub fn publish(&self, staged: &Staged) -> Result<(), Error> {
         let _guard = self.imports.lock().expect("imports lock");
-        self.write_manifest(&staged.manifest)
+        self.write(&staged.manifest, staged.base)
     }
 
     /// Removes the files of a prepared version that will not be published.
     pub fn discard(&self, staged: Staged) {
+        let place = self.place(&staged.manifest.department, &staged.manifest.name);
         for f in staged.written {
-            let _ = fs::remove_file(f);
+            self.remove_file(&place, &f);
         }
     }
 
@@ -760,13 +1092,23 @@ impl DatasetStore {
         &self,
         department: &str,
         name: &str,
-        change: impl FnOnce(&mut Manifest) -> Result<(), Error>,
+        change: impl Fn(&mut Manifest) -> Result<(), Error>,
     ) -> Result<Manifest, Error> {
         let _guard = self.imports.lock().expect("imports lock");
-        let mut m = self.get(department, name)?;
-        change(&mut m)?;
-        self.write_manifest(&m)?;
-        Ok(m)
+        // A shared manifest another node changed meanwhile is read again and changed anew.
+        let mut attempt = 0;
+        loop {
+            self.sync()?;
+            let (mut m, base) = self.get_based(department, name)?;
+            change(&mut m)?;
+            match self.write(&m, base) {
+                Err(e) if e.code == yunqi_types::ErrorCode::Conflict && attempt < 8 => {
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+                Ok(()) => return Ok(m),
+            }
+        }
     }
 
     /// Marks a dataset as a continuous view's result (or late table).
@@ -777,7 +1119,7 @@ impl DatasetStore {
         view: Option<ViewSource>,
     ) -> Result<Manifest, Error> {
         self.update(department, name, |m| {
-            m.view = view;
+            m.view = view.clone();
             Ok(())
         })
     }
@@ -854,32 +1196,36 @@ impl DatasetStore {
         now: DateTime<Utc>,
     ) -> Result<Manifest, Error> {
         let _guard = self.imports.lock().expect("imports lock");
-        let mut m = self.get(department, name)?;
+        let (mut m, base) = self.get_based(department, name)?;
         if m.view.is_none() {
             return Err(Error::invalid(format!(
                 "{} is not a continuous view",
                 m.sql_name()
             )));
         }
-        let dir = self.dir(department, name);
+        let place = self.place(department, name);
         let number = m.versions.last().map_or(1, |v| v.version + 1);
         let (mut files, mut rows, mut bytes) = match (replace, m.current()) {
             (false, Some(v)) => (v.files.clone(), v.rows, v.bytes),
             _ => (Vec::new(), 0, 0),
         };
-        let mut written = Unstaged(Vec::new());
+        let mut written = Unstaged {
+            store: self,
+            place: place.clone(),
+            files: Vec::new(),
+        };
         if batch.num_rows() > 0 {
             let rel = format!("data/v{number:06}-{}.parquet", random_suffix());
-            written.0.push(dir.join(&rel));
+            written.files.push(rel.clone());
             if files.len() >= VIEW_FILES_MAX {
                 let mut all = self.read_files(&m, &files)?;
                 all.push(batch.clone());
                 let merged = datafusion::arrow::compute::concat_batches(&m.arrow_schema(), &all)
                     .map_err(|e| Error::internal(format!("compact view rows: {e}")))?;
-                bytes = self.write_parquet(&dir.join(&rel), &merged)?;
+                bytes = self.write_parquet(&place, &rel, &merged)?;
                 files = vec![rel];
             } else {
-                bytes += self.write_parquet(&dir.join(&rel), batch)?;
+                bytes += self.write_parquet(&place, &rel, batch)?;
                 files.push(rel);
             }
             rows += batch.num_rows() as u64;
@@ -901,14 +1247,14 @@ impl DatasetStore {
             let extra = m.versions.len() - VIEW_VERSIONS_KEPT;
             dropped = m.versions.drain(..extra).collect::<Vec<_>>();
         }
-        self.write_manifest(&m)?;
-        written.0.clear();
+        self.write(&m, base)?;
+        written.files.clear();
         // Files only the dropped versions held are removed (replaced tables would otherwise
         // keep one file per version forever).
         for v in dropped {
             for f in v.files {
                 if !m.versions.iter().any(|k| k.files.contains(&f)) {
-                    let _ = fs::remove_file(dir.join(&f));
+                    self.remove_file(&place, &f);
                 }
             }
         }
@@ -923,7 +1269,7 @@ impl DatasetStore {
         derivation: Option<Derivation>,
     ) -> Result<Manifest, Error> {
         self.update(department, name, |m| {
-            m.derived_from = derivation;
+            m.derived_from = derivation.clone();
             Ok(())
         })
     }
@@ -936,7 +1282,7 @@ impl DatasetStore {
         tags: Vec<String>,
     ) -> Result<Manifest, Error> {
         self.update(department, name, |m| {
-            m.tags = check_tags(tags)?;
+            m.tags = check_tags(tags.clone())?;
             Ok(())
         })
     }
@@ -983,7 +1329,7 @@ impl DatasetStore {
                 ))
                 .hint("import a file first (its columns become the schema), or declare them at creation"));
             }
-            m.columns.push(column);
+            m.columns.push(column.clone());
             Ok(())
         })
     }

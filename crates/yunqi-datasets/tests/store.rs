@@ -30,6 +30,7 @@ fn store() -> (tempfile::TempDir, Arc<DatasetStore>) {
 
 fn spec(name: &str, columns: Vec<Column>) -> DatasetSpec {
     DatasetSpec {
+        on_node: false,
         department: Name::parse("department", "transport").unwrap(),
         name: Name::parse("dataset", name).unwrap(),
         description: "registered vehicles".into(),

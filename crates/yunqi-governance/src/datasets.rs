@@ -2,8 +2,6 @@
 //! a principal may query. Each change is authorised, audited before it becomes visible, then
 //! applied; each denial is audited.
 
-use std::path::PathBuf;
-
 use yunqi_datasets::{DatasetSpec, ImportOptions, ImportReport, Manifest};
 use yunqi_types::{ColumnClass, Error, Name, Outcome};
 
@@ -14,10 +12,10 @@ use crate::{Action, Actor, CallContext, Governance, authorize};
 pub struct Queryable {
     /// Its manifest.
     pub manifest: Manifest,
-    /// Data files of the current version.
-    pub files: Vec<PathBuf>,
+    /// Data files of the current version (absolute paths, or object URLs in a cluster).
+    pub files: Vec<String>,
     /// Rejects files of every version (the owner's only).
-    pub rejects_files: Vec<PathBuf>,
+    pub rejects_files: Vec<String>,
     /// The grant it is read under; `None` for the principal's own department's datasets.
     pub grant: Option<yunqi_types::Grant>,
 }
@@ -121,6 +119,7 @@ impl Governance {
     ) -> Result<ImportReport, Error> {
         let (department, dataset) = self.authorize_write(actor, department, name, ctx).await?;
         let _guard = self.dataset_lock.lock().await;
+        let _cluster_guard = self.lock_dataset_writes(department.as_str(), name).await?;
         let store = self.datasets.clone();
         let (d, n, by, now) = (
             department.to_string(),
@@ -168,8 +167,34 @@ impl Governance {
             self.datasets.discard(staged);
             return Err(e);
         }
-        self.datasets.publish(&staged)?;
+        if let Err(e) = self.datasets.publish(&staged) {
+            self.datasets.discard(staged);
+            let failed = self.dataset_event(
+                actor,
+                "dataset.import",
+                &dataset,
+                Outcome::Failed,
+                format!("not published: {}", e.message),
+                ctx,
+            );
+            let _ = self.audit.append(vec![failed]).await;
+            return Err(e);
+        }
         Ok(staged.report)
+    }
+
+    /// In a cluster, holds the lock on writes to a shared dataset across the nodes until the
+    /// guard is dropped (nothing for a dataset on this node).
+    async fn lock_dataset_writes(
+        &self,
+        department: &str,
+        name: &str,
+    ) -> Result<Option<Box<dyn Send>>, Error> {
+        let store = self.datasets.clone();
+        let (d, n) = (department.to_string(), name.to_string());
+        tokio::task::spawn_blocking(move || store.lock_writes(&d, &n))
+            .await
+            .map_err(|e| Error::internal(format!("dataset lock task failed: {e}")))?
     }
 
     /// A change to a dataset's description (not its data) by a steward of its department or
@@ -188,6 +213,7 @@ impl Governance {
     ) -> Result<Manifest, Error> {
         let (department, dataset) = self.authorize_write(actor, department, name, ctx).await?;
         let _guard = self.dataset_lock.lock().await;
+        let _cluster_guard = self.lock_dataset_writes(department.as_str(), name).await?;
         self.datasets.get(department.as_str(), name)?;
         let event = self.dataset_event(actor, action, &dataset, Outcome::Ok, detail, ctx);
         self.audit.append(vec![event]).await?;
@@ -356,7 +382,7 @@ impl Governance {
         department: &str,
         name: &str,
         version: u64,
-    ) -> Result<(Manifest, Vec<PathBuf>), Error> {
+    ) -> Result<(Manifest, Vec<String>), Error> {
         let m = self.datasets.get(department, name)?;
         let dataset = m.sql_name();
         authorize(

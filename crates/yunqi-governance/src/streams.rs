@@ -121,6 +121,7 @@ impl Governance {
             self.create_dataset(
                 actor,
                 DatasetSpec {
+                    on_node: true,
                     department: department.clone(),
                     name: name.clone(),
                     description: format!(
@@ -318,6 +319,7 @@ impl Governance {
         self.create_dataset(
             actor,
             DatasetSpec {
+                on_node: true,
                 department: department.clone(),
                 name: name.clone(),
                 description: description.clone(),
@@ -331,6 +333,7 @@ impl Governance {
         self.create_dataset(
             actor,
             DatasetSpec {
+                on_node: true,
                 department: department.clone(),
                 name: late_name.clone(),
                 description: format!(

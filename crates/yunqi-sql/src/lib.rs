@@ -226,6 +226,12 @@ impl SqlEngine {
             .with_memory_limit(self.limits.query_memory_bytes_max, 1.0)
             .build_arc()
             .map_err(|e| Error::internal(format!("cannot set up the query runtime: {e}")))?;
+        // In a cluster, shared datasets' files are read from object storage.
+        if let Some((url, store)) = self.gov.dataset_store().object_store() {
+            let url = datafusion::execution::object_store::ObjectStoreUrl::parse(&url)
+                .map_err(|e| Error::internal(format!("object store URL: {e}")))?;
+            runtime.register_object_store(url.as_ref(), store);
+        }
         let ctx = SessionContext::new_with_config_rt(config, runtime);
         system::register(&ctx, &self.gov, actor)?;
         let registered = system::register_datasets(&ctx, &self.gov, actor)?;
@@ -652,6 +658,7 @@ impl SqlEngine {
         let bytes = convert::to_parquet(&result.schema, &result.batches)?;
         if self.gov.catalog_entry(actor, department, name).is_err() {
             let spec = yunqi_datasets::DatasetSpec {
+                on_node: false,
                 department: yunqi_types::Name::parse("department", department)?,
                 name: yunqi_types::Name::parse("dataset", name)?,
                 description: format!(

@@ -48,7 +48,7 @@ fn times(values: impl Iterator<Item = Option<i64>>) -> ArrayRef {
 pub fn parquet_table(
     name: &str,
     schema: datafusion::arrow::datatypes::SchemaRef,
-    files: &[std::path::PathBuf],
+    files: &[String],
 ) -> Result<Arc<dyn datafusion::catalog::TableProvider>, Error> {
     use datafusion::datasource::file_format::parquet::ParquetFormat;
     use datafusion::datasource::listing::{
@@ -61,7 +61,7 @@ pub fn parquet_table(
     }
     let urls = files
         .iter()
-        .map(|f| ListingTableUrl::parse(f.to_string_lossy()))
+        .map(ListingTableUrl::parse)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Error::internal(format!("{name}: {e}")))?;
     let options =

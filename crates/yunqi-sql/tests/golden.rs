@@ -108,6 +108,7 @@ async fn city(dir: &Path) -> (Arc<Governance>, BTreeMap<String, Actor>, String) 
         ),
     ] {
         let spec = yunqi_datasets::DatasetSpec {
+            on_node: false,
             department: n(dept),
             name: n(name),
             description: String::new(),
@@ -129,6 +130,7 @@ async fn city(dir: &Path) -> (Arc<Governance>, BTreeMap<String, Actor>, String) 
     }
     // transport.fines: version 1, then a column added, then version 2 appended.
     let spec = yunqi_datasets::DatasetSpec {
+        on_node: false,
         department: n("transport"),
         name: n("fines"),
         description: String::new(),

@@ -16,7 +16,9 @@
 //! a small runtime of its own, so that it may be called from anywhere.
 #![deny(missing_docs)]
 
+mod manifests;
 mod streams;
+pub use manifests::ClusterManifests;
 pub use streams::ClusterStreams;
 
 use std::future::Future;
@@ -35,7 +37,7 @@ use yunqi_types::{
 };
 
 /// The version of the PostgreSQL schema this code reads and writes.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// The channel on which a batch's new version is announced.
 const CHANNEL: &str = "yunqi_identity";
@@ -97,6 +99,20 @@ CREATE TABLE yunqi_stream (
     manifest    jsonb NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now()
 );
+",
+    "
+CREATE TABLE yunqi_dataset_head (
+    id        int PRIMARY KEY CHECK (id = 1),
+    revision  bigint NOT NULL
+);
+INSERT INTO yunqi_dataset_head (id, revision) VALUES (1, 0);
+CREATE TABLE yunqi_dataset (
+    sql_name    text PRIMARY KEY,
+    revision    bigint NOT NULL,
+    manifest    jsonb NOT NULL,
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX yunqi_dataset_by_revision ON yunqi_dataset (revision);
 ",
 ];
 

@@ -166,6 +166,7 @@ pub fn import(
         store
             .create(
                 DatasetSpec {
+                    on_node: false,
                     department: Name::parse("department", "transport")
                         .map_err(crate::user_error)?,
                     name: Name::parse("dataset", &name).map_err(crate::user_error)?,
@@ -305,7 +306,7 @@ pub fn sql(
         };
         let urls = files
             .iter()
-            .map(|f| ListingTableUrl::parse(f.to_string_lossy()))
+            .map(ListingTableUrl::parse)
             .collect::<Result<Vec<_>, _>>()?;
         let m = gov
             .catalog_entry(&analyst_owner(&gov)?, "transport", "vehicles")
@@ -417,10 +418,7 @@ fn analyst_owner(gov: &Governance) -> anyhow::Result<Actor> {
 
 /// A city with transport.vehicles imported and a grant of every column to the police; returns
 /// governance, the dataset's files and the police analyst.
-async fn setup(
-    base: &Path,
-    csv: Vec<u8>,
-) -> anyhow::Result<(Arc<Governance>, Vec<PathBuf>, Actor)> {
+async fn setup(base: &Path, csv: Vec<u8>) -> anyhow::Result<(Arc<Governance>, Vec<String>, Actor)> {
     let clock = Arc::new(SystemClock);
     let limits = Limits {
         import_bytes_max: csv.len() + 1,
@@ -473,6 +471,7 @@ async fn setup(
     gov.create_dataset(
         &ts,
         DatasetSpec {
+            on_node: false,
             department: n("transport")?,
             name: n("vehicles")?,
             description: String::new(),

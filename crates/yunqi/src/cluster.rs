@@ -23,6 +23,8 @@ pub enum ClusterCommand {
         postgres: String,
         #[command(flatten)]
         nats: NatsArgs,
+        #[command(flatten)]
+        objects: ObjectArgs,
     },
     /// The nodes of the cluster: their addresses, versions, heartbeats and what they hold.
     Status {
@@ -31,6 +33,8 @@ pub enum ClusterCommand {
         postgres: String,
         #[command(flatten)]
         nats: NatsArgs,
+        #[command(flatten)]
+        objects: ObjectArgs,
     },
 }
 
@@ -46,6 +50,32 @@ pub struct NatsArgs {
     /// Replicas of the offsets bucket made by `init` (as `[cluster] nats_replicas`).
     #[arg(long, default_value_t = 1)]
     nats_replicas: usize,
+}
+
+/// The object store of `yunqi cluster init|status`.
+#[derive(clap::Args)]
+pub struct ObjectArgs {
+    /// `s3://bucket/prefix`, when the cluster keeps its datasets' files there.
+    #[arg(long, env = "YUNQI_OBJECT_STORE")]
+    object_store: Option<String>,
+    /// The S3 endpoint, for a server other than AWS (as `[cluster] s3_endpoint`).
+    #[arg(long, env = "YUNQI_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    /// The S3 region (as `[cluster] s3_region`).
+    #[arg(long, default_value = "us-east-1")]
+    s3_region: String,
+}
+
+impl ObjectArgs {
+    fn config(&self) -> Option<yunqi_store_s3::S3Config> {
+        self.object_store
+            .as_ref()
+            .map(|url| yunqi_store_s3::S3Config {
+                url: url.clone(),
+                endpoint: self.s3_endpoint.clone(),
+                region: self.s3_region.clone(),
+            })
+    }
 }
 
 impl NatsArgs {
@@ -186,10 +216,18 @@ async fn keep_current(
 /// `yunqi cluster …`.
 pub fn run(cmd: ClusterCommand, json: bool) -> anyhow::Result<std::process::ExitCode> {
     match cmd {
-        ClusterCommand::Init { postgres, nats } => {
+        ClusterCommand::Init {
+            postgres,
+            nats,
+            objects,
+        } => {
             let r = yunqi_store_pg::init(&postgres).map_err(crate::user_error)?;
             let n = match nats.config() {
                 Some(c) => Some(yunqi_stream_nats::init(&c).map_err(crate::user_error)?),
+                None => None,
+            };
+            let o = match objects.config() {
+                Some(c) => Some((yunqi_store_s3::init(&c).map_err(crate::user_error)?, c.url)),
                 None => None,
             };
             if json {
@@ -200,9 +238,17 @@ pub fn run(cmd: ClusterCommand, json: bool) -> anyhow::Result<std::process::Exit
                 });
                 println!(
                     "{}",
-                    serde_json::json!({"schema_from": r.from, "schema": r.to, "nats": nats})
+                    serde_json::json!({"schema_from": r.from, "schema": r.to, "nats": nats,
+                        "object_store": o.as_ref().map(|(r, url)| serde_json::json!({"url": url, "marked": r.marked}))})
                 );
                 return Ok(std::process::ExitCode::SUCCESS);
+            }
+            if let Some((r, url)) = &o {
+                if r.marked {
+                    println!("object store {url}: prepared for yunqi");
+                } else {
+                    println!("object store {url}: already prepared");
+                }
             }
             if let Some(n) = &n {
                 println!(
@@ -225,8 +271,20 @@ pub fn run(cmd: ClusterCommand, json: bool) -> anyhow::Result<std::process::Exit
                 println!("migrated yunqi schema from version {} to {}", r.from, r.to);
             }
         }
-        ClusterCommand::Status { postgres, nats } => {
+        ClusterCommand::Status {
+            postgres,
+            nats,
+            objects,
+        } => {
             let (version, nodes) = yunqi_store_pg::status(&postgres).map_err(crate::user_error)?;
+            let objects = objects.config().map(|c| {
+                let state = match yunqi_store_s3::status(&c) {
+                    Ok(true) => "up".to_string(),
+                    Ok(false) => "not prepared: run `yunqi cluster init`".to_string(),
+                    Err(e) => format!("unreachable: {}", e.message),
+                };
+                (c.url, state)
+            });
             let nats = nats
                 .config()
                 .map(|c| yunqi_stream_nats::status(&c).map_err(|e| e.message));
@@ -250,7 +308,8 @@ pub fn run(cmd: ClusterCommand, json: bool) -> anyhow::Result<std::process::Exit
                 });
                 println!(
                     "{}",
-                    serde_json::json!({"metadata_version": version, "nodes": nodes, "nats": nats})
+                    serde_json::json!({"metadata_version": version, "nodes": nodes, "nats": nats,
+                        "object_store": objects.as_ref().map(|(url, state)| serde_json::json!({"url": url, "state": state}))})
                 );
             } else {
                 println!("metadata version {version}; {} node(s)", nodes.len());
@@ -261,6 +320,9 @@ pub fn run(cmd: ClusterCommand, json: bool) -> anyhow::Result<std::process::Exit
                     ),
                     Some(Err(e)) => println!("NATS unreachable: {e}"),
                     None => {}
+                }
+                if let Some((url, state)) = &objects {
+                    println!("object store {url}: {state}");
                 }
                 println!(
                     "{:<20} {:<8} {:<9} {:>8} {:>10}  {:<24} {:<22} holds",

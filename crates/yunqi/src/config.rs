@@ -14,6 +14,8 @@
 //! node = "node-a"
 //! postgres = "postgresql://db.city.example:5432/yunqi"
 //! nats = "nats://nats-1.city.example:4222,nats://nats-2.city.example:4222"
+//! object_store = "s3://city-yunqi/prod"
+//! s3_endpoint = "http://s3.city.example:8333"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -69,6 +71,14 @@ pub struct ClusterSection {
     pub nats_prefix: String,
     /// Replicas of each JetStream stream (3 on a JetStream cluster).
     pub nats_replicas: usize,
+    /// `s3://bucket/prefix` for the datasets' files; absent: each node keeps its datasets in
+    /// its data directory. Credentials come from `AWS_ACCESS_KEY_ID` and
+    /// `AWS_SECRET_ACCESS_KEY` (anonymous requests without them).
+    pub object_store: Option<String>,
+    /// The S3 endpoint (`http://host:port` for a server other than AWS).
+    pub s3_endpoint: Option<String>,
+    /// The S3 region.
+    pub s3_region: String,
 }
 
 impl Default for ClusterSection {
@@ -81,6 +91,9 @@ impl Default for ClusterSection {
             nats: None,
             nats_prefix: "yunqi".into(),
             nats_replicas: 1,
+            object_store: None,
+            s3_endpoint: None,
+            s3_region: "us-east-1".into(),
         }
     }
 }
@@ -98,6 +111,8 @@ pub struct Cluster {
     pub lease: Duration,
     /// The stream log on NATS JetStream, when configured.
     pub nats: Option<yunqi_stream_nats::NatsConfig>,
+    /// The datasets' files in object storage, when configured.
+    pub objects: Option<yunqi_store_s3::S3Config>,
 }
 
 impl Config {
@@ -170,6 +185,14 @@ impl Config {
             heartbeat: Duration::from_millis(section.heartbeat_ms),
             lease: Duration::from_millis(section.lease_ms),
             nats,
+            objects: section
+                .object_store
+                .clone()
+                .map(|url| yunqi_store_s3::S3Config {
+                    url,
+                    endpoint: section.s3_endpoint.clone(),
+                    region: section.s3_region.clone(),
+                }),
         }))
     }
 }

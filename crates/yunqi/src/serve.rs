@@ -46,6 +46,13 @@ pub struct ServeArgs {
     /// events for all nodes (run `yunqi cluster init --nats URL` first).
     #[arg(long, env = "YUNQI_NATS")]
     nats: Option<String>,
+    /// Cluster mode: `s3://bucket/prefix` that keeps the datasets' files for all nodes (run
+    /// `yunqi cluster init --object-store URL` first).
+    #[arg(long, env = "YUNQI_OBJECT_STORE")]
+    object_store: Option<String>,
+    /// Cluster mode: the S3 endpoint, for a server other than AWS.
+    #[arg(long, env = "YUNQI_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -271,11 +278,34 @@ async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
         .clone()
         .or(config.server.pg.clone())
         .unwrap_or_else(|| DEFAULT_PG.to_string());
-    let cluster = config.cluster(
+    let mut cluster = config.cluster(
         args.node.as_deref(),
         args.postgres.as_deref(),
         args.nats.as_deref(),
     )?;
+    match (&mut cluster, &args.object_store) {
+        (Some(c), Some(url)) => {
+            let mut o = c.objects.clone().unwrap_or(yunqi_store_s3::S3Config {
+                url: String::new(),
+                endpoint: None,
+                region: "us-east-1".into(),
+            });
+            o.url = url.clone();
+            if args.s3_endpoint.is_some() {
+                o.endpoint = args.s3_endpoint.clone();
+            }
+            c.objects = Some(o);
+        }
+        (None, Some(_)) => anyhow::bail!(
+            "--object-store belongs to a cluster, but no cluster is configured\nhint: add --postgres URL or a [cluster] section with postgres = \"URL\""
+        ),
+        (Some(c), None) => {
+            if let (Some(o), Some(e)) = (c.objects.as_mut(), &args.s3_endpoint) {
+                o.endpoint = Some(e.clone());
+            }
+        }
+        (None, None) => {}
+    }
     let tls = match (&args.pg_tls_cert, &args.pg_tls_key) {
         (Some(cert), Some(key)) => {
             Some(yunqi_pg::tls_acceptor(cert, key).map_err(crate::user_error)?)
@@ -320,9 +350,23 @@ async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
     let fence = cluster
         .as_ref()
         .map(|c| Arc::new(yunqi_governance::Fence::new(c.lease)));
-    let datasets =
-        yunqi_datasets::DatasetStore::open(&data.join("datasets"), limits.import_bytes_max)
-            .map_err(crate::user_error)?;
+    // With object storage, datasets are the cluster's: manifests in PostgreSQL, files in the
+    // bucket (those the node's own streams write stay in its data directory).
+    let datasets = match (&shared, cluster.as_ref().and_then(|c| c.objects.as_ref())) {
+        (Some(pg), Some(o)) => yunqi_datasets::DatasetStore::open_shared(
+            &data.join("datasets"),
+            limits.import_bytes_max,
+            yunqi_datasets::SharedStore {
+                manifests: Arc::new(yunqi_store_pg::ClusterManifests::new(pg.clone())),
+                blobs: yunqi_store_s3::S3Blobs::open(o).map_err(crate::user_error)?,
+            },
+        ),
+        _ => yunqi_datasets::DatasetStore::open(&data.join("datasets"), limits.import_bytes_max),
+    }
+    .map_err(crate::user_error)?;
+    if datasets.object_store().is_some() {
+        start_sweeper(datasets.clone());
+    }
     let local_streams = yunqi_datasets::StreamCatalog::open(&data.join("streams").join("catalog"))
         .map_err(crate::user_error)?;
     // With the streams' events in JetStream, their declarations are the cluster's too.
@@ -450,6 +494,12 @@ async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
             n.prefix, n.replicas
         );
     }
+    if let Some(o) = cluster.as_ref().and_then(|c| c.objects.as_ref()) {
+        println!(
+            "  datasets    files in object storage ({}), manifests in PostgreSQL",
+            o.url
+        );
+    }
     if token_path.exists() {
         println!("  admin token {}", token_path.display());
     } else {
@@ -527,4 +577,31 @@ async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
     let _ = fs::remove_file(data.join("endpoints.json"));
     tracing::info!(audit_seq = audit.durable_head().seq, "stopped");
     Ok(())
+}
+
+/// How long an unreferenced object is kept: longer than any import takes between writing its
+/// files and committing its manifest.
+const SWEEP_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Removes, every ten minutes, the objects no shared manifest names (left by imports that
+/// crashed or lost a race) once they are older than [`SWEEP_GRACE`]. Every node sweeps; a
+/// sweep is safe to run concurrently.
+fn start_sweeper(datasets: Arc<yunqi_datasets::DatasetStore>) {
+    std::thread::Builder::new()
+        .name("yunqi-sweeper".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(600));
+                match datasets.sweep(SWEEP_GRACE, chrono::Utc::now()) {
+                    Ok(r) if r.removed > 0 => tracing::info!(
+                        removed = r.removed,
+                        bytes = r.bytes_removed,
+                        "object store swept"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e.message, "object store sweep failed"),
+                }
+            }
+        })
+        .expect("the sweeper thread");
 }

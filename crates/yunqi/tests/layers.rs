@@ -13,6 +13,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("yunqi-stream", 1),
     ("yunqi-store-pg", 2),
     ("yunqi-stream-nats", 2),
+    ("yunqi-store-s3", 2),
     ("yunqi-governance", 3),
     ("yunqi-sql", 4),
     ("yunqi-sense", 4),
