@@ -168,7 +168,11 @@ impl Governance {
             return Err(e);
         }
         if let Err(e) = self.datasets.publish(&staged) {
-            self.datasets.discard(staged);
+            // Refused by compare-and-set: nothing names the files. Any other failure may have
+            // committed after all: the files are left to the sweeper (or the next open).
+            if e.code == yunqi_types::ErrorCode::Conflict {
+                self.datasets.discard(staged);
+            }
             let failed = self.dataset_event(
                 actor,
                 "dataset.import",
