@@ -896,6 +896,15 @@ pub fn scrub_paths(text: &str) -> String {
 }
 
 fn map_error_inner(e: DataFusionError, visible: &[String]) -> Error {
+    // A cluster's object store that does not answer: the data is there, the store is not.
+    if let DataFusionError::ObjectStore(o) = e.find_root()
+        && !matches!(o.as_ref(), datafusion::object_store::Error::NotFound { .. })
+    {
+        tracing::warn!(error = %o, "a query could not reach the object store");
+        return Error::unavailable("the object store (S3) cannot be reached")
+            .detail("the query stopped while reading; nothing was changed")
+            .hint("retry in a few seconds, once the object store answers again");
+    }
     if is_storage_error(e.find_root()) {
         let root = e.find_root().strip_backtrace();
         tracing::warn!(error = %root, "a query could not read stored data");
