@@ -195,6 +195,10 @@ pub const VIEW_VERSIONS_KEPT: usize = 32;
 /// A continuous view's version is compacted into one file when it would have more files.
 pub const VIEW_FILES_MAX: usize = 32;
 
+/// How often a cluster's node reads the shared manifests committed since it last looked, in
+/// the background (queries also do before planning).
+pub const SYNC_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Rejected rows shown in an error or a report.
 pub const REJECTS_SHOWN: usize = 10;
 
@@ -250,7 +254,23 @@ impl DatasetStore {
         import_bytes_max: usize,
         shared: SharedStore,
     ) -> Result<Arc<DatasetStore>, Error> {
-        DatasetStore::open_with(root, import_bytes_max, Some(shared))
+        let store = DatasetStore::open_with(root, import_bytes_max, Some(shared))?;
+        // What does not sync before reading (lookups' cache checks through `latest`) trails
+        // other nodes' commits by at most this.
+        let weak = Arc::downgrade(&store);
+        std::thread::Builder::new()
+            .name("yunqi-manifests".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(SYNC_EVERY);
+                    let Some(store) = weak.upgrade() else { return };
+                    if let Err(e) = store.sync() {
+                        tracing::debug!(error = %e.message, "shared manifests not refreshed");
+                    }
+                }
+            })
+            .map_err(|e| Error::internal(format!("cannot start the manifests' sync: {e}")))?;
+        Ok(store)
     }
 
     fn open_with(

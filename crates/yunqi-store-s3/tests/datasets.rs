@@ -219,6 +219,15 @@ fn a_dataset_imported_on_one_node_is_read_on_another() {
         "one name across the nodes"
     );
     assert_eq!(import(&a, "vehicles", &csv(0, 1000)).unwrap(), 1);
+    // Without a query, B's cache catches up in the background (lookups read it).
+    let began = std::time::Instant::now();
+    while b.latest("transport.vehicles").and_then(|l| l.version) != Some((1, 1000)) {
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "B's cache did not catch up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let seen = b.list().unwrap();
     let m = seen
         .iter()
