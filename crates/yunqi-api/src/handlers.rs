@@ -324,6 +324,7 @@ pub async fn audit(
         before: f.before,
         descending,
         limit,
+        node: f.node,
     };
     let page = state.gov.query_audit(&auth.actor, q, &auth.ctx()).await?;
     Ok(axum::Json(AuditPageView {

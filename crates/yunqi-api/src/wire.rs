@@ -234,6 +234,9 @@ pub struct AuditFilter {
     pub order: Option<String>,
     /// Records per page, at most 1000 (default 100).
     pub limit: Option<usize>,
+    /// In a cluster, the node whose chain to read (each node keeps its own; default: the
+    /// node answering).
+    pub node: Option<String>,
 }
 
 /// One audit record.

@@ -3,12 +3,13 @@
 //!
 //! [`AuditLog`] is the narrow interface the rest of yunqi uses; [`AuditChain`] is the embedded
 //! implementation (segment files in the data directory, group commit). Another implementation
-//! (a NATS JetStream stream, a PostgreSQL table) only has to keep the same guarantees: dense
+//! (`yunqi-stream-nats` keeps each node's chain in NATS JetStream) only has to keep the same guarantees: dense
 //! sequence numbers, each record holding the hash of the one before, and `append` returning only
 //! once the record is durable.
 #![deny(missing_docs)]
 
 pub mod chain;
+pub mod cluster;
 pub mod format;
 pub mod query;
 pub mod verify;
@@ -55,6 +56,12 @@ impl AuditLog for AuditChain {
         })
     }
     fn query(&self, q: &AuditQuery) -> Result<AuditPage, Error> {
+        if let Some(node) = &q.node {
+            return Err(Error::invalid(format!(
+                "this server is not a cluster node: it has no chain of node {node:?}"
+            ))
+            .hint("leave out `node`: an embedded server has one audit chain"));
+        }
         query::query(self.dir(), self.durable_head().seq, q)
     }
     fn durable_head(&self) -> Receipt {

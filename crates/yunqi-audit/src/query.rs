@@ -45,6 +45,8 @@ pub struct AuditQuery {
     pub descending: bool,
     /// Most records to return.
     pub limit: usize,
+    /// In a cluster: the node whose chain to read (default: the answering node's).
+    pub node: Option<String>,
 }
 
 /// One page of records.
@@ -58,7 +60,8 @@ pub struct AuditPage {
 }
 
 impl AuditQuery {
-    fn matches(&self, r: &AuditRecord) -> bool {
+    /// Whether a record passes the filters (not the cursors).
+    pub fn matches(&self, r: &AuditRecord) -> bool {
         text_matches(&self.principal, &r.principal)
             && text_matches(&self.department, &r.department)
             && text_matches(&self.action, &r.action)

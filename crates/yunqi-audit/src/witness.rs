@@ -82,24 +82,29 @@ impl Checkpoint {
 
     /// Whether the signature is the key's.
     pub fn signature_ok(&self) -> bool {
-        let key = B64
-            .decode(&self.key)
-            .ok()
-            .and_then(|k| <[u8; 32]>::try_from(k).ok())
-            .and_then(|k| VerifyingKey::from_bytes(&k).ok());
-        let sig = B64
-            .decode(&self.sig)
-            .ok()
-            .and_then(|s| <[u8; 64]>::try_from(s).ok())
-            .map(|s| Signature::from_bytes(&s));
-        match (key, sig) {
-            (Some(k), Some(s)) => k.verify(&self.message(), &s).is_ok(),
-            _ => false,
-        }
+        signed_by(&self.key, &self.sig, &self.message())
     }
 
     fn digests(&self) -> Vec<u8> {
         B64.decode(&self.digests).unwrap_or_default()
+    }
+}
+
+/// Whether `sig` (base64 Ed25519 signature) is `key`'s (base64 public key) over `message`.
+pub(crate) fn signed_by(key: &str, sig: &str, message: &[u8]) -> bool {
+    let key = B64
+        .decode(key)
+        .ok()
+        .and_then(|k| <[u8; 32]>::try_from(k).ok())
+        .and_then(|k| VerifyingKey::from_bytes(&k).ok());
+    let sig = B64
+        .decode(sig)
+        .ok()
+        .and_then(|s| <[u8; 64]>::try_from(s).ok())
+        .map(|s| Signature::from_bytes(&s));
+    match (key, sig) {
+        (Some(k), Some(s)) => k.verify(message, &s).is_ok(),
+        _ => false,
     }
 }
 

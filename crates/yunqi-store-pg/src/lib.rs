@@ -16,8 +16,10 @@
 //! a small runtime of its own, so that it may be called from anywhere.
 #![deny(missing_docs)]
 
+mod checkpoints;
 mod manifests;
 mod streams;
+pub use checkpoints::{ClusterCheckpoints, MakeCheckpoint, read_checkpoints};
 pub use manifests::ClusterManifests;
 pub use streams::ClusterStreams;
 
@@ -37,7 +39,7 @@ use yunqi_types::{
 };
 
 /// The version of the PostgreSQL schema this code reads and writes.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// The channel on which a batch's new version is announced.
 const CHANNEL: &str = "yunqi_identity";
@@ -113,6 +115,14 @@ CREATE TABLE yunqi_dataset (
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX yunqi_dataset_by_revision ON yunqi_dataset (revision);
+",
+    "
+CREATE TABLE yunqi_audit_checkpoint (
+    id          bigint PRIMARY KEY,
+    made_at     timestamptz NOT NULL DEFAULT now(),
+    made_by     text NOT NULL,
+    checkpoint  jsonb NOT NULL
+);
 ",
 ];
 

@@ -11,7 +11,8 @@
 //!   time, microseconds);
 //! - the first message of every stream is an empty *genesis* round (offsets 0..0), published
 //!   with a fixed message id so that racing creators store one;
-//! - consumer offsets live in the key-value bucket `P-offsets`, key `<stream>/<consumer>`.
+//! - consumer offsets live in the key-value bucket `P-offsets`, key `<stream>/<consumer>`;
+//! - each node's audit chain is the stream `P-audit-<node>` ([`audit`]).
 //!
 //! Offsets stay dense and strictly increasing although several nodes append to one stream:
 //! every round is published with `Nats-Expected-Last-Sequence` set to the sequence of the round
@@ -32,8 +33,11 @@
 //! yunqi resumes without a restart once NATS is back.
 #![deny(missing_docs)]
 
+pub mod audit;
 mod frame;
 pub mod server;
+
+pub use audit::NatsAudit;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -411,9 +415,10 @@ async fn count_streams(js: &jetstream::Context, prefix: &str) -> Result<usize, E
         .try_collect()
         .await
         .map_err(|e| unreachable("listing streams", e))?;
+    // Streams' keys are `<department>.<stream>`; audit chains' have no '.'.
     Ok(names
         .iter()
-        .filter(|n| stream_key(prefix, n).is_some())
+        .filter(|n| stream_key(prefix, n).is_some_and(|k| k.contains('.')))
         .count())
 }
 
@@ -614,18 +619,9 @@ impl Inner {
         key: &str,
         seq: u64,
     ) -> Result<Option<async_nats::jetstream::message::StreamMessage>, Error> {
-        match self.stream(key).get_raw_message(seq).await {
-            Ok(m) => Ok(Some(m)),
-            Err(e) => match e.kind() {
-                stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
-                stream::LastRawMessageErrorKind::JetStream(j)
-                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
-                {
-                    Ok(None)
-                }
-                _ => Err(unreachable("reading a stream", e)),
-            },
-        }
+        message_at(&self.stream(key), seq)
+            .await
+            .map_err(|e| unreachable("reading a stream", e))
     }
 
     /// The state of a stream; `None` when it does not exist.
@@ -822,6 +818,25 @@ impl Inner {
             used: Instant::now(),
             messages,
         })
+    }
+}
+
+/// Message `seq` of a stream; `None` when it (or the stream) does not exist.
+pub(crate) async fn message_at(
+    s: &stream::Stream<()>,
+    seq: u64,
+) -> Result<Option<async_nats::jetstream::message::StreamMessage>, stream::RawMessageError> {
+    match s.get_raw_message(seq).await {
+        Ok(m) => Ok(Some(m)),
+        Err(e) => match e.kind() {
+            stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            stream::LastRawMessageErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Ok(None)
+            }
+            _ => Err(e),
+        },
     }
 }
 

@@ -41,9 +41,10 @@ pub enum ClusterCommand {
 /// The NATS engine of `yunqi cluster init|status`.
 #[derive(clap::Args)]
 pub struct NatsArgs {
-    /// NATS servers with JetStream (comma separated), when the cluster keeps its streams there.
+    /// NATS servers with JetStream (comma separated), when the cluster keeps its streams and
+    /// audit chains there.
     #[arg(long, env = "YUNQI_NATS")]
-    nats: Option<String>,
+    pub nats: Option<String>,
     /// Prefix of yunqi's JetStream streams and buckets (as `[cluster] nats_prefix`).
     #[arg(long, default_value = "yunqi")]
     nats_prefix: String,
@@ -79,7 +80,8 @@ impl ObjectArgs {
 }
 
 impl NatsArgs {
-    fn config(&self) -> Option<yunqi_stream_nats::NatsConfig> {
+    /// The engine these arguments name, if any.
+    pub fn config(&self) -> Option<yunqi_stream_nats::NatsConfig> {
         self.nats
             .as_ref()
             .map(|urls| yunqi_stream_nats::NatsConfig {
@@ -366,4 +368,106 @@ fn holds(n: &yunqi_store_pg::NodeStatus) -> &'static str {
     } else {
         "its own datasets, views, entity streams, services"
     }
+}
+
+/// `yunqi audit verify --nats URL [--postgres URL]`: every node's chain in JetStream, checked
+/// record by record and against the signed cluster checkpoints in PostgreSQL.
+pub fn verify(
+    postgres: Option<&str>,
+    nats: &yunqi_stream_nats::NatsConfig,
+    json: bool,
+) -> anyhow::Result<std::process::ExitCode> {
+    use std::collections::HashMap;
+    let started = Instant::now();
+    let checkpoints = match postgres {
+        Some(url) => yunqi_store_pg::read_checkpoints(url).map_err(crate::user_error)?,
+        None => Vec::new(),
+    };
+    let mut wanted: HashMap<String, Vec<u64>> = HashMap::new();
+    for c in &checkpoints {
+        for h in &c.heads {
+            wanted.entry(h.node.clone()).or_default().push(h.seq);
+        }
+    }
+    let chains =
+        yunqi_stream_nats::audit::verify_chains(nats, &wanted).map_err(crate::user_error)?;
+    let mut problems = yunqi_audit::cluster::check_checkpoints(&checkpoints);
+    let mut nodes = Vec::new();
+    for c in &chains {
+        if let Some((seq, why)) = &c.check.problem {
+            problems.push(format!("node {}: record {seq}: {why}", c.node));
+        }
+        problems.extend(yunqi_audit::cluster::check_chain_against(
+            &c.node,
+            &c.check,
+            &checkpoints,
+        ));
+        nodes.push(serde_json::json!({
+            "node": c.node,
+            "records": c.check.records,
+            "rounds": c.rounds,
+            "bytes": c.bytes,
+            "last_seq": c.check.last_seq,
+            "last_hash": hex::encode(c.check.last_hash),
+            "ok": c.check.problem.is_none(),
+        }));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let ok = problems.is_empty();
+    let last = checkpoints.last();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "ok": ok,
+                "nodes": nodes,
+                "checkpoints": checkpoints.len(),
+                "last_checkpoint": last.map(|c| serde_json::json!({"id": c.id, "time": c.time, "by": c.by})),
+                "problems": problems,
+                "seconds": seconds,
+            })
+        );
+    } else {
+        for c in &chains {
+            println!(
+                "node {}: {} records, last {} hash {}{}",
+                c.node,
+                c.check.records,
+                c.check.last_seq,
+                hex::encode(c.check.last_hash),
+                if c.check.problem.is_some() {
+                    " (DAMAGED)"
+                } else {
+                    ""
+                }
+            );
+        }
+        match last {
+            Some(l) => println!(
+                "checkpoints: {} (last {} at {} by node {})",
+                checkpoints.len(),
+                l.id,
+                l.time,
+                l.by
+            ),
+            None if postgres.is_some() => println!("checkpoints: none yet"),
+            None => println!("checkpoints: not checked (give --postgres URL)"),
+        }
+        if ok {
+            println!(
+                "audit chains OK: {} nodes verified in {seconds:.3} s",
+                chains.len()
+            );
+        } else {
+            println!("audit chains DAMAGED:");
+            for p in &problems {
+                println!("  {p}");
+            }
+        }
+    }
+    Ok(if ok {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
 }

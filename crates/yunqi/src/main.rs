@@ -139,6 +139,12 @@ enum AuditCommand {
         /// server wrote with --audit-witness, or where an HTTP witness stored them); repeatable.
         #[arg(long)]
         witness: Vec<PathBuf>,
+        /// Verify a cluster's chains instead: every node's chain in NATS JetStream (--nats)
+        /// against the signed cluster checkpoints in this PostgreSQL database.
+        #[arg(long, env = "YUNQI_POSTGRES", requires = "nats")]
+        postgres: Option<String>,
+        #[command(flatten)]
+        nats: cluster::NatsArgs,
     },
     /// Read records from a running server.
     List(client::AuditListArgs),
@@ -198,7 +204,12 @@ fn main() -> ExitCode {
             data,
             threads,
             witness,
-        }) => verify(&data, threads, &witness, json),
+            postgres,
+            nats,
+        }) => match nats.config() {
+            Some(n) => cluster::verify(postgres.as_deref(), &n, json),
+            None => verify(&data, threads, &witness, json),
+        },
         Command::Bench(cmd) => bench::run(cmd, json),
         Command::Cluster(cmd) => cluster::run(cmd, json),
         Command::Simulate(SimulateCommand::Traffic(args)) => simulate::traffic(args),

@@ -326,26 +326,65 @@ async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
     let limits = config.limits.clone();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
 
-    let audit = Arc::new(
-        AuditChain::open(&data.join("audit"), clock.clone(), &limits).map_err(crate::user_error)?,
-    );
-    let witness = start_witness(&args, &data, &audit)?;
-    let (store, shared): (Arc<dyn yunqi_store::IdentityStore>, _) = match &cluster {
-        None => (
-            Arc::new(SqliteStore::open(&data.join("meta.db")).map_err(crate::user_error)?),
-            None,
-        ),
-        Some(c) => {
-            let node = match &c.node {
-                Some(n) => n.clone(),
-                None => crate::cluster::default_node_name(&http_addr_arg)?,
-            };
+    let node = match &cluster {
+        None => None,
+        Some(c) => Some(match &c.node {
+            Some(n) => n.clone(),
+            None => crate::cluster::default_node_name(&http_addr_arg)?,
+        }),
+    };
+    // With NATS, each node's audit chain lives there (signed cluster checkpoints in
+    // PostgreSQL chain the nodes' heads); otherwise in the data directory.
+    let (audit, chain, nats_audit): (
+        yunqi_audit::SharedAuditLog,
+        Option<Arc<AuditChain>>,
+        Option<Arc<yunqi_stream_nats::NatsAudit>>,
+    ) = match (&node, cluster.as_ref().and_then(|c| c.nats.clone())) {
+        (Some(node), Some(n)) => {
+            if !args.audit_witness.is_empty() {
+                bail!(
+                    "--audit-witness is for embedded servers: a cluster node's audit chain lives in NATS JetStream, checkpointed in PostgreSQL\nhint: leave out --audit-witness; `yunqi audit verify --nats URL --postgres URL` checks the cluster's chains"
+                );
+            }
+            let a = Arc::new(
+                yunqi_stream_nats::NatsAudit::open(n, node, clock.clone(), &limits)
+                    .map_err(crate::user_error)?,
+            );
+            (a.clone(), None, Some(a))
+        }
+        _ => {
+            let c = Arc::new(
+                AuditChain::open(&data.join("audit"), clock.clone(), &limits)
+                    .map_err(crate::user_error)?,
+            );
+            (c.clone(), Some(c), None)
+        }
+    };
+    let witness = match &chain {
+        Some(c) => Some(start_witness(&args, &data, c)?),
+        None => None,
+    };
+    let (store, shared): (Arc<dyn yunqi_store::IdentityStore>, _) = match (&cluster, &node) {
+        (Some(c), Some(node)) => {
             let pg = Arc::new(
-                yunqi_store_pg::PgStore::open(&c.postgres, &node, c.lease)
+                yunqi_store_pg::PgStore::open(&c.postgres, node, c.lease)
                     .map_err(crate::user_error)?,
             );
             (pg.clone() as Arc<dyn yunqi_store::IdentityStore>, Some(pg))
         }
+        _ => (
+            Arc::new(SqliteStore::open(&data.join("meta.db")).map_err(crate::user_error)?),
+            None,
+        ),
+    };
+    let checkpointer = match (&shared, &nats_audit) {
+        (Some(pg), Some(a)) => Some(start_cluster_checkpoints(
+            pg.clone(),
+            a.clone(),
+            yunqi_audit::witness::node_key(&data).map_err(crate::user_error)?,
+            std::time::Duration::from_secs(args.audit_checkpoint_secs.max(1)),
+        )),
+        _ => None,
     };
     let fence = cluster
         .as_ref()
@@ -572,11 +611,90 @@ async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
     let _ = gov
         .record_system("yunqi.stop", "graceful shutdown".into())
         .await;
+    if let Some(c) = checkpointer {
+        let _ = tokio::task::spawn_blocking(move || c.stop()).await;
+    }
     audit.shutdown().await;
-    let _ = tokio::task::spawn_blocking(move || witness.stop()).await;
+    if let Some(w) = witness {
+        let _ = tokio::task::spawn_blocking(move || w.stop()).await;
+    }
     let _ = fs::remove_file(data.join("endpoints.json"));
     tracing::info!(audit_seq = audit.durable_head().seq, "stopped");
     Ok(())
+}
+
+/// The thread that makes signed cluster checkpoints of the nodes' audit chains.
+struct Checkpointer {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Checkpointer {
+    /// Makes a last checkpoint (this node's final records) and stops.
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.thread.thread().unpark();
+        let _ = self.thread.join();
+    }
+}
+
+/// Every `every`, unless another node just did: reads every node's chain head from the log
+/// engine and chains them into the next signed checkpoint in PostgreSQL.
+fn start_cluster_checkpoints(
+    pg: Arc<yunqi_store_pg::PgStore>,
+    audit: Arc<yunqi_stream_nats::NatsAudit>,
+    key: ed25519_dalek::SigningKey,
+    every: std::time::Duration,
+) -> Checkpointer {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("yunqi-audit-checkpoints".into())
+        .spawn(move || {
+            let checkpoints = yunqi_store_pg::ClusterCheckpoints::new(pg.clone());
+            let node = pg.node().to_string();
+            loop {
+                std::thread::park_timeout(every);
+                let last = flag.load(std::sync::atomic::Ordering::Acquire);
+                let heads = match audit.heads() {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::warn!(error = %e.message, "audit chains' heads not read; no checkpoint this time");
+                        if last { break } else { continue }
+                    }
+                };
+                let (key, by) = (key.clone(), node.clone());
+                // At shutdown, checkpoint this node's last records whoever made the last one.
+                let min_age = if last { std::time::Duration::ZERO } else { every / 2 };
+                let made = checkpoints.commit(
+                    min_age,
+                    Box::new(move |prev| {
+                        let unchanged = prev.is_some_and(|p| {
+                            heads.iter().all(|h| p.head(&h.node).is_some_and(|o| o.seq >= h.seq))
+                        });
+                        (!unchanged).then(|| {
+                            yunqi_audit::cluster::ClusterCheckpoint::make(
+                                prev,
+                                heads,
+                                &by,
+                                &key,
+                                chrono::Utc::now(),
+                            )
+                        })
+                    }),
+                );
+                match made {
+                    Ok(Some(c)) => tracing::debug!(id = c.id, "cluster audit checkpoint made"),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e.message, "cluster audit checkpoint not made"),
+                }
+                if last {
+                    break;
+                }
+            }
+        })
+        .expect("start the checkpoint thread");
+    Checkpointer { stop, thread }
 }
 
 /// How long an unreferenced object is kept: longer than any import takes between writing its

@@ -44,7 +44,7 @@ fn nodes_share_identities_and_a_revocation_holds_on_every_node_before_it_returns
     // init is idempotent.
     let (code, out, err) = yunqi(&["cluster", "init", "--postgres", &url]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("created yunqi schema version 3"), "{out}");
+    assert!(out.contains("created yunqi schema version 4"), "{out}");
     let (code, out, _) = yunqi(&["cluster", "init", "--postgres", &url]);
     assert_eq!(code, 0);
     assert!(out.contains("nothing to do"), "{out}");
@@ -660,21 +660,56 @@ fn three_nodes_take_any_stream_and_a_node_killed_mid_ingest_loses_nothing() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // The killed node's audit chain verifies, and so do the survivors' once stopped.
+    // Every node's audit chain is in JetStream: the killed node's verifies with the survivors',
+    // and all of them agree with the signed cluster checkpoints in PostgreSQL.
     for (i, n) in nodes.iter_mut().enumerate() {
         if alive[i] {
             n.terminate();
         }
     }
-    for d in &dirs {
+    let verify = || {
         let out = std::process::Command::new(common::BIN)
-            .args(["--json", "audit", "verify", "--data"])
-            .arg(d.path())
+            .args([
+                "--json",
+                "audit",
+                "verify",
+                "--nats",
+                &nats.url(),
+                "--postgres",
+                &db.url(),
+            ])
             .output()
             .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(v["ok"], true, "{v}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.code(), v)
+    };
+    let (code, v) = verify();
+    assert_eq!((code, &v["ok"]), (Some(0), &serde_json::json!(true)), "{v}");
+    let nodes_seen: Vec<&str> = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(nodes_seen, ["a", "b", "c"], "{v}");
+    for n in v["nodes"].as_array().unwrap() {
+        assert!(n["records"].as_u64().unwrap() > 0, "{v}");
     }
+    assert!(v["checkpoints"].as_u64().unwrap() >= 1, "{v}");
+    let last = v["last_checkpoint"]["id"].as_u64().unwrap();
+    // A checkpoint altered in the database is caught: its signature and the next one's link.
+    db.sql(&format!(
+        "UPDATE yunqi_audit_checkpoint SET checkpoint = jsonb_set(checkpoint, '{{heads,0,seq}}', '1') WHERE id = {}",
+        last.max(2) - 1
+    ));
+    let (code, v) = verify();
+    assert_eq!(code, Some(1), "{v}");
+    let problems = v["problems"].to_string();
+    assert!(
+        problems.contains("is not signed by the key it names"),
+        "{v}"
+    );
 }
 
 /// Datasets in object storage (a SeaweedFS server of the test's own) with manifests in
