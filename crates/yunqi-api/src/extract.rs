@@ -179,7 +179,7 @@ impl FromRequestParts<AppState> for Authed {
                         .hint("send `Authorization: Bearer TOKEN`"),
                     None,
                 )),
-                Some(token) => state.gov.authenticate(token),
+                Some(token) => state.gov.authenticate_current(token).await,
             },
         };
         match result {

@@ -42,6 +42,11 @@ pub trait AuditLog: Send + Sync + 'static {
     fn stats(&self) -> &AuditStats;
     /// Flushes and stops; later appends fail.
     fn shutdown(&self) -> BoxFuture<'_, ()>;
+    /// The chains a reader of the whole log must query (`AuditQuery::node`): `[None]`, this
+    /// log's one chain, unless the log keeps one chain per node of a cluster. Blocking.
+    fn chains(&self) -> Result<Vec<Option<String>>, Error> {
+        Ok(vec![None])
+    }
 }
 
 impl AuditLog for AuditChain {

@@ -110,7 +110,7 @@ impl Governance {
             .as_ref()
             .map(|d| d.to_string())
             .unwrap_or_default();
-        let _guard = self.write_lock.lock().await;
+        let _guard = self.lock_current().await?;
         let now = self.now();
         let checked = (|| {
             let mut wanted = Vec::new();
@@ -266,10 +266,11 @@ impl Governance {
         id: &str,
         ctx: &CallContext,
     ) -> Result<(Grant, tokio::sync::MutexGuard<'_, ()>), Error> {
+        // Caught up first: a grant requested on another node a moment ago is found.
+        let guard = self.lock_current().await?;
         let owner = self.grant_by_id(id)?.owner;
         self.authorize(actor, &Action::GrantDecide { id, owner: &owner }, ctx)
             .await?;
-        let guard = self.write_lock.lock().await;
         Ok((self.grant_by_id(id)?, guard))
     }
 
@@ -409,14 +410,14 @@ impl Governance {
         reason: Option<&str>,
         ctx: &CallContext,
     ) -> Result<Grant, Error> {
-        let grant = self.grant_by_id(id)?;
+        let grant = self.lookup(|g| g.grant_by_id(id)).await?;
         let action = Action::GrantRevoke {
             id,
             owner: &grant.owner,
             grantee: &grant.grantee,
         };
         self.authorize(actor, &action, ctx).await?;
-        let _guard = self.write_lock.lock().await;
+        let _guard = self.lock_current().await?;
         let mut grant = self.grant_by_id(id)?;
         if grant.status == GrantStatus::Revoked {
             return Ok(grant);

@@ -277,6 +277,29 @@ impl Governance {
         self.reload_locked().await
     }
 
+    /// Takes the write lock, first catching up with a store other nodes write (one round
+    /// trip), so that a change is checked against what is stored now: a request that follows
+    /// another node's answer is never refused as a race.
+    async fn lock_current(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, Error> {
+        let guard = self.write_lock.lock().await;
+        if self
+            .stored_version()
+            .await?
+            .is_some_and(|v| v > self.read().version)
+        {
+            self.reload_locked().await?;
+        }
+        Ok(guard)
+    }
+
+    /// The version a store other nodes write holds now (`None` embedded).
+    async fn stored_version(&self) -> Result<Option<u64>, Error> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.current_version())
+            .await
+            .map_err(|e| Error::internal(format!("metadata store task failed: {e}")))?
+    }
+
     /// Reloads the state from the store if the store is ahead. The caller holds `write_lock`.
     async fn reload_locked(&self) -> Result<u64, Error> {
         let store = self.store.clone();
@@ -379,6 +402,50 @@ impl Governance {
 
     /// Finds the principal a bearer token belongs to. Does not audit: the caller audits the
     /// denial with the request it came with ([`Governance::record_denial`]).
+    pub async fn authenticate_current(&self, bearer: &str) -> Result<Actor, (Error, Option<Name>)> {
+        let seen = self.read().version;
+        match self.authenticate(bearer) {
+            // Unknown here: with a store other nodes write, perhaps created there a moment
+            // ago; catch up (one round trip) and look again.
+            Err((e, None)) if tokens::parse(bearer).is_ok() => match self.catch_up(seen).await {
+                Ok(true) => self.authenticate(bearer),
+                _ => Err((e, None)),
+            },
+            other => other,
+        }
+    }
+
+    /// Looks something up with `f`; when it is not found here and a store other nodes write
+    /// is ahead (created there a moment ago), catches up and looks again.
+    async fn lookup<T>(&self, f: impl Fn(&Self) -> Result<T, Error>) -> Result<T, Error> {
+        let seen = self.read().version;
+        match f(self) {
+            Err(e) if e.code == yunqi_types::ErrorCode::NotFound => {
+                if self.catch_up(seen).await? {
+                    f(self)
+                } else {
+                    Err(e)
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Whether a store other nodes write holds more than version `seen`, reloading it then
+    /// (unless that has happened meanwhile).
+    async fn catch_up(&self, seen: u64) -> Result<bool, Error> {
+        match self.stored_version().await? {
+            Some(v) if v > seen => {
+                if v > self.read().version {
+                    self.refresh().await?;
+                }
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// [`Governance::authenticate_current`] without catching up: what this node holds now.
     pub fn authenticate(&self, bearer: &str) -> Result<Actor, (Error, Option<Name>)> {
         let (id, secret_hash) = tokens::parse(bearer).map_err(|e| (e, None))?;
         self.check_serving().map_err(|e| (e, None))?;
@@ -585,13 +652,16 @@ impl Governance {
             tokio::task::spawn_blocking(move || -> Result<Vec<yunqi_audit::AuditRecord>, Error> {
                 let mut out = Vec::new();
                 // Queries that returned the citizen's rows, and service decisions that used
-                // them (a lookup answered from an index), newest first.
-                for action in [
-                    "sql.query",
-                    "service.decide",
-                    "service.read",
-                    "service.queue",
-                ] {
+                // them (a lookup answered from an index), newest first, on every node's chain.
+                for (action, node) in audit.chains()?.into_iter().flat_map(|n| {
+                    [
+                        "sql.query",
+                        "service.decide",
+                        "service.read",
+                        "service.queue",
+                    ]
+                    .map(|a| (a, n.clone()))
+                }) {
                     let mut before = None;
                     let mut found_here = 0;
                     while found_here < limit {
@@ -601,6 +671,7 @@ impl Governance {
                             before,
                             descending: true,
                             limit: 1000,
+                            node: node.clone(),
                             ..Default::default()
                         })?;
                         for r in page.records {
@@ -623,7 +694,7 @@ impl Governance {
                         }
                     }
                 }
-                out.sort_by_key(|r| std::cmp::Reverse(r.seq));
+                out.sort_by_key(|r| std::cmp::Reverse((r.time, r.seq)));
                 out.truncate(limit);
                 Ok(out)
             })
@@ -784,7 +855,7 @@ impl Governance {
     ) -> Result<Department, Error> {
         let action = Action::DepartmentCreate { name: &name };
         self.authorize(actor, &action, ctx).await?;
-        let _guard = self.write_lock.lock().await;
+        let _guard = self.lock_current().await?;
         if self.read().departments.contains_key(&name) {
             let e = Error::already_exists("department", name.as_str())
                 .hint("pick another name, or use the existing department");
@@ -829,7 +900,7 @@ impl Governance {
             role: spec.role,
         };
         self.authorize(actor, &action, ctx).await?;
-        let _guard = self.write_lock.lock().await;
+        let _guard = self.lock_current().await?;
         let now = self.clock.now();
         let check = (|| {
             let state = self.read();
@@ -978,10 +1049,10 @@ impl Governance {
         expires_at: Option<DateTime<Utc>>,
         ctx: &CallContext,
     ) -> Result<NewToken, Error> {
-        let owner = self.read().principal(owner)?.clone();
+        let owner = self.lookup(|g| g.read().principal(owner).cloned()).await?;
         let action = Action::TokenManage { owner: &owner };
         self.authorize(actor, &action, ctx).await?;
-        let _guard = self.write_lock.lock().await;
+        let _guard = self.lock_current().await?;
         let now = self.clock.now();
         if let Some(t) = expires_at
             && t <= now
@@ -1039,19 +1110,21 @@ impl Governance {
         id: &str,
         ctx: &CallContext,
     ) -> Result<TokenInfo, Error> {
-        let (info, owner) = {
-            let state = self.read();
-            let t = state.tokens.get(id).ok_or_else(|| {
-                Error::not_found("token", id).hint("list tokens with `yunqi token list`")
-            })?;
-            (
-                t.info.clone(),
-                state.principal(t.info.principal.as_str())?.clone(),
-            )
-        };
+        let (info, owner) = self
+            .lookup(|g| {
+                let state = g.read();
+                let t = state.tokens.get(id).ok_or_else(|| {
+                    Error::not_found("token", id).hint("list tokens with `yunqi token list`")
+                })?;
+                Ok((
+                    t.info.clone(),
+                    state.principal(t.info.principal.as_str())?.clone(),
+                ))
+            })
+            .await?;
         let action = Action::TokenManage { owner: &owner };
         self.authorize(actor, &action, ctx).await?;
-        let _guard = self.write_lock.lock().await;
+        let _guard = self.lock_current().await?;
         if info.revoked_at.is_some() {
             return Ok(info);
         }

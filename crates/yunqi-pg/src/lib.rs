@@ -125,7 +125,7 @@ impl PgServer {
                 .await;
             fatal(code, &error)
         };
-        let actor = match self.gov.authenticate(token) {
+        let actor = match self.gov.authenticate_current(token).await {
             Ok(actor) => actor,
             Err((error, owner)) => {
                 let shown = Error::unauthenticated(format!(

@@ -856,6 +856,21 @@ impl IdentityStore for PgStore {
         self.run(Box::new(|c| Box::pin(load(c))))
     }
 
+    fn current_version(&self) -> Result<Option<u64>, Error> {
+        let v: i64 = self.run(Box::new(|c| {
+            Box::pin(async move {
+                Ok(c.query_one(
+                    "SELECT version FROM yunqi_identity_version WHERE id = 1",
+                    &[],
+                )
+                .await
+                .map_err(pg_error)?
+                .get(0))
+            })
+        }))?;
+        Ok(Some(v as u64))
+    }
+
     fn apply(&self, base: u64, changes: &[IdentityChange]) -> Result<u64, Error> {
         let changes = changes.to_vec();
         self.run(Box::new(move |c| Box::pin(apply(c, base, changes))))

@@ -81,6 +81,11 @@ pub trait IdentityStore: Send + Sync + 'static {
         let _ = version;
         Ok(())
     }
+    /// The version stored now, for a store other writers share (so that a writer can catch up
+    /// before it checks a change); `None` for a store this process alone writes.
+    fn current_version(&self) -> Result<Option<u64>, Error> {
+        Ok(None)
+    }
 }
 
 /// The version of the SQLite schema this code writes.

@@ -718,6 +718,14 @@ impl AuditLog for NatsAudit {
         *self.inner.durable.lock().expect("durable lock")
     }
 
+    fn chains(&self) -> Result<Vec<Option<String>>, Error> {
+        let inner = self.inner.clone();
+        let nodes = block_on(self.runtime.handle(), async move {
+            chains(&inner.js, &inner.config.prefix).await
+        })?;
+        Ok(nodes.into_iter().map(Some).collect())
+    }
+
     fn stats(&self) -> &AuditStats {
         &self.inner.stats
     }

@@ -18,6 +18,26 @@ pub struct Server {
     pub data: PathBuf,
     pub admin_token: String,
     agent: ureq::Agent,
+    /// With `YUNQI_TEST_CLUSTER=3`: the other nodes and the engines of a three-node cluster;
+    /// requests go round-robin over the nodes.
+    cluster: Option<Box<Cluster>>,
+}
+
+/// The rest of a cluster a test's [`Server`] stands for: its other nodes (dropped first) and
+/// the engines they share.
+struct Cluster {
+    others: Vec<Server>,
+    turn: std::sync::atomic::AtomicUsize,
+    _dirs: Vec<tempfile::TempDir>,
+    _weed: yunqi_store_s3::server::WeedServer,
+    _nats: yunqi_stream_nats::server::NatsServer,
+    _db: Database,
+}
+
+/// Whether the suites run against a three-node cluster (`YUNQI_TEST_CLUSTER=3`) instead of
+/// one embedded server.
+pub fn clustered() -> bool {
+    std::env::var("YUNQI_TEST_CLUSTER").is_ok_and(|v| v == "3")
 }
 
 pub fn agent() -> ureq::Agent {
@@ -29,9 +49,87 @@ pub fn agent() -> ureq::Agent {
 }
 
 impl Server {
-    /// Starts a server on `data` and waits until it is ready.
+    /// Starts a server on `data` and waits until it is ready; with `YUNQI_TEST_CLUSTER=3`, a
+    /// cluster of three nodes (the first on `data`) over PostgreSQL, NATS JetStream and an S3
+    /// server of the test's own, requests spread over the nodes.
     pub fn start(data: &Path) -> Server {
+        if clustered() {
+            return Server::start_cluster(data);
+        }
         Server::start_with(data, &[])
+    }
+
+    fn start_cluster(data: &Path) -> Server {
+        let db = Database::create("suite");
+        let mut dirs: Vec<tempfile::TempDir> =
+            (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+        let nats = yunqi_stream_nats::server::NatsServer::start(dirs[0].path());
+        let weed = yunqi_store_s3::server::WeedServer::start(dirs[1].path(), "yunqi-suite");
+        let (pg, nats_url, objects, endpoint) =
+            (db.url(), nats.url(), weed.url("city"), weed.endpoint());
+        let engines = [
+            "--postgres",
+            pg.as_str(),
+            "--nats",
+            nats_url.as_str(),
+            "--object-store",
+            objects.as_str(),
+            "--s3-endpoint",
+            endpoint.as_str(),
+        ];
+        let mut init = vec!["cluster", "init"];
+        init.extend(engines);
+        let (code, _, err) = yunqi(&init);
+        assert_eq!(code, 0, "cluster init: {err}");
+        let node = |dir: &Path, name: &str| {
+            let mut args = engines.to_vec();
+            args.extend(["--node", name]);
+            Server::start_with(dir, &args)
+        };
+        let mut first = node(data, "a");
+        let mut others = vec![node(dirs[2].path(), "b"), node(dirs[3].path(), "c")];
+        for o in others.iter_mut() {
+            o.admin_token = first.admin_token.clone();
+        }
+        first.cluster = Some(Box::new(Cluster {
+            others,
+            turn: std::sync::atomic::AtomicUsize::new(0),
+            _dirs: dirs,
+            _weed: weed,
+            _nats: nats,
+            _db: db,
+        }));
+        first
+    }
+
+    /// The node the next request goes to: this one, or in a cluster each node in turn.
+    fn next(&self) -> &Server {
+        match &self.cluster {
+            None => self,
+            Some(c) => {
+                let i = c.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    % (c.others.len() + 1);
+                if i == 0 { self } else { &c.others[i - 1] }
+            }
+        }
+    }
+
+    /// The HTTP base URL of the node the next request goes to.
+    pub fn next_url(&self) -> String {
+        self.next().url.clone()
+    }
+
+    /// The PostgreSQL endpoint of the node the next session goes to.
+    pub fn next_pg(&self) -> String {
+        self.next().pg.clone()
+    }
+
+    /// The nodes' names (audit chains), `[""]` for an embedded server.
+    pub fn node_names(&self) -> Vec<&'static str> {
+        match &self.cluster {
+            None => vec![""],
+            Some(_) => vec!["a", "b", "c"],
+        }
     }
 
     /// Like [`Server::start`], with more arguments to `yunqi serve`.
@@ -110,6 +208,7 @@ impl Server {
                 data: data.to_path_buf(),
                 admin_token,
                 agent: agent(),
+                cluster: None,
             },
             printed,
         )
@@ -122,7 +221,8 @@ impl Server {
         token: Option<&str>,
         body: Option<&str>,
     ) -> (u16, Value) {
-        call(&self.agent, &self.url, method, path, token, body)
+        let node = self.next();
+        call(&node.agent, &node.url, method, path, token, body)
     }
 
     pub fn admin(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
@@ -146,23 +246,31 @@ impl Server {
         assert_eq!(status, 201, "{v}");
     }
 
-    /// All audit records (admin view), ascending.
+    /// All audit records (admin view), ascending; in a cluster, every node's chain in turn.
     pub fn audit_all(&self) -> Vec<Value> {
         let mut out = Vec::new();
-        let mut after = 0;
-        loop {
-            let (status, v) = self.admin(
-                "GET",
-                &format!("/api/v1/audit?limit=1000&after={after}"),
-                None,
-            );
-            assert_eq!(status, 200, "{v}");
-            out.extend(v["records"].as_array().unwrap().iter().cloned());
-            match v["next"].as_u64() {
-                Some(n) => after = n,
-                None => return out,
+        for node in self.node_names() {
+            let which = if node.is_empty() {
+                String::new()
+            } else {
+                format!("&node={node}")
+            };
+            let mut after = 0;
+            loop {
+                let (status, v) = self.admin(
+                    "GET",
+                    &format!("/api/v1/audit?limit=1000&after={after}{which}"),
+                    None,
+                );
+                assert_eq!(status, 200, "{v}");
+                out.extend(v["records"].as_array().unwrap().iter().cloned());
+                match v["next"].as_u64() {
+                    Some(n) => after = n,
+                    None => break,
+                }
             }
         }
+        out
     }
 
     pub fn kill9(&mut self) {
@@ -296,7 +404,7 @@ pub fn try_call(
 pub fn cli(server: &Server, token: &str, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN)
         .args(args)
-        .env("YUNQI_URL", &server.url)
+        .env("YUNQI_URL", server.next_url())
         .env("YUNQI_TOKEN", token)
         .output()
         .expect("run yunqi");
@@ -316,7 +424,8 @@ pub fn psql(
     database: &str,
     sql: &str,
 ) -> (i32, String, String) {
-    let (host, port) = server.pg.rsplit_once(':').unwrap();
+    let pg = server.next_pg();
+    let (host, port) = pg.rsplit_once(':').unwrap();
     let out = std::process::Command::new("psql")
         .args([
             "-h",
@@ -356,7 +465,7 @@ pub fn cli_with_input(
     use std::io::Write;
     let mut child = Command::new(BIN)
         .args(args)
-        .env("YUNQI_URL", &server.url)
+        .env("YUNQI_URL", server.next_url())
         .env("YUNQI_TOKEN", token)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -383,7 +492,8 @@ pub async fn connect(
     user: &str,
     password: &str,
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (host, port) = server.pg.rsplit_once(':').unwrap();
+    let pg = server.next_pg();
+    let (host, port) = pg.rsplit_once(':').unwrap();
     let config = format!(
         "host={host} port={port} user={user} password={password} dbname=yunqi connect_timeout=10"
     );
@@ -488,19 +598,24 @@ pub struct Database {
 
 pub const ADMIN_URL: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=10";
 
-/// Runs `sql` on the database at `url`.
+/// Runs `sql` on the database at `url` (on a thread of its own, so that async tests may call it).
 pub fn run_sql(url: &str, sql: &str) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-            .await
-            .expect("PostgreSQL on 127.0.0.1:5432 (scripts/services.sh starts it)");
-        tokio::spawn(conn);
-        client.batch_execute(sql).await.expect(sql);
-    });
+    let (url, sql) = (url.to_string(), sql.to_string());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .expect("PostgreSQL on 127.0.0.1:5432 (scripts/services.sh starts it)");
+            tokio::spawn(conn);
+            client.batch_execute(&sql).await.expect(&sql);
+        });
+    })
+    .join()
+    .expect("the SQL thread");
 }
 
 pub fn admin_sql(sql: &str) {
