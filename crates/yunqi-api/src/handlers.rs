@@ -325,11 +325,13 @@ pub async fn audit(
         descending,
         limit,
         node: f.node,
+        cursor: f.cursor,
     };
     let page = state.gov.query_audit(&auth.actor, q, &auth.ctx()).await?;
     Ok(axum::Json(AuditPageView {
         records: page.records.into_iter().map(Into::into).collect(),
         next: page.next,
+        next_cursor: page.next_cursor,
     }))
 }
 

@@ -234,9 +234,11 @@ pub struct AuditFilter {
     pub order: Option<String>,
     /// Records per page, at most 1000 (default 100).
     pub limit: Option<usize>,
-    /// In a cluster, the node whose chain to read (each node keeps its own; default: the
-    /// node answering).
+    /// In a cluster, the node whose chain to read (each node keeps its own, paged by `after`
+    /// and `before`); without it, every node's records merged in time order, paged by `cursor`.
     pub node: Option<String>,
+    /// In a cluster without `node`: the `next_cursor` of the previous page.
+    pub cursor: Option<String>,
 }
 
 /// One audit record.
@@ -266,6 +268,9 @@ pub struct AuditRecordView {
     pub prev_hash: String,
     /// Hash of this record (hex).
     pub hash: String,
+    /// In a cluster, the node whose chain holds it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl From<yunqi_audit::AuditRecord> for AuditRecordView {
@@ -283,6 +288,7 @@ impl From<yunqi_audit::AuditRecord> for AuditRecordView {
             request_id: r.request_id,
             prev_hash: hex::encode(r.prev_hash),
             hash: hex::encode(r.hash),
+            node: r.node,
         }
     }
 }
@@ -294,6 +300,10 @@ pub struct AuditPageView {
     pub records: Vec<AuditRecordView>,
     /// Cursor for the next page (`after` ascending, `before` descending), null at the end.
     pub next: Option<u64>,
+    /// In a cluster, reading every node's records: `cursor` for the next page, absent at the
+    /// end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }
 
 /// Who is calling.

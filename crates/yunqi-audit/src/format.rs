@@ -79,6 +79,9 @@ pub struct AuditRecord {
     /// Hash of this record, hex.
     #[serde(serialize_with = "hex_hash")]
     pub hash: Hash,
+    /// In a cluster, the node whose chain holds it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 fn hex_hash<S: serde::Serializer>(h: &Hash, s: S) -> Result<S::Ok, S::Error> {
@@ -292,6 +295,7 @@ pub fn decode_record(frame: &Frame<'_>) -> Result<AuditRecord, String> {
         request_id,
         prev_hash,
         hash: frame.stored_hash.try_into().expect("32 bytes"),
+        node: None,
     })
 }
 

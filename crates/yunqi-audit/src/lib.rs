@@ -61,6 +61,12 @@ impl AuditLog for AuditChain {
         })
     }
     fn query(&self, q: &AuditQuery) -> Result<AuditPage, Error> {
+        if q.cursor.is_some() {
+            return Err(Error::invalid(
+                "this server is not a cluster node: `cursor` pages a cluster's merged audit",
+            )
+            .hint("page with `after` (ascending) or `before` (descending)"));
+        }
         if let Some(node) = &q.node {
             return Err(Error::invalid(format!(
                 "this server is not a cluster node: it has no chain of node {node:?}"

@@ -45,8 +45,12 @@ pub struct AuditQuery {
     pub descending: bool,
     /// Most records to return.
     pub limit: usize,
-    /// In a cluster: the node whose chain to read (default: the answering node's).
+    /// In a cluster: the node whose chain to read; without it, every node's records merged
+    /// in time order, paged with `cursor`.
     pub node: Option<String>,
+    /// In a cluster, reading every node's records: where the previous page ended
+    /// ([`AuditPage::next_cursor`]).
+    pub cursor: Option<String>,
 }
 
 /// One page of records.
@@ -57,6 +61,8 @@ pub struct AuditPage {
     /// The cursor for the next page (`after` ascending, `before` descending), if there may be
     /// more.
     pub next: Option<u64>,
+    /// Reading every node of a cluster: the `cursor` of the next page, if there may be more.
+    pub next_cursor: Option<String>,
 }
 
 impl AuditQuery {
@@ -141,7 +147,11 @@ pub fn query(dir: &Path, durable_seq: u64, q: &AuditQuery) -> Result<AuditPage, 
     } else {
         records.last().map(|r| r.seq)
     };
-    Ok(AuditPage { records, next })
+    Ok(AuditPage {
+        records,
+        next,
+        next_cursor: None,
+    })
 }
 
 fn decode(frame: &format::Frame<'_>, path: &Path) -> Result<AuditRecord, Error> {

@@ -682,7 +682,209 @@ async fn query(
     } else {
         records.last().map(|r| r.seq)
     };
-    Ok(AuditPage { records, next })
+    Ok(AuditPage {
+        records,
+        next,
+        next_cursor: None,
+    })
+}
+
+/// A record's place in the cluster's merged order: time, node, sequence number.
+type Key = (i64, String, u64);
+
+fn key_of(r: &AuditRecord, node: &str) -> Key {
+    (r.time.timestamp_micros(), node.to_string(), r.seq)
+}
+
+fn bad_cursor(c: &str) -> Error {
+    Error::invalid(format!("audit cursor {c:?} is not valid"))
+        .hint("pass the `next_cursor` of the previous page unchanged, with the same order")
+}
+
+/// `a` or `d`, then time, sequence number and node: `a1733560000000000-17-node-a`.
+fn encode_cursor(descending: bool, k: &Key) -> String {
+    format!(
+        "{}{}-{}-{}",
+        if descending { 'd' } else { 'a' },
+        k.0,
+        k.2,
+        k.1
+    )
+}
+
+fn decode_cursor(c: &str, descending: bool) -> Result<Key, Error> {
+    let rest = c
+        .strip_prefix(if descending { 'd' } else { 'a' })
+        .ok_or_else(|| bad_cursor(c))?;
+    let mut parts = rest.splitn(3, '-');
+    let time = parts.next().and_then(|t| t.parse().ok());
+    let seq = parts.next().and_then(|t| t.parse().ok());
+    match (time, seq, parts.next()) {
+        (Some(t), Some(s), Some(n)) if !n.is_empty() => Ok((t, n.to_string(), s)),
+        _ => Err(bad_cursor(c)),
+    }
+}
+
+/// Records of one chain for a merged page: in the order asked, past `from` (a key), up to
+/// `limit`; whether the chain was read to its end (or its time bound).
+async fn scan_chain(
+    js: &jetstream::Context,
+    prefix: &str,
+    node: &str,
+    durable: Option<u64>,
+    q: &AuditQuery,
+    from: Option<&Key>,
+) -> Result<(Vec<AuditRecord>, bool), Error> {
+    let stream = chain_stream(prefix, node);
+    let Some((first_msg, last_msg)) = bounds(js, &stream).await? else {
+        return Ok((Vec::new(), true));
+    };
+    let durable = match durable {
+        Some(d) => d,
+        None => read_tail(js, node, &stream).await?.seq,
+    };
+    let stream = stream.as_str();
+    let limit = q.limit.max(1);
+    // Rounds are in time order (a round's records carry its time): the first round at or
+    // after `t`.
+    let first_at = |t: i64| async move {
+        let (mut lo, mut hi) = (first_msg, last_msg + 1);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match get(js, stream, mid).await? {
+                Some(m) if Headers::parse(&m)?.at >= t => hi = mid,
+                _ => lo = mid + 1,
+            }
+        }
+        Ok::<u64, Error>(lo)
+    };
+    let mut out = Vec::new();
+    let passed = |r: &AuditRecord| match from {
+        None => true,
+        Some(k) if q.descending => key_of(r, node) < *k,
+        Some(k) => key_of(r, node) > *k,
+    };
+    if !q.descending {
+        let t = from
+            .map(|k| k.0)
+            .into_iter()
+            .chain(q.since.map(|t| t.timestamp_micros()))
+            .max()
+            .unwrap_or(i64::MIN);
+        let mut msg = first_at(t).await?;
+        while msg <= last_msg {
+            let Some(m) = get(js, stream, msg).await? else {
+                break;
+            };
+            msg += 1;
+            let mut offset = 0;
+            while offset < m.payload.len() {
+                let f = format::read_frame(&m.payload, offset)
+                    .map_err(|e| damaged(node, format!("{e:?}")))?;
+                offset = f.end;
+                let r = format::decode_record(&f).map_err(|e| damaged(node, e))?;
+                if r.seq > durable || q.until.is_some_and(|t| r.time >= t) {
+                    return Ok((out, true));
+                }
+                if passed(&r) && q.matches(&r) {
+                    out.push(r);
+                    if out.len() == limit {
+                        return Ok((out, false));
+                    }
+                }
+            }
+        }
+        Ok((out, true))
+    } else {
+        let t = from
+            .map(|k| k.0)
+            .into_iter()
+            .chain(q.until.map(|t| t.timestamp_micros() - 1))
+            .min()
+            .unwrap_or(i64::MAX);
+        let mut msg = first_at(t.saturating_add(1)).await?.saturating_sub(1);
+        while msg >= first_msg.max(1) {
+            let Some(m) = get(js, stream, msg).await? else {
+                break;
+            };
+            let mut records = Vec::new();
+            let mut offset = 0;
+            while offset < m.payload.len() {
+                let f = format::read_frame(&m.payload, offset)
+                    .map_err(|e| damaged(node, format!("{e:?}")))?;
+                offset = f.end;
+                records.push(format::decode_record(&f).map_err(|e| damaged(node, e))?);
+            }
+            for r in records.into_iter().rev() {
+                if r.seq > durable {
+                    continue;
+                }
+                if q.since.is_some_and(|t| r.time < t) {
+                    return Ok((out, true));
+                }
+                if passed(&r) && q.matches(&r) {
+                    out.push(r);
+                    if out.len() == limit {
+                        return Ok((out, false));
+                    }
+                }
+            }
+            msg -= 1;
+        }
+        Ok((out, true))
+    }
+}
+
+/// A page of every node's records, merged in time order (then node, then sequence number).
+async fn query_merged(inner: &Inner, q: &AuditQuery) -> Result<AuditPage, Error> {
+    if q.after.is_some() || q.before.is_some() {
+        return Err(Error::invalid(
+            "`after` and `before` page one node's chain; every node's records are paged with `cursor`",
+        )
+        .hint("name the node (`node=`) to page by sequence number, or follow `next_cursor`"));
+    }
+    let from = q
+        .cursor
+        .as_deref()
+        .map(|c| decode_cursor(c, q.descending))
+        .transpose()?;
+    let own = inner.durable.lock().expect("durable lock").seq;
+    let mut all: Vec<(Key, AuditRecord)> = Vec::new();
+    let mut more = false;
+    for node in chains(&inner.js, &inner.config.prefix).await? {
+        let durable = (node == inner.node).then_some(own);
+        let (records, ended) = scan_chain(
+            &inner.js,
+            &inner.config.prefix,
+            &node,
+            durable,
+            q,
+            from.as_ref(),
+        )
+        .await?;
+        more |= !ended;
+        for mut r in records {
+            r.node = Some(node.clone());
+            all.push((key_of(&r, &node), r));
+        }
+    }
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    if q.descending {
+        all.reverse();
+    }
+    let limit = q.limit.max(1);
+    more |= all.len() > limit;
+    all.truncate(limit);
+    let next_cursor = if more {
+        all.last().map(|(k, _)| encode_cursor(q.descending, k))
+    } else {
+        None
+    };
+    Ok(AuditPage {
+        records: all.into_iter().map(|(_, r)| r).collect(),
+        next: None,
+        next_cursor,
+    })
 }
 
 impl AuditLog for NatsAudit {
@@ -707,9 +909,15 @@ impl AuditLog for NatsAudit {
         let inner = self.inner.clone();
         let q = q.clone();
         block_on(self.runtime.handle(), async move {
-            let own = q.node.as_deref().is_none_or(|n| n == inner.node);
-            let node = q.node.clone().unwrap_or_else(|| inner.node.clone());
-            let durable = own.then(|| inner.durable.lock().expect("durable lock").seq);
+            let Some(node) = q.node.clone() else {
+                return query_merged(&inner, &q).await;
+            };
+            if q.cursor.is_some() {
+                return Err(Error::invalid("`cursor` pages every node's records merged")
+                    .hint("leave out `node` to follow `next_cursor`, or page one node's chain with `after`/`before`"));
+            }
+            let durable =
+                (node == inner.node).then(|| inner.durable.lock().expect("durable lock").seq);
             query(&inner.js, &inner.config.prefix, &node, durable, &q).await
         })
     }

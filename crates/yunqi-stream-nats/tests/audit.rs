@@ -118,6 +118,7 @@ fn appends_are_dense_durable_readable_and_continue_after_a_restart() {
                 principal: Some("p1".into()),
                 after,
                 limit: 37,
+                node: Some("node-a".into()),
                 ..Default::default()
             })
             .unwrap();
@@ -139,6 +140,7 @@ fn appends_are_dense_durable_readable_and_continue_after_a_restart() {
             descending: true,
             before: Some(total - 5),
             limit: 4,
+            node: Some("node-a".into()),
             ..Default::default()
         })
         .unwrap();
@@ -168,13 +170,57 @@ fn appends_are_dense_durable_readable_and_continue_after_a_restart() {
         })
         .unwrap_err();
     assert_eq!(e.code, ErrorCode::NotFound);
+    // Without a node: every node's records merged in time order, paged by cursor, both ways.
+    rt.block_on(b.append(vec![event("test.b", 2)])).unwrap();
+    let merged = |descending: bool| {
+        let mut cursor = None;
+        let mut out = Vec::new();
+        loop {
+            let p = audit
+                .query(&AuditQuery {
+                    limit: 50,
+                    descending,
+                    cursor: cursor.clone(),
+                    ..Default::default()
+                })
+                .unwrap();
+            out.extend(
+                p.records
+                    .iter()
+                    .map(|r| (r.time, r.node.clone().unwrap(), r.seq)),
+            );
+            match p.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        out
+    };
+    let asc = merged(false);
+    assert_eq!(asc.len() as u64, total + 2);
+    assert!(
+        asc.windows(2).all(|w| w[0] < w[1]),
+        "in time order, each once"
+    );
+    assert_eq!(asc.last().unwrap().1, "node-b");
+    let mut desc = merged(true);
+    desc.reverse();
+    assert_eq!(desc, asc);
+    let e = audit
+        .query(&AuditQuery {
+            after: Some(3),
+            limit: 10,
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidInput, "{e:?}");
     let heads = audit.heads().unwrap();
     assert_eq!(
         heads
             .iter()
             .map(|h| (h.node.as_str(), h.seq))
             .collect::<Vec<_>>(),
-        vec![("node-a", total), ("node-b", 1)]
+        vec![("node-a", total), ("node-b", 2)]
     );
 
     // A restart continues the chain where it ended.

@@ -531,9 +531,13 @@ pub struct AuditListArgs {
     /// Records per page.
     #[arg(long, default_value_t = 100)]
     limit: usize,
-    /// Cursor: after (ascending) or before (descending) this sequence number.
+    /// Cursor: after (ascending) or before (descending) this sequence number; in a cluster,
+    /// the cursor the previous page printed.
     #[arg(long)]
-    cursor: Option<u64>,
+    cursor: Option<String>,
+    /// In a cluster, one node's chain (default: every node's records, merged in time order).
+    #[arg(long)]
+    node: Option<String>,
 }
 
 pub fn audit_list(api: &Api, a: AuditListArgs, json: bool) -> anyhow::Result<ExitCode> {
@@ -554,15 +558,26 @@ pub fn audit_list(api: &Api, a: AuditListArgs, json: bool) -> anyhow::Result<Exi
     if a.desc {
         q.push("order=desc".into());
     }
-    if let Some(c) = a.cursor {
-        q.push(format!("{}={c}", if a.desc { "before" } else { "after" }));
+    if let Some(n) = &a.node {
+        q.push(format!("node={}", enc(n)));
+    }
+    match &a.cursor {
+        Some(c) if c.parse::<u64>().is_ok() => {
+            q.push(format!("{}={c}", if a.desc { "before" } else { "after" }))
+        }
+        Some(c) => q.push(format!("cursor={}", enc(c))),
+        None => {}
     }
     let r = api.call("GET", &format!("/api/v1/audit?{}", q.join("&")), None)?;
     finish(r, json, |v| {
         for r in v["records"].as_array().into_iter().flatten() {
+            let seq = match r["node"].as_str() {
+                Some(n) => format!("{n}/{}", r["seq"]),
+                None => r["seq"].to_string(),
+            };
             println!(
                 "{:>8} {} {:<16} {:<12} {:<18} {:<32} {:<7} {}",
-                r["seq"],
+                seq,
                 s(&r["time"]),
                 s(&r["principal"]),
                 s(&r["department"]),
@@ -574,6 +589,8 @@ pub fn audit_list(api: &Api, a: AuditListArgs, json: bool) -> anyhow::Result<Exi
         }
         if let Some(n) = v["next"].as_u64() {
             println!("more: --cursor {n}");
+        } else if let Some(c) = v["next_cursor"].as_str() {
+            println!("more: --cursor {c}");
         }
     })
 }

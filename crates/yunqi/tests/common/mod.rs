@@ -61,8 +61,7 @@ impl Server {
 
     fn start_cluster(data: &Path) -> Server {
         let db = Database::create("suite");
-        let mut dirs: Vec<tempfile::TempDir> =
-            (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+        let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
         let nats = yunqi_stream_nats::server::NatsServer::start(dirs[0].path());
         let weed = yunqi_store_s3::server::WeedServer::start(dirs[1].path(), "yunqi-suite");
         let (pg, nats_url, objects, endpoint) =
@@ -122,14 +121,6 @@ impl Server {
     /// The PostgreSQL endpoint of the node the next session goes to.
     pub fn next_pg(&self) -> String {
         self.next().pg.clone()
-    }
-
-    /// The nodes' names (audit chains), `[""]` for an embedded server.
-    pub fn node_names(&self) -> Vec<&'static str> {
-        match &self.cluster {
-            None => vec![""],
-            Some(_) => vec!["a", "b", "c"],
-        }
     }
 
     /// Like [`Server::start`], with more arguments to `yunqi serve`.
@@ -246,31 +237,21 @@ impl Server {
         assert_eq!(status, 201, "{v}");
     }
 
-    /// All audit records (admin view), ascending; in a cluster, every node's chain in turn.
+    /// All audit records (admin view), ascending; in a cluster, every node's records merged
+    /// in time order (paged by `next_cursor`).
     pub fn audit_all(&self) -> Vec<Value> {
         let mut out = Vec::new();
-        for node in self.node_names() {
-            let which = if node.is_empty() {
-                String::new()
-            } else {
-                format!("&node={node}")
-            };
-            let mut after = 0;
-            loop {
-                let (status, v) = self.admin(
-                    "GET",
-                    &format!("/api/v1/audit?limit=1000&after={after}{which}"),
-                    None,
-                );
-                assert_eq!(status, 200, "{v}");
-                out.extend(v["records"].as_array().unwrap().iter().cloned());
-                match v["next"].as_u64() {
-                    Some(n) => after = n,
-                    None => break,
-                }
+        let mut page = String::new();
+        loop {
+            let (status, v) = self.admin("GET", &format!("/api/v1/audit?limit=1000{page}"), None);
+            assert_eq!(status, 200, "{v}");
+            out.extend(v["records"].as_array().unwrap().iter().cloned());
+            match (v["next"].as_u64(), v["next_cursor"].as_str()) {
+                (Some(n), _) => page = format!("&after={n}"),
+                (None, Some(c)) => page = format!("&cursor={c}"),
+                (None, None) => return out,
             }
         }
-        out
     }
 
     pub fn kill9(&mut self) {
