@@ -89,6 +89,25 @@ impl ClusterCheckpoints {
     }
 }
 
+/// The last checkpoint in the database at `url`: what `yunqi cluster status` shows.
+pub fn last_checkpoint(url: &str) -> Result<Option<ClusterCheckpoint>, Error> {
+    let config = parse_url(url)?;
+    let rt = runtime()?;
+    let row = block_on(&rt, async move {
+        let client = connect(&config).await?;
+        Ok(client
+            .query_opt(
+                "SELECT checkpoint::text FROM yunqi_audit_checkpoint ORDER BY id DESC LIMIT 1",
+                &[],
+            )
+            .await
+            .map_err(pg_error)?
+            .map(|r| r.get::<_, String>(0)))
+    });
+    rt.shutdown_background();
+    row?.as_deref().map(parse).transpose()
+}
+
 /// Every checkpoint in the database at `url`, in order: what `yunqi audit verify --cluster`
 /// reads.
 pub fn read_checkpoints(url: &str) -> Result<Vec<ClusterCheckpoint>, Error> {

@@ -19,7 +19,7 @@
 mod checkpoints;
 mod manifests;
 mod streams;
-pub use checkpoints::{ClusterCheckpoints, MakeCheckpoint, read_checkpoints};
+pub use checkpoints::{ClusterCheckpoints, MakeCheckpoint, last_checkpoint, read_checkpoints};
 pub use manifests::ClusterManifests;
 pub use streams::ClusterStreams;
 

@@ -315,19 +315,26 @@ impl NatsAudit {
     pub fn heads(&self) -> Result<Vec<NodeHead>, Error> {
         let inner = self.inner.clone();
         block_on(self.runtime.handle(), async move {
-            let mut out = Vec::new();
-            for node in chains(&inner.js, &inner.config.prefix).await? {
-                let stream = chain_stream(&inner.config.prefix, &node);
-                let t = read_tail(&inner.js, &node, &stream).await?;
-                out.push(NodeHead {
-                    node,
-                    seq: t.seq,
-                    hash: hex::encode(t.hash),
-                });
-            }
-            Ok(out)
+            heads_of(&inner.js, &inner.config.prefix).await
         })
     }
+}
+
+/// The head of every chain under `prefix`.
+pub(crate) async fn heads_of(
+    js: &jetstream::Context,
+    prefix: &str,
+) -> Result<Vec<NodeHead>, Error> {
+    let mut out = Vec::new();
+    for node in chains(js, prefix).await? {
+        let t = read_tail(js, &node, &chain_stream(prefix, &node)).await?;
+        out.push(NodeHead {
+            node,
+            seq: t.seq,
+            hash: hex::encode(t.hash),
+        });
+    }
+    Ok(out)
 }
 
 /// The nodes that have a chain under `prefix`.

@@ -390,6 +390,8 @@ pub struct Status {
     pub server_version: String,
     /// yunqi streams under the prefix.
     pub streams: usize,
+    /// Every node's audit chain: its last record.
+    pub audit: Vec<yunqi_audit::cluster::NodeHead>,
 }
 
 /// Connects and counts yunqi's streams: what `yunqi cluster status` shows of NATS.
@@ -404,6 +406,7 @@ pub fn status(config: &NatsConfig) -> Result<Status, Error> {
         Ok(Status {
             server_version: client.server_info().version,
             streams,
+            audit: audit::heads_of(&js, &config.prefix).await?,
         })
     })
 }

@@ -290,6 +290,7 @@ pub fn run(cmd: ClusterCommand, json: bool) -> anyhow::Result<std::process::Exit
             let nats = nats
                 .config()
                 .map(|c| yunqi_stream_nats::status(&c).map_err(|e| e.message));
+            let checkpoint = yunqi_store_pg::last_checkpoint(&postgres).map_err(crate::user_error)?;
             if json {
                 let nodes: Vec<_> = nodes
                     .iter()
@@ -305,26 +306,44 @@ pub fn run(cmd: ClusterCommand, json: bool) -> anyhow::Result<std::process::Exit
                     })
                     .collect();
                 let nats = nats.map(|n| match n {
-                    Ok(s) => serde_json::json!({"state": "up", "server_version": s.server_version, "streams": s.streams}),
+                    Ok(s) => serde_json::json!({"state": "up", "server_version": s.server_version, "streams": s.streams,
+                        "audit_chains": s.audit.iter().map(|h| serde_json::json!({"node": h.node, "records": h.seq})).collect::<Vec<_>>()}),
                     Err(e) => serde_json::json!({"state": "unreachable", "error": e}),
                 });
                 println!(
                     "{}",
                     serde_json::json!({"metadata_version": version, "nodes": nodes, "nats": nats,
+                        "audit_checkpoint": checkpoint.as_ref().map(|c| serde_json::json!({"id": c.id, "time": c.time, "by": c.by})),
                         "object_store": objects.as_ref().map(|(url, state)| serde_json::json!({"url": url, "state": state}))})
                 );
             } else {
                 println!("metadata version {version}; {} node(s)", nodes.len());
                 match &nats {
-                    Some(Ok(s)) => println!(
-                        "NATS {} up; {} yunqi stream(s) in JetStream",
-                        s.server_version, s.streams
-                    ),
+                    Some(Ok(s)) => {
+                        println!(
+                            "NATS {} up; {} yunqi stream(s) in JetStream",
+                            s.server_version, s.streams
+                        );
+                        if !s.audit.is_empty() {
+                            let chains: Vec<String> = s
+                                .audit
+                                .iter()
+                                .map(|h| format!("{} {}", h.node, h.seq))
+                                .collect();
+                            println!("audit chains (node, records): {}", chains.join(", "));
+                        }
+                    }
                     Some(Err(e)) => println!("NATS unreachable: {e}"),
                     None => {}
                 }
                 if let Some((url, state)) = &objects {
                     println!("object store {url}: {state}");
+                }
+                if let Some(c) = &checkpoint {
+                    println!(
+                        "last audit checkpoint {} at {} by node {}",
+                        c.id, c.time, c.by
+                    );
                 }
                 println!(
                     "{:<20} {:<8} {:<9} {:>8} {:>10}  {:<24} {:<22} holds",

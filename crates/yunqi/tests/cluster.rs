@@ -698,6 +698,13 @@ fn three_nodes_take_any_stream_and_a_node_killed_mid_ingest_loses_nothing() {
     }
     assert!(v["checkpoints"].as_u64().unwrap() >= 1, "{v}");
     let last = v["last_checkpoint"]["id"].as_u64().unwrap();
+    let (code, out, err) = common::cluster_cli("status", &db.url(), &nats.url(), &["--json"]);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["audit_checkpoint"]["id"], last, "{status}");
+    let chains = status["nats"]["audit_chains"].as_array().unwrap();
+    assert_eq!(chains.len(), 3, "{status}");
+    assert_eq!(status["nats"]["streams"], 1, "audit chains are not streams: {status}");
     // A checkpoint altered in the database is caught: its signature and the next one's link.
     db.sql(&format!(
         "UPDATE yunqi_audit_checkpoint SET checkpoint = jsonb_set(checkpoint, '{{heads,0,seq}}', '1') WHERE id = {}",
