@@ -290,7 +290,8 @@ pub fn run(cmd: ClusterCommand, json: bool) -> anyhow::Result<std::process::Exit
             let nats = nats
                 .config()
                 .map(|c| yunqi_stream_nats::status(&c).map_err(|e| e.message));
-            let checkpoint = yunqi_store_pg::last_checkpoint(&postgres).map_err(crate::user_error)?;
+            let checkpoint =
+                yunqi_store_pg::last_checkpoint(&postgres).map_err(crate::user_error)?;
             if json {
                 let nodes: Vec<_> = nodes
                     .iter()

@@ -704,7 +704,10 @@ fn three_nodes_take_any_stream_and_a_node_killed_mid_ingest_loses_nothing() {
     assert_eq!(status["audit_checkpoint"]["id"], last, "{status}");
     let chains = status["nats"]["audit_chains"].as_array().unwrap();
     assert_eq!(chains.len(), 3, "{status}");
-    assert_eq!(status["nats"]["streams"], 1, "audit chains are not streams: {status}");
+    assert_eq!(
+        status["nats"]["streams"], 1,
+        "audit chains are not streams: {status}"
+    );
     // A checkpoint altered in the database is caught: its signature and the next one's link.
     db.sql(&format!(
         "UPDATE yunqi_audit_checkpoint SET checkpoint = jsonb_set(checkpoint, '{{heads,0,seq}}', '1') WHERE id = {}",
@@ -835,6 +838,41 @@ fn datasets_in_object_storage_are_every_nodes() {
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["version"], 3, "{v}");
     assert_eq!(count(&b)[0], 1510);
+
+    // kill -9 of node a while it imports 200,000 rows (an upsert by plate); the client, unsure
+    // whether it was applied, sends it again to node b: the dead node's write lock went with
+    // it, and the rows are there once whether a's attempt committed or not.
+    let big = rows(0, 200_000);
+    let expected_seats: i64 = (0..200_000i64).map(|i| 2 + i % 6).sum();
+    let upsert = format!("{path}?mode=upsert&key=plate");
+    let inflight = {
+        let (url, token, body, upsert) =
+            (a.url.clone(), steward.clone(), big.clone(), upsert.clone());
+        std::thread::spawn(move || {
+            common::agent()
+                .post(format!("{url}{upsert}"))
+                .header("Authorization", format!("Bearer {token}"))
+                .header("Content-Type", "text/csv")
+                .send(&body)
+                .map(|r| r.status().as_u16())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(150));
+    let mut a = a;
+    a.kill9();
+    let _ = inflight.join();
+    let began = Instant::now();
+    let (status, v) = b.call("POST", &upsert, Some(&steward), Some(&big));
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        began.elapsed() < Duration::from_secs(30),
+        "the dead node's lock was released"
+    );
+    let version = v["version"].as_u64().unwrap();
+    assert!(version == 4 || version == 5, "{v}");
+    let after = count(&b);
+    assert_eq!(after[0], 200_000, "every row once: {after}");
+    assert_eq!(after[1], expected_seats, "{after}");
 
     // `cluster status` reports the object store.
     let mut status_cmd = vec!["cluster", "status", "--postgres", &pg, "--json"];
