@@ -431,6 +431,14 @@ impl Governance {
         }
     }
 
+    /// Catches up with a store other nodes write (one round trip; nothing embedded), so that
+    /// what is read next includes every change another node answered before now: a query
+    /// sees a grant approved on another node a moment ago.
+    pub async fn catch_up_now(&self) -> Result<(), Error> {
+        let seen = self.read().version;
+        self.catch_up(seen).await.map(|_| ())
+    }
+
     /// Whether a store other nodes write holds more than version `seen`, reloading it then
     /// (unless that has happened meanwhile).
     async fn catch_up(&self, seen: u64) -> Result<bool, Error> {

@@ -266,6 +266,9 @@ impl SqlEngine {
     }
 
     async fn plan_inner(&self, actor: &Actor, sql: &str) -> Result<Planned, Error> {
+        // In a cluster, the session is built from the grants stored now, not those this node
+        // had loaded when another node's approval was answered.
+        self.gov.catch_up_now().await?;
         let (ctx, registered) = self.session(actor)?;
         let visible = visible_tables(&ctx);
         let state = ctx.state();
