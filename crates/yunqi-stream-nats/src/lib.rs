@@ -159,6 +159,9 @@ struct Reader {
 struct Pending {
     count: u32,
     payload: Vec<u8>,
+    /// Where the stream must end for this entry to be stored (fenced appends); such an entry
+    /// is a round of its own.
+    expect: Option<u64>,
     tx: oneshot::Sender<Result<Appended, Error>>,
 }
 
@@ -481,7 +484,13 @@ impl NatsLog {
     /// Checks an append and finds its stream's writer (starting it): the queue to send the
     /// append to, and where its outcome arrives. The caller waits for room in the bounded queue
     /// (async callers asynchronously, blocking ones blocking).
-    fn prepare(&self, stream: &str, count: u32, payload: Vec<u8>) -> Result<Prepared, Error> {
+    fn prepare(
+        &self,
+        stream: &str,
+        count: u32,
+        payload: Vec<u8>,
+        expect: Option<u64>,
+    ) -> Result<Prepared, Error> {
         validate_stream_key(stream)?;
         if payload.len() > self.entry_bytes_max() {
             return Err(Error::invalid(format!(
@@ -518,7 +527,16 @@ impl NatsLog {
             }
         };
         let (tx, rx) = oneshot::channel();
-        Ok((sender, Pending { count, payload, tx }, rx))
+        Ok((
+            sender,
+            Pending {
+                count,
+                payload,
+                expect,
+                tx,
+            },
+            rx,
+        ))
     }
 
     fn cached(&self, stream: &str) -> Arc<Cached> {
@@ -865,10 +883,11 @@ async fn writer(inner: Arc<Inner>, key: String, mut rx: mpsc::Receiver<Pending>)
             },
         };
         let mut bytes = first.payload.len() + FRAME_ENTRY_HEADER_BYTES;
+        let alone = first.expect.is_some();
         let mut batch = vec![first];
-        while let Ok(p) = rx.try_recv() {
+        while !alone && let Ok(p) = rx.try_recv() {
             let more = p.payload.len() + FRAME_ENTRY_HEADER_BYTES;
-            if bytes + more > inner.round_bytes_max {
+            if p.expect.is_some() || bytes + more > inner.round_bytes_max {
                 carried = Some(p);
                 break;
             }
@@ -884,6 +903,7 @@ async fn commit(inner: &Inner, key: &str, tail: &mut Option<Tail>, batch: Vec<Pe
     let _ = getrandom::fill(&mut id);
     let id = hex::encode(id);
     let events: u64 = batch.iter().map(|p| u64::from(p.count)).sum();
+    let expect = batch.first().and_then(|p| p.expect);
     let began = Instant::now();
     let deadline = began + inner.config.unavailable_after;
     let mut backoff = Duration::from_millis(25);
@@ -900,6 +920,11 @@ async fn commit(inner: &Inner, key: &str, tail: &mut Option<Tail>, batch: Vec<Pe
             };
             let at = inner.clock.now().timestamp_micros().max(t.at);
             let first = t.end;
+            if let Some(x) = expect
+                && x != first
+            {
+                return Err(Attempt::Fatal(yunqi_stream::deposed(key, x, first)));
+            }
             let parts: Vec<(u32, &[u8])> = batch
                 .iter()
                 .map(|p| (p.count, p.payload.as_slice()))
@@ -1002,7 +1027,23 @@ impl StreamLog for NatsLog {
         count: u32,
         payload: Vec<u8>,
     ) -> BoxFuture<'_, Result<Appended, Error>> {
-        let prepared = self.prepare(stream, count, payload);
+        let prepared = self.prepare(stream, count, payload, None);
+        Box::pin(async move {
+            let (sender, pending, rx) = prepared?;
+            sender.send(pending).await.map_err(|_| closed())?;
+            rx.await
+                .unwrap_or_else(|_| Err(Error::internal("the stream engine's writer ended")))
+        })
+    }
+
+    fn append_expecting(
+        &self,
+        stream: &str,
+        count: u32,
+        payload: Vec<u8>,
+        expected_first: u64,
+    ) -> BoxFuture<'_, Result<Appended, Error>> {
+        let prepared = self.prepare(stream, count, payload, Some(expected_first));
         Box::pin(async move {
             let (sender, pending, rx) = prepared?;
             sender.send(pending).await.map_err(|_| closed())?;
@@ -1017,7 +1058,7 @@ impl StreamLog for NatsLog {
         count: u32,
         payload: Vec<u8>,
     ) -> Result<Appended, Error> {
-        let (sender, pending, rx) = self.prepare(stream, count, payload)?;
+        let (sender, pending, rx) = self.prepare(stream, count, payload, None)?;
         sender.blocking_send(pending).map_err(|_| closed())?;
         rx.blocking_recv()
             .unwrap_or_else(|_| Err(Error::internal("the stream engine's writer ended")))

@@ -225,6 +225,35 @@ fn two_nodes_appending_to_one_stream_keep_offsets_dense() {
 }
 
 #[test]
+fn a_fenced_append_fails_once_another_writer_appended() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(dir.path());
+    let a = open(&server, "t_fence");
+    let b = open(&server, "t_fence");
+    let s = "serve.police.permit";
+    let block = |f: yunqi_stream::BoxFuture<'_, _>| futures::executor::block_on(f);
+    // The owner appends where it knows the log ends.
+    let r = block(a.append_expecting(s, 2, payload(1), 0)).unwrap();
+    assert_eq!((r.first, r.end), (0, 2));
+    let r = block(a.append_expecting(s, 1, payload(2), 2)).unwrap();
+    assert_eq!((r.first, r.end), (2, 3));
+    // A successor that read the log to 3 appends; the deposed owner, still believing the log
+    // ends at 3, is refused and nothing of it is stored.
+    block(b.append_expecting(s, 1, payload(3), 3)).unwrap();
+    let e = block(a.append_expecting(s, 1, payload(4), 3)).unwrap_err();
+    assert_eq!(e.code, ErrorCode::Conflict);
+    assert_eq!(e.detail.as_deref(), Some(yunqi_stream::DEPOSED));
+    // Unfenced appends are not held up by a refused one queued before them.
+    let r = block(a.append(s, 1, payload(5))).unwrap();
+    assert_eq!(r.first, 4);
+    let stored = all(&a, s);
+    assert_eq!(
+        stored.iter().map(|(_, _, p)| p.clone()).collect::<Vec<_>>(),
+        vec![payload(1), payload(2), payload(3), payload(5)]
+    );
+}
+
+#[test]
 fn a_killed_server_loses_nothing_acknowledged_and_a_stopped_one_gives_503s() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = NatsServer::start(dir.path());

@@ -145,6 +145,25 @@ pub trait StreamLog: Send + Sync + 'static {
         count: u32,
         payload: Vec<u8>,
     ) -> BoxFuture<'_, Result<Appended, Error>>;
+    /// [`StreamLog::append`] only if the stream ends at `expected_first` when the entry is
+    /// stored, else a `conflict` error naming [`DEPOSED`]: how a single writer that other
+    /// processes may replace (a service's decider, owned by a lease) is fenced off — once its
+    /// successor has appended, its own appends fail. The default suits logs of one process,
+    /// where nobody appends between the check and the append.
+    fn append_expecting(
+        &self,
+        stream: &str,
+        count: u32,
+        payload: Vec<u8>,
+        expected_first: u64,
+    ) -> BoxFuture<'_, Result<Appended, Error>> {
+        let end = self.end_offset(stream);
+        if end != expected_first {
+            let e = deposed(stream, expected_first, end);
+            return Box::pin(async move { Err(e) });
+        }
+        self.append(stream, count, payload)
+    }
     /// [`StreamLog::append`] for threads that are not async; must not be called from within an
     /// async runtime's worker thread.
     fn append_blocking(
@@ -184,6 +203,19 @@ pub trait StreamLog: Send + Sync + 'static {
     fn shared(&self) -> bool {
         false
     }
+}
+
+/// The detail of the error [`StreamLog::append_expecting`] fails with when another writer
+/// appended first.
+pub const DEPOSED: &str = "another writer appended to the stream first";
+
+/// The error of an append that found the stream longer than its writer expected.
+pub fn deposed(stream: &str, expected: u64, end: u64) -> Error {
+    Error::new(
+        yunqi_types::ErrorCode::Conflict,
+        format!("the log {stream} ends at {end}, not at {expected}"),
+    )
+    .detail(DEPOSED)
 }
 
 /// Checks a stream key: 1 to [`NAME_BYTES_MAX`] characters of `a-z`, `0-9`, `_`, `.` and `-`,
