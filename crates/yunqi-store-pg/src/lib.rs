@@ -17,9 +17,11 @@
 #![deny(missing_docs)]
 
 mod checkpoints;
+mod leases;
 mod manifests;
 mod streams;
 pub use checkpoints::{ClusterCheckpoints, MakeCheckpoint, last_checkpoint, read_checkpoints};
+pub use leases::ClusterLeases;
 pub use manifests::ClusterManifests;
 pub use streams::ClusterStreams;
 
@@ -39,7 +41,7 @@ use yunqi_types::{
 };
 
 /// The version of the PostgreSQL schema this code reads and writes.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// The channel on which a batch's new version is announced.
 const CHANNEL: &str = "yunqi_identity";
@@ -122,6 +124,25 @@ CREATE TABLE yunqi_audit_checkpoint (
     made_at     timestamptz NOT NULL DEFAULT now(),
     made_by     text NOT NULL,
     checkpoint  jsonb NOT NULL
+);
+",
+    "
+CREATE TABLE yunqi_service (
+    service     text NOT NULL,
+    version     int NOT NULL,
+    definition  text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (service, version)
+);
+CREATE TABLE yunqi_lease (
+    name        text PRIMARY KEY,
+    holder      text NOT NULL,
+    epoch       bigint NOT NULL,
+    expires_at  timestamptz NOT NULL
+);
+CREATE TABLE yunqi_secret (
+    name   text PRIMARY KEY,
+    value  bytea NOT NULL
 );
 ",
 ];

@@ -65,6 +65,66 @@ pub enum IdentityChange {
 /// The detail of the conflict a shared store answers when a batch was based on an old version.
 pub const STALE: &str = "the metadata store changed since this node last loaded it";
 
+/// Who holds a lease (see [`Leases`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseHolder {
+    /// The node's name.
+    pub node: String,
+    /// Where the node takes HTTP requests (its registered address, `http://host:port`), when
+    /// it is a registered node.
+    pub http: Option<String>,
+    /// The lease's fencing epoch: raised by every acquisition.
+    pub epoch: u64,
+    /// Whether the lease is still in force (not expired).
+    pub live: bool,
+}
+
+/// Leases shared by a cluster's nodes: a named piece of work (a service's decider) is done by
+/// one node at a time, which renews its lease well within its time to live; a lease not
+/// renewed lapses, and another node takes the work over under a higher epoch.
+pub trait Leases: Send + Sync + 'static {
+    /// This node's name.
+    fn node(&self) -> &str;
+    /// Takes `lease` for this node for `ttl` if nobody holds it in force, or if this node's
+    /// name does (an earlier process of this node, which is gone): `Ok(epoch)`, the new epoch;
+    /// else `Err(holder)`.
+    fn acquire(
+        &self,
+        lease: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Result<u64, LeaseHolder>, Error>;
+    /// Extends a lease this node holds at `epoch` by `ttl` from now; false if it lapsed or
+    /// was taken (the work must stop).
+    fn renew(&self, lease: &str, epoch: u64, ttl: std::time::Duration) -> Result<bool, Error>;
+    /// Gives a lease up at once (a node stopping), so that another node need not wait for it
+    /// to lapse.
+    fn release(&self, lease: &str, epoch: u64) -> Result<(), Error>;
+    /// Who holds `lease`, if anyone ever did.
+    fn holder(&self, lease: &str) -> Result<Option<LeaseHolder>, Error>;
+}
+
+/// One version of a service's definition, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredDefinition {
+    /// `department.service`.
+    pub service: String,
+    /// Its version, from 1.
+    pub version: u32,
+    /// The definition's text (TOML), as applied.
+    pub text: String,
+}
+
+/// Service definitions shared by a cluster's nodes, every version kept.
+pub trait DefinitionStore: Send + Sync + 'static {
+    /// The latest version of every service.
+    fn latest(&self) -> Result<Vec<StoredDefinition>, Error>;
+    /// The latest version of one service.
+    fn latest_of(&self, service: &str) -> Result<Option<StoredDefinition>, Error>;
+    /// Stores a new version; `conflict` if that version of the service exists (another node
+    /// applied one meanwhile).
+    fn put(&self, d: &StoredDefinition) -> Result<(), Error>;
+}
+
 /// What yunqi needs of a metadata store.
 pub trait IdentityStore: Send + Sync + 'static {
     /// Loads everything.

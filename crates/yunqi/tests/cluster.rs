@@ -44,7 +44,7 @@ fn nodes_share_identities_and_a_revocation_holds_on_every_node_before_it_returns
     // init is idempotent.
     let (code, out, err) = yunqi(&["cluster", "init", "--postgres", &url]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("created yunqi schema version 4"), "{out}");
+    assert!(out.contains("created yunqi schema version 5"), "{out}");
     let (code, out, _) = yunqi(&["cluster", "init", "--postgres", &url]);
     assert_eq!(code, 0);
     assert!(out.contains("nothing to do"), "{out}");
@@ -551,18 +551,8 @@ fn three_nodes_take_any_stream_and_a_node_killed_mid_ingest_loses_nothing() {
     let db = Database::create("three_js");
     let nats_dir = tempfile::tempdir().unwrap();
     let nats = yunqi_stream_nats::server::NatsServer::start(nats_dir.path());
-    let (code, _, err) = common::cluster_cli("init", &db.url(), &nats.url(), &[]);
-    assert_eq!(code, 0, "{err}");
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut nodes: Vec<Server> = ["a", "b", "c"]
-        .iter()
-        .zip(&dirs)
-        .map(|(n, d)| common::cluster_node(d.path(), &db.url(), Some(&nats.url()), n))
-        .collect();
-    let admin = nodes[0].admin_token.clone();
-    for n in nodes.iter_mut() {
-        n.admin_token = admin.clone();
-    }
+    let mut nodes = common::three_nodes(&db, &nats.url(), &dirs);
     nodes[0].dept("traffic");
     let steward = nodes[0].principal("tsteward", "steward", Some("traffic"));
     let camera = nodes[0].principal("cameras", "service", Some("traffic"));
