@@ -571,6 +571,18 @@ impl DatasetStore {
     /// The manifest of a dataset.
     pub fn get(&self, department: &str, name: &str) -> Result<Manifest, Error> {
         let sql_name = format!("{department}.{name}");
+        if let Some(m) = self
+            .manifests
+            .read()
+            .expect("manifests lock")
+            .get(&sql_name)
+        {
+            return Ok(m.clone());
+        }
+        // Created on another node a moment ago: read what was committed since, then look again.
+        if self.shared.is_some() {
+            self.sync()?;
+        }
         let manifests = self.manifests.read().expect("manifests lock");
         if let Some(m) = manifests.get(&sql_name) {
             return Ok(m.clone());
