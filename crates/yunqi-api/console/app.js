@@ -459,7 +459,7 @@ async function dashboardPage() {
         h("div", { class: "tile" }, h("div", { class: "muted", text: t("dash.window") }), h("div", { class: "n", id: "window", text: hhmm(end) })),
         h("div", { class: "tile" }, h("div", { class: "muted", text: t("dash.byDistrict") }), h("div", { class: "n", id: "total", text: String(total) })),
         h("div", { class: "tile" }, h("div", { class: "muted", text: t("dash.zone") }), h("div", { class: "n", id: "zone", text: `${zoneNow} / 5000` })),
-        h("div", { class: "tile" }, h("div", { class: "muted", text: t("dash.permits") }), h("div", { class: "n", id: "permits", text: String(permit.stats.approved_today) })));
+        h("div", { class: "tile" }, h("div", { class: "muted", text: t("dash.permits") }), h("div", { class: "n", id: "permits", text: permit.stats ? String(permit.stats.approved_today) : "—" })));
       cd.setOption({
         animation: false, tooltip: { trigger: "axis" }, legend: { type: "scroll", top: 0 },
         grid: { left: 50, right: 20, top: 40, bottom: 30 },

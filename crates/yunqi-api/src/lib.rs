@@ -9,6 +9,7 @@
 pub mod console;
 pub mod error;
 pub mod extract;
+pub mod forward;
 pub mod handlers;
 pub mod metrics;
 pub mod ngsi;
@@ -287,6 +288,10 @@ pub fn router(state: AppState) -> Router {
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed);
     api.layer(DefaultBodyLimit::max(state.limits.request_body_bytes_max))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            forward::forward,
+        ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             request_middleware,

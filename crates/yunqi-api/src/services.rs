@@ -30,7 +30,7 @@ pub async fn apply(
 /// `GET /api/v1/services`: the live services.
 /// Signed-in callers only (the extractor refuses others).
 pub async fn list(State(state): State<AppState>, _auth: Authed) -> ApiResult<axum::Json<Value>> {
-    Ok(axum::Json(json!({ "services": state.serve.list() })))
+    Ok(axum::Json(json!({ "services": state.serve.list()? })))
 }
 
 /// `GET /api/v1/services/{department}/{name}`: one service's live definition.

@@ -17,6 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use chrono::{DateTime, NaiveDate, Utc};
@@ -765,13 +766,50 @@ impl State {
 /// The decider of one service.
 pub struct Decider {
     service: Arc<Service>,
-    log: Arc<dyn StreamLog>,
-    stream: String,
+    log: LogWriter,
+    broken: Arc<AtomicBool>,
     signer: Option<Arc<crate::document::Signer>>,
     calendar: Arc<RwLock<Calendar>>,
     state: Arc<RwLock<State>>,
     tx: Mutex<Option<tokio::sync::mpsc::Sender<Job>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// Where a decider's entries go: its service's decision log, appended to where the decider
+/// knows it ends when the log is shared by a cluster's nodes (another node's decider that took
+/// the service over has appended, and this one is fenced off).
+#[derive(Clone)]
+struct LogWriter {
+    log: Arc<dyn StreamLog>,
+    stream: String,
+    /// The log's end as this decider knows it, when appends are fenced.
+    fence: Option<Arc<tokio::sync::Mutex<u64>>>,
+}
+
+impl LogWriter {
+    async fn append(&self, count: u32, payload: Vec<u8>) -> Result<(), Error> {
+        match &self.fence {
+            None => self
+                .log
+                .append(&self.stream, count, payload)
+                .await
+                .map(|_| ()),
+            Some(end) => {
+                let mut end = end.lock().await;
+                let a = self
+                    .log
+                    .append_expecting(&self.stream, count, payload, *end)
+                    .await?;
+                *end = a.end;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Whether an error says another node's decider took the service over.
+pub fn is_deposed(e: &Error) -> bool {
+    e.code == yunqi_types::ErrorCode::Conflict && e.detail.as_deref() == Some(yunqi_stream::DEPOSED)
 }
 
 /// The stream key of a service's decision log.
@@ -857,6 +895,11 @@ impl Decider {
         signer: Option<Arc<crate::document::Signer>>,
         cancels: Vec<CancelSource>,
     ) -> Result<Decider, Error> {
+        // Over a log other nodes share, every append expects the log to end where this decider
+        // read or wrote it last: once another node's decider for the service has appended,
+        // this one stops deciding (the cluster's lease gives the service to one node at a
+        // time; this makes a deposed owner harmless even before it learns of it).
+        let fenced = log.shared();
         let stream = log_stream(&service);
         let mut state = State {
             cancel_inputs: service.cancel_on.iter().map(|c| c.input.clone()).collect(),
@@ -917,15 +960,22 @@ impl Decider {
         }
         let state = Arc::new(RwLock::new(state));
         let calendar = Arc::new(RwLock::new(calendar));
+        let writer = LogWriter {
+            log: log.clone(),
+            stream: stream.clone(),
+            fence: fenced.then(|| Arc::new(tokio::sync::Mutex::new(from))),
+        };
+        let broken = Arc::new(AtomicBool::new(false));
         let (tx, rx) = tokio::sync::mpsc::channel(ROUND_MAX);
         let thread = {
-            let (service, state, calendar, signer, log, stream) = (
+            let (service, state, calendar, signer, log, writer, broken) = (
                 service.clone(),
                 state.clone(),
                 calendar.clone(),
                 signer.clone(),
                 log.clone(),
-                stream.clone(),
+                writer.clone(),
+                broken.clone(),
             );
             std::thread::Builder::new()
                 .name(format!("decide {}", service.full_name()))
@@ -942,9 +992,10 @@ impl Decider {
                             log,
                             recorder,
                             clock,
-                            stream,
                             signer,
                             cancels,
+                            writer,
+                            broken,
                         },
                         rx,
                     ));
@@ -953,8 +1004,8 @@ impl Decider {
         };
         Ok(Decider {
             service,
-            log,
-            stream,
+            log: writer,
+            broken,
             signer,
             calendar,
             state,
@@ -1073,7 +1124,14 @@ impl Decider {
         let mut line =
             serde_json::to_vec(&r).map_err(|e| Error::internal(format!("encode: {e}")))?;
         line.push(b'\n');
-        self.log.append(&self.stream, 1, line).await?;
+        self.log.append(1, line).await.map_err(|e| {
+            if is_deposed(&e) {
+                self.broken.store(true, Ordering::Release);
+                moved(&self.service)
+            } else {
+                e
+            }
+        })?;
         self.state
             .write()
             .expect("state lock")
@@ -1097,6 +1155,12 @@ impl Decider {
             st.approved_on.get(&day).copied().unwrap_or(0),
             st.pending.len(),
         )
+    }
+
+    /// Whether it stopped deciding (its log could not be written, or another node's decider
+    /// took the service over): applications get 503 until it is opened again.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
     }
 
     /// Decisions made so far.
@@ -1127,9 +1191,10 @@ struct Round0 {
     log: Arc<dyn StreamLog>,
     recorder: Arc<dyn Recorder>,
     clock: Arc<dyn Clock>,
-    stream: String,
     signer: Option<Arc<crate::document::Signer>>,
     cancels: Vec<CancelSource>,
+    writer: LogWriter,
+    broken: Arc<AtomicBool>,
 }
 
 /// What a round produced, in order.
@@ -1200,14 +1265,17 @@ async fn run(w: Round0, mut rx: tokio::sync::mpsc::Receiver<Job>) {
         // writer unable to go on without reusing decision numbers: it stops deciding until
         // the server restarts and rebuilds its state from the log.
         if let Err(e) = round(&w, jobs, overdue, now).await {
-            broken = Some(
+            broken = Some(if is_deposed(&e) {
+                moved(&w.service)
+            } else {
                 Error::unavailable(format!(
                     "service {} stopped deciding: its decision log could not be written ({})",
                     w.service.full_name(),
                     e.message
                 ))
-                .hint("fix the data directory's disk, then restart the server"),
-            );
+                .hint("fix the data directory's disk, then restart the server")
+            });
+            w.broken.store(true, Ordering::Release);
         }
     }
 }
@@ -1315,10 +1383,7 @@ async fn cancel_scan(w: &Round0, consumer: &str, cursors: &mut [u64]) {
                 payload.push(b'\n');
             }
             if w.recorder.record_revocations(&found).await.is_err()
-                || w.log
-                    .append(&w.stream, found.len() as u32, payload)
-                    .await
-                    .is_err()
+                || w.writer.append(found.len() as u32, payload).await.is_err()
             {
                 return; // tried again on the next pass
             }
@@ -1475,7 +1540,7 @@ async fn round(
             payload.push(b'\n');
         }
         w.recorder.record(&decisions, &acts).await?;
-        w.log.append(&w.stream, outs.len() as u32, payload).await?;
+        w.writer.append(outs.len() as u32, payload).await?;
         Ok(())
     }
     .await;
@@ -1499,11 +1564,22 @@ async fn round(
             Answer::Now(r) => r,
             Answer::Durable(d) => match &committed {
                 Ok(()) => Ok(d),
+                Err(e) if is_deposed(e) => Err(moved(&w.service)),
                 Err(e) => Err(e.clone()),
             },
         });
     }
     committed
+}
+
+/// The answer to applications of a round that another node's decider fenced off: nothing of
+/// it was decided (the retry is decided there, by the same idempotency key).
+fn moved(service: &Service) -> Error {
+    Error::unavailable(format!(
+        "service {} is now decided by another node",
+        service.full_name()
+    ))
+    .hint("retry: the request goes to the node that decides it now")
 }
 
 fn conflict(message: String) -> Error {

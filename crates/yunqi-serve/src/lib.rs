@@ -2,6 +2,8 @@
 //! what the city already knows, with quotas no concurrency or crash can over-spend.
 //!
 //! Built so far (see `docs/design/2026-11-26-serve.md` for the whole):
+//! - [`cluster`]: on a cluster, each service decided by the node holding its lease, its
+//!   decision log fenced so that a deposed node's decider cannot append;
 //! - [`calendar`]: quota periods (natural day, month, year) and permit validity windows in the
 //!   city's time zone, checked against a holiday calendar with make-up working days;
 //! - [`definition`]: service definitions (TOML), checked whole with every problem named by
@@ -22,6 +24,7 @@
 #![deny(missing_docs)]
 
 pub mod calendar;
+pub mod cluster;
 pub mod decider;
 pub mod definition;
 pub mod document;
@@ -31,4 +34,5 @@ pub mod lookup;
 pub mod rules;
 pub mod runtime;
 
+pub use cluster::{Route, ServeCluster};
 pub use runtime::{Applied, Serve, Verification};

@@ -2,12 +2,13 @@
 //! one decider per service, and applications — inputs checked, lookups run in SQL as the
 //! service's department (so grants, masks and audit apply), then decided.
 //!
-//! A definition is kept in `DIR/<department>.<service>/v<N>.toml`; the highest version is
-//! live. A new version may add quotas after the existing ones but not move, rename or change
+//! A definition is kept in `DIR/<department>.<service>/v<N>.toml` (on a cluster, in the
+//! cluster's store: see [`crate::cluster`]); the highest version is live. A new version may add quotas after the existing ones but not move, rename or change
 //! them: the decision log's counts refer to them by position.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use datafusion::arrow::array::{Array, AsArray};
@@ -42,8 +43,13 @@ pub struct Applied {
     pub version: u32,
     /// The definition, as read.
     pub definition: Service,
-    /// Decisions so far, approvals today (the city's date) and applications waiting for review.
-    pub stats: Stats,
+    /// Decisions so far, approvals today (the city's date) and applications waiting for review;
+    /// on a cluster, only from the node that decides the service (`GET` the service for them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stats: Option<Stats>,
+    /// On a cluster: the node that decides the service now, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
     /// What the definition leaves open (see [`Service::warnings`]).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
@@ -74,7 +80,11 @@ pub struct Serve {
     consents: RwLock<HashMap<(String, String), chrono::DateTime<chrono::Utc>>>,
     /// Serialises consent changes (each is logged, then applied).
     consent_writer: tokio::sync::Mutex<()>,
+    /// How far the consent log has been read.
+    consents_read: std::sync::Mutex<u64>,
     lookups: crate::lookup::Lookups,
+    cluster: Option<crate::cluster::ServeCluster>,
+    stopping: AtomicBool,
 }
 
 /// The stream consents are logged in.
@@ -253,7 +263,10 @@ pub(crate) fn cell(a: &dyn Array, i: usize) -> Value {
 
 impl Serve {
     /// Loads every service's live definition from `dir` and starts its decider; documents are
-    /// signed with the key at `key` (made if missing).
+    /// signed with the key at `key` (made if missing). On a cluster (`cluster`), definitions
+    /// live in the cluster's store instead, `log` is shared by the nodes, and each service is
+    /// decided by the node that holds its lease (see [`crate::cluster`]): its decider starts
+    /// when a request for it first comes here.
     pub fn open(
         gov: Arc<Governance>,
         sql: Arc<SqlEngine>,
@@ -261,8 +274,12 @@ impl Serve {
         clock: Arc<dyn Clock>,
         dir: &Path,
         key: &Path,
+        cluster: Option<crate::cluster::ServeCluster>,
     ) -> Result<Arc<Serve>, Error> {
-        std::fs::create_dir_all(dir).map_err(|e| io(e, "create the directory"))?;
+        let clustered = cluster.is_some();
+        if !clustered {
+            std::fs::create_dir_all(dir).map_err(|e| io(e, "create the directory"))?;
+        }
         let serve = Arc::new(Serve {
             gov,
             sql,
@@ -274,9 +291,16 @@ impl Serve {
             signer: Arc::new(crate::document::Signer::open(key)?),
             consents: RwLock::new(HashMap::new()),
             consent_writer: tokio::sync::Mutex::new(()),
+            consents_read: std::sync::Mutex::new(0),
             lookups: crate::lookup::Lookups::default(),
+            cluster,
+            stopping: AtomicBool::new(false),
         });
         serve.load_consents()?;
+        if clustered {
+            crate::cluster::start_renewing(&serve);
+            return Ok(serve);
+        }
         for e in std::fs::read_dir(dir).map_err(|e| io(e, "list services"))? {
             let p = e.map_err(|e| io(e, "list services"))?.path();
             if !p.is_dir() {
@@ -361,15 +385,65 @@ impl Serve {
     }
 
     fn live(&self, name: &str) -> Result<Arc<Live>, Error> {
+        if let Some(l) = self.services.read().expect("services lock").get(name) {
+            return Ok(l.clone());
+        }
+        if let Some(c) = &self.cluster
+            && c.definitions.latest_of(name)?.is_some()
+        {
+            return Err(Error::unavailable(format!(
+                "service {name} is decided by another node of the cluster"
+            ))
+            .hint("retry: the request goes to the node that decides it"));
+        }
+        Err(Error::not_found("service", name)
+            .hint("GET /api/v1/services lists the services; stewards apply definitions"))
+    }
+
+    /// On a cluster, this node's name.
+    pub fn cluster_node(&self) -> Option<String> {
+        self.cluster.as_ref().map(|c| c.node().to_string())
+    }
+
+    pub(crate) fn cluster(&self) -> Option<&crate::cluster::ServeCluster> {
+        self.cluster.as_ref()
+    }
+
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn decider_broken(&self, name: &str) -> bool {
         self.services
             .read()
             .expect("services lock")
             .get(name)
-            .cloned()
-            .ok_or_else(|| {
-                Error::not_found("service", name)
-                    .hint("GET /api/v1/services lists the services; stewards apply definitions")
-            })
+            .is_none_or(|l| l.decider.is_broken())
+    }
+
+    pub(crate) fn live_version(&self, name: &str) -> Option<u32> {
+        self.services
+            .read()
+            .expect("services lock")
+            .get(name)
+            .map(|l| l.version)
+    }
+
+    pub(crate) fn stop_decider(&self, name: &str) {
+        let old = self.services.write().expect("services lock").remove(name);
+        if let Some(l) = old {
+            l.decider.shutdown();
+        }
+        self.lookups.forget(name);
+    }
+
+    /// Starts deciding a service here (a lease just taken, or a newer definition): the old
+    /// decider, if any, stops first; the consents given meanwhile are read.
+    pub(crate) fn take_over(&self, service: Arc<Service>, version: u32) -> Result<(), Error> {
+        let name = service.full_name();
+        self.stop_decider(&name);
+        self.catch_up_consents()?;
+        self.start(service, version)
     }
 
     /// Applies a definition (stewards of its department): checked whole, its lookups planned
@@ -441,8 +515,20 @@ impl Serve {
             .hint("label each in Chinese and English, \"中文 / English\"; nothing was applied"));
         }
         self.cancel_sources(&service)?;
-        if let Ok(live) = self.live(&name) {
-            for (i, l) in live.decider.service().lines.iter().enumerate() {
+        // The version before this one: the live decider's, or on a cluster the stored one.
+        let local = self
+            .services
+            .read()
+            .expect("services lock")
+            .get(&name)
+            .map(|l| (l.decider.service().clone(), l.version));
+        let previous = match (local, &self.cluster) {
+            (Some(p), _) => Some(p),
+            (None, Some(c)) => c.definition(&name)?.map(|(d, v)| (Arc::new(d), v)),
+            (None, None) => None,
+        };
+        if let Some((old_service, _)) = &previous {
+            for (i, l) in old_service.lines.iter().enumerate() {
                 let same = service
                     .lines
                     .get(i)
@@ -456,7 +542,7 @@ impl Serve {
                     .hint("keep the line's name and key (its limit, amount, due days and reason may change)"));
                 }
             }
-            let old = &live.decider.service().quotas;
+            let old = &old_service.quotas;
             for (i, q) in old.iter().enumerate() {
                 let same = service.quotas.get(i).is_some_and(|n| {
                     n.name == q.name && n.key == q.key && n.period == q.period && n.date == q.date
@@ -472,8 +558,17 @@ impl Serve {
             }
         }
         let dir = self.dir.join(&name);
-        std::fs::create_dir_all(&dir).map_err(|e| io(e, "create the service directory"))?;
-        let version = versions(&dir)?.last().map_or(1, |(v, _)| v + 1);
+        let version = match &self.cluster {
+            Some(c) => c
+                .definitions
+                .latest_of(&name)?
+                .map_or(1, |d| d.version + 1)
+                .max(previous.as_ref().map_or(0, |(_, v)| v + 1)),
+            None => {
+                std::fs::create_dir_all(&dir).map_err(|e| io(e, "create the service directory"))?;
+                versions(&dir)?.last().map_or(1, |(v, _)| v + 1)
+            }
+        };
         self.gov
             .record_access(
                 actor,
@@ -484,6 +579,22 @@ impl Serve {
                 ctx,
             )
             .await?;
+        let service = Arc::new(service);
+        if let Some(c) = &self.cluster {
+            c.definitions.put(&yunqi_store::StoredDefinition {
+                service: name.clone(),
+                version,
+                text: text.to_string(),
+            })?;
+            // The node deciding the service takes the new version up: this one at once, another
+            // within a renewal; a service nobody decides yet is taken here.
+            if c.holds(&name) {
+                self.take_over(service.clone(), version)?;
+            } else {
+                let _ = self.route(&name);
+            }
+            return Ok(self.applied(&name, service, version));
+        }
         let path = dir.join(format!("v{version:06}.toml"));
         let tmp = dir.join(format!(".v{version:06}.toml.tmp"));
         std::fs::write(&tmp, text).map_err(|e| io(e, "write a definition"))?;
@@ -491,20 +602,43 @@ impl Serve {
             .and_then(|f| f.sync_all())
             .map_err(|e| io(e, "sync a definition"))?;
         std::fs::rename(&tmp, &path).map_err(|e| io(e, "publish a definition"))?;
-        let service = Arc::new(service);
         if let Ok(live) = self.live(&name) {
             live.decider.shutdown();
         }
         self.lookups.forget(&name);
         self.start(service.clone(), version)?;
-        let stats = self.live(&name).map(|l| self.stats(&l)).unwrap_or_default();
-        Ok(Applied {
-            service: name,
+        Ok(self.applied(&name, service, version))
+    }
+
+    /// What is known of a service at `version`: its stats where it is decided here.
+    fn applied(&self, name: &str, service: Arc<Service>, version: u32) -> Applied {
+        let live = self
+            .services
+            .read()
+            .expect("services lock")
+            .get(name)
+            .filter(|l| l.version == version)
+            .cloned();
+        let decided_by = self.cluster.as_ref().and_then(|c| {
+            if live.is_some() {
+                Some(c.node().to_string())
+            } else {
+                c.leases
+                    .holder(&crate::cluster::lease_name(name))
+                    .ok()
+                    .flatten()
+                    .filter(|h| h.live)
+                    .map(|h| h.node)
+            }
+        });
+        Applied {
+            service: name.to_string(),
             version,
             warnings: service.warnings(),
             definition: (*service).clone(),
-            stats,
-        })
+            stats: live.map(|l| self.stats(&l)),
+            decided_by,
+        }
     }
 
     fn stats(&self, l: &Live) -> Stats {
@@ -519,32 +653,37 @@ impl Serve {
         }
     }
 
-    /// The live services (anyone signed in): name, version, definition.
-    pub fn list(&self) -> Vec<Applied> {
-        self.services
+    /// The live services (anyone signed in): name, version, definition. Blocking on a
+    /// cluster (reads the cluster's store).
+    pub fn list(&self) -> Result<Vec<Applied>, Error> {
+        if let Some(c) = &self.cluster {
+            return c
+                .definitions
+                .latest()?
+                .iter()
+                .map(|d| {
+                    let s = crate::cluster::parse(d)?;
+                    Ok(self.applied(&d.service, Arc::new(s), d.version))
+                })
+                .collect();
+        }
+        let all: Vec<(String, Arc<Live>)> = self
+            .services
             .read()
             .expect("services lock")
             .iter()
-            .map(|(name, l)| Applied {
-                service: name.clone(),
-                version: l.version,
-                definition: (**l.decider.service()).clone(),
-                stats: self.stats(l),
-                warnings: l.decider.service().warnings(),
-            })
-            .collect()
+            .map(|(n, l)| (n.clone(), l.clone()))
+            .collect();
+        Ok(all
+            .into_iter()
+            .map(|(name, l)| self.applied(&name, l.decider.service().clone(), l.version))
+            .collect())
     }
 
     /// One live service.
     pub fn get(&self, name: &str) -> Result<Applied, Error> {
         let l = self.live(name)?;
-        Ok(Applied {
-            service: name.to_string(),
-            version: l.version,
-            definition: (**l.decider.service()).clone(),
-            stats: self.stats(&l),
-            warnings: l.decider.service().warnings(),
-        })
+        Ok(self.applied(name, l.decider.service().clone(), l.version))
     }
 
     /// Applies for a service: the caller must be one of its applicants; inputs are checked,
@@ -835,11 +974,19 @@ impl Serve {
     }
 
     fn load_consents(&self) -> Result<(), Error> {
-        let mut from = self.log.start_offset(CONSENTS);
+        self.catch_up_consents()
+    }
+
+    /// Reads the consent log from where this server last read it: on a cluster, other nodes
+    /// append to it too.
+    pub(crate) fn catch_up_consents(&self) -> Result<(), Error> {
+        let mut read = self.consents_read.lock().expect("consents read lock");
+        let mut from = (*read).max(self.log.start_offset(CONSENTS));
         let mut map = self.consents.write().expect("consents lock");
         loop {
             let entries = self.log.read(CONSENTS, from, 8 << 20)?;
             if entries.is_empty() {
+                *read = from;
                 return Ok(());
             }
             for e in entries {
@@ -928,21 +1075,49 @@ impl Serve {
             );
         };
         let key = yunqi_governance::subject_key(id.as_str());
-        let map = self.consents.read().expect("consents lock");
-        let mut out: Vec<ConsentGiven> = map
+        if self.cluster.is_some() {
+            self.catch_up_consents()?;
+        }
+        let mine: Vec<(String, chrono::DateTime<chrono::Utc>)> = self
+            .consents
+            .read()
+            .expect("consents lock")
             .iter()
             .filter(|((s, _), _)| *s == key)
-            .map(|((_, service), at)| ConsentGiven {
-                service: service.clone(),
-                title: self
-                    .live(service)
-                    .map(|l| l.decider.service().title.clone())
-                    .unwrap_or_default(),
-                given_at: *at,
+            .map(|((_, service), at)| (service.clone(), *at))
+            .collect();
+        let mut out: Vec<ConsentGiven> = mine
+            .into_iter()
+            .map(|(service, at)| ConsentGiven {
+                title: self.title_of(&service),
+                service,
+                given_at: at,
             })
             .collect();
         out.sort_by(|a, b| a.service.cmp(&b.service));
         Ok(out)
+    }
+
+    /// A service's title, from its live decider or (on a cluster) its stored definition.
+    fn title_of(&self, service: &str) -> String {
+        if let Some(l) = self.services.read().expect("services lock").get(service) {
+            return l.decider.service().title.clone();
+        }
+        self.cluster
+            .as_ref()
+            .and_then(|c| c.definition(service).ok().flatten())
+            .map(|(d, _)| d.title)
+            .unwrap_or_default()
+    }
+
+    /// The service a decision id (`department.service/N`) names.
+    pub fn decision_service(id: &str) -> Option<&str> {
+        Self::service_of(id).ok()
+    }
+
+    /// The service a document names, if its signature is this city's.
+    pub fn document_service(&self, token: &str) -> Option<String> {
+        self.signer.verify(token).ok().map(|c| c.service)
     }
 
     fn service_of(id: &str) -> Result<&str, Error> {
@@ -1311,8 +1486,10 @@ impl Serve {
         }
     }
 
-    /// Stops every decider after the applications it holds.
+    /// Stops every decider after the applications it holds (and, on a cluster, gives their
+    /// leases up, so that other nodes take the services over at once).
     pub fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Release);
         let all: Vec<Arc<Live>> = self
             .services
             .read()
@@ -1323,5 +1500,6 @@ impl Serve {
         for l in all {
             l.decider.shutdown();
         }
+        self.release_all();
     }
 }

@@ -417,9 +417,8 @@ async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
             )),
             _ => Arc::new(local_streams),
         };
-    // Services' decision logs stay in the data directory until their writers hold leases
-    // (one writer per service across the cluster); the streams' events go to JetStream when
-    // it is configured.
+    // The node's own log (services' decision logs and consents when there is no shared log);
+    // the streams' events go to JetStream when it is configured.
     let log: Arc<dyn yunqi_stream::StreamLog> = yunqi_stream::SegmentLog::open(
         &data.join("streams").join("log"),
         yunqi_stream::LogConfig::default(),
@@ -571,14 +570,33 @@ async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
         tls,
         stopped(stop_rx.clone()),
     ));
-    let serve = yunqi_serve::Serve::open(
-        gov.clone(),
-        engine.clone(),
-        log.clone(),
-        Arc::new(SystemClock),
-        &data.join("services"),
-        &data.join("keys").join("documents.ed25519"),
-    )
+    let document_key = data.join("keys").join("documents.ed25519");
+    // With the cluster's store and a shared log, each service is decided by the node holding its
+    // lease, with its decision log in JetStream and the city's one document key.
+    let serve = match (&shared, cluster.as_ref().and_then(|c| c.nats.as_ref())) {
+        (Some(pg), Some(_)) => {
+            share_document_key(pg, &document_key)?;
+            let leases = Arc::new(yunqi_store_pg::ClusterLeases::new(pg.clone()));
+            yunqi_serve::Serve::open(
+                gov.clone(),
+                engine.clone(),
+                events.clone(),
+                Arc::new(SystemClock),
+                &data.join("services"),
+                &document_key,
+                Some(yunqi_serve::ServeCluster::new(leases.clone(), leases)),
+            )
+        }
+        _ => yunqi_serve::Serve::open(
+            gov.clone(),
+            engine.clone(),
+            log.clone(),
+            Arc::new(SystemClock),
+            &data.join("services"),
+            &document_key,
+            None,
+        ),
+    }
     .map_err(crate::user_error)?;
     let state = yunqi_api::AppState::new(gov.clone(), engine, sense.clone(), serve.clone(), limits);
     let admin_token = fs::read_to_string(&token_path)
@@ -621,6 +639,41 @@ async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
     let _ = fs::remove_file(data.join("endpoints.json"));
     tracing::info!(audit_seq = audit.durable_head().seq, "stopped");
     Ok(())
+}
+
+/// Makes this node's document key the cluster's: the key the first node stored in the
+/// cluster's store (this node's own, or a new one, if none is), written to `path`. A node whose
+/// key differs from the cluster's is refused: documents it signed would not verify elsewhere.
+fn share_document_key(pg: &yunqi_store_pg::PgStore, path: &Path) -> anyhow::Result<()> {
+    let local = match fs::read(path) {
+        Ok(b) => Some(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => bail!("cannot read the document key {}: {e}", path.display()),
+    };
+    let candidate = match &local {
+        Some(b) => b.clone(),
+        None => {
+            let mut seed = [0u8; 32];
+            getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+            seed.to_vec()
+        }
+    };
+    let shared = pg
+        .shared_secret("documents.ed25519", &candidate)
+        .map_err(crate::user_error)?;
+    match local {
+        Some(l) if l != shared => bail!(
+            "this node's document key {} is not the cluster's\nhint: documents are signed with the city's one key; move this file away (keep it if it signed documents) and start again to use the cluster's",
+            path.display()
+        ),
+        Some(_) => Ok(()),
+        None => {
+            if let Some(dir) = path.parent() {
+                fs::create_dir_all(dir)?;
+            }
+            write_atomically(path, &shared, 0o600)
+        }
+    }
 }
 
 /// The thread that makes signed cluster checkpoints of the nodes' audit chains.

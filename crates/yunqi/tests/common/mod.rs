@@ -655,6 +655,23 @@ pub fn cluster_node(data: &Path, postgres: &str, nats: Option<&str>, name: &str)
     Server::start_with(data, &args)
 }
 
+/// Prepares the engines and starts nodes `a`, `b` and `c` on `dirs`, streams in NATS; every
+/// node's `admin_token` is the bootstrapping node's.
+pub fn three_nodes(db: &Database, nats: &str, dirs: &[tempfile::TempDir]) -> Vec<Server> {
+    let (code, _, err) = cluster_cli("init", &db.url(), nats, &[]);
+    assert_eq!(code, 0, "{err}");
+    let mut nodes: Vec<Server> = ["a", "b", "c"]
+        .iter()
+        .zip(dirs)
+        .map(|(n, d)| cluster_node(d.path(), &db.url(), Some(nats), n))
+        .collect();
+    let admin = nodes[0].admin_token.clone();
+    for n in nodes.iter_mut() {
+        n.admin_token = admin.clone();
+    }
+    nodes
+}
+
 /// `yunqi cluster COMMAND --postgres POSTGRES --nats NATS EXTRA…`: (exit code, stdout, stderr).
 pub fn cluster_cli(
     command: &str,

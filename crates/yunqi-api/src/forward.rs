@@ -1,0 +1,223 @@
+//! On a cluster, a request for a service goes to the node that decides it: this layer asks
+//! Serve where ([`yunqi_serve::Serve::route`]; taking the service here if nobody decides it)
+//! and, when another node does, sends the request there as it came — method, path, query,
+//! headers (the caller's token among them), body — and answers with that node's answer. The
+//! node that decides authenticates, authorises and audits as for any request.
+//!
+//! A forwarded request carries `Yunqi-Forwarded-By`; a node that gets one for a service it
+//! does not decide (the service moved meanwhile) answers 503 rather than forwarding again.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use yunqi_serve::{Route, Serve};
+use yunqi_types::Error;
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// The header a forwarded request carries: the forwarding node's name.
+pub const FORWARDED_BY: &str = "yunqi-forwarded-by";
+
+/// Longest a forwarded request may take (the owner's own request timeout applies within it).
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The service a request is for, from its path alone.
+fn service_in_path(path: &str) -> Option<String> {
+    let rest = path
+        .strip_prefix("/api/v1/services/")
+        .or_else(|| path.strip_prefix("/api/v1/me/consents/"))?;
+    let mut parts = rest.split('/');
+    let (d, n) = (parts.next()?, parts.next()?);
+    (!d.is_empty() && !n.is_empty()).then(|| format!("{d}.{n}"))
+}
+
+/// The service a request is for, from its path or, for the routes that name it in the body or
+/// the query, from there.
+fn service_of(
+    serve: &Serve,
+    method: &Method,
+    path: &str,
+    query: &str,
+    body: &[u8],
+) -> Option<String> {
+    if let Some(s) = service_in_path(path) {
+        return Some(s);
+    }
+    match (method, path) {
+        (&Method::POST, "/api/v1/services") => std::str::from_utf8(body)
+            .ok()
+            .and_then(|t| yunqi_serve::definition::parse(t).ok())
+            .map(|s| s.full_name()),
+        (&Method::POST, "/api/v1/documents/revoke") => {
+            serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| v.get("id")?.as_str().map(str::to_string))
+                .and_then(|id| Serve::decision_service(&id).map(str::to_string))
+        }
+        (&Method::GET, "/api/v1/documents/verify") => query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("token="))
+            .and_then(|t| serve.document_service(t)),
+        _ => None,
+    }
+}
+
+fn may_name_a_service(path: &str) -> bool {
+    path.starts_with("/api/v1/services")
+        || path.starts_with("/api/v1/me/consents/")
+        || path == "/api/v1/documents/revoke"
+        || path == "/api/v1/documents/verify"
+}
+
+/// The layer.
+pub async fn forward(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let Some(node) = state.serve.cluster_node() else {
+        return next.run(req).await;
+    };
+    let path = req.uri().path().to_string();
+    if !may_name_a_service(&path) || (path == "/api/v1/services" && req.method() == Method::GET) {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, state.limits.request_body_bytes_max).await {
+        Ok(b) => b,
+        Err(_) => {
+            return ApiError {
+                error: Error::invalid("the request body is larger than this server takes").detail(
+                    format!(
+                        "the limit request_body_bytes_max is {}",
+                        state.limits.request_body_bytes_max
+                    ),
+                ),
+                status: Some(StatusCode::PAYLOAD_TOO_LARGE),
+            }
+            .into_response();
+        }
+    };
+    let query = parts.uri.query().unwrap_or("").to_string();
+    let Some(service) = service_of(&state.serve, &parts.method, &path, &query, &bytes) else {
+        return next
+            .run(Request::from_parts(parts, Body::from(bytes)))
+            .await;
+    };
+    let serve = state.serve.clone();
+    let route = tokio::task::spawn_blocking(move || serve.route(&service)).await;
+    let route = match route {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return ApiError::from(e).into_response(),
+        Err(_) => {
+            return ApiError::from(Error::internal("routing the request failed")).into_response();
+        }
+    };
+    let (owner, url) = match route {
+        Route::Here => {
+            return next
+                .run(Request::from_parts(parts, Body::from(bytes)))
+                .await;
+        }
+        Route::At { node, url } => (node, url),
+    };
+    if parts.headers.contains_key(FORWARDED_BY) {
+        return ApiError::from(
+            Error::unavailable("the service is moving between the cluster's nodes")
+                .hint("retry in a second"),
+        )
+        .into_response();
+    }
+    let target = format!(
+        "{url}{}",
+        parts
+            .uri
+            .path_and_query()
+            .map_or(path.as_str(), |p| p.as_str())
+    );
+    let mut out = axum::http::Request::builder()
+        .method(parts.method.clone())
+        .uri(&target);
+    for (k, v) in &parts.headers {
+        if !is_hop_by_hop(k) {
+            out = out.header(k, v);
+        }
+    }
+    out = out.header(FORWARDED_BY, node);
+    let Ok(out) = out.body(bytes.to_vec()) else {
+        return ApiError::from(Error::invalid("the request cannot be forwarded")).into_response();
+    };
+    let limit = state.limits.request_body_bytes_max.max(64 << 20) as u64;
+    let sent = tokio::task::spawn_blocking(move || send(out, limit)).await;
+    match sent {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            tracing::warn!(node = %owner, error = %e, "forwarding to the deciding node failed");
+            ApiError::from(
+                Error::unavailable(format!(
+                    "the node that decides this service ({owner}) did not answer"
+                ))
+                .hint("retry shortly: if that node is gone, another takes the service over within seconds"),
+            )
+            .into_response()
+        }
+        Err(_) => ApiError::from(Error::internal("forwarding the request failed")).into_response(),
+    }
+}
+
+fn is_hop_by_hop(k: &HeaderName) -> bool {
+    matches!(
+        k.as_str(),
+        "host" | "connection" | "content-length" | "transfer-encoding" | "keep-alive" | "upgrade"
+    ) || k.as_str() == FORWARDED_BY
+}
+
+fn agent() -> &'static ureq::Agent {
+    static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
+    AGENT.get_or_init(|| {
+        ureq::Agent::config_builder()
+            .timeout_global(Some(FORWARD_TIMEOUT))
+            .max_redirects(0)
+            .http_status_as_error(false)
+            .build()
+            .into()
+    })
+}
+
+fn send(req: axum::http::Request<Vec<u8>>, limit: u64) -> Result<Response, String> {
+    let r = agent().run(req).map_err(|e| e.to_string())?;
+    let (parts, mut body) = r.into_parts();
+    let bytes = body
+        .with_config()
+        .limit(limit)
+        .read_to_vec()
+        .map_err(|e| e.to_string())?;
+    let mut resp = Response::builder().status(parts.status);
+    for (k, v) in &parts.headers {
+        if !is_hop_by_hop(k) {
+            resp = resp.header(k, v);
+        }
+    }
+    resp.body(Body::from(bytes)).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn services_are_found_in_paths() {
+        assert_eq!(
+            service_in_path("/api/v1/services/traffic/urgent-entry-permit/applications"),
+            Some("traffic.urgent-entry-permit".into())
+        );
+        assert_eq!(
+            service_in_path("/api/v1/me/consents/health/credit-care"),
+            Some("health.credit-care".into())
+        );
+        assert_eq!(service_in_path("/api/v1/services"), None);
+        assert_eq!(service_in_path("/api/v1/services/traffic"), None);
+        assert_eq!(service_in_path("/api/v1/services/traffic/"), None);
+    }
+}
