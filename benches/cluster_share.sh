@@ -68,12 +68,14 @@ start() { # NAME [serve args…]: starts a node, prints its URL
 cluster() { # PREFIX NODES: a cluster of NODES nodes; sets URLS and ADMIN
   local prefix="$1" nodes="$2" db="yunqi_bench_${1}_$$"
   psql -qX -h 127.0.0.1 -U postgres -d test -c "CREATE DATABASE $db"; DBS+=("$db")
-  local engines=(--postgres "postgresql://postgres@127.0.0.1:5432/$db" --nats "$NATS" --nats-prefix "$prefix"
+  local engines=(--postgres "postgresql://postgres@127.0.0.1:5432/$db" --nats "$NATS"
                  --object-store "s3://yunqi-bench/$prefix" --s3-endpoint "$S3")
-  "$BIN" cluster init "${engines[@]}" >/dev/null
+  "$BIN" cluster init "${engines[@]}" --nats-prefix "$prefix" >/dev/null
+  # The NATS prefix (one per cluster on the one NATS server) is set in the configuration file.
+  printf '[cluster]\nnats_prefix = "%s"\n' "$prefix" >"$WORK/$prefix.toml"
   URLS=()
   for i in $(seq 1 "$nodes"); do
-    URLS+=("$(start "$prefix-$i" "${engines[@]}" --node "$prefix-$i")")
+    URLS+=("$(start "$prefix-$i" --config "$WORK/$prefix.toml" "${engines[@]}" --node "$prefix-$i")")
   done
   ADMIN="$(cat "$WORK/$prefix-1/admin.token")"
 }
