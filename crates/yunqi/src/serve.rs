@@ -573,30 +573,27 @@ async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
     let document_key = data.join("keys").join("documents.ed25519");
     // With the cluster's store and a shared log, each service is decided by the node holding its
     // lease, with its decision log in JetStream and the city's one document key.
-    let serve = match (&shared, cluster.as_ref().and_then(|c| c.nats.as_ref())) {
+    let (serve_log, serve_cluster) = match (&shared, cluster.as_ref().and_then(|c| c.nats.as_ref()))
+    {
         (Some(pg), Some(_)) => {
             share_document_key(pg, &document_key)?;
             let leases = Arc::new(yunqi_store_pg::ClusterLeases::new(pg.clone()));
-            yunqi_serve::Serve::open(
-                gov.clone(),
-                engine.clone(),
+            (
                 events.clone(),
-                Arc::new(SystemClock),
-                &data.join("services"),
-                &document_key,
                 Some(yunqi_serve::ServeCluster::new(leases.clone(), leases)),
             )
         }
-        _ => yunqi_serve::Serve::open(
-            gov.clone(),
-            engine.clone(),
-            log.clone(),
-            Arc::new(SystemClock),
-            &data.join("services"),
-            &document_key,
-            None,
-        ),
-    }
+        _ => (log.clone(), None),
+    };
+    let serve = yunqi_serve::Serve::open(
+        gov.clone(),
+        engine.clone(),
+        serve_log,
+        Arc::new(SystemClock),
+        &data.join("services"),
+        &document_key,
+        serve_cluster,
+    )
     .map_err(crate::user_error)?;
     let state = yunqi_api::AppState::new(gov.clone(), engine, sense.clone(), serve.clone(), limits);
     let admin_token = fs::read_to_string(&token_path)
@@ -642,38 +639,28 @@ async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
 }
 
 /// Makes this node's document key the cluster's: the key the first node stored in the
-/// cluster's store (this node's own, or a new one, if none is), written to `path`. A node whose
-/// key differs from the cluster's is refused: documents it signed would not verify elsewhere.
+/// cluster's store (this node's own, made and checked as embedded, if none is), written to
+/// `path`. A node whose existing key differs from the cluster's is refused: documents it signed
+/// would not verify elsewhere.
 fn share_document_key(pg: &yunqi_store_pg::PgStore, path: &Path) -> anyhow::Result<()> {
-    let local = match fs::read(path) {
-        Ok(b) => Some(b),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => bail!("cannot read the document key {}: {e}", path.display()),
-    };
-    let candidate = match &local {
-        Some(b) => b.clone(),
-        None => {
-            let mut seed = [0u8; 32];
-            getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-            seed.to_vec()
-        }
-    };
+    let existed = path.exists();
+    // Loads (and checks) the key, or makes one: what this node offers the cluster.
+    yunqi_serve::document::Signer::open(path).map_err(crate::user_error)?;
+    let local =
+        fs::read(path).with_context(|| format!("read the document key {}", path.display()))?;
     let shared = pg
-        .shared_secret("documents.ed25519", &candidate)
+        .shared_secret("documents.ed25519", &local)
         .map_err(crate::user_error)?;
-    match local {
-        Some(l) if l != shared => bail!(
+    if shared == local {
+        return Ok(());
+    }
+    if existed {
+        bail!(
             "this node's document key {} is not the cluster's\nhint: documents are signed with the city's one key; move this file away (keep it if it signed documents) and start again to use the cluster's",
             path.display()
-        ),
-        Some(_) => Ok(()),
-        None => {
-            if let Some(dir) = path.parent() {
-                fs::create_dir_all(dir)?;
-            }
-            write_atomically(path, &shared, 0o600)
-        }
+        );
     }
+    write_atomically(path, &shared, 0o600)
 }
 
 /// The thread that makes signed cluster checkpoints of the nodes' audit chains.
