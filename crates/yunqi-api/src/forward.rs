@@ -99,6 +99,14 @@ pub async fn forward(State(state): State<AppState>, req: Request, next: Next) ->
             .into_response();
         }
     };
+    // Only a signed-in caller moves a service between nodes (the public document check
+    // aside); anyone else is answered here, 401 and audited, by the route's own extractor.
+    let public = path == "/api/v1/documents/verify";
+    if !public && !signed_in(&state, &parts.headers).await {
+        return next
+            .run(Request::from_parts(parts, Body::from(bytes)))
+            .await;
+    }
     let query = parts.uri.query().unwrap_or("").to_string();
     let Some(service) = service_of(&state.serve, &parts.method, &path, &query, &bytes) else {
         return next
@@ -155,15 +163,28 @@ pub async fn forward(State(state): State<AppState>, req: Request, next: Next) ->
         Ok(Err(e)) => {
             tracing::warn!(node = %owner, error = %e, "forwarding to the deciding node failed");
             ApiError::from(
-                Error::unavailable(format!(
-                    "the node that decides this service ({owner}) did not answer"
-                ))
+                Error::unavailable("the node that decides this service did not answer")
                 .hint("retry shortly: if that node is gone, another takes the service over within seconds"),
             )
             .into_response()
         }
         Err(_) => ApiError::from(Error::internal("forwarding the request failed")).into_response(),
     }
+}
+
+/// Whether the request's bearer token authenticates (on this node, caught up with the store).
+async fn signed_in(state: &AppState, headers: &axum::http::HeaderMap) -> bool {
+    let Some(token) = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+        })
+    else {
+        return false;
+    };
+    state.gov.authenticate_current(token).await.is_ok()
 }
 
 fn is_hop_by_hop(k: &HeaderName) -> bool {

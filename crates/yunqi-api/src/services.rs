@@ -29,17 +29,21 @@ pub async fn apply(
 
 /// `GET /api/v1/services`: the live services.
 /// Signed-in callers only (the extractor refuses others).
-pub async fn list(State(state): State<AppState>, _auth: Authed) -> ApiResult<axum::Json<Value>> {
-    Ok(axum::Json(json!({ "services": state.serve.list()? })))
+pub async fn list(State(state): State<AppState>, auth: Authed) -> ApiResult<axum::Json<Value>> {
+    Ok(axum::Json(
+        json!({ "services": state.serve.list(&auth.actor)? }),
+    ))
 }
 
 /// `GET /api/v1/services/{department}/{name}`: one service's live definition.
 pub async fn get(
     State(state): State<AppState>,
-    _auth: Authed,
+    auth: Authed,
     Path((department, name)): Path<(String, String)>,
 ) -> ApiResult<axum::Json<Value>> {
-    let s = state.serve.get(&format!("{department}.{name}"))?;
+    let s = state
+        .serve
+        .get(&auth.actor, &format!("{department}.{name}"))?;
     Ok(axum::Json(serde_json::to_value(s).unwrap_or_default()))
 }
 

@@ -3,8 +3,9 @@
 //! service's department (so grants, masks and audit apply), then decided.
 //!
 //! A definition is kept in `DIR/<department>.<service>/v<N>.toml` (on a cluster, in the
-//! cluster's store: see [`crate::cluster`]); the highest version is live. A new version may add quotas after the existing ones but not move, rename or change
-//! them: the decision log's counts refer to them by position.
+//! cluster's store: see [`crate::cluster`]); the highest version is live. A new version may
+//! add quotas after the existing ones but not move, rename or change them: the decision log's
+//! counts refer to them by position.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -521,13 +522,17 @@ impl Serve {
             .read()
             .expect("services lock")
             .get(&name)
-            .map(|l| (l.decider.service().clone(), l.version));
-        let previous = match (local, &self.cluster) {
+            .map(|l| l.decider.service().clone());
+        let stored = match &self.cluster {
+            Some(c) => c.definitions.latest_of(&name)?,
+            None => None,
+        };
+        let previous = match (local, &stored) {
             (Some(p), _) => Some(p),
-            (None, Some(c)) => c.definition(&name)?.map(|(d, v)| (Arc::new(d), v)),
+            (None, Some(d)) => Some(Arc::new(crate::cluster::parse(d)?)),
             (None, None) => None,
         };
-        if let Some((old_service, _)) = &previous {
+        if let Some(old_service) = &previous {
             for (i, l) in old_service.lines.iter().enumerate() {
                 let same = service
                     .lines
@@ -559,11 +564,7 @@ impl Serve {
         }
         let dir = self.dir.join(&name);
         let version = match &self.cluster {
-            Some(c) => c
-                .definitions
-                .latest_of(&name)?
-                .map_or(1, |d| d.version + 1)
-                .max(previous.as_ref().map_or(0, |(_, v)| v + 1)),
+            Some(_) => stored.map_or(1, |d| d.version + 1),
             None => {
                 std::fs::create_dir_all(&dir).map_err(|e| io(e, "create the service directory"))?;
                 versions(&dir)?.last().map_or(1, |(v, _)| v + 1)
@@ -655,7 +656,35 @@ impl Serve {
 
     /// The live services (anyone signed in): name, version, definition. Blocking on a
     /// cluster (reads the cluster's store).
-    pub fn list(&self) -> Result<Vec<Applied>, Error> {
+    pub fn list(&self, actor: &Actor) -> Result<Vec<Applied>, Error> {
+        let mut all = self.list_all()?;
+        all.iter_mut().for_each(|a| Self::redact(actor, a));
+        Ok(all)
+    }
+
+    /// One live service.
+    pub fn get(&self, actor: &Actor, name: &str) -> Result<Applied, Error> {
+        let l = self.live(name)?;
+        let mut a = self.applied(name, l.decider.service().clone(), l.version);
+        Self::redact(actor, &mut a);
+        Ok(a)
+    }
+
+    /// Which node decides a service is for those who manage it (its department's stewards).
+    fn redact(actor: &Actor, a: &mut Applied) {
+        let manages = yunqi_governance::authorize(
+            &actor.principal,
+            &Action::ServiceManage {
+                service: &a.service,
+                department: &a.definition.department,
+            },
+        );
+        if manages.is_err() {
+            a.decided_by = None;
+        }
+    }
+
+    fn list_all(&self) -> Result<Vec<Applied>, Error> {
         if let Some(c) = &self.cluster {
             return c
                 .definitions
@@ -678,12 +707,6 @@ impl Serve {
             .into_iter()
             .map(|(name, l)| self.applied(&name, l.decider.service().clone(), l.version))
             .collect())
-    }
-
-    /// One live service.
-    pub fn get(&self, name: &str) -> Result<Applied, Error> {
-        let l = self.live(name)?;
-        Ok(self.applied(name, l.decider.service().clone(), l.version))
     }
 
     /// Applies for a service: the caller must be one of its applicants; inputs are checked,
@@ -977,17 +1000,17 @@ impl Serve {
         self.catch_up_consents()
     }
 
-    /// Reads the consent log from where this server last read it: on a cluster, other nodes
-    /// append to it too.
+    /// Reads the consent log from where this server last read it (on a cluster, other nodes
+    /// append to it too) and applies it in log order; the only way consents change in memory.
+    /// Readers of consents wait only for the applying, not for the log's reads.
     pub(crate) fn catch_up_consents(&self) -> Result<(), Error> {
         let mut read = self.consents_read.lock().expect("consents read lock");
         let mut from = (*read).max(self.log.start_offset(CONSENTS));
-        let mut map = self.consents.write().expect("consents lock");
+        let mut lines: Vec<ConsentLine> = Vec::new();
         loop {
             let entries = self.log.read(CONSENTS, from, 8 << 20)?;
             if entries.is_empty() {
-                *read = from;
-                return Ok(());
+                break;
             }
             for e in entries {
                 let skip = from.saturating_sub(e.first) as usize;
@@ -997,18 +1020,23 @@ impl Serve {
                     .filter(|l| !l.is_empty())
                     .skip(skip)
                 {
-                    let c: ConsentLine = serde_json::from_slice(line).map_err(|err| {
+                    lines.push(serde_json::from_slice(line).map_err(|err| {
                         Error::internal(format!("consent log at {}: {err}", e.first))
-                    })?;
-                    if c.given {
-                        map.insert((c.subject, c.service), c.at);
-                    } else {
-                        map.remove(&(c.subject, c.service));
-                    }
+                    })?);
                 }
                 from = e.end();
             }
         }
+        let mut map = self.consents.write().expect("consents lock");
+        for c in lines {
+            if c.given {
+                map.insert((c.subject, c.service), c.at);
+            } else {
+                map.remove(&(c.subject, c.service));
+            }
+        }
+        *read = from;
+        Ok(())
     }
 
     /// Gives (or withdraws) the caller's consent to a service that asks for it: a citizen
@@ -1058,13 +1086,8 @@ impl Serve {
             serde_json::to_vec(&line).map_err(|e| Error::internal(format!("encode: {e}")))?;
         bytes.push(b'\n');
         self.log.append(CONSENTS, 1, bytes).await?;
-        let mut map = self.consents.write().expect("consents lock");
-        if given {
-            map.insert((line.subject, line.service), line.at);
-        } else {
-            map.remove(&(line.subject, line.service));
-        }
-        Ok(())
+        // Applied by reading the log up to it, so that consents change in log order.
+        self.catch_up_consents()
     }
 
     /// The consents the caller (a citizen) has given.

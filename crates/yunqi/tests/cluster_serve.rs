@@ -112,6 +112,16 @@ fn three_nodes_decide_each_service_once_and_take_over_a_dead_or_paused_decider()
     assert_eq!(status, 201, "{v}");
     assert_eq!(v["decided_by"], "b", "{v}");
     assert_eq!(decided_by(&nodes[2], &steward), "b");
+    // Without a valid token a node answers 401 itself and moves nothing.
+    let (status, v) = nodes[0].call(
+        "POST",
+        "/api/v1/services/transport/pass/applications",
+        Some("not-a-token"),
+        Some(r#"{"inputs": {"plate": "浙B99999"}}"#),
+    );
+    assert_eq!(status, 401, "{v}");
+    // Which node decides is for the service's stewards, not for applicants.
+    assert_eq!(decided_by(&nodes[2], &citizens[0]), "");
     let (status, v) = nodes[0].call("GET", "/api/v1/services", Some(&steward), None);
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["services"][0]["service"], "transport.pass", "{v}");
