@@ -147,8 +147,14 @@ impl Serve {
         let Some((definition, version)) = c.definition(service)? else {
             return Ok(Route::Here);
         };
+        // The lease runs from before it was asked for, by this node's clock (conservative).
         let began = Instant::now();
-        match c.leases.acquire(&lease_name(service), LEASE_TTL)? {
+        // A lease released between the two statements of `acquire` is tried once more.
+        let mut taken = c.leases.acquire(&lease_name(service), LEASE_TTL)?;
+        if matches!(&taken, Err(h) if !h.live) {
+            taken = c.leases.acquire(&lease_name(service), LEASE_TTL)?;
+        }
+        match taken {
             Ok(epoch) => {
                 c.held
                     .lock()
@@ -164,11 +170,11 @@ impl Serve {
             }
             Err(h) if h.live => {
                 let Some(url) = h.http.clone() else {
-                    return Err(Error::unavailable(format!(
-                        "service {service} is decided by node {}, which is not registered",
-                        h.node
-                    ))
-                    .hint("retry shortly"));
+                    tracing::warn!(service, node = %h.node, "the deciding node is not registered");
+                    return Err(
+                        Error::unavailable(format!("service {service} is changing nodes"))
+                            .hint("retry shortly"),
+                    );
                 };
                 c.holders
                     .lock()
@@ -243,15 +249,18 @@ impl Serve {
                 }
                 Err(_) => continue,
             }
-            match c.definition(&service) {
-                Ok(Some((d, version))) if version > self.live_version(&service).unwrap_or(0) => {
-                    let _one = c.taking.lock().expect("taking lock");
-                    if let Err(e) = self.take_over(Arc::new(d), version) {
-                        tracing::warn!(service, error = %e.message, "a newer definition could not start");
-                    }
+            // A newer version applied on another node: parsed (and started) only then.
+            let newer = match c.definitions.latest_of(&service) {
+                Ok(Some(d)) if d.version > self.live_version(&service).unwrap_or(0) => d,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::debug!(service, error = %e.message, "definitions not read");
+                    continue;
                 }
-                Ok(_) => {}
-                Err(e) => tracing::debug!(service, error = %e.message, "definitions not read"),
+            };
+            let _one = c.taking.lock().expect("taking lock");
+            if let Err(e) = parse(&newer).and_then(|d| self.take_over(Arc::new(d), newer.version)) {
+                tracing::warn!(service, error = %e.message, "a newer definition could not start");
             }
         }
     }

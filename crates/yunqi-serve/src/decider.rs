@@ -1382,10 +1382,15 @@ async fn cancel_scan(w: &Round0, consumer: &str, cursors: &mut [u64]) {
                 }
                 payload.push(b'\n');
             }
-            if w.recorder.record_revocations(&found).await.is_err()
-                || w.writer.append(found.len() as u32, payload).await.is_err()
-            {
+            if w.recorder.record_revocations(&found).await.is_err() {
                 return; // tried again on the next pass
+            }
+            if let Err(e) = w.writer.append(found.len() as u32, payload).await {
+                if is_deposed(&e) {
+                    // Another node decides the service now; it revokes from the same place.
+                    w.broken.store(true, Ordering::Release);
+                }
+                return; // else tried again on the next pass
             }
             let mut st = w.state.write().expect("state lock");
             for r in found {

@@ -55,12 +55,11 @@ impl Leases for ClusterLeases {
         if let Some(row) = won {
             return Ok(Ok(row.get::<_, i64>(0) as u64));
         }
+        // Lease rows are never deleted: the row the upsert did not win is there.
         match self.holder(lease)? {
             Some(h) => Ok(Err(h)),
-            // Released and removed between the two statements: try once more on the next call.
-            None => Err(
-                Error::unavailable(format!("the lease {lease} is changing hands")).hint("retry"),
-            ),
+            None => Err(Error::internal(format!("the lease {lease} vanished"))
+                .hint("the cluster's database was changed by something other than yunqi")),
         }
     }
 
