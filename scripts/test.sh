@@ -9,9 +9,9 @@ bash scripts/services.sh
 eval "$(bash scripts/engines.sh)"
 export YUNQI_CRASH_ITERATIONS="${YUNQI_CRASH_ITERATIONS:-20}"
 cargo test --workspace --locked "$@"
-# Share's suites and Serve's services again against a three-node cluster (PostgreSQL, NATS JetStream, SeaweedFS),
+# Share's suites, Sense's streams and views and Serve's services again against a three-node cluster (PostgreSQL, NATS JetStream, SeaweedFS),
 # requests spread round-robin over the nodes.
-YUNQI_TEST_CLUSTER=3 cargo test -p yunqi --locked --test datasets --test grants --test pg --test serve_services "$@"
+YUNQI_TEST_CLUSTER=3 cargo test -p yunqi --locked --test datasets --test grants --test pg --test serve_services --test sense --test serve "$@"
 # The console in a real browser, over `yunqi demo` (the debug binary the tests just built).
 bash scripts/browser.sh
 python3 tests/browser/console_test.py "${CARGO_TARGET_DIR:-target}/debug/yunqi"

@@ -1,11 +1,13 @@
-//! On a cluster, a request for a service goes to the node that decides it: this layer asks
-//! Serve where ([`yunqi_serve::Serve::route`]; taking the service here if nobody decides it)
-//! and, when another node does, sends the request there as it came — method, path, query,
-//! headers (the caller's token among them), body — and answers with that node's answer. The
-//! node that decides authenticates, authorises and audits as for any request.
+//! On a cluster, a request for leased work goes to the node that does it: a service's
+//! requests to the node that decides it ([`yunqi_serve::Serve::route`]), a shared continuous
+//! view's progress and live feed to the node that runs it ([`yunqi_sense::Sense::route_view`]);
+//! a node takes the work here if nobody does it. When another node does, this layer sends the
+//! request there as it came — method, path, query, headers (the caller's token among them),
+//! body — and answers with that node's answer (a live feed relayed as it arrives). The node
+//! that does the work authenticates, authorises and audits as for any request.
 //!
-//! A forwarded request carries `Yunqi-Forwarded-By`; a node that gets one for a service it
-//! does not decide (the service moved meanwhile) answers 503 rather than forwarding again.
+//! A forwarded request carries `Yunqi-Forwarded-By`; a node that gets one for work it does not
+//! do (the work moved meanwhile) answers 503 rather than forwarding again.
 
 use std::time::Duration;
 
@@ -25,6 +27,27 @@ pub const FORWARDED_BY: &str = "yunqi-forwarded-by";
 
 /// Longest a forwarded request may take (the owner's own request timeout applies within it).
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Leased work a request is for.
+enum Work {
+    /// A service, `department.service`.
+    Service(String),
+    /// A continuous view, `department.view`.
+    View(String),
+}
+
+/// The continuous view a request is for (its progress, its live feed), from its path.
+fn view_in_path(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/api/v1/views/")?;
+    let mut parts = rest.split('/');
+    let (d, n) = (parts.next()?, parts.next()?);
+    let tail = parts.next();
+    (!d.is_empty()
+        && !n.is_empty()
+        && matches!(tail, None | Some("live"))
+        && parts.next().is_none())
+    .then(|| format!("{d}.{n}"))
+}
 
 /// The service a request is for, from its path alone.
 fn service_in_path(path: &str) -> Option<String> {
@@ -76,11 +99,21 @@ fn may_name_a_service(path: &str) -> bool {
 
 /// The layer.
 pub async fn forward(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let Some(node) = state.serve.cluster_node() else {
+    let Some(node) = state
+        .serve
+        .cluster_node()
+        .or_else(|| state.sense.cluster_node().map(str::to_string))
+    else {
         return next.run(req).await;
     };
     let path = req.uri().path().to_string();
-    if !may_name_a_service(&path) || (path == "/api/v1/services" && req.method() == Method::GET) {
+    let view = (req.method() == Method::GET && state.sense.cluster_node().is_some())
+        .then(|| view_in_path(&path))
+        .flatten();
+    let service_route = state.serve.cluster_node().is_some()
+        && may_name_a_service(&path)
+        && !(path == "/api/v1/services" && req.method() == Method::GET);
+    if view.is_none() && !service_route {
         return next.run(req).await;
     }
     let (parts, body) = req.into_parts();
@@ -108,13 +141,25 @@ pub async fn forward(State(state): State<AppState>, req: Request, next: Next) ->
             .await;
     }
     let query = parts.uri.query().unwrap_or("").to_string();
-    let Some(service) = service_of(&state.serve, &parts.method, &path, &query, &bytes) else {
-        return next
-            .run(Request::from_parts(parts, Body::from(bytes)))
-            .await;
+    let work = match view {
+        Some(v) => Work::View(v),
+        None => match service_of(&state.serve, &parts.method, &path, &query, &bytes) {
+            Some(s) => Work::Service(s),
+            None => {
+                return next
+                    .run(Request::from_parts(parts, Body::from(bytes)))
+                    .await;
+            }
+        },
     };
-    let serve = state.serve.clone();
-    let route = tokio::task::spawn_blocking(move || serve.route(&service)).await;
+    let live = path.ends_with("/live");
+    let quick = matches!(work, Work::View(_)) && !live;
+    let (serve, sense) = (state.serve.clone(), state.sense.clone());
+    let route = tokio::task::spawn_blocking(move || match work {
+        Work::Service(service) => serve.route(&service),
+        Work::View(view) => sense.route_view(&view),
+    })
+    .await;
     let route = match route {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return ApiError::from(e).into_response(),
@@ -132,7 +177,7 @@ pub async fn forward(State(state): State<AppState>, req: Request, next: Next) ->
     };
     if parts.headers.contains_key(FORWARDED_BY) {
         return ApiError::from(
-            Error::unavailable("the service is moving between the cluster's nodes")
+            Error::unavailable("this work is moving between the cluster's nodes")
                 .hint("retry in a second"),
         )
         .into_response();
@@ -152,19 +197,26 @@ pub async fn forward(State(state): State<AppState>, req: Request, next: Next) ->
             out = out.header(k, v);
         }
     }
-    out = out.header(FORWARDED_BY, node);
+    out = out.header(FORWARDED_BY, node.as_str());
     let Ok(out) = out.body(bytes.to_vec()) else {
         return ApiError::from(Error::invalid("the request cannot be forwarded")).into_response();
     };
     let limit = state.limits.request_body_bytes_max.max(64 << 20) as u64;
-    let sent = tokio::task::spawn_blocking(move || send(out, limit)).await;
+    let how = if live {
+        Relay::Live
+    } else if quick {
+        Relay::Quick
+    } else {
+        Relay::Whole
+    };
+    let sent = tokio::task::spawn_blocking(move || send(out, limit, how)).await;
     match sent {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            tracing::warn!(node = %owner, error = %e, "forwarding to the deciding node failed");
+            tracing::warn!(node = %owner, error = %e, "forwarding to the node doing the work failed");
             ApiError::from(
-                Error::unavailable("the node that decides this service did not answer")
-                .hint("retry shortly: if that node is gone, another takes the service over within seconds"),
+                Error::unavailable("the node that does this work did not answer")
+                .hint("retry shortly: if that node is gone, another takes the work over within seconds"),
             )
             .into_response()
         }
@@ -206,20 +258,134 @@ fn agent() -> &'static ureq::Agent {
     })
 }
 
-fn send(req: axum::http::Request<Vec<u8>>, limit: u64) -> Result<Response, String> {
-    let r = agent().run(req).map_err(|e| e.to_string())?;
-    let (parts, mut body) = r.into_parts();
+/// Longest wait for a view's progress from the node running it (answered from its memory;
+/// a node that takes longer is stalled, and its lease about to pass to another).
+const QUICK_TIMEOUT: Duration = Duration::from_secs(3);
+
+fn quick_agent() -> &'static ureq::Agent {
+    static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
+    AGENT.get_or_init(|| {
+        ureq::Agent::config_builder()
+            .timeout_global(Some(QUICK_TIMEOUT))
+            .max_redirects(0)
+            .http_status_as_error(false)
+            .build()
+            .into()
+    })
+}
+
+/// How a forwarded request's answer comes back.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Relay {
+    /// Whole, within [`FORWARD_TIMEOUT`].
+    Whole,
+    /// Whole, within [`QUICK_TIMEOUT`] (a view's progress).
+    Quick,
+    /// As it arrives, for as long as both sides listen (a live feed).
+    Live,
+}
+
+/// The agent for live feeds: no limit on the whole exchange (a feed lasts as long as its
+/// client listens), only on connecting and on the answer's start.
+fn live_agent() -> &'static ureq::Agent {
+    static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
+    AGENT.get_or_init(|| {
+        ureq::Agent::config_builder()
+            .timeout_connect(Some(Duration::from_secs(5)))
+            .timeout_recv_response(Some(Duration::from_secs(30)))
+            .max_redirects(0)
+            .http_status_as_error(false)
+            .build()
+            .into()
+    })
+}
+
+/// Asks the node at `url` for `path` (a GET) on behalf of the caller whose `authorization`
+/// header is given, as a forwarded request; its JSON answer when it is a 200.
+pub(crate) fn fetch_json(
+    url: &str,
+    path: &str,
+    authorization: Option<&axum::http::HeaderValue>,
+    node: &str,
+) -> Result<serde_json::Value, String> {
+    let mut req = axum::http::Request::builder()
+        .method(Method::GET)
+        .uri(format!("{url}{path}"))
+        .header(FORWARDED_BY, node);
+    if let Some(a) = authorization {
+        req = req.header(axum::http::header::AUTHORIZATION, a);
+    }
+    let req = req.body(Vec::new()).map_err(|e| e.to_string())?;
+    let r = quick_agent().run(req).map_err(|e| e.to_string())?;
+    if r.status() != StatusCode::OK {
+        return Err(format!("answered {}", r.status()));
+    }
+    let (_, mut body) = r.into_parts();
     let bytes = body
         .with_config()
-        .limit(limit)
+        .limit(4 << 20)
         .read_to_vec()
         .map_err(|e| e.to_string())?;
+    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+}
+
+/// Largest piece of a live feed relayed at once.
+const LIVE_CHUNK: usize = 64 << 10;
+
+/// Sends `req` to the node doing the work; its answer whole, or (a live feed) relayed as it
+/// arrives, until either side closes.
+fn send(req: axum::http::Request<Vec<u8>>, limit: u64, how: Relay) -> Result<Response, String> {
+    let live = how == Relay::Live;
+    let r = match how {
+        Relay::Whole => agent(),
+        Relay::Quick => quick_agent(),
+        Relay::Live => live_agent(),
+    }
+    .run(req)
+    .map_err(|e| e.to_string())?;
+    let (parts, mut body) = r.into_parts();
     let mut resp = Response::builder().status(parts.status);
     for (k, v) in &parts.headers {
         if !is_hop_by_hop(k) {
             resp = resp.header(k, v);
         }
     }
+    if live {
+        let mut reader = body.into_reader();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::io::Error>>(16);
+        std::thread::Builder::new()
+            .name("yunqi-live-relay".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; LIVE_CHUNK];
+                loop {
+                    match std::io::Read::read(&mut reader, &mut buf) {
+                        Ok(0) => return,
+                        Ok(n) => {
+                            let chunk = axum::body::Bytes::copy_from_slice(&buf[..n]);
+                            if tx.blocking_send(Ok(chunk)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = tx.blocking_send(Err(e));
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        return resp
+            .body(Body::from_stream(stream))
+            .map_err(|e| e.to_string());
+    }
+    let bytes = body
+        .with_config()
+        .limit(limit)
+        .read_to_vec()
+        .map_err(|e| e.to_string())?;
     resp.body(Body::from(bytes)).map_err(|e| e.to_string())
 }
 
@@ -240,5 +406,21 @@ mod tests {
         assert_eq!(service_in_path("/api/v1/services"), None);
         assert_eq!(service_in_path("/api/v1/services/traffic"), None);
         assert_eq!(service_in_path("/api/v1/services/traffic/"), None);
+    }
+
+    #[test]
+    fn views_are_found_in_paths() {
+        assert_eq!(
+            view_in_path("/api/v1/views/traffic/flow_1m"),
+            Some("traffic.flow_1m".into())
+        );
+        assert_eq!(
+            view_in_path("/api/v1/views/traffic/flow_1m/live"),
+            Some("traffic.flow_1m".into())
+        );
+        assert_eq!(view_in_path("/api/v1/views"), None);
+        assert_eq!(view_in_path("/api/v1/views/traffic"), None);
+        assert_eq!(view_in_path("/api/v1/views/traffic/flow_1m/other"), None);
+        assert_eq!(view_in_path("/api/v1/views/traffic/flow_1m/live/x"), None);
     }
 }

@@ -222,8 +222,40 @@ pub async fn append_events(
 pub async fn list_views(
     State(state): State<AppState>,
     auth: Authed,
+    headers: axum::http::HeaderMap,
 ) -> ApiResult<axum::Json<serde_json::Value>> {
-    let views = state.sense.list_views(&auth.actor)?;
+    let mut views: Vec<serde_json::Value> = state
+        .sense
+        .list_views(&auth.actor)?
+        .into_iter()
+        .filter_map(|v| serde_json::to_value(v).ok())
+        .collect();
+    // On a cluster, the views other nodes run, each as its node reports it.
+    if let Some(node) = state.sense.cluster_node().map(str::to_string) {
+        let sense = state.sense.clone();
+        let authorization = headers.get(axum::http::header::AUTHORIZATION).cloned();
+        let remote = tokio::task::spawn_blocking(move || {
+            sense
+                .views_elsewhere()
+                .into_iter()
+                .filter_map(|(view, url)| {
+                    let (d, n) = view.split_once('.')?;
+                    let path = format!("/api/v1/views/{d}/{n}");
+                    match crate::forward::fetch_json(&url, &path, authorization.as_ref(), &node) {
+                        Ok(v) => Some(v),
+                        Err(e) => {
+                            tracing::debug!(view, error = %e, "a view's node did not answer");
+                            None
+                        }
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        views.extend(remote);
+        views.sort_by(|a, b| a["view"].as_str().cmp(&b["view"].as_str()));
+    }
     Ok(axum::Json(serde_json::json!({ "views": views })))
 }
 

@@ -358,6 +358,18 @@ impl DatasetStore {
             .as_ref()
     }
 
+    /// The cluster's object store, for state kept beside the shared datasets (continuous
+    /// views' checkpoints); `None` when every dataset is on this node.
+    pub fn shared_blobs(&self) -> Option<Arc<dyn Blobs>> {
+        self.shared.as_ref().map(|s| s.store.blobs.clone())
+    }
+
+    /// Whether `department.name` is one of the cluster's shared datasets (as this node last
+    /// read them), rather than this node's own.
+    pub fn is_shared_dataset(&self, department: &str, name: &str) -> bool {
+        self.is_shared(&format!("{department}.{name}"))
+    }
+
     /// The object store DataFusion reads shared datasets through, and the URL to register it
     /// under (`None` when every dataset is on this node).
     pub fn object_store(&self) -> Option<(String, Arc<dyn object_store::ObjectStore>)> {
@@ -1160,16 +1172,32 @@ impl DatasetStore {
     /// (the end of the last window written). Views write often, so the manifest keeps the last
     /// [`VIEW_VERSIONS_KEPT`] versions and the rows are compacted into one file once the
     /// version has [`VIEW_FILES_MAX`] files.
+    ///
+    /// `rows` is given the mark of the version the new one is written over (`i64::MIN`
+    /// before the first) and answers the rows of windows after it: on a cluster the mark is
+    /// the one the version is committed over (compare-and-set), so a window is never written
+    /// twice, whichever runner writes. `None` when there was nothing after the mark.
     pub fn append_view_rows(
         &self,
         department: &str,
         name: &str,
-        batch: &RecordBatch,
+        rows: &dyn Fn(i64) -> Result<RecordBatch, Error>,
         through_us: i64,
         by: &str,
         now: DateTime<Utc>,
-    ) -> Result<Manifest, Error> {
-        self.write_view_version(department, name, batch, Some(through_us), false, by, now)
+    ) -> Result<Option<RecordBatch>, Error> {
+        let written = std::cell::RefCell::new(None);
+        let pick = |mark: Option<i64>| -> Result<Option<RecordBatch>, Error> {
+            let mark = mark.unwrap_or(i64::MIN);
+            let batch = rows(mark)?;
+            if batch.num_rows() == 0 && through_us <= mark {
+                return Ok(None);
+            }
+            *written.borrow_mut() = Some(batch.clone());
+            Ok(Some(batch))
+        };
+        self.write_view_version(department, name, &pick, Some(through_us), false, by, now)?;
+        Ok(written.into_inner())
     }
 
     /// Replaces a view's late table with `batch`, as a new version.
@@ -1181,7 +1209,16 @@ impl DatasetStore {
         by: &str,
         now: DateTime<Utc>,
     ) -> Result<Manifest, Error> {
-        self.write_view_version(department, name, batch, None, true, by, now)
+        self.write_view_version(
+            department,
+            name,
+            &|_| Ok(Some(batch.clone())),
+            None,
+            true,
+            by,
+            now,
+        )
+        .map(|m| m.expect("a replacement is always written"))
     }
 
     /// Replaces an entity table's rows with `batch`, the latest state of every entity as of
@@ -1198,7 +1235,16 @@ impl DatasetStore {
     ) -> Result<Manifest, Error> {
         let offset = i64::try_from(offset)
             .map_err(|_| Error::internal("entity table offset out of range"))?;
-        self.write_view_version(department, name, batch, Some(offset), true, by, now)
+        self.write_view_version(
+            department,
+            name,
+            &|_| Ok(Some(batch.clone())),
+            Some(offset),
+            true,
+            by,
+            now,
+        )
+        .map(|m| m.expect("a replacement is always written"))
     }
 
     /// An entity table's current rows and the log offset they reflect (0 and no rows before
@@ -1217,16 +1263,18 @@ impl DatasetStore {
     }
 
     #[allow(clippy::too_many_arguments)]
+    /// Writes a view's next version with the rows `batch` picks given the current version's
+    /// mark (`None` from it: nothing to write, no version).
     fn write_view_version(
         &self,
         department: &str,
         name: &str,
-        batch: &RecordBatch,
+        batch: &dyn Fn(Option<i64>) -> Result<Option<RecordBatch>, Error>,
         through_us: Option<i64>,
         replace: bool,
         by: &str,
         now: DateTime<Utc>,
-    ) -> Result<Manifest, Error> {
+    ) -> Result<Option<Manifest>, Error> {
         let _guard = self.imports.lock().expect("imports lock");
         let (mut m, base) = self.get_based(department, name)?;
         if m.view.is_none() {
@@ -1235,6 +1283,10 @@ impl DatasetStore {
                 m.sql_name()
             )));
         }
+        let Some(batch) = batch(m.current().and_then(|v| v.through_us))? else {
+            return Ok(None);
+        };
+        let batch = &batch;
         let place = self.place(department, name);
         let number = m.versions.last().map_or(1, |v| v.version + 1);
         let (mut files, mut rows, mut bytes) = match (replace, m.current()) {
@@ -1290,7 +1342,7 @@ impl DatasetStore {
                 }
             }
         }
-        Ok(m)
+        Ok(Some(m))
     }
 
     /// Records how a dataset's current version was derived (or, with `None`, that it was not).

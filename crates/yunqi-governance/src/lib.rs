@@ -173,6 +173,9 @@ pub struct Governance {
     streams: Option<Arc<dyn yunqi_datasets::StreamDeclarations>>,
     /// In a cluster: refuses requests while this node cannot confirm it is current.
     fence: Option<Arc<Fence>>,
+    /// In a cluster whose streams and datasets are shared: continuous views' results are
+    /// shared datasets too (each view run by the node holding its lease).
+    shared_views: bool,
 }
 
 /// A node's lease on being current with the cluster's metadata store.
@@ -252,6 +255,7 @@ impl Governance {
             limits: Limits::default(),
             streams: None,
             fence: None,
+            shared_views: false,
         })
     }
 

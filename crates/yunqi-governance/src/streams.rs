@@ -34,6 +34,19 @@ impl Governance {
         self
     }
 
+    /// Makes continuous views' results shared datasets (a cluster whose streams are in the
+    /// shared log and whose datasets are in object storage: each view is run by one node, the
+    /// holder of its lease, and read on every node).
+    pub fn with_shared_views(mut self) -> Governance {
+        self.shared_views = true;
+        self
+    }
+
+    /// Whether continuous views' results are the cluster's (see [`Governance::with_shared_views`]).
+    pub fn shared_views(&self) -> bool {
+        self.shared_views
+    }
+
     /// The dataset store (for the writers of continuous views' rows).
     pub fn dataset_store(&self) -> &Arc<yunqi_datasets::DatasetStore> {
         &self.datasets
@@ -316,10 +329,17 @@ impl Governance {
             }
         }
         let description = format!("continuous view over {}", source.stream);
+        // A view over an NGSI-LD entity stream reads its node's own log, so its results stay
+        // on that node too.
+        let on_node = !self.shared_views
+            || self
+                .stream_catalog()
+                .and_then(|c| c.get(&source.stream))
+                .is_ok_and(|m| m.ngsi_type.is_some());
         self.create_dataset(
             actor,
             DatasetSpec {
-                on_node: true,
+                on_node,
                 department: department.clone(),
                 name: name.clone(),
                 description: description.clone(),
@@ -333,7 +353,7 @@ impl Governance {
         self.create_dataset(
             actor,
             DatasetSpec {
-                on_node: true,
+                on_node,
                 department: department.clone(),
                 name: late_name.clone(),
                 description: format!(

@@ -6,8 +6,9 @@
 //!   updated per event, coarser levels merged from it at window close, late events counted;
 //! - [`ingest`]: NDJSON and CSV events decoded to the stream's columns, bad events rejected
 //!   one by one;
-//! - [`runtime`]: events in (audited, durable), one runner per view (log → engine → the
-//!   view's dataset, live feed, checkpoint), exactly once across crashes;
+//! - [`runtime`]: events in (audited, durable), one runner per view (`runner.rs`: log →
+//!   engine → the view's dataset, live feed, checkpoint), exactly once across crashes; on a
+//!   cluster each shared view runs on the node holding its lease ([`cluster`]);
 //! - [`ngsi`], [`q`], [`entities`]: NGSI-LD entities on a stream — attributes mapped to
 //!   columns, the `q` query language, the latest state per entity (written through the log,
 //!   snapshotted as the stream's entity table);
@@ -17,6 +18,7 @@
 //! - [`keys`]: group keys to dense group numbers.
 #![deny(missing_docs)]
 
+pub mod cluster;
 pub mod dedup;
 pub mod engine;
 pub mod entities;
@@ -28,6 +30,7 @@ pub mod ngsi;
 mod notify;
 pub mod plan;
 pub mod q;
+mod runner;
 pub mod runtime;
 pub mod subscriptions;
 pub mod validate;

@@ -1,32 +1,22 @@
 //! The running city brain: events in (decoded, validated, audited, appended to the stream log
-//! and acknowledged once durable) and one runner thread per continuous view (log → engine →
-//! the view's dataset, the live feed, a checkpoint).
-//!
-//! Exactly once: a runner writes closed windows to the view's dataset as a version marked with
-//! the end of the last window it holds, then checkpoints the engine's state with the log offset
-//! it reflects (one file, written to a temporary name, fsynced, renamed). After a crash it
-//! restores the checkpoint and re-reads the log from its offset; processing is deterministic
-//! (the watermark advances with the events, never with the wall clock), so the windows it
-//! closes again are the same, and those already in the dataset — ending at or before the mark —
-//! are not written twice. The late table is rewritten whole from the state, so it is exact too.
+//! and acknowledged once durable) and one runner thread per continuous view (`runner.rs`: log →
+//! engine → the view's dataset, the live feed, a checkpoint; exactly once across crashes). On a
+//! cluster a shared view runs on the node holding its lease (`cluster.rs`).
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use datafusion::arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
-use datafusion::arrow::compute::filter_record_batch;
-use datafusion::arrow::datatypes::{DataType, TimestampMicrosecondType};
-use datafusion::arrow::util::display::array_value_to_string;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::DataType;
 use yunqi_datasets::{StreamManifest, ViewSource};
 use yunqi_governance::{Actor, CallContext, Governance, SYSTEM_PRINCIPAL};
 use yunqi_stream::{Retention, StreamLog};
 use yunqi_types::{Error, Outcome};
 
-use crate::engine::{Engine, late_schema};
+use crate::engine::late_schema;
 use crate::ingest::{self, Rejected};
 use crate::plan::{DdlKind, ViewPlan, ddl_kind, parse_create_stream};
 
@@ -107,6 +97,9 @@ pub struct ViewStatus {
     pub windows_written: u64,
     /// The last error, if the view is stuck.
     pub error: Option<String>,
+    /// On a cluster, the node that runs the view, shown to its department's stewards.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_by: Option<String>,
 }
 
 /// Wakes runners when events arrive.
@@ -122,7 +115,7 @@ impl Wake {
         self.cv.notify_all();
     }
 
-    fn wait(&self, seen: u64, timeout: Duration) -> u64 {
+    pub(crate) fn wait(&self, seen: u64, timeout: Duration) -> u64 {
         let guard = self.seq.lock().expect("wake lock");
         let (guard, _) = self
             .cv
@@ -131,16 +124,18 @@ impl Wake {
         *guard
     }
 
-    fn current(&self) -> u64 {
+    pub(crate) fn current(&self) -> u64 {
         *self.seq.lock().expect("wake lock")
     }
 }
 
-struct ViewHandle {
-    plan: Arc<ViewPlan>,
-    live: tokio::sync::broadcast::Sender<Arc<str>>,
-    status: Mutex<ViewStatus>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+pub(crate) struct ViewHandle {
+    pub(crate) plan: Arc<ViewPlan>,
+    pub(crate) live: tokio::sync::broadcast::Sender<Arc<str>>,
+    pub(crate) status: Mutex<ViewStatus>,
+    pub(crate) thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Set when this node lets the view go (cluster): its runner ends.
+    pub(crate) stop: AtomicBool,
 }
 
 /// Streams and continuous views of a server.
@@ -151,30 +146,26 @@ pub struct Sense {
     /// writer runs on the node that declared them).
     pub(crate) entity_log: Arc<dyn StreamLog>,
     dir: PathBuf,
-    views: RwLock<BTreeMap<String, Arc<ViewHandle>>>,
+    pub(crate) views: RwLock<BTreeMap<String, Arc<ViewHandle>>>,
     /// The entities of each NGSI-LD stream, by stream.
     pub(crate) entities: RwLock<BTreeMap<String, Arc<crate::entities::EntityStore>>>,
     /// NGSI-LD subscriptions.
     pub(crate) subs: Arc<crate::subscriptions::Subscriptions>,
     pub(crate) wake: Arc<Wake>,
     dedup: Arc<crate::dedup::Dedup>,
-    stop: Arc<AtomicBool>,
+    pub(crate) stop: Arc<AtomicBool>,
+    /// On a cluster whose views are shared: the view leases this node holds.
+    pub(crate) cluster: Option<crate::cluster::ViewLeases>,
     /// Set when the server begins to stop: live feeds end so connections can close.
     closing: tokio::sync::watch::Sender<bool>,
     maintenance: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-/// How often a runner checkpoints when windows are open but none closed.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
-
-/// Bytes of log a runner reads at once.
-const READ_BYTES: usize = 8 << 20;
-
-fn system_actor_name() -> &'static str {
+pub(crate) fn system_actor_name() -> &'static str {
     SYSTEM_PRINCIPAL
 }
 
-fn rfc3339(us: i64) -> String {
+pub(crate) fn rfc3339(us: i64) -> String {
     chrono::DateTime::from_timestamp_micros(us)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
         .unwrap_or_default()
@@ -184,15 +175,19 @@ impl Sense {
     /// Starts the runners of every existing view. `log` holds the streams' events,
     /// `entity_log` the NGSI-LD entity streams' (the same log on one node; in a cluster whose
     /// streams live in NATS JetStream, the node's own); `dir` holds the views' checkpoints.
+    /// With `leases` (a cluster whose views are shared, [`Governance::shared_views`]), a shared
+    /// view runs on the node that holds its lease, its checkpoint beside the shared datasets.
     pub fn open(
         gov: Arc<Governance>,
         log: Arc<dyn StreamLog>,
         entity_log: Arc<dyn StreamLog>,
         dir: &Path,
+        leases: Option<Arc<dyn yunqi_store::Leases>>,
     ) -> Result<Arc<Sense>, Error> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::internal(format!("create {}: {e}", dir.display())))?;
         let subs = crate::subscriptions::Subscriptions::open(gov.clone(), dir)?;
+        let shares_views = gov.shared_views();
         let sense = Arc::new(Sense {
             subs,
             gov,
@@ -206,6 +201,9 @@ impl Sense {
             stop: Arc::new(AtomicBool::new(false)),
             closing: tokio::sync::watch::channel(false).0,
             maintenance: Mutex::new(None),
+            cluster: leases
+                .filter(|_| shares_views)
+                .map(crate::cluster::ViewLeases::new),
         });
         for m in sense.gov.ngsi_streams() {
             sense.start_entities(&m)?;
@@ -225,9 +223,21 @@ impl Sense {
             if v.late_table_of.is_some() || v.entities_of.is_some() {
                 continue;
             }
+            // A cluster's shared views start where their leases are taken.
+            if sense.cluster.is_some()
+                && sense
+                    .gov
+                    .dataset_store()
+                    .is_shared_dataset(&m.department, &m.name)
+            {
+                continue;
+            }
             let plan = ViewPlan::parse(&v.sql, &|name| sense.gov.stream_definition(name))
                 .map_err(|e| e.detail(format!("view {} no longer plans", m.sql_name())))?;
             sense.start(Arc::new(plan))?;
+        }
+        if sense.cluster.is_some() {
+            crate::cluster::start_keeping(&sense);
         }
         let weak = Arc::downgrade(&sense);
         let stop = sense.stop.clone();
@@ -324,7 +334,21 @@ impl Sense {
                         ctx,
                     )
                     .await?;
-                self.start(plan.clone())?;
+                let shared = self.cluster.is_some()
+                    && self
+                        .gov
+                        .dataset_store()
+                        .is_shared_dataset(&plan.department, &plan.name);
+                if shared {
+                    // Taken here if no node runs it yet (no node does: it is new).
+                    let plan = plan.clone();
+                    let sense = self.clone();
+                    tokio::task::spawn_blocking(move || sense.take_view(plan))
+                        .await
+                        .map_err(|_| Error::internal("starting the view failed"))??;
+                } else {
+                    self.start(plan.clone())?;
+                }
                 Ok(DdlOutcome::View {
                     view: plan.sql_name(),
                     late_table: format!("{}_late", plan.sql_name()),
@@ -518,10 +542,7 @@ impl Sense {
     pub fn list_views(&self, actor: &Actor) -> Result<Vec<ViewStatus>, Error> {
         yunqi_governance::authorize(&actor.principal, &yunqi_governance::Action::CatalogRead)?;
         let views = self.views.read().expect("views lock");
-        Ok(views
-            .values()
-            .map(|v| v.status.lock().expect("status lock").clone())
-            .collect())
+        Ok(views.values().map(|v| self.status_for(actor, v)).collect())
     }
 
     /// One view's progress.
@@ -531,7 +552,26 @@ impl Sense {
         let v = views
             .get(name)
             .ok_or_else(|| Error::not_found("continuous view", name))?;
-        Ok(v.status.lock().expect("status lock").clone())
+        Ok(self.status_for(actor, v))
+    }
+
+    /// A view's status as `actor` sees it: which node runs it only for those who may change
+    /// the view's department's datasets.
+    fn status_for(&self, actor: &Actor, v: &ViewHandle) -> ViewStatus {
+        let mut st = v.status.lock().expect("status lock").clone();
+        let name = v.plan.sql_name();
+        let steward = yunqi_types::Name::parse("department", &v.plan.department).is_ok_and(|d| {
+            yunqi_governance::authorize(
+                &actor.principal,
+                &yunqi_governance::Action::DatasetWrite {
+                    dataset: &name,
+                    department: &d,
+                },
+            )
+            .is_ok()
+        });
+        st.run_by = self.cluster_node().filter(|_| steward).map(str::to_string);
+        st
     }
 
     /// A view's live feed: one JSON message per batch of closed windows. Only the view's own
@@ -585,8 +625,23 @@ impl Sense {
         }
     }
 
-    fn start(self: &Arc<Self>, plan: Arc<ViewPlan>) -> Result<(), Error> {
+    /// Starts a view's runner on this node.
+    pub(crate) fn start(self: &Arc<Self>, plan: Arc<ViewPlan>) -> Result<(), Error> {
         let name = plan.sql_name();
+        let checkpoint = match self.gov.dataset_store().shared_blobs() {
+            Some(blobs)
+                if self
+                    .gov
+                    .dataset_store()
+                    .is_shared_dataset(&plan.department, &plan.name) =>
+            {
+                crate::runner::Checkpoint::Shared {
+                    blobs,
+                    key: crate::runner::shared_checkpoint_key(&name),
+                }
+            }
+            _ => crate::runner::Checkpoint::File(self.dir.join(format!("{name}.checkpoint"))),
+        };
         let (live, _) = tokio::sync::broadcast::channel(256);
         let handle = Arc::new(ViewHandle {
             plan: plan.clone(),
@@ -597,8 +652,9 @@ impl Sense {
                 ..ViewStatus::default()
             }),
             thread: Mutex::new(None),
+            stop: AtomicBool::new(false),
         });
-        let runner = Runner::open(self.clone(), handle.clone())?;
+        let runner = crate::runner::Runner::open(self.clone(), handle.clone(), checkpoint)?;
         let t = std::thread::Builder::new()
             .name(format!("view {name}"))
             .spawn(move || runner.run())
@@ -640,6 +696,7 @@ impl Sense {
         if let Some(t) = self.maintenance.lock().expect("maintenance lock").take() {
             let _ = t.join();
         }
+        self.release_views();
     }
 }
 
@@ -695,334 +752,6 @@ pub(crate) fn decode_ipc_marked(bytes: &[u8]) -> Result<Vec<(RecordBatch, bool)>
                 .map_err(|e| Error::internal(format!("decode events: {e}")))
         })
         .collect()
-}
-
-/// A checkpoint that cannot be read. The view can be recomputed: its written windows stay
-/// (the dataset's mark skips them) and the rest is re-read from the log, while it still holds
-/// the stream from its start.
-fn damaged_checkpoint(path: &Path, why: &str) -> Error {
-    Error::internal(format!("checkpoint {} is unreadable: {why}", path.display())).hint(
-        "stop yunqi and move the file aside: the view then recomputes from the start of the stream's log, without writing a window twice",
-    )
-}
-
-/// The checkpoint file's first line.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct CheckpointHeader {
-    /// Log offset the state reflects.
-    offset: u64,
-    /// Windows written so far.
-    windows_written: u64,
-}
-
-struct Runner {
-    sense: Arc<Sense>,
-    handle: Arc<ViewHandle>,
-    engine: Engine,
-    offset: u64,
-    /// End of the last window in the dataset (from its manifest).
-    written_through: i64,
-    windows_written: u64,
-    checkpoint: PathBuf,
-    late_written: usize,
-    late_events_written: u64,
-    /// Events removed by retention before this view read them (since start).
-    lost: u64,
-}
-
-impl Runner {
-    fn open(sense: Arc<Sense>, handle: Arc<ViewHandle>) -> Result<Runner, Error> {
-        let plan = handle.plan.clone();
-        let checkpoint = sense.dir.join(format!("{}.checkpoint", plan.sql_name()));
-        let (engine, offset, windows_written) = match std::fs::read(&checkpoint) {
-            Ok(bytes) => {
-                let nl = bytes
-                    .iter()
-                    .position(|&b| b == b'\n')
-                    .ok_or_else(|| damaged_checkpoint(&checkpoint, "no header line"))?;
-                let header: CheckpointHeader = serde_json::from_slice(&bytes[..nl])
-                    .map_err(|e| damaged_checkpoint(&checkpoint, &e.to_string()))?;
-                (
-                    Engine::restore(plan.clone(), &bytes[nl + 1..])
-                        .map_err(|e| damaged_checkpoint(&checkpoint, &e.message))?,
-                    header.offset,
-                    header.windows_written,
-                )
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                (Engine::new(plan.clone())?, 0, 0)
-            }
-            Err(e) => {
-                return Err(Error::internal(format!(
-                    "read checkpoint {}: {e}",
-                    checkpoint.display()
-                )));
-            }
-        };
-        let m = sense
-            .gov
-            .dataset_store()
-            .get(&plan.department, &plan.name)?;
-        let written_through = m.current().and_then(|v| v.through_us).unwrap_or(i64::MIN);
-        let late_events_written = engine.stats().events_late;
-        Ok(Runner {
-            sense,
-            handle,
-            engine,
-            offset,
-            written_through,
-            windows_written,
-            checkpoint,
-            late_written: usize::MAX,
-            late_events_written,
-            lost: 0,
-        })
-    }
-
-    fn run(mut self) {
-        let stream = self.handle.plan.stream.clone();
-        let mut last_checkpoint = Instant::now();
-        let mut checkpointed_offset = self.offset;
-        let mut seen = self.sense.wake.current();
-        loop {
-            let stopping = self.sense.stop.load(Ordering::Acquire);
-            let end = self.sense.log_for(&stream).end_offset(&stream);
-            let mut progressed = false;
-            if self.offset < end {
-                match self.step(&stream) {
-                    Ok(()) => progressed = true,
-                    Err(_) if self.offset < self.sense.log_for(&stream).start_offset(&stream) => {
-                        // Retention removed events this view had not read: say so and go on
-                        // from what is left, rather than stop for good.
-                        let start = self.sense.log_for(&stream).start_offset(&stream);
-                        let lost = start - self.offset;
-                        tracing::error!(view = %self.handle.plan.sql_name(), lost, "events were removed by retention before the view read them");
-                        self.lost += lost;
-                        self.offset = start;
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::error!(view = %self.handle.plan.sql_name(), error = %e.message, "view stopped on an error; retrying");
-                        self.status(Some(e.message.clone()));
-                        std::thread::sleep(Duration::from_secs(1));
-                        continue;
-                    }
-                }
-            }
-            let closed = match self.close() {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(view = %self.handle.plan.sql_name(), error = %e.message, "writing the view's rows failed; retrying");
-                    self.status(Some(e.message.clone()));
-                    std::thread::sleep(Duration::from_secs(1));
-                    continue;
-                }
-            };
-            if (closed || stopping || last_checkpoint.elapsed() >= CHECKPOINT_EVERY)
-                && self.offset != checkpointed_offset
-            {
-                if let Err(e) = self.write_checkpoint() {
-                    tracing::error!(view = %self.handle.plan.sql_name(), error = %e.message, "checkpoint failed");
-                } else {
-                    checkpointed_offset = self.offset;
-                    last_checkpoint = Instant::now();
-                }
-            }
-            self.status(None);
-            if stopping {
-                break;
-            }
-            if !progressed {
-                seen = self.sense.wake.wait(seen, Duration::from_millis(200));
-            }
-        }
-    }
-
-    /// Reads a chunk of the log into the engine.
-    fn step(&mut self, stream: &str) -> Result<(), Error> {
-        let entries = self
-            .sense
-            .log_for(stream)
-            .read(stream, self.offset, READ_BYTES)?;
-        for e in entries {
-            let skip = self.offset.saturating_sub(e.first) as usize;
-            if skip >= e.count as usize {
-                continue;
-            }
-            let mut skipped = 0usize;
-            for b in decode_ipc(&e.payload)? {
-                let rows = b.num_rows();
-                if skipped + rows <= skip {
-                    skipped += rows;
-                    continue;
-                }
-                let from = skip.saturating_sub(skipped);
-                skipped += rows;
-                self.engine.process(&b.slice(from, rows - from))?;
-            }
-            self.offset = e.first + e.count as u64;
-        }
-        Ok(())
-    }
-
-    /// Closes ready windows and writes them (those not written before a restart).
-    fn close(&mut self) -> Result<bool, Error> {
-        let plan = self.handle.plan.clone();
-        let store = self.sense.gov.dataset_store().clone();
-        let now = self.sense.gov.now();
-        let mut wrote = false;
-        if let Some(closed) = self.engine.close_ready()? {
-            wrote = true;
-            self.write_closed(&closed, &store, now)?;
-        }
-        let late = self.engine.stats().events_late;
-        if late != self.late_events_written || self.late_written == usize::MAX {
-            let table = self.engine.late_rows()?;
-            if table.num_rows() > 0 || self.late_written == usize::MAX {
-                store.replace_view_rows(
-                    &plan.department,
-                    &format!("{}_late", plan.name),
-                    &table,
-                    system_actor_name(),
-                    now,
-                )?;
-            }
-            self.late_written = table.num_rows();
-            self.late_events_written = late;
-            wrote = true;
-        }
-        Ok(wrote)
-    }
-
-    /// Writes closed windows not yet in the dataset, and sends them live.
-    fn write_closed(
-        &mut self,
-        closed: &crate::engine::Closed,
-        store: &yunqi_datasets::DatasetStore,
-        now: chrono::DateTime<chrono::Utc>,
-    ) -> Result<(), Error> {
-        let plan = self.handle.plan.clone();
-        let rows = unwritten(&closed.batch, &plan, self.written_through)?;
-        if rows.num_rows() == 0 && closed.through_end_us <= self.written_through {
-            return Ok(());
-        }
-        store.append_view_rows(
-            &plan.department,
-            &plan.name,
-            &rows,
-            closed.through_end_us,
-            system_actor_name(),
-            now,
-        )?;
-        self.written_through = self.written_through.max(closed.through_end_us);
-        self.windows_written += closed.windows as u64;
-        if rows.num_rows() > 0 {
-            let _ =
-                self.handle
-                    .live
-                    .send(Arc::from(live_message(&plan, &rows, closed.through_end_us)));
-        }
-        Ok(())
-    }
-
-    fn write_checkpoint(&self) -> Result<(), Error> {
-        let header = CheckpointHeader {
-            offset: self.offset,
-            windows_written: self.windows_written,
-        };
-        let mut bytes = serde_json::to_vec(&header).map_err(|e| Error::internal(e.to_string()))?;
-        bytes.push(b'\n');
-        bytes.extend_from_slice(&self.engine.snapshot()?);
-        let tmp = self.checkpoint.with_extension("checkpoint.tmp");
-        let io = |e: std::io::Error| Error::internal(format!("write checkpoint: {e}"));
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&bytes).map_err(io)?;
-        f.sync_data().map_err(io)?;
-        drop(f);
-        std::fs::rename(&tmp, &self.checkpoint).map_err(io)?;
-        std::fs::File::open(&self.sense.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io)?;
-        Ok(())
-    }
-
-    fn status(&self, error: Option<String>) {
-        let s = self.engine.stats();
-        let mut st = self.handle.status.lock().expect("status lock");
-        st.offset = self.offset;
-        st.watermark = s.watermark_us.map(rfc3339);
-        st.written_through =
-            (self.written_through != i64::MIN).then(|| rfc3339(self.written_through));
-        st.events_in = s.events_in;
-        st.events_late = s.events_late;
-        st.events_filtered = s.events_filtered;
-        st.open_windows = s.open_windows;
-        st.windows_written = self.windows_written;
-        st.error = error.or_else(|| {
-            (self.lost > 0).then(|| {
-                format!(
-                    "{} events were removed by the stream's retention before this view read them",
-                    self.lost
-                )
-            })
-        });
-    }
-}
-
-/// The rows of windows ending after `through` (those not yet in the dataset).
-fn unwritten(batch: &RecordBatch, plan: &ViewPlan, through: i64) -> Result<RecordBatch, Error> {
-    if through == i64::MIN {
-        return Ok(batch.clone());
-    }
-    let Some(i) = plan
-        .outputs
-        .iter()
-        .position(|o| o.kind == crate::plan::OutputKind::WindowStart)
-    else {
-        return Ok(batch.clone());
-    };
-    let starts = batch.column(i).as_primitive::<TimestampMicrosecondType>();
-    let size = plan.window.size_us;
-    let keep: BooleanArray = (0..batch.num_rows())
-        .map(|r| Some(starts.value(r) + size > through))
-        .collect();
-    filter_record_batch(batch, &keep).map_err(|e| Error::internal(format!("filter: {e}")))
-}
-
-/// The live feed's message for newly closed windows.
-fn live_message(plan: &ViewPlan, rows: &RecordBatch, through: i64) -> String {
-    let mut out = String::with_capacity(rows.num_rows() * 96 + 128);
-    out.push_str(&format!(
-        "{{\"view\":\"{}\",\"through\":\"{}\",\"rows\":[",
-        plan.sql_name(),
-        rfc3339(through)
-    ));
-    for r in 0..rows.num_rows() {
-        if r > 0 {
-            out.push(',');
-        }
-        out.push('{');
-        for (c, f) in rows.schema().fields().iter().enumerate() {
-            if c > 0 {
-                out.push(',');
-            }
-            out.push_str(&serde_json::to_string(f.name()).unwrap_or_default());
-            out.push(':');
-            let col = rows.column(c);
-            if col.is_null(r) {
-                out.push_str("null");
-                continue;
-            }
-            let v = array_value_to_string(col, r).unwrap_or_default();
-            match f.data_type() {
-                DataType::Int64 | DataType::Float64 => out.push_str(&v),
-                _ => out.push_str(&serde_json::to_string(&v).unwrap_or_default()),
-            }
-        }
-        out.push('}');
-    }
-    out.push_str("]}");
-    out
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub use yunqi_store::Route;
 use yunqi_store::{DefinitionStore, LeaseHolder, Leases, StoredDefinition};
 use yunqi_types::Error;
 
@@ -34,20 +35,6 @@ pub const RENEW_EVERY: Duration = Duration::from_millis(1000);
 
 /// How long a node trusts what it learnt of another node's lease before asking again.
 const HOLDER_FRESH: Duration = Duration::from_millis(1000);
-
-/// Where a request for a service goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Route {
-    /// This node decides it (or it does not exist: this node answers that).
-    Here,
-    /// The node that decides it: its name and HTTP base URL (`http://host:port`).
-    At {
-        /// The node's name.
-        node: String,
-        /// Its base URL.
-        url: String,
-    },
-}
 
 /// The cluster's stores a server's services use.
 pub struct ServeCluster {
@@ -98,15 +85,6 @@ impl ServeCluster {
     }
 }
 
-/// A node's registered HTTP address as a base URL.
-fn base_url(http: &str) -> String {
-    if http.starts_with("http://") || http.starts_with("https://") {
-        http.trim_end_matches('/').to_string()
-    } else {
-        format!("http://{http}")
-    }
-}
-
 pub(crate) fn lease_name(service: &str) -> String {
     format!("serve:{service}")
 }
@@ -133,11 +111,11 @@ impl Serve {
         }
         if let Some((h, at)) = c.holders.lock().expect("holders lock").get(service)
             && at.elapsed() < HOLDER_FRESH
-            && let Some(url) = &h.http
+            && let Some(url) = h.base_url()
         {
             return Ok(Route::At {
                 node: h.node.clone(),
-                url: base_url(url),
+                url,
             });
         }
         let _one = c.taking.lock().expect("taking lock");
@@ -169,7 +147,7 @@ impl Serve {
                 Ok(Route::Here)
             }
             Err(h) if h.live => {
-                let Some(url) = h.http.clone() else {
+                let Some(url) = h.base_url() else {
                     tracing::warn!(service, node = %h.node, "the deciding node is not registered");
                     return Err(
                         Error::unavailable(format!("service {service} is changing nodes"))
@@ -180,10 +158,7 @@ impl Serve {
                     .lock()
                     .expect("holders lock")
                     .insert(service.to_string(), (h.clone(), Instant::now()));
-                Ok(Route::At {
-                    node: h.node,
-                    url: base_url(&url),
-                })
+                Ok(Route::At { node: h.node, url })
             }
             Err(_) => Err(
                 Error::unavailable(format!("service {service} is changing nodes")).hint("retry"),

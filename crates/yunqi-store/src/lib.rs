@@ -79,6 +79,33 @@ pub struct LeaseHolder {
     pub live: bool,
 }
 
+impl LeaseHolder {
+    /// The holder's HTTP base URL (`http://host:port`), when it is a registered node.
+    pub fn base_url(&self) -> Option<String> {
+        self.http.as_deref().map(|h| {
+            if h.starts_with("http://") || h.starts_with("https://") {
+                h.trim_end_matches('/').to_string()
+            } else {
+                format!("http://{h}")
+            }
+        })
+    }
+}
+
+/// Where a request for leased work (a service's decider, a view's runner) goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// This node does the work (or it does not exist: this node answers that).
+    Here,
+    /// The node that does it: its name and HTTP base URL (`http://host:port`).
+    At {
+        /// The node's name.
+        node: String,
+        /// Its base URL.
+        url: String,
+    },
+}
+
 /// Leases shared by a cluster's nodes: a named piece of work (a service's decider) is done by
 /// one node at a time, which renews its lease well within its time to live; a lease not
 /// renewed lapses, and another node takes the work over under a higher epoch.

@@ -432,10 +432,23 @@ async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
                 yunqi_stream_nats::NatsLog::open(n, clock.clone()).map_err(crate::user_error)?,
             ),
         };
+    // With streams in JetStream and datasets in object storage, continuous views are the
+    // cluster's: each run by the node holding its lease, its results a shared dataset.
+    let view_leases: Option<Arc<dyn yunqi_store::Leases>> = match &shared {
+        Some(pg) if events.shared() && datasets.object_store().is_some() => {
+            Some(Arc::new(yunqi_store_pg::ClusterLeases::new(pg.clone())))
+        }
+        _ => None,
+    };
     let gov = Governance::open(store, datasets, audit.clone(), clock)
         .map_err(crate::user_error)?
         .with_limits(limits.clone())
         .with_streams(streams_catalog);
+    let gov = if view_leases.is_some() {
+        gov.with_shared_views()
+    } else {
+        gov
+    };
     let gov = Arc::new(match &fence {
         Some(f) => gov.with_fence(f.clone()),
         None => gov,
@@ -445,6 +458,7 @@ async fn serve(args: ServeArgs, on_ready: OnReady) -> anyhow::Result<()> {
         events.clone(),
         log.clone(),
         &data.join("views"),
+        view_leases,
     )
     .map_err(crate::user_error)?;
     for p in &args.notify_allow {

@@ -29,9 +29,55 @@ struct Cluster {
     others: Vec<Server>,
     turn: std::sync::atomic::AtomicUsize,
     _dirs: Vec<tempfile::TempDir>,
-    _weed: yunqi_store_s3::server::WeedServer,
-    _nats: yunqi_stream_nats::server::NatsServer,
-    _db: Database,
+    _engines: Engines,
+}
+
+/// A cluster's engines, the test's own: a PostgreSQL database, a NATS server and a SeaweedFS
+/// server, prepared by `yunqi cluster init`.
+pub struct Engines {
+    pub nats: yunqi_stream_nats::server::NatsServer,
+    pub weed: yunqi_store_s3::server::WeedServer,
+    pub db: Database,
+    args: Vec<String>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+impl Engines {
+    pub fn start(tag: &str) -> Engines {
+        let db = Database::create(tag);
+        let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+        let nats = yunqi_stream_nats::server::NatsServer::start(dirs[0].path());
+        let weed = yunqi_store_s3::server::WeedServer::start(dirs[1].path(), "yunqi-suite");
+        let args: Vec<String> = [
+            "--postgres".to_string(),
+            db.url(),
+            "--nats".into(),
+            nats.url(),
+            "--object-store".into(),
+            weed.url("city"),
+            "--s3-endpoint".into(),
+            weed.endpoint(),
+        ]
+        .into();
+        let mut init = vec!["cluster", "init"];
+        init.extend(args.iter().map(String::as_str));
+        let (code, _, err) = yunqi(&init);
+        assert_eq!(code, 0, "cluster init: {err}");
+        Engines {
+            nats,
+            weed,
+            db,
+            args,
+            _dirs: dirs,
+        }
+    }
+
+    /// Starts node `name` on `data` over these engines.
+    pub fn node(&self, data: &Path, name: &str) -> Server {
+        let mut args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        args.extend(["--node", name]);
+        Server::start_with(data, &args)
+    }
 }
 
 /// Whether the suites run against a three-node cluster (`YUNQI_TEST_CLUSTER=3`) instead of
@@ -60,33 +106,13 @@ impl Server {
     }
 
     fn start_cluster(data: &Path) -> Server {
-        let db = Database::create("suite");
-        let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
-        let nats = yunqi_stream_nats::server::NatsServer::start(dirs[0].path());
-        let weed = yunqi_store_s3::server::WeedServer::start(dirs[1].path(), "yunqi-suite");
-        let (pg, nats_url, objects, endpoint) =
-            (db.url(), nats.url(), weed.url("city"), weed.endpoint());
-        let engines = [
-            "--postgres",
-            pg.as_str(),
-            "--nats",
-            nats_url.as_str(),
-            "--object-store",
-            objects.as_str(),
-            "--s3-endpoint",
-            endpoint.as_str(),
+        let engines = Engines::start("suite");
+        let mut first = engines.node(data, "a");
+        let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+        let mut others = vec![
+            engines.node(dirs[0].path(), "b"),
+            engines.node(dirs[1].path(), "c"),
         ];
-        let mut init = vec!["cluster", "init"];
-        init.extend(engines);
-        let (code, _, err) = yunqi(&init);
-        assert_eq!(code, 0, "cluster init: {err}");
-        let node = |dir: &Path, name: &str| {
-            let mut args = engines.to_vec();
-            args.extend(["--node", name]);
-            Server::start_with(dir, &args)
-        };
-        let mut first = node(data, "a");
-        let mut others = vec![node(dirs[2].path(), "b"), node(dirs[3].path(), "c")];
         for o in others.iter_mut() {
             o.admin_token = first.admin_token.clone();
         }
@@ -94,9 +120,7 @@ impl Server {
             others,
             turn: std::sync::atomic::AtomicUsize::new(0),
             _dirs: dirs,
-            _weed: weed,
-            _nats: nats,
-            _db: db,
+            _engines: engines,
         }));
         first
     }
