@@ -152,8 +152,11 @@ pub async fn forward(State(state): State<AppState>, req: Request, next: Next) ->
             }
         },
     };
-    let live = path.ends_with("/live");
-    let quick = matches!(work, Work::View(_)) && !live;
+    let how = match (&work, path.ends_with("/live")) {
+        (Work::View(_), true) => Relay::Live,
+        (Work::View(_), false) => Relay::Quick,
+        (Work::Service(_), _) => Relay::Whole,
+    };
     let (serve, sense) = (state.serve.clone(), state.sense.clone());
     let route = tokio::task::spawn_blocking(move || match work {
         Work::Service(service) => serve.route(&service),
@@ -202,13 +205,6 @@ pub async fn forward(State(state): State<AppState>, req: Request, next: Next) ->
         return ApiError::from(Error::invalid("the request cannot be forwarded")).into_response();
     };
     let limit = state.limits.request_body_bytes_max.max(64 << 20) as u64;
-    let how = if live {
-        Relay::Live
-    } else if quick {
-        Relay::Quick
-    } else {
-        Relay::Whole
-    };
     let sent = tokio::task::spawn_blocking(move || send(out, limit, how)).await;
     match sent {
         Ok(Ok(r)) => r,
@@ -246,57 +242,39 @@ fn is_hop_by_hop(k: &HeaderName) -> bool {
     ) || k.as_str() == FORWARDED_BY
 }
 
-fn agent() -> &'static ureq::Agent {
-    static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
-    AGENT.get_or_init(|| {
-        ureq::Agent::config_builder()
-            .timeout_global(Some(FORWARD_TIMEOUT))
-            .max_redirects(0)
-            .http_status_as_error(false)
-            .build()
-            .into()
-    })
-}
-
 /// Longest wait for a view's progress from the node running it (answered from its memory;
 /// a node that takes longer is stalled, and its lease about to pass to another).
 const QUICK_TIMEOUT: Duration = Duration::from_secs(3);
-
-fn quick_agent() -> &'static ureq::Agent {
-    static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
-    AGENT.get_or_init(|| {
-        ureq::Agent::config_builder()
-            .timeout_global(Some(QUICK_TIMEOUT))
-            .max_redirects(0)
-            .http_status_as_error(false)
-            .build()
-            .into()
-    })
-}
 
 /// How a forwarded request's answer comes back.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Relay {
     /// Whole, within [`FORWARD_TIMEOUT`].
-    Whole,
+    Whole = 0,
     /// Whole, within [`QUICK_TIMEOUT`] (a view's progress).
-    Quick,
-    /// As it arrives, for as long as both sides listen (a live feed).
-    Live,
+    Quick = 1,
+    /// As it arrives, for as long as both sides listen (a live feed): only connecting and the
+    /// answer's start are limited.
+    Live = 2,
 }
 
-/// The agent for live feeds: no limit on the whole exchange (a feed lasts as long as its
-/// client listens), only on connecting and on the answer's start.
-fn live_agent() -> &'static ureq::Agent {
-    static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
-    AGENT.get_or_init(|| {
-        ureq::Agent::config_builder()
-            .timeout_connect(Some(Duration::from_secs(5)))
-            .timeout_recv_response(Some(Duration::from_secs(30)))
+/// The HTTP client for answers relayed `how`.
+fn agent(how: Relay) -> &'static ureq::Agent {
+    static AGENTS: [std::sync::OnceLock<ureq::Agent>; 3] =
+        [const { std::sync::OnceLock::new() }; 3];
+    AGENTS[how as usize].get_or_init(|| {
+        let config = ureq::Agent::config_builder()
             .max_redirects(0)
-            .http_status_as_error(false)
-            .build()
-            .into()
+            .http_status_as_error(false);
+        match how {
+            Relay::Whole => config.timeout_global(Some(FORWARD_TIMEOUT)),
+            Relay::Quick => config.timeout_global(Some(QUICK_TIMEOUT)),
+            Relay::Live => config
+                .timeout_connect(Some(Duration::from_secs(5)))
+                .timeout_recv_response(Some(Duration::from_secs(30))),
+        }
+        .build()
+        .into()
     })
 }
 
@@ -316,7 +294,7 @@ pub(crate) fn fetch_json(
         req = req.header(axum::http::header::AUTHORIZATION, a);
     }
     let req = req.body(Vec::new()).map_err(|e| e.to_string())?;
-    let r = quick_agent().run(req).map_err(|e| e.to_string())?;
+    let r = agent(Relay::Quick).run(req).map_err(|e| e.to_string())?;
     if r.status() != StatusCode::OK {
         return Err(format!("answered {}", r.status()));
     }
@@ -335,14 +313,7 @@ const LIVE_CHUNK: usize = 64 << 10;
 /// Sends `req` to the node doing the work; its answer whole, or (a live feed) relayed as it
 /// arrives, until either side closes.
 fn send(req: axum::http::Request<Vec<u8>>, limit: u64, how: Relay) -> Result<Response, String> {
-    let live = how == Relay::Live;
-    let r = match how {
-        Relay::Whole => agent(),
-        Relay::Quick => quick_agent(),
-        Relay::Live => live_agent(),
-    }
-    .run(req)
-    .map_err(|e| e.to_string())?;
+    let r = agent(how).run(req).map_err(|e| e.to_string())?;
     let (parts, mut body) = r.into_parts();
     let mut resp = Response::builder().status(parts.status);
     for (k, v) in &parts.headers {
@@ -350,7 +321,7 @@ fn send(req: axum::http::Request<Vec<u8>>, limit: u64, how: Relay) -> Result<Res
             resp = resp.header(k, v);
         }
     }
-    if live {
+    if how == Relay::Live {
         let mut reader = body.into_reader();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::io::Error>>(16);
         std::thread::Builder::new()

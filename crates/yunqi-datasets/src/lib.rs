@@ -1186,18 +1186,14 @@ impl DatasetStore {
         by: &str,
         now: DateTime<Utc>,
     ) -> Result<Option<RecordBatch>, Error> {
-        let written = std::cell::RefCell::new(None);
         let pick = |mark: Option<i64>| -> Result<Option<RecordBatch>, Error> {
             let mark = mark.unwrap_or(i64::MIN);
             let batch = rows(mark)?;
-            if batch.num_rows() == 0 && through_us <= mark {
-                return Ok(None);
-            }
-            *written.borrow_mut() = Some(batch.clone());
-            Ok(Some(batch))
+            Ok((batch.num_rows() > 0 || through_us > mark).then_some(batch))
         };
-        self.write_view_version(department, name, &pick, Some(through_us), false, by, now)?;
-        Ok(written.into_inner())
+        let written =
+            self.write_view_version(department, name, &pick, Some(through_us), false, by, now)?;
+        Ok(written.map(|(_, batch)| batch))
     }
 
     /// Replaces a view's late table with `batch`, as a new version.
@@ -1218,7 +1214,7 @@ impl DatasetStore {
             by,
             now,
         )
-        .map(|m| m.expect("a replacement is always written"))
+        .map(|w| w.expect("a replacement is always written").0)
     }
 
     /// Replaces an entity table's rows with `batch`, the latest state of every entity as of
@@ -1244,7 +1240,7 @@ impl DatasetStore {
             by,
             now,
         )
-        .map(|m| m.expect("a replacement is always written"))
+        .map(|w| w.expect("a replacement is always written").0)
     }
 
     /// An entity table's current rows and the log offset they reflect (0 and no rows before
@@ -1262,9 +1258,9 @@ impl DatasetStore {
         Ok((batches, v.through_us.unwrap_or(0).max(0) as u64))
     }
 
-    #[allow(clippy::too_many_arguments)]
     /// Writes a view's next version with the rows `batch` picks given the current version's
-    /// mark (`None` from it: nothing to write, no version).
+    /// mark (`None` from it: nothing to write, no version); the manifest and the rows written.
+    #[allow(clippy::too_many_arguments)]
     fn write_view_version(
         &self,
         department: &str,
@@ -1274,7 +1270,7 @@ impl DatasetStore {
         replace: bool,
         by: &str,
         now: DateTime<Utc>,
-    ) -> Result<Option<Manifest>, Error> {
+    ) -> Result<Option<(Manifest, RecordBatch)>, Error> {
         let _guard = self.imports.lock().expect("imports lock");
         let (mut m, base) = self.get_based(department, name)?;
         if m.view.is_none() {
@@ -1286,7 +1282,6 @@ impl DatasetStore {
         let Some(batch) = batch(m.current().and_then(|v| v.through_us))? else {
             return Ok(None);
         };
-        let batch = &batch;
         let place = self.place(department, name);
         let number = m.versions.last().map_or(1, |v| v.version + 1);
         let (mut files, mut rows, mut bytes) = match (replace, m.current()) {
@@ -1309,7 +1304,7 @@ impl DatasetStore {
                 bytes = self.write_parquet(&place, &rel, &merged)?;
                 files = vec![rel];
             } else {
-                bytes += self.write_parquet(&place, &rel, batch)?;
+                bytes += self.write_parquet(&place, &rel, &batch)?;
                 files.push(rel);
             }
             rows += batch.num_rows() as u64;
@@ -1342,7 +1337,7 @@ impl DatasetStore {
                 }
             }
         }
-        Ok(Some(m))
+        Ok(Some((m, batch)))
     }
 
     /// Records how a dataset's current version was derived (or, with `None`, that it was not).

@@ -11,12 +11,12 @@
 //! course; should a paused node's runner outlive its lease, the dataset's compare-and-set and
 //! its mark keep every window written once (see `runner.rs`).
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use yunqi_store::{LeaseHolder, Leases, Route};
+use yunqi_datasets::Manifest;
+use yunqi_store::{HeldLeases, LeaseHolder, Leases, Route};
 use yunqi_types::Error;
 
 use crate::plan::ViewPlan;
@@ -31,53 +31,24 @@ pub const KEEP_EVERY: Duration = Duration::from_millis(1000);
 /// How long a node trusts what it learnt of another node's lease before asking again.
 const HOLDER_FRESH: Duration = Duration::from_millis(1000);
 
-fn lease_name(view: &str) -> String {
-    format!("view:{view}")
+/// A node's view leases on `leases` (`view:<department>.<view>`).
+pub(crate) fn view_leases(leases: Arc<dyn Leases>) -> HeldLeases {
+    HeldLeases::new(leases, "view", LEASE_TTL)
 }
 
-/// The view leases of a node.
-pub(crate) struct ViewLeases {
-    leases: Arc<dyn Leases>,
-    /// Leases this node holds: view → (epoch, in force until, by this node's clock).
-    held: Mutex<HashMap<String, (u64, Instant)>>,
-    /// Other nodes' leases as last read: view → (holder, when read).
-    holders: Mutex<HashMap<String, (LeaseHolder, Instant)>>,
-    /// Serialises taking leases, so that one node starts one runner per view.
-    taking: Mutex<()>,
-}
-
-impl ViewLeases {
-    pub(crate) fn new(leases: Arc<dyn Leases>) -> ViewLeases {
-        ViewLeases {
-            leases,
-            held: Mutex::new(HashMap::new()),
-            holders: Mutex::new(HashMap::new()),
-            taking: Mutex::new(()),
-        }
-    }
-
-    fn holds(&self, view: &str) -> bool {
-        self.held
-            .lock()
-            .expect("held lock")
-            .get(view)
-            .is_some_and(|(_, until)| *until > Instant::now())
-    }
-
-    fn fresh_holder(&self, view: &str) -> Option<LeaseHolder> {
-        self.holders
-            .lock()
-            .expect("holders lock")
-            .get(view)
-            .filter(|(h, at)| h.live && at.elapsed() < HOLDER_FRESH)
-            .map(|(h, _)| h.clone())
-    }
+/// Whether `m` is a continuous view's own dataset (not its late table, not an entity table)
+/// in the cluster's shared store.
+fn is_shared_view(store: &yunqi_datasets::DatasetStore, m: &Manifest) -> bool {
+    m.view
+        .as_ref()
+        .is_some_and(|v| v.late_table_of.is_none() && v.entities_of.is_none())
+        && store.is_shared_dataset(&m.department, &m.name)
 }
 
 impl Sense {
     /// This node's name, on a cluster whose views are shared.
     pub fn cluster_node(&self) -> Option<&str> {
-        self.cluster.as_ref().map(|c| c.leases.node())
+        self.cluster.as_ref().map(|c| c.node())
     }
 
     /// Where a request for view `view` (`department.view`) goes: here (this node runs it, or
@@ -96,7 +67,7 @@ impl Sense {
                 None => Err(Error::unavailable(format!("view {view} is changing nodes"))
                     .hint("retry shortly")),
             };
-        if let Some(h) = c.fresh_holder(view) {
+        if let Some(h) = c.fresh_holder(view, HOLDER_FRESH) {
             return at(h);
         }
         let Some(plan) = self.shared_view_plan(view)? else {
@@ -131,17 +102,20 @@ impl Sense {
         let Some((d, n)) = view.split_once('.') else {
             return Ok(None);
         };
-        let store = self.gov.dataset_store();
-        let Ok(m) = store.get(d, n) else {
+        match self.gov.dataset_store().get(d, n) {
+            Ok(m) => self.plan_of(&m),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// `m`'s plan, if it is a shared view.
+    fn plan_of(&self, m: &Manifest) -> Result<Option<ViewPlan>, Error> {
+        let (Some(v), true) = (&m.view, is_shared_view(self.gov.dataset_store(), m)) else {
             return Ok(None);
         };
-        let Some(v) = &m.view else { return Ok(None) };
-        if v.late_table_of.is_some() || v.entities_of.is_some() || !store.is_shared_dataset(d, n) {
-            return Ok(None);
-        }
         ViewPlan::parse(&v.sql, &|name| self.gov.stream_definition(name))
             .map(Some)
-            .map_err(|e| e.detail(format!("view {view} no longer plans")))
+            .map_err(|e| e.detail(format!("view {} no longer plans", m.sql_name())))
     }
 
     /// Takes `plan`'s lease and starts its runner here if nobody holds it in force: `None`
@@ -155,42 +129,24 @@ impl Sense {
             return Ok(None);
         };
         let view = plan.sql_name();
-        let _one = c.taking.lock().expect("taking lock");
+        let _one = c.taking();
         if self.runs_view(&view) {
             return Ok(None);
         }
         if self.stop.load(Ordering::Acquire) {
             return Err(Error::unavailable("this node is stopping").hint("retry on another node"));
         }
-        // The lease runs from before it was asked for, by this node's clock (conservative).
-        let began = Instant::now();
-        let mut taken = c.leases.acquire(&lease_name(&view), LEASE_TTL)?;
-        // A lease released between the two statements of `acquire` is tried once more.
-        if matches!(&taken, Err(h) if !h.live) {
-            taken = c.leases.acquire(&lease_name(&view), LEASE_TTL)?;
-        }
-        match taken {
+        match c.acquire(&view)? {
             Ok(epoch) => {
-                c.held
-                    .lock()
-                    .expect("held lock")
-                    .insert(view.clone(), (epoch, began + LEASE_TTL));
                 self.stop_runner(&view);
                 if let Err(e) = self.start(plan) {
-                    c.held.lock().expect("held lock").remove(&view);
-                    let _ = c.leases.release(&lease_name(&view), epoch);
+                    c.release(&view);
                     return Err(e);
                 }
                 tracing::info!(view, epoch, "this node runs the view now");
                 Ok(None)
             }
-            Err(h) => {
-                c.holders
-                    .lock()
-                    .expect("holders lock")
-                    .insert(view, (h.clone(), Instant::now()));
-                Ok(Some(h))
-            }
+            Err(h) => Ok(Some(h)),
         }
     }
 
@@ -210,42 +166,15 @@ impl Sense {
     fn let_view_go(&self, view: &str) {
         let Some(c) = &self.cluster else { return };
         self.stop_runner(view);
-        if let Some((epoch, _)) = c.held.lock().expect("held lock").remove(view) {
-            let _ = c.leases.release(&lease_name(view), epoch);
-        }
+        c.release(view);
     }
 
     /// One pass of the keeping thread: every lease held renewed (a lease lost or not renewed
     /// in time ends the view here), then every shared view nobody runs taken.
     pub(crate) fn keep_views_once(self: &Arc<Self>) {
         let Some(c) = &self.cluster else { return };
-        let held: Vec<(String, u64, Instant)> = c
-            .held
-            .lock()
-            .expect("held lock")
-            .iter()
-            .map(|(v, (e, u))| (v.clone(), *e, *u))
-            .collect();
-        for (view, epoch, until) in held {
-            let began = Instant::now();
-            match c.leases.renew(&lease_name(&view), epoch, LEASE_TTL) {
-                Ok(true) => {
-                    if let Some(h) = c.held.lock().expect("held lock").get_mut(&view)
-                        && h.0 == epoch
-                    {
-                        h.1 = began + LEASE_TTL;
-                    }
-                }
-                Ok(false) => {
-                    tracing::warn!(view, epoch, "view lease lost: this node stops running it");
-                    self.let_view_go(&view);
-                }
-                Err(e) if Instant::now() >= until => {
-                    tracing::warn!(view, error = %e.message, "view lease not renewed in time");
-                    self.let_view_go(&view);
-                }
-                Err(_) => {}
-            }
+        for view in c.renew_all() {
+            self.let_view_go(&view);
         }
         let manifests = match self.gov.dataset_store().list() {
             Ok(m) => m,
@@ -259,10 +188,10 @@ impl Sense {
                 return;
             }
             let view = m.sql_name();
-            if m.view.is_none() || self.runs_view(&view) || c.fresh_holder(&view).is_some() {
+            if self.runs_view(&view) || c.fresh_holder(&view, HOLDER_FRESH).is_some() {
                 continue;
             }
-            let plan = match self.shared_view_plan(&view) {
+            let plan = match self.plan_of(&m) {
                 Ok(Some(p)) => p,
                 Ok(None) => continue,
                 Err(e) => {
@@ -278,16 +207,8 @@ impl Sense {
 
     /// Gives every view lease up (the server stopping, its runners already ended).
     pub(crate) fn release_views(&self) {
-        let Some(c) = &self.cluster else { return };
-        let held: Vec<(String, u64)> = c
-            .held
-            .lock()
-            .expect("held lock")
-            .drain()
-            .map(|(v, (e, _))| (v, e))
-            .collect();
-        for (view, epoch) in held {
-            let _ = c.leases.release(&lease_name(&view), epoch);
+        if let Some(c) = &self.cluster {
+            c.release_all();
         }
     }
 
@@ -297,34 +218,23 @@ impl Sense {
         let Some(c) = &self.cluster else {
             return Vec::new();
         };
-        let Ok(manifests) = self.gov.dataset_store().list() else {
+        let store = self.gov.dataset_store();
+        let Ok(manifests) = store.list() else {
             return Vec::new();
         };
-        let mut out = Vec::new();
-        for m in manifests {
-            let view = m.sql_name();
-            let is_view = m
-                .view
-                .as_ref()
-                .is_some_and(|v| v.late_table_of.is_none() && v.entities_of.is_none());
-            if !is_view
-                || !self
-                    .gov
-                    .dataset_store()
-                    .is_shared_dataset(&m.department, &m.name)
-                || self.runs_view(&view)
-            {
-                continue;
-            }
-            let holder = match c.fresh_holder(&view) {
-                Some(h) => Some(h),
-                None => c.leases.holder(&lease_name(&view)).ok().flatten(),
-            };
-            if let Some(url) = holder.filter(|h| h.live).and_then(|h| h.base_url()) {
-                out.push((view, url));
-            }
-        }
-        out
+        manifests
+            .iter()
+            .filter(|m| is_shared_view(store, m) && !self.runs_view(&m.sql_name()))
+            .filter_map(|m| {
+                let view = m.sql_name();
+                let holder = match c.fresh_holder(&view, HOLDER_FRESH) {
+                    Some(h) => Some(h),
+                    None => c.holder(&view).ok().flatten(),
+                };
+                let url = holder.filter(|h| h.live)?.base_url()?;
+                Some((view, url))
+            })
+            .collect()
     }
 }
 

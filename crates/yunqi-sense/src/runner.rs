@@ -208,9 +208,11 @@ impl Runner {
         self.sense.stop.load(Ordering::Acquire) || self.handle.stop.load(Ordering::Acquire)
     }
 
-    /// After a failed write: waits a second (or ends, when stopping) and reads the mark
-    /// again, since another runner may have written meanwhile.
-    fn after_error(&mut self) -> bool {
+    /// After a failed read or write: says so, waits a second (or ends, when stopping: false)
+    /// and reads the mark again, since another runner may have written meanwhile.
+    fn after_error(&mut self, what: &str, e: &Error) -> bool {
+        tracing::error!(view = %self.handle.plan.sql_name(), error = %e.message, "{what}; retrying");
+        self.status(Some(e.message.clone()));
         if self.stopping() {
             return false;
         }
@@ -244,9 +246,7 @@ impl Runner {
                         continue;
                     }
                     Err(e) => {
-                        tracing::error!(view = %self.handle.plan.sql_name(), error = %e.message, "view stopped on an error; retrying");
-                        self.status(Some(e.message.clone()));
-                        if !self.after_error() {
+                        if !self.after_error("view stopped on an error", &e) {
                             break;
                         }
                         continue;
@@ -256,9 +256,7 @@ impl Runner {
             let closed = match self.close() {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::error!(view = %self.handle.plan.sql_name(), error = %e.message, "writing the view's rows failed; retrying");
-                    self.status(Some(e.message.clone()));
-                    if !self.after_error() {
+                    if !self.after_error("writing the view's rows failed", &e) {
                         break;
                     }
                     continue;

@@ -155,7 +155,7 @@ pub struct Sense {
     dedup: Arc<crate::dedup::Dedup>,
     pub(crate) stop: Arc<AtomicBool>,
     /// On a cluster whose views are shared: the view leases this node holds.
-    pub(crate) cluster: Option<crate::cluster::ViewLeases>,
+    pub(crate) cluster: Option<yunqi_store::HeldLeases>,
     /// Set when the server begins to stop: live feeds end so connections can close.
     closing: tokio::sync::watch::Sender<bool>,
     maintenance: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -203,7 +203,7 @@ impl Sense {
             maintenance: Mutex::new(None),
             cluster: leases
                 .filter(|_| shares_views)
-                .map(crate::cluster::ViewLeases::new),
+                .map(crate::cluster::view_leases),
         });
         for m in sense.gov.ngsi_streams() {
             sense.start_entities(&m)?;

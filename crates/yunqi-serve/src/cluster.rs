@@ -15,12 +15,11 @@
 //! ([`yunqi_stream::StreamLog::append_expecting`]), so that once a successor has appended, the
 //! deposed decider's appends fail and nothing it decided after that is answered or counted.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 pub use yunqi_store::Route;
-use yunqi_store::{DefinitionStore, LeaseHolder, Leases, StoredDefinition};
+use yunqi_store::{DefinitionStore, HeldLeases, Leases, StoredDefinition};
 use yunqi_types::Error;
 
 use crate::definition;
@@ -38,25 +37,17 @@ const HOLDER_FRESH: Duration = Duration::from_millis(1000);
 
 /// The cluster's stores a server's services use.
 pub struct ServeCluster {
-    pub(crate) leases: Arc<dyn Leases>,
+    /// The service leases this node holds (`serve:<department>.<service>`).
+    pub(crate) leases: HeldLeases,
     pub(crate) definitions: Arc<dyn DefinitionStore>,
-    /// Leases this node holds: service → (epoch, in force until, by this node's clock).
-    pub(crate) held: Mutex<HashMap<String, (u64, Instant)>>,
-    /// Other nodes' leases as last read: service → (holder, when read).
-    holders: Mutex<HashMap<String, (LeaseHolder, Instant)>>,
-    /// Serialises taking leases, so that one node opens one decider per service.
-    taking: Mutex<()>,
 }
 
 impl ServeCluster {
     /// Services on `leases` and `definitions` (one cluster's stores).
     pub fn new(leases: Arc<dyn Leases>, definitions: Arc<dyn DefinitionStore>) -> ServeCluster {
         ServeCluster {
-            leases,
+            leases: HeldLeases::new(leases, "serve", LEASE_TTL),
             definitions,
-            held: Mutex::new(HashMap::new()),
-            holders: Mutex::new(HashMap::new()),
-            taking: Mutex::new(()),
         }
     }
 
@@ -66,11 +57,7 @@ impl ServeCluster {
     }
 
     pub(crate) fn holds(&self, service: &str) -> bool {
-        self.held
-            .lock()
-            .expect("held lock")
-            .get(service)
-            .is_some_and(|(_, until)| *until > Instant::now())
+        self.leases.holds(service)
     }
 
     /// The latest stored definition of a service, parsed.
@@ -83,10 +70,6 @@ impl ServeCluster {
             .map(|d| parse(&d).map(|s| (s, d.version)))
             .transpose()
     }
-}
-
-pub(crate) fn lease_name(service: &str) -> String {
-    format!("serve:{service}")
 }
 
 pub(crate) fn parse(d: &StoredDefinition) -> Result<definition::Service, Error> {
@@ -109,38 +92,22 @@ impl Serve {
         if self.decides(service) {
             return Ok(Route::Here);
         }
-        if let Some((h, at)) = c.holders.lock().expect("holders lock").get(service)
-            && at.elapsed() < HOLDER_FRESH
+        if let Some(h) = c.leases.fresh_holder(service, HOLDER_FRESH)
             && let Some(url) = h.base_url()
         {
-            return Ok(Route::At {
-                node: h.node.clone(),
-                url,
-            });
+            return Ok(Route::At { node: h.node, url });
         }
-        let _one = c.taking.lock().expect("taking lock");
+        let _one = c.leases.taking();
         if self.decides(service) {
             return Ok(Route::Here);
         }
         let Some((definition, version)) = c.definition(service)? else {
             return Ok(Route::Here);
         };
-        // The lease runs from before it was asked for, by this node's clock (conservative).
-        let began = Instant::now();
-        // A lease released between the two statements of `acquire` is tried once more.
-        let mut taken = c.leases.acquire(&lease_name(service), LEASE_TTL)?;
-        if matches!(&taken, Err(h) if !h.live) {
-            taken = c.leases.acquire(&lease_name(service), LEASE_TTL)?;
-        }
-        match taken {
+        match c.leases.acquire(service)? {
             Ok(epoch) => {
-                c.held
-                    .lock()
-                    .expect("held lock")
-                    .insert(service.to_string(), (epoch, began + LEASE_TTL));
                 if let Err(e) = self.take_over(Arc::new(definition), version) {
-                    c.held.lock().expect("held lock").remove(service);
-                    let _ = c.leases.release(&lease_name(service), epoch);
+                    c.leases.release(service);
                     return Err(e);
                 }
                 tracing::info!(service, epoch, "this node decides the service now");
@@ -154,10 +121,6 @@ impl Serve {
                             .hint("retry shortly"),
                     );
                 };
-                c.holders
-                    .lock()
-                    .expect("holders lock")
-                    .insert(service.to_string(), (h.clone(), Instant::now()));
                 Ok(Route::At { node: h.node, url })
             }
             Err(_) => Err(
@@ -186,43 +149,19 @@ impl Serve {
     pub(crate) fn let_go(&self, service: &str) {
         let Some(c) = self.cluster() else { return };
         self.stop_decider(service);
-        if let Some((epoch, _)) = c.held.lock().expect("held lock").remove(service) {
-            let _ = c.leases.release(&lease_name(service), epoch);
-        }
+        c.leases.release(service);
     }
 
     /// One pass of the renewing thread: every lease held renewed (a lease lost or not renewed
     /// in time lets the service go), and newer definitions applied on other nodes taken up.
     pub(crate) fn renew_once(&self) {
         let Some(c) = self.cluster() else { return };
-        let held: Vec<(String, u64, Instant)> = c
-            .held
-            .lock()
-            .expect("held lock")
-            .iter()
-            .map(|(s, (e, u))| (s.clone(), *e, *u))
-            .collect();
-        for (service, epoch, until) in held {
-            let began = Instant::now();
-            match c.leases.renew(&lease_name(&service), epoch, LEASE_TTL) {
-                Ok(true) => {
-                    if let Some(h) = c.held.lock().expect("held lock").get_mut(&service)
-                        && h.0 == epoch
-                    {
-                        h.1 = began + LEASE_TTL;
-                    }
-                }
-                Ok(false) => {
-                    tracing::warn!(service, epoch, "lease lost: this node stops deciding");
-                    self.let_go(&service);
-                    continue;
-                }
-                Err(e) if Instant::now() >= until => {
-                    tracing::warn!(service, error = %e.message, "lease not renewed in time");
-                    self.let_go(&service);
-                    continue;
-                }
-                Err(_) => continue,
+        for service in c.leases.renew_all() {
+            self.let_go(&service);
+        }
+        for service in c.leases.held() {
+            if !c.holds(&service) {
+                continue;
             }
             // A newer version applied on another node: parsed (and started) only then.
             let newer = match c.definitions.latest_of(&service) {
@@ -233,7 +172,7 @@ impl Serve {
                     continue;
                 }
             };
-            let _one = c.taking.lock().expect("taking lock");
+            let _one = c.leases.taking();
             if let Err(e) = parse(&newer).and_then(|d| self.take_over(Arc::new(d), newer.version)) {
                 tracing::warn!(service, error = %e.message, "a newer definition could not start");
             }
@@ -242,16 +181,8 @@ impl Serve {
 
     /// Gives every lease up (the server stopping, its deciders already stopped).
     pub(crate) fn release_all(&self) {
-        let Some(c) = self.cluster() else { return };
-        let held: Vec<(String, u64)> = c
-            .held
-            .lock()
-            .expect("held lock")
-            .drain()
-            .map(|(s, (e, _))| (s, e))
-            .collect();
-        for (service, epoch) in held {
-            let _ = c.leases.release(&lease_name(&service), epoch);
+        if let Some(c) = self.cluster() {
+            c.leases.release_all();
         }
     }
 }

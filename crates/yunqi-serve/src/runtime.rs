@@ -625,7 +625,7 @@ impl Serve {
                 Some(c.node().to_string())
             } else {
                 c.leases
-                    .holder(&crate::cluster::lease_name(name))
+                    .holder(name)
                     .ok()
                     .flatten()
                     .filter(|h| h.live)

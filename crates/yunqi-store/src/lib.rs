@@ -11,6 +11,8 @@
 //! validated, authorised and audited the change.
 #![deny(missing_docs)]
 
+pub mod held;
+pub use held::HeldLeases;
 use std::path::Path;
 use std::sync::Mutex;
 
