@@ -580,6 +580,14 @@ impl DatasetStore {
         })
     }
 
+    /// A dataset's manifest as committed now, on any node (one round trip to the shared store
+    /// in a cluster; the cache alone may be half a second behind): for checks a change must
+    /// make against the dataset's current columns.
+    pub fn get_current(&self, department: &str, name: &str) -> Result<Manifest, Error> {
+        self.sync()?;
+        self.get(department, name)
+    }
+
     /// The manifest of a dataset.
     pub fn get(&self, department: &str, name: &str) -> Result<Manifest, Error> {
         let sql_name = format!("{department}.{name}");

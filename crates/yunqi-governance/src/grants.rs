@@ -97,7 +97,7 @@ impl Governance {
             Error::invalid(format!("invalid dataset \"{}\"", req.dataset))
                 .hint("name the dataset as DEPARTMENT.DATASET, e.g. transport.vehicles")
         })?;
-        let manifest = self.datasets.get(owner, name)?;
+        let manifest = self.datasets.get_current(owner, name)?;
         let dataset = manifest.sql_name();
         let action = Action::GrantRequest {
             dataset: &dataset,
@@ -306,7 +306,7 @@ impl Governance {
             }
             // The dataset may have changed since the request: check again.
             let (d, n) = grant.dataset.split_once('.').unwrap_or_default();
-            let manifest = self.datasets.get(d, n)?;
+            let manifest = self.datasets.get_current(d, n)?;
             if let Some(r) = &grant.rows {
                 row_filter::check(r, &manifest)?;
             }
