@@ -42,12 +42,24 @@ impl WeedServer {
             binary: binary(),
             dir: dir.to_path_buf(),
             bucket: bucket.to_string(),
-            // s3, master, volume, filer, admin, and their gRPC ports.
-            ports: (0..10).map(|_| free_port()).collect(),
+            ports: Vec::new(),
             child: None,
         };
-        s.restart();
-        s
+        // Ten ports picked free may be taken by another process before the server binds them
+        // (tests run side by side): then it does not come up, and is started on fresh ones.
+        for _ in 0..3 {
+            // s3, master, volume, filer, admin, and their gRPC ports.
+            s.ports = (0..10).map(|_| free_port()).collect();
+            s.spawn();
+            if s.ready_within(Duration::from_secs(20)) {
+                return s;
+            }
+            s.kill();
+        }
+        panic!(
+            "SeaweedFS did not serve bucket {bucket} after three starts on fresh ports (see {})",
+            s.dir.join("weed.log").display()
+        );
     }
 
     /// The S3 endpoint.
@@ -62,6 +74,17 @@ impl WeedServer {
 
     /// Starts the server again on the same ports and directory (after [`WeedServer::kill`]).
     pub fn restart(&mut self) {
+        self.spawn();
+        assert!(
+            self.ready_within(Duration::from_secs(60)),
+            "SeaweedFS did not serve bucket {} on port {} within 60 s (see {})",
+            self.bucket,
+            self.ports[0],
+            self.dir.join("weed.log").display()
+        );
+    }
+
+    fn spawn(&mut self) {
         assert!(self.child.is_none(), "the SeaweedFS server is running");
         let p = &self.ports;
         let log = std::fs::File::create(self.dir.join("weed.log")).expect("the SeaweedFS log");
@@ -95,27 +118,28 @@ impl WeedServer {
                 )
             });
         self.child = Some(child);
-        self.wait_ready();
     }
 
-    /// Waits until the bucket answers over S3.
-    fn wait_ready(&self) {
+    /// Waits until the bucket answers over S3: false if the server exits or `limit` passes.
+    fn ready_within(&mut self, limit: Duration) -> bool {
         let addr: SocketAddr = ([127, 0, 0, 1], self.ports[0]).into();
         let began = Instant::now();
-        loop {
-            assert!(
-                began.elapsed() < Duration::from_secs(60),
-                "SeaweedFS did not serve bucket {} on {addr} within 60 s (see {})",
-                self.bucket,
-                self.dir.join("weed.log").display()
-            );
+        while began.elapsed() < limit {
+            if self
+                .child
+                .as_mut()
+                .is_none_or(|c| c.try_wait().ok().flatten().is_some())
+            {
+                return false;
+            }
             if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok()
                 && head_bucket(addr, &self.bucket)
             {
-                return;
+                return true;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        false
     }
 
     /// Kills the server with SIGKILL and waits for it.
