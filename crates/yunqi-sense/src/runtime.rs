@@ -606,9 +606,9 @@ impl Sense {
         Ok(handle.live.subscribe())
     }
 
-    /// Whether `stream` is the key of a declared stream the log knows.
+    /// A stream's end as stored now (on a cluster, every node's acknowledged appends).
     pub fn end_offset(&self, stream: &str) -> u64 {
-        self.log_for(stream).end_offset(stream)
+        self.log_for(stream).current_end_offset(stream)
     }
 
     /// The log that holds `stream`'s events.

@@ -429,6 +429,29 @@ async fn count_streams(js: &jetstream::Context, prefix: &str) -> Result<usize, E
 }
 
 impl NatsLog {
+    /// [`StreamLog::end_offset`] from what this node learnt less than `fresh` ago.
+    fn end_within(&self, stream: &str, fresh: Duration) -> u64 {
+        if validate_stream_key(stream).is_err() {
+            return 0;
+        }
+        let inner = self.inner.clone();
+        let key = stream.to_string();
+        match block_on(
+            self.handle(),
+            async move { inner.end_offset(&key, fresh).await },
+        ) {
+            Ok(end) => end,
+            // Unreachable: what this node knew last.
+            Err(_) => self
+                .cached(stream)
+                .tail
+                .lock()
+                .expect("tail lock")
+                .map(|t| t.1)
+                .unwrap_or(0),
+        }
+    }
+
     /// Connects to NATS and opens the log under `config.prefix`; the engine must have been
     /// prepared by [`init`].
     pub fn open(config: NatsConfig, clock: Arc<dyn Clock>) -> Result<NatsLog, Error> {
@@ -672,11 +695,12 @@ impl Inner {
             .map(|s| (s.first_sequence, s.last_sequence)))
     }
 
-    async fn end_offset(&self, key: &str) -> Result<u64, Error> {
+    /// The stream's end, from what this node learnt less than `fresh` ago, else from JetStream.
+    async fn end_offset(&self, key: &str, fresh: Duration) -> Result<u64, Error> {
         let cached = self.cached(key);
         let known = *cached.tail.lock().expect("tail lock");
         if let Some((_, end, at)) = known
-            && at.elapsed() < END_FRESH
+            && at.elapsed() < fresh
         {
             return Ok(end);
         }
@@ -1074,22 +1098,11 @@ impl StreamLog for NatsLog {
     }
 
     fn end_offset(&self, stream: &str) -> u64 {
-        if validate_stream_key(stream).is_err() {
-            return 0;
-        }
-        let inner = self.inner.clone();
-        let key = stream.to_string();
-        match block_on(self.handle(), async move { inner.end_offset(&key).await }) {
-            Ok(end) => end,
-            // Unreachable: what this node knew last.
-            Err(_) => self
-                .cached(stream)
-                .tail
-                .lock()
-                .expect("tail lock")
-                .map(|t| t.1)
-                .unwrap_or(0),
-        }
+        self.end_within(stream, END_FRESH)
+    }
+
+    fn current_end_offset(&self, stream: &str) -> u64 {
+        self.end_within(stream, Duration::ZERO)
     }
 
     fn start_offset(&self, stream: &str) -> u64 {

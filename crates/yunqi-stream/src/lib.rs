@@ -179,6 +179,12 @@ pub trait StreamLog: Send + Sync + 'static {
     fn read(&self, stream: &str, from: u64, max_bytes: usize) -> Result<Vec<Entry>, Error>;
     /// The durable end of a stream: the offset the next append gets (0 for an unknown stream).
     fn end_offset(&self, stream: &str) -> u64;
+    /// The end of a stream as stored now, for a reader who must see every append already
+    /// acknowledged anywhere (a shared log asks its engine rather than answer from what it
+    /// learnt a moment ago). Not for hot loops: use [`StreamLog::end_offset`] there.
+    fn current_end_offset(&self, stream: &str) -> u64 {
+        self.end_offset(stream)
+    }
     /// The first offset the stream still keeps (retention removes older ones).
     fn start_offset(&self, stream: &str) -> u64;
     /// Durably records that `consumer` has processed `stream` up to `offset` (exclusive).
